@@ -1,0 +1,271 @@
+"""Typed, validated configuration: the one place that turns YAML/dicts into objects.
+
+Every component has one config class; every field has a default and a one-line
+description. Validation errors are ``ValueError`` (pydantic's ``ValidationError``
+subclasses it) and name the field and the bad value. Named recipes (``smoke``,
+``demo``, ``paper``) derive from the defaults instead of repeating them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SEQUENCE_ARCHS = ("gru", "rnn", "lstm")
+RESNET_ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50")
+ARCHS = SEQUENCE_ARCHS + RESNET_ARCHS
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    def replace(self, **changes: Any):
+        """A validated copy with ``changes`` applied (pydantic's model_copy skips validation)."""
+        return type(self).model_validate({**self.model_dump(), **changes})
+
+
+class GroupSpec(_Config):
+    """One group of base models in a population: same recipe, different seeds."""
+
+    name: str = Field("gru", description="group label; prefix of every model_id in the group")
+    task: str = Field("mnist1d", description="task name from dynamo_dist.data.TASKS, or csv:/parquet: path")
+    arch: Literal[ARCHS] = Field("gru", description="base architecture: gru | rnn | lstm | resnet10/18/34/50")
+    hidden_size: int = Field(64, ge=1, description="RNN hidden units (ignored by ResNets)")
+    embed_dim: int = Field(64, ge=1, description="token embedding width for token inputs")
+    train_fraction: float = Field(1.0, gt=0.0, le=1.0, description="fraction of the base-training pool this group sees")
+    num_seeds: int = Field(4, ge=1, description="models in the group (one per seed)")
+    seed_offset: int = Field(0, ge=0, description="first seed; seeds are seed_offset .. seed_offset+num_seeds-1")
+    epochs: int = Field(20, ge=1, description="training epochs per model")
+    batch_size: int = Field(128, ge=1, description="minibatch size")
+    lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate")
+    weight_decay: float = Field(5e-4, ge=0.0, description="AdamW weight decay")
+    every_epoch: bool = Field(False, description="each epoch's checkpoint becomes its own population member")
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not _ID_RE.match(v):
+            raise ValueError(f"group name {v!r} must match {_ID_RE.pattern} (it becomes part of file names)")
+        return v
+
+
+class PopulationConfig(_Config):
+    """Stage 1+2: train base models and record their trajectories."""
+
+    root: str = Field("runs/demo/population", description="population root directory (or pyarrow filesystem URI)")
+    groups: tuple[GroupSpec, ...] = Field((GroupSpec(),), description="model groups; expanded to one model per seed")
+    data_seed: int = Field(0, ge=0, description="seed of the data pool shuffle and probe/base split")
+    num_examples: int | None = Field(None, ge=100, description="dataset size override (generated/subsampled), None = task default")
+    num_probe: int | None = Field(None, ge=1, description="probe sequences recorded per model (None = whole probe split)")
+    num_test: int | None = Field(500, ge=1, description="test sequences recorded per model for emulation metrics (None = all)")
+    dtype: Literal["float32", "float16"] = Field("float32", description="storage precision of trajectories")
+    num_actors: int | None = Field(None, ge=1, description="Ray actors training models (None = one per available CPU)")
+    cpus_per_actor: float = Field(1.0, gt=0.0, description="CPUs each population actor holds")
+    gpus_per_actor: float = Field(0.0, ge=0.0, description="GPU fraction each population actor holds")
+
+    @model_validator(mode="after")
+    def _unique_groups(self):
+        names = [g.name for g in self.groups]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"groups: duplicate group name(s) {dup}; model ids would collide")
+        if not self.groups:
+            raise ValueError("groups: at least one group is required")
+        return self
+
+
+class MetaConfig(_Config):
+    """Stage 3: the DYNAMO meta-model (Algorithm 1)."""
+
+    population_root: str = Field("runs/demo/population", description="population root written by the population stage")
+    output_dir: str = Field("runs/demo/meta", description="where checkpoints, embeddings.parquet and metrics go")
+    embedding_dim: int = Field(16, ge=1, description="dimension d of the model embeddings theta_n")
+    hidden_size: int = Field(128, ge=1, description="meta-model GRU hidden size (RNN populations)")
+    embed_dim: int = Field(64, ge=1, description="meta-model token embedding width (token inputs)")
+    resnet_arch: Literal[RESNET_ARCHS] = Field("resnet10", description="meta-model ResNet depth for CNN populations")
+    output_weight: float = Field(1.0, ge=0.0, description="lambda, weight of the output loss (eq. 4)")
+    hidden_distance: Literal["l2", "l1"] = Field("l2", description="hidden-state distance: squared L2 (eq. 2) or L1")
+    output_distance: Literal["kl", "mse"] = Field("kl", description="output distance: KL(base||meta) or MSE of outputs")
+    steps: int = Field(2000, ge=1, description="optimisation steps tau_max")
+    batch_size: int = Field(64, ge=1, description="probe sequences per sampled model per step")
+    models_per_step: int = Field(4, ge=1, description="base models sampled per step (per worker)")
+    lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate (meta-model, theta and V)")
+    weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay of the shared meta-model")
+    seed: int = Field(0, ge=0, description="seed of initialisation and sampling")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (theta/V shards)")
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
+    max_failures: int = Field(2, ge=0, description="Ray Train restarts after a worker dies")
+    eval_every: int = Field(250, ge=1, description="steps between validation metrics on held-out probe sequences")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; None = SQLite store under output_dir")
+    experiment: str = Field("dynamo", description="MLflow experiment name")
+
+
+class SweepConfig(_Config):
+    """Stage 4: Ray Tune over lambda, d and the hidden distance."""
+
+    output_weight: tuple[float, ...] = Field((0.0, 1.0), description="grid of lambda values")
+    embedding_dim: tuple[int, ...] = Field((2, 8, 16), description="grid of embedding dimensions d")
+    hidden_distance: tuple[Literal["l2", "l1"], ...] = Field(("l2",), description="grid of hidden distances")
+    num_samples: int = Field(1, ge=1, description="repeats of the grid")
+    max_concurrent_trials: int = Field(2, ge=1, description="trials running at once")
+    scheduler: Literal["fifo", "asha"] = Field("fifo", description="ASHA stops weak trials early on val_agreement")
+    metric: str = Field("val_agreement", description="validation metric trials are ranked by")
+    workers_per_trial: int = Field(1, ge=1, description="Ray Train workers per trial")
+
+    @field_validator("output_weight")
+    @classmethod
+    def _lambda_nonneg(cls, v):
+        bad = [x for x in v if x < 0]
+        if bad:
+            raise ValueError(f"lambda values must be >= 0, got {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _nonempty(self):
+        for name in ("output_weight", "embedding_dim", "hidden_distance"):
+            if len(getattr(self, name)) == 0:
+                raise ValueError(f"sweep.{name}: empty search space")
+        if any(d < 1 for d in self.embedding_dim):
+            raise ValueError(f"sweep.embedding_dim: values must be >= 1, got {list(self.embedding_dim)}")
+        return self
+
+
+class AnalyzeConfig(_Config):
+    """Stage 5: analyses of a meta run."""
+
+    color_by: str = Field("group", description="manifest column used to colour embedding plots")
+    baseline: bool = Field(True, description="compute the SVCCA/CKA + MDS baseline")
+    landscape_grid: int = Field(9, ge=2, description="grid points per axis of the theta landscape")
+    ssl_fraction: float = Field(0.01, gt=0.0, le=1.0, description="labelled fraction of the training pool for semi-supervised theta")
+    fixed_points: bool = Field(True, description="run the fixed-point analysis (RNN meta-models)")
+    seed: int = Field(0, ge=0, description="random_state of the analyses")
+
+
+class PipelineConfig(_Config):
+    """A whole run: population -> meta -> (sweep) -> analyze."""
+
+    run_dir: str = Field("runs/demo", description="root of everything this run writes")
+    population: PopulationConfig = Field(PopulationConfig(), description="population stage")
+    meta: MetaConfig = Field(MetaConfig(), description="meta-model stage")
+    sweep: SweepConfig | None = Field(None, description="optional sweep stage")
+    analyze: AnalyzeConfig = Field(AnalyzeConfig(), description="analysis stage")
+
+
+def _demo() -> PipelineConfig:
+    groups = (
+        GroupSpec(name="gru-full", task="mnist1d", arch="gru", hidden_size=32, train_fraction=1.0, num_seeds=6, epochs=15),
+        GroupSpec(name="gru-quarter", task="mnist1d", arch="gru", hidden_size=32, train_fraction=0.25, num_seeds=6, epochs=15),
+    )
+    return PipelineConfig(
+        run_dir="runs/demo",
+        population=PopulationConfig(root="runs/demo/population", groups=groups, num_probe=1000),
+        meta=MetaConfig(population_root="runs/demo/population", output_dir="runs/demo/meta", steps=1500,
+                        hidden_size=128, embedding_dim=8, models_per_step=4, batch_size=64),
+    )
+
+
+def _smoke() -> PipelineConfig:
+    groups = (
+        GroupSpec(name="a", task="mnist1d", arch="gru", hidden_size=16, train_fraction=1.0, num_seeds=2, epochs=2),
+        GroupSpec(name="b", task="mnist1d", arch="gru", hidden_size=16, train_fraction=0.25, num_seeds=2, epochs=2),
+    )
+    return PipelineConfig(
+        run_dir="runs/smoke",
+        population=PopulationConfig(root="runs/smoke/population", groups=groups, num_probe=128, num_test=64,
+                                    num_examples=1000),
+        meta=MetaConfig(population_root="runs/smoke/population", output_dir="runs/smoke/meta", steps=30,
+                        hidden_size=32, embedding_dim=2, batch_size=16, models_per_step=2,
+                        checkpoint_every=10, eval_every=10),
+        analyze=AnalyzeConfig(landscape_grid=3, baseline=True),
+    )
+
+
+def _paper() -> PipelineConfig:
+    # Table 1 of the paper: base GRUs hidden 256, 20 epochs; meta hidden 512, d=16.
+    groups = tuple(
+        GroupSpec(name=f"gru-{int(f * 100)}", task="mnist1d", arch="gru", hidden_size=256, train_fraction=f,
+                  num_seeds=32, epochs=20)
+        for f in (1.0, 0.5, 0.25)
+    )
+    return PipelineConfig(
+        run_dir="runs/paper",
+        population=PopulationConfig(root="runs/paper/population", groups=groups),
+        meta=MetaConfig(population_root="runs/paper/population", output_dir="runs/paper/meta", hidden_size=512,
+                        embedding_dim=16, steps=20000, batch_size=128, num_workers=2),
+    )
+
+
+RECIPES = {"demo": _demo, "smoke": _smoke, "paper": _paper}
+
+
+def recipe(name: str) -> PipelineConfig:
+    """A named recipe: ``demo`` (12 MNIST-1D GRUs, minutes), ``smoke`` (CI seconds), ``paper`` (cluster scale)."""
+    if name not in RECIPES:
+        raise ValueError(f"recipe: unknown recipe {name!r}; known: {sorted(RECIPES)}")
+    return RECIPES[name]()
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        bad = e.get("input")
+        lines.append(f"  {field}: {e['msg']} (got {bad!r})" if not isinstance(bad, dict) else f"  {field}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse(cls: type[_Config], data: dict[str, Any], source: str = "<dict>"):
+    """Validate ``data`` into ``cls``; raise ValueError naming every bad field."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ValueError(_format_validation_error(err, source)) from None
+
+
+def load(path: str | Path, cls: type[_Config] = PipelineConfig, overrides: dict[str, Any] | None = None):
+    """Load a YAML config file. A top-level ``recipe: NAME`` key starts from that recipe.
+
+    ``overrides`` are dotted keys (``meta.steps: 100``) applied after the file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {p} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {p}: top level must be a mapping, got {type(data).__name__}")
+    base_name = data.pop("recipe", None)
+    if base_name is not None:
+        if cls is not PipelineConfig:
+            raise ValueError(f"config file {p}: 'recipe' is only valid in pipeline configs")
+        base = recipe(base_name).model_dump()
+        data = _deep_merge(base, data)
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    return parse(cls, data, source=str(p))
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def dump(cfg: _Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,169 @@
+"""DYNAMO meta-models (paper B.1, Algorithm 2) and the per-model embedding table.
+
+Shape legend: B batch, T time, D input features, M meta hidden units, E embedding dim d,
+K output groups. The shared meta-model (F~, G~ heads) is what data-parallel training
+all-reduces; ``ModelEmbeddings`` (theta_n and V_n) is a separate module that is never
+wrapped in DDP, like a sharded embedding table beside dense layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .zoo import ArchSpec
+
+
+class MetaRNN(nn.Module):
+    """GRU fed ``[x_t; theta]`` at every step; h_0 = 0 (independent of theta); one head per output group."""
+
+    family = "rnn"
+
+    def __init__(self, input_spec: ArchSpec, hidden_size: int, embedding_dim: int,
+                 output_sizes: Mapping[str, int], embed_dim: int = 64):
+        super().__init__()
+        self.embedding_dim = embedding_dim
+        self.hidden_size = hidden_size
+        if input_spec.input_kind == "tokens":
+            self.embed = nn.Embedding(input_spec.vocab_size, embed_dim, padding_idx=0)
+            in_dim = embed_dim
+        else:
+            self.embed = None
+            in_dim = input_spec.input_shape[-1]
+        self.cell = nn.GRU(in_dim + embedding_dim, hidden_size, batch_first=True)
+        self.heads = nn.ModuleDict({g: nn.Linear(hidden_size, c) for g, c in sorted(output_sizes.items())})
+
+    @property
+    def tap_dims(self) -> list[int]:
+        return [self.hidden_size]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(x) if self.embed is not None else x
+
+    def forward(self, x: torch.Tensor, theta_BE: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """x: (B,T,D) or (B,T) tokens; theta_BE: (B,E) -> ([h_BTM], {group: y_BTC}).
+
+        Every head is evaluated so that data-parallel training sees every shared
+        parameter used at every step (heads are tiny next to the recurrence).
+        """
+        u = self.encode(x)
+        th = theta_BE[:, None, :].expand(-1, u.shape[1], -1)
+        h_BTM, _ = self.cell(torch.cat([u, th], dim=-1))
+        return [h_BTM], {g: head(h_BTM) for g, head in self.heads.items()}
+
+    def step(self, x_BD: torch.Tensor, theta_BE: torch.Tensor, h_BM: torch.Tensor) -> torch.Tensor:
+        """One application of F~(theta, x, h) -> next h (for fixed-point analysis); x_BD already encoded."""
+        out, _ = self.cell(torch.cat([x_BD, theta_BE], dim=-1)[:, None, :], h_BM[None])
+        return out[:, 0]
+
+
+class ThetaBasicBlock(nn.Module):
+    """Algorithm 2: ``z = ReLU(BN(conv(x)) + W theta); z = BN(conv(z)); ReLU(x + z)``."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, theta_proj: nn.Linear):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.theta_proj = theta_proj  # shared by all blocks of this width (registered once on the parent)
+        self.shortcut = (nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+                         if stride != 1 or in_ch != out_ch else nn.Identity())
+
+    def forward(self, x: torch.Tensor, theta_BE: torch.Tensor) -> torch.Tensor:
+        z = self.bn1(self.conv1(x)) + self.theta_proj(theta_BE)[:, :, None, None]
+        z = self.bn2(self.conv2(torch.relu(z)))
+        return torch.relu(self.shortcut(x) + z)
+
+
+_BLOCKS = {"resnet10": [1, 1, 1, 1], "resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3], "resnet50": [3, 4, 6, 3]}
+_WIDTHS = (64, 128, 256, 512)
+
+
+class MetaResNet(nn.Module):
+    """ResNet meta-model whose residual blocks add W theta to the channels (appendix A, B.1).
+
+    Uses basic blocks at every depth (the theta bias goes in after the first conv of each block);
+    taps are the four stage outputs, matching the base models' h_1..h_4.
+    """
+
+    family = "cnn"
+
+    def __init__(self, input_spec: ArchSpec, arch: str, embedding_dim: int, output_sizes: Mapping[str, int]):
+        super().__init__()
+        self.embedding_dim = embedding_dim
+        in_ch = input_spec.input_shape[0]
+        self.stem = nn.Sequential(nn.Conv2d(in_ch, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        self.theta_proj = nn.ModuleDict({str(w): nn.Linear(embedding_dim, w, bias=False) for w in _WIDTHS})
+        self.stages = nn.ModuleList()
+        prev = 64
+        for i, (w, n) in enumerate(zip(_WIDTHS, _BLOCKS[arch])):
+            blocks = nn.ModuleList()
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(ThetaBasicBlock(prev, w, stride, self.theta_proj[str(w)]))
+                prev = w
+            self.stages.append(blocks)
+        self.heads = nn.ModuleDict({g: nn.Linear(prev, c) for g, c in sorted(output_sizes.items())})
+
+    @property
+    def tap_dims(self) -> list[int]:
+        return list(_WIDTHS)
+
+    def forward(self, x: torch.Tensor, theta_BE: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """x: (B,C,H,W); theta_BE: (B,E) -> ([stage1..stage4 maps], {group: logits (B,1,C)})."""
+        z = self.stem(x)
+        taps = []
+        for blocks in self.stages:
+            for block in blocks:
+                z = block(z, theta_BE)
+            taps.append(z)
+        pooled = z.mean(dim=(2, 3))
+        return taps, {g: head(pooled)[:, None, :] for g, head in self.heads.items()}
+
+
+def build_meta_model(family: str, input_spec: ArchSpec, output_sizes: Mapping[str, int], *, embedding_dim: int,
+                     hidden_size: int = 128, embed_dim: int = 64, resnet_arch: str = "resnet10") -> nn.Module:
+    if family == "rnn":
+        return MetaRNN(input_spec, hidden_size, embedding_dim, output_sizes, embed_dim=embed_dim)
+    if family == "cnn":
+        return MetaResNet(input_spec, resnet_arch, embedding_dim, output_sizes)
+    raise ValueError(f"family: unknown model family {family!r} (rnn | cnn)")
+
+
+class ModelEmbeddings(nn.Module):
+    """theta_n (initialised to 0, Algorithm 1) and maps V_n for a set (shard) of base models.
+
+    ``base_dims[i]`` lists base model i's hidden size per tap; V_{n,t} is affine
+    (Linear for RNN taps, 1x1 Conv for CNN feature maps), from meta width to base width.
+    """
+
+    def __init__(self, model_ids: Sequence[str], embedding_dim: int, meta_dims: Sequence[int],
+                 base_dims: Sequence[Sequence[int]], family: str):
+        super().__init__()
+        if len(model_ids) != len(base_dims):
+            raise ValueError("base_dims: one entry per model id is required")
+        self.model_ids = list(model_ids)
+        self.index = {m: i for i, m in enumerate(self.model_ids)}
+        self.family = family
+        # One parameter per model: rows of unsampled models keep grad=None, so AdamW leaves
+        # them (and their moments) untouched instead of drifting them with stale momentum.
+        self.theta = nn.ParameterList(nn.Parameter(torch.zeros(embedding_dim)) for _ in model_ids)
+        make = (lambda a, b: nn.Linear(a, b)) if family == "rnn" else (lambda a, b: nn.Conv2d(a, b, 1))
+        self.maps = nn.ModuleList(
+            nn.ModuleList(make(m, b) for m, b in zip(meta_dims, dims)) for dims in base_dims
+        )
+
+    def theta_rows(self, rows: Sequence[int]) -> torch.Tensor:
+        """(len(rows), E) differentiable stack of the selected embeddings."""
+        return torch.stack([self.theta[r] for r in rows])
+
+    def theta_matrix(self) -> torch.Tensor:
+        """(N, E) detached copy of every embedding in this shard."""
+        return torch.stack([p.detach() for p in self.theta]) if len(self.theta) else torch.zeros(0)
+
+    def apply_maps(self, row: int, hiddens: list[torch.Tensor]) -> list[torch.Tensor]:
+        """V_{n,t}(h_{theta_n,t}) for every tap t."""
+        return [v(h) for v, h in zip(self.maps[row], hiddens)]

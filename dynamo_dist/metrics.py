@@ -1,0 +1,93 @@
+"""Emulation metrics: how well the meta-model at theta_n reproduces base model n.
+
+* ``agreement``: fraction of examples where argmax of the meta output at the final step
+  equals argmax of the base output (the classification decision);
+* ``hidden_r2``: 1 - SSE/SST of V_n(h_meta) against the base hidden states, pooled over
+  valid steps/positions and units (SST around the per-unit mean);
+* ``meta_accuracy`` / ``base_accuracy``: accuracy of each against the true labels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .objective import step_mask
+
+
+@torch.no_grad()
+def emulation_metrics(meta, embeddings, row: int, group: str, family: str, x: torch.Tensor, lengths: torch.Tensor,
+                      labels: torch.Tensor | None, base_hiddens: list[torch.Tensor], base_outputs: torch.Tensor,
+                      batch_size: int = 512) -> dict[str, float]:
+    """Metrics of one model on one split (inputs aligned with its trajectories)."""
+    meta.eval()
+    n = base_outputs.shape[0]
+    sse = np.zeros(len(base_hiddens))
+    sums = [None] * len(base_hiddens)
+    sumsq = np.zeros(len(base_hiddens))
+    counts = np.zeros(len(base_hiddens))
+    agree = correct_meta = correct_base = 0
+    theta = embeddings.theta[row].detach()
+    for s in range(0, n, batch_size):
+        sl = slice(s, min(s + batch_size, n))
+        xb, lb = x[sl], lengths[sl]
+        hs, outs = meta(xb, theta[None].expand(xb.shape[0], -1))
+        mapped = embeddings.apply_maps(row, hs)
+        for t, (p, b) in enumerate(zip(mapped, base_hiddens)):
+            b = b[sl]
+            if family == "rnn":
+                m = step_mask(lb, b.shape[1])
+                p, b = p[m], b[m]  # (valid steps, H)
+            else:
+                p = p.permute(0, 2, 3, 1).reshape(-1, p.shape[1])
+                b = b.permute(0, 2, 3, 1).reshape(-1, b.shape[1])
+            sse[t] += float((p - b).pow(2).sum())
+            sums[t] = b.sum(0) if sums[t] is None else sums[t] + b.sum(0)
+            sumsq[t] += float(b.pow(2).sum())
+            counts[t] += b.shape[0]
+        pred = outs[group][:, -1].argmax(-1)
+        base = base_outputs[sl, -1].argmax(-1)
+        agree += int((pred == base).sum())
+        if labels is not None:
+            correct_meta += int((pred == labels[sl]).sum())
+            correct_base += int((base == labels[sl]).sum())
+    sst = np.array([sq - float(sm.pow(2).sum()) / c for sq, sm, c in zip(sumsq, sums, counts)])
+    r2 = 1.0 - sse.sum() / max(sst.sum(), 1e-12)
+    out = {"agreement": agree / n, "hidden_r2": float(r2)}
+    if labels is not None:
+        out["meta_accuracy"] = correct_meta / n
+        out["base_accuracy"] = correct_base / n
+    return out
+
+
+def evaluate(trainer, split: str = "test") -> dict[str, dict[str, float]]:
+    """Per-model metrics on ``test`` (recorded test split) or ``val`` (held-out probe tail)."""
+    data = trainer.data
+    results = {}
+    for i, row in enumerate(data.rows):
+        mid, task = row["model_id"], row["task"]
+        if split == "test":
+            inputs, traj = data.test_inputs[task], data.test[mid]
+            idx = torch.arange(traj.num_examples)
+            labels = inputs.y[idx]
+        elif split == "val":
+            traj = data.probe[mid]
+            idx = torch.from_numpy(trainer.val_split(task))
+            idx = idx[idx < traj.num_examples]
+            inputs, labels = data.probe_inputs[task], None  # the probe set is unlabelled
+        else:
+            raise ValueError(f"split: expected 'test' or 'val', got {split!r}")
+        if len(idx) == 0:
+            continue
+        results[mid] = emulation_metrics(
+            trainer.meta, trainer.embeddings, i, task, data.family,
+            inputs.x[idx], inputs.lengths[idx], labels, [h[idx] for h in traj.hiddens], traj.outputs[idx])
+    return results
+
+
+def summarize(per_model: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Mean of every metric over models, keys prefixed ``mean_``."""
+    if not per_model:
+        return {}
+    keys = next(iter(per_model.values())).keys()
+    return {f"mean_{k}": float(np.mean([m[k] for m in per_model.values()])) for k in keys}

@@ -1,0 +1,106 @@
+"""The DYNAMO objective (paper eqs. 1-7), plain PyTorch.
+
+Shape legend: B batch, T steps (RNN time or 1 for CNN logits), H hidden units,
+C outputs. ``mask_BT`` marks valid (non-padding) steps; None means all valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def step_mask(lengths_B: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """Valid-step mask for LEFT-padded sequences: the last ``length`` steps are real. (B,T) bool."""
+    t = torch.arange(num_steps, device=lengths_B.device)
+    return t[None, :] >= (num_steps - lengths_B)[:, None]
+
+
+def _masked_time_mean(v_BT: torch.Tensor, mask_BT: torch.Tensor | None) -> torch.Tensor:
+    if mask_BT is None:
+        return v_BT.mean(dim=1)
+    m = mask_BT.to(v_BT.dtype)
+    return (v_BT * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+
+def hidden_loss(pred: list[torch.Tensor], target: list[torch.Tensor], family: str, distance: str = "l2",
+                mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-example L_hidden, (B,).
+
+    RNN (eq. 2): ``1/T sum_t ||V(h~_t) - h_t||^2`` (L1: ``||.||_1``), summed over hidden units.
+    CNN (eq. 6, B.1): per stage the distance averaged over channels and positions, then
+    averaged over the B stages.
+    """
+    if distance not in ("l2", "l1"):
+        raise ValueError(f"hidden_distance: expected 'l2' or 'l1', got {distance!r}")
+    elementwise = (lambda d: d.pow(2)) if distance == "l2" else (lambda d: d.abs())
+    if family == "rnn":
+        (p,), (t,) = pred, target
+        per_step = elementwise(p - t).sum(dim=-1)  # (B,T)
+        return _masked_time_mean(per_step, mask_BT)
+    per_tap = [elementwise(p - t).flatten(1).mean(dim=1) for p, t in zip(pred, target)]
+    return torch.stack(per_tap, dim=1).mean(dim=1)
+
+
+def output_loss(pred_BTC: torch.Tensor, target_BTC: torch.Tensor, distance: str = "kl",
+                mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-example L_output (eq. 1/5), (B,).
+
+    ``kl``: KL(softmax(base) || softmax(meta)) per step; ``mse``: mean squared difference
+    of the raw outputs per step. Averaged over valid steps.
+    """
+    if distance == "kl":
+        logp_base = F.log_softmax(target_BTC, dim=-1)
+        logp_meta = F.log_softmax(pred_BTC, dim=-1)
+        per_step = (logp_base.exp() * (logp_base - logp_meta)).sum(dim=-1)
+    elif distance == "mse":
+        per_step = (pred_BTC - target_BTC).pow(2).mean(dim=-1)
+    else:
+        raise ValueError(f"output_distance: expected 'kl' or 'mse', got {distance!r}")
+    return _masked_time_mean(per_step, mask_BT)
+
+
+@dataclass
+class Chunk:
+    """A minibatch drawn for one base model: its inputs and its recorded trajectories."""
+
+    model_id: str
+    row: int                    # row of the model in the ModelEmbeddings shard
+    group: str                  # output group (selects the meta-model head)
+    x: torch.Tensor             # inputs (B, ...)
+    lengths: torch.Tensor       # (B,)
+    hiddens: list[torch.Tensor]  # base hidden states per tap
+    outputs: torch.Tensor       # base outputs (B, T, C)
+
+
+def dynamo_loss(meta, embeddings, chunks: list[Chunk], output_weight: float, hidden_distance: str = "l2",
+                output_distance: str = "kl") -> tuple[torch.Tensor, dict[str, float]]:
+    """Eq. 4/7 on a step's sampled models: mean over models of L_hidden + lambda * L_output.
+
+    ``meta`` is the shared meta-model (possibly DDP-wrapped); one forward over all chunks,
+    each example conditioned on its own model's theta.
+    """
+    if output_weight < 0:
+        raise ValueError(f"output_weight (lambda) must be >= 0, got {output_weight}")
+    sizes = [c.x.shape[0] for c in chunks]
+    x = torch.cat([c.x for c in chunks])
+    theta = embeddings.theta_rows([c.row for c in chunks for _ in range(c.x.shape[0])])
+    hiddens, outputs = meta(x, theta)
+    family = embeddings.family
+    total = x.new_zeros(())
+    sum_h = sum_o = 0.0
+    start = 0
+    for c, n in zip(chunks, sizes):
+        sl = slice(start, start + n)
+        start += n
+        mapped = embeddings.apply_maps(c.row, [h[sl] for h in hiddens])
+        mask = step_mask(c.lengths, c.outputs.shape[1]) if family == "rnn" else None
+        lh = hidden_loss(mapped, c.hiddens, family, hidden_distance, mask).mean()
+        lo = output_loss(outputs[c.group][sl], c.outputs, output_distance, mask).mean()
+        total = total + lh + output_weight * lo
+        sum_h += float(lh.detach())
+        sum_o += float(lo.detach())
+    k = len(chunks)
+    return total / k, {"loss_hidden": sum_h / k, "loss_output": sum_o / k}

@@ -1,0 +1,216 @@
+"""Base-model populations in plain PyTorch: expand a spec, train, record trajectories.
+
+Each function works on one model in one process; ``population_ray.py`` runs them in
+Ray actors, and ``run_local`` runs them in a loop (the sequential baseline and the
+notebook path). The manifest row returned by ``train_and_record`` is the unit of work:
+a model is complete when its weights and trajectory files exist and its row says so.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import store, zoo
+from .config import GroupSpec, PopulationConfig
+from .data import TaskData, fraction_subset, load_task
+
+
+@dataclass(frozen=True)
+class ModelJob:
+    """One base model to train (or, with every_epoch, one training run yielding several models)."""
+
+    model_id: str       # id of the final model (every_epoch: of the last epoch)
+    group: GroupSpec
+    seed: int
+
+    def member_ids(self) -> list[str]:
+        """Population members this job produces."""
+        if self.group.every_epoch:
+            return [epoch_model_id(self.group.name, self.seed, e) for e in range(1, self.group.epochs + 1)]
+        return [self.model_id]
+
+
+def epoch_model_id(group: str, seed: int, epoch: int) -> str:
+    return f"{group}-s{seed:03d}-e{epoch:03d}"
+
+
+def expand(cfg: PopulationConfig) -> list[ModelJob]:
+    """The spec as a list of jobs with stable, readable, unique model ids."""
+    jobs = []
+    for g in cfg.groups:
+        for seed in range(g.seed_offset, g.seed_offset + g.num_seeds):
+            mid = epoch_model_id(g.name, seed, g.epochs) if g.every_epoch else f"{g.name}-s{seed:03d}"
+            jobs.append(ModelJob(model_id=mid, group=g, seed=seed))
+    ids = [m for j in jobs for m in j.member_ids()]
+    dup = sorted({m for m in ids if ids.count(m) > 1})
+    if dup:
+        raise ValueError(f"groups: duplicate model ids {dup[:5]}; give groups distinct names or seed ranges")
+    return jobs
+
+
+def task_for(cfg: PopulationConfig, task: str) -> TaskData:
+    return load_task(task, seed=cfg.data_seed, num_examples=cfg.num_examples)
+
+
+def arch_spec(group: GroupSpec, task: TaskData) -> zoo.ArchSpec:
+    return zoo.ArchSpec(arch=group.arch, input_kind=task.input_kind, input_shape=tuple(task.input_shape),
+                        num_classes=task.num_classes, hidden_size=group.hidden_size, embed_dim=group.embed_dim,
+                        vocab_size=task.vocab_size)
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
+    model.eval()
+    correct = sum(int((model(x[s:s + batch_size]).argmax(-1) == y[s:s + batch_size]).sum())
+                  for s in range(0, len(y), batch_size))
+    return correct / max(len(y), 1)
+
+
+def train_model(group: GroupSpec, task: TaskData, seed: int, on_epoch=None) -> torch.nn.Module:
+    """Train one base model on ``group.train_fraction`` of the base-training split.
+
+    AdamW + cosine (freq 7/32) as the paper's Table 1. ``on_epoch(epoch, model)`` is called
+    after every epoch (used for training-trajectory populations).
+    """
+    torch.manual_seed(seed)
+    data = fraction_subset(task.base_train, group.train_fraction, seed=seed)
+    model = zoo.build(arch_spec(group, task))
+    opt = torch.optim.AdamW(model.parameters(), lr=group.lr, weight_decay=group.weight_decay)
+    steps_per_epoch = math.ceil(len(data) / group.batch_size)
+    total = steps_per_epoch * group.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: math.cos(7 * math.pi * s / (16 * total)))
+    gen = torch.Generator().manual_seed(seed)
+    for epoch in range(1, group.epochs + 1):
+        model.train()
+        perm = torch.randperm(len(data), generator=gen)
+        for s in range(0, len(data), group.batch_size):
+            idx = perm[s:s + group.batch_size]
+            loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        if on_epoch is not None:
+            on_epoch(epoch, model)
+    return model.eval()
+
+
+@torch.no_grad()
+def record(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 256) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Hidden taps and outputs of ``model`` on inputs ``x`` (batched, eval mode)."""
+    model.eval()
+    hs, outs = [], []
+    for s in range(0, x.shape[0], batch_size):
+        h, o = model.trajectories(x[s:s + batch_size])
+        hs.append(h)
+        outs.append(o)
+    return [torch.cat(t) for t in zip(*hs)], torch.cat(outs)
+
+
+def record_member(root: str, cfg: PopulationConfig, model_id: str, model: torch.nn.Module, task_name: str,
+                  labels: dict) -> dict:
+    """Save weights, record probe/test trajectories, return the member's manifest row."""
+    task = task_for(cfg, task_name)
+    layout = store.Layout.at(root)
+    spec = model.spec
+    store.write_inputs(root, task_name, "probe", task.probe, cfg.num_probe)
+    store.write_inputs(root, task_name, "test", task.test, cfg.num_test)
+    n_probe = len(task.probe) if cfg.num_probe is None else min(cfg.num_probe, len(task.probe))
+    n_test = len(task.test) if cfg.num_test is None else min(cfg.num_test, len(task.test))
+    paths = {}
+    for split, data, n in (("probe", task.probe, n_probe), ("test", task.test, n_test)):
+        hs, outs = record(model, data.x[:n])
+        paths[split] = store.write_trajectory(root, model_id, split, hs, outs, spec.family, cfg.dtype)
+    wrel = layout.weights_rel(model_id)
+    zoo.save(model, layout.path(wrel), extra={"model_id": model_id})
+    return {
+        "model_id": model_id, "task": task_name, "arch": spec.arch, "hidden_size": spec.hidden_size,
+        "num_classes": spec.num_classes, "input_kind": spec.input_kind, "input_shape": list(spec.input_shape),
+        "vocab_size": spec.vocab_size, "test_accuracy": accuracy(model, task.test.x, task.test.y),
+        "weights_path": wrel, "probe_path": paths["probe"], "test_path": paths["test"], "status": "complete",
+        **labels,
+    }
+
+
+def train_and_record(root: str, cfg: PopulationConfig, job: ModelJob) -> list[dict]:
+    """Train one job's model and record every member it yields; returns manifest rows."""
+    g = job.group
+    task = task_for(cfg, g.task)
+    labels = {"group": g.name, "train_fraction": g.train_fraction, "seed": job.seed}
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+
+    def on_epoch(epoch, model):
+        if g.every_epoch:
+            rows.append(record_member(root, cfg, epoch_model_id(g.name, job.seed, epoch), model, g.task,
+                                      {**labels, "epoch": epoch}))
+
+    model = train_model(g, task, job.seed, on_epoch=on_epoch)
+    if not g.every_epoch:
+        rows.append(record_member(root, cfg, job.model_id, model, g.task, {**labels, "epoch": g.epochs}))
+    for r in rows:
+        r["train_seconds"] = time.perf_counter() - t0
+    return rows
+
+
+def completed_ids(root: str) -> set[str]:
+    """Models whose manifest row is complete and whose files all exist (resume skips them)."""
+    layout = store.Layout.at(root)
+    if not layout.manifest.exists():
+        return set()
+    done = set()
+    for r in store.manifest_rows(root):
+        if all(layout.path(r[k]).is_file() for k in ("weights_path", "probe_path", "test_path")):
+            done.add(r["model_id"])
+    return done
+
+
+def pending_jobs(root: str, cfg: PopulationConfig) -> list[ModelJob]:
+    done = completed_ids(root)
+    return [j for j in expand(cfg) if not set(j.member_ids()) <= done]
+
+
+def init_population(cfg: PopulationConfig) -> store.Layout:
+    expand(cfg)  # validate ids before touching disk
+    return store.init_root(cfg.root, cfg.model_dump(mode="json"))
+
+
+def run_local(cfg: PopulationConfig, progress: bool = True) -> list[dict]:
+    """Train and record the whole population sequentially in this process (resumable)."""
+    init_population(cfg)
+    jobs = pending_jobs(cfg.root, cfg)
+    from tqdm.auto import tqdm
+
+    for job in tqdm(jobs, desc="population", unit="model", disable=not progress):
+        store.upsert_manifest(cfg.root, train_and_record(cfg.root, cfg, job))
+    return store.manifest_rows(cfg.root)
+
+
+def add_models(root: str, models: dict[str, torch.nn.Module], task: str, cfg: PopulationConfig | None = None,
+               labels: dict[str, dict] | None = None) -> list[dict]:
+    """Enter at the record step with users' own pre-trained zoo models (``model_id -> module``)."""
+    cfg = cfg or PopulationConfig(root=root, groups=(GroupSpec(name="user", task=task),))
+    store.init_root(root, {"user_models": sorted(models)})
+    rows = [record_member(root, cfg, mid, m, task, {"group": "user", **(labels or {}).get(mid, {})})
+            for mid, m in models.items()]
+    store.upsert_manifest(root, rows)
+    return rows
+
+
+def group_summary(rows: list[dict]) -> list[dict]:
+    """Per group: count and mean +- std test accuracy."""
+    import numpy as np
+
+    out = []
+    for g in sorted({r["group"] for r in rows}):
+        acc = np.array([r["test_accuracy"] for r in rows if r["group"] == g])
+        out.append({"group": g, "count": len(acc), "mean_accuracy": float(acc.mean()), "std_accuracy": float(acc.std())})
+    return out
+
+
+__all__ = ["ModelJob", "expand", "train_and_record", "run_local", "add_models", "pending_jobs", "group_summary"]

@@ -1,0 +1,329 @@
+"""The population root on disk: the one module that knows paths and Parquet schemas.
+
+Layout (schema version 1)::
+
+    <root>/
+      population.json                         schema_version, the spec that built it
+      manifest.parquet                        one row per base model (MANIFEST_COLUMNS + group labels)
+      weights/<model_id>.safetensors          weights + ArchSpec JSON metadata
+      inputs/<task>/<split>.parquet           probe/test inputs shared by every model of a task
+      trajectories/split=<split>/model_id=<model_id>/part-0.parquet
+
+Trajectory schema (one row per example and tap, sorted by ``sample, step``):
+
+    sample  int32       row index into inputs/<task>/<split>.parquet
+    step    int16       time step t = 1..T (RNNs) or stage index 1..4 (ResNets)
+    hidden  list<f32|f16>  base hidden state at that tap, flattened row-major
+                        (shape per tap in the file metadata ``dynamo.hidden_shapes``)
+    output  list<f32|f16>  base output G(h_t) at that step (ResNets: the logits, on every row)
+
+File metadata: ``dynamo.schema_version``, ``dynamo.model_id``, ``dynamo.hidden_shapes``
+(JSON list of per-tap shapes). Hive-style directories let pyarrow.dataset and DuckDB
+read many models at once (``read_parquet('trajectories/*/*/*.parquet', hive_partitioning=1)``),
+and a one-model read opens exactly one file. Every write goes to a temporary name in
+the same directory and is renamed into place, so a crashed writer never leaves a file
+a reader can mistake for a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .data import Split
+
+SCHEMA_VERSION = 1
+MANIFEST_COLUMNS = (
+    "model_id", "group", "task", "arch", "hidden_size", "train_fraction", "seed", "epoch",
+    "num_classes", "input_kind", "input_shape", "vocab_size", "test_accuracy",
+    "weights_path", "probe_path", "test_path", "status",
+)
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_DTYPES = {"float32": (pa.float32(), np.float32), "float16": (pa.float16(), np.float16)}
+
+
+def check_model_id(model_id: str) -> str:
+    if not _ID_RE.match(model_id):
+        raise ValueError(f"model_id {model_id!r} must match {_ID_RE.pattern} (it names files)")
+    return model_id
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths under one population root. Relative paths are what the manifest stores."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | os.PathLike) -> "Layout":
+        return cls(Path(root))
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.parquet"
+
+    @property
+    def info(self) -> Path:
+        return self.root / "population.json"
+
+    def weights_rel(self, model_id: str) -> str:
+        return f"weights/{check_model_id(model_id)}.safetensors"
+
+    def trajectory_rel(self, model_id: str, split: str) -> str:
+        return f"trajectories/split={split}/model_id={check_model_id(model_id)}/part-0.parquet"
+
+    def inputs_rel(self, task: str, split: str) -> str:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", task)
+        return f"inputs/{safe}/{split}.parquet"
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def write_table_atomic(table: pa.Table, path: Path, compression: str = "zstd") -> None:
+    """Write a Parquet file under a temporary name and rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(table, tmp, compression=compression)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _read_parquet(path: Path, what: str) -> pa.Table:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ValueError(f"{what} {path} is not a readable Parquet file ({err}); delete it and re-run its stage") from None
+
+
+# ---------------------------------------------------------------- population info
+
+
+def init_root(root: str | os.PathLike, spec: dict) -> Layout:
+    """Create (or re-open) a population root, refusing one written by another schema version."""
+    layout = Layout.at(root)
+    try:
+        layout.root.mkdir(parents=True, exist_ok=True)
+        probe = layout.root / f".write-test-{uuid.uuid4().hex}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"population root {layout.root} is not writable: {err}") from None
+    if layout.info.exists():
+        check_schema(layout)
+    else:
+        write_json_atomic({"schema_version": SCHEMA_VERSION, "spec": spec}, layout.info)
+    return layout
+
+
+def check_schema(layout: Layout) -> dict:
+    if not layout.info.is_file():
+        raise FileNotFoundError(f"population root {layout.root} has no population.json; is it a population root?")
+    info = json.loads(layout.info.read_text())
+    ver = info.get("schema_version")
+    if ver != SCHEMA_VERSION:
+        raise ValueError(
+            f"population root {layout.root} was written with schema_version={ver}, this dynamo_dist reads "
+            f"schema_version={SCHEMA_VERSION}; write a new population root or convert it"
+        )
+    return info
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def read_manifest(root: str | os.PathLike) -> pa.Table:
+    layout = Layout.at(root)
+    check_schema(layout)
+    table = _read_parquet(layout.manifest, "manifest")
+    missing = [c for c in ("model_id", "task", "status") if c not in table.column_names]
+    if missing:
+        raise ValueError(f"manifest {layout.manifest} lacks column(s) {missing}")
+    return table
+
+
+def manifest_rows(root: str | os.PathLike, status: str | None = "complete") -> list[dict]:
+    """Manifest rows as dicts, sorted by model_id; only ``status`` rows unless status is None."""
+    rows = read_manifest(root).to_pylist()
+    if status is not None:
+        rows = [r for r in rows if r["status"] == status]
+    return sorted(rows, key=lambda r: r["model_id"])
+
+
+def upsert_manifest(root: str | os.PathLike, rows: list[dict]) -> pa.Table:
+    """Merge rows (keyed by model_id) into the manifest and rewrite it atomically."""
+    layout = Layout.at(root)
+    existing = read_manifest(root).to_pylist() if layout.manifest.exists() else []
+    by_id = {r["model_id"]: r for r in existing}
+    for r in rows:
+        by_id[r["model_id"]] = {**by_id.get(r["model_id"], {}), **r}
+    merged = sorted(by_id.values(), key=lambda r: r["model_id"])
+    keys = list(MANIFEST_COLUMNS) + sorted({k for r in merged for k in r} - set(MANIFEST_COLUMNS))
+    table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in merged])
+    write_table_atomic(table, layout.manifest)
+    return table
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def write_inputs(root: str | os.PathLike, task: str, split: str, data: Split, limit: int | None = None) -> str:
+    """Store a task split's inputs once per population (first ``limit`` examples); returns its relative path."""
+    layout = Layout.at(root)
+    rel = layout.inputs_rel(task, split)
+    if layout.path(rel).exists():
+        return rel
+    n = len(data) if limit is None else min(limit, len(data))
+    x = data.x[:n]
+    flat = x.reshape(n, -1).numpy()
+    table = pa.table({
+        "sample": pa.array(np.arange(n, dtype=np.int32)),
+        "x": pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1]),
+        "length": pa.array(data.lengths[:n].numpy().astype(np.int32)),
+        "label": pa.array(data.y[:n].numpy().astype(np.int64)),
+    }).replace_schema_metadata({"dynamo.schema_version": str(SCHEMA_VERSION),
+                                "dynamo.x_shape": json.dumps(list(x.shape[1:])),
+                                "dynamo.x_dtype": str(x.dtype).replace("torch.", "")})
+    write_table_atomic(table, layout.path(rel))
+    return rel
+
+
+def read_inputs(root: str | os.PathLike, task: str, split: str) -> Split:
+    layout = Layout.at(root)
+    path = layout.path(layout.inputs_rel(task, split))
+    table = _read_parquet(path, f"{split} inputs of task {task!r}")
+    meta = table.schema.metadata or {}
+    shape = json.loads(meta[b"dynamo.x_shape"])
+    dtype = getattr(torch, meta[b"dynamo.x_dtype"].decode())
+    n = table.num_rows
+    flat = table.column("x").combine_chunks().values.to_numpy(zero_copy_only=False)
+    x = torch.from_numpy(np.array(flat).reshape([n] + shape)).to(dtype)
+    return Split(x=x, y=torch.from_numpy(table.column("label").to_numpy().copy()),
+                 lengths=torch.from_numpy(table.column("length").to_numpy().astype(np.int64)))
+
+
+# ---------------------------------------------------------------- trajectories
+
+
+@dataclass
+class Trajectory:
+    """One model's recorded trajectories on one split.
+
+    hiddens: per tap, float32 (N, T, H) for RNNs (one tap) or (N, C, H, W) per stage for ResNets.
+    outputs: float32 (N, T, C) for RNNs, (N, 1, C) for ResNets.
+    """
+
+    model_id: str
+    hiddens: list[torch.Tensor]
+    outputs: torch.Tensor
+
+    @property
+    def num_examples(self) -> int:
+        return self.outputs.shape[0]
+
+
+def write_trajectory(root: str | os.PathLike, model_id: str, split: str, hiddens: list[torch.Tensor],
+                     outputs: torch.Tensor, family: str, dtype: str = "float32") -> str:
+    """Write one model's trajectories (layout above); returns the relative path."""
+    layout = Layout.at(root)
+    rel = layout.trajectory_rel(model_id, split)
+    pa_type, np_type = _DTYPES[dtype]
+    n = outputs.shape[0]
+    if family == "rnn":
+        h = hiddens[0].detach().cpu().numpy().astype(np_type)  # (N, T, H)
+        t_len = h.shape[1]
+        hidden_rows = h.reshape(n * t_len, -1)
+        out_rows = outputs.detach().cpu().numpy().astype(np_type).reshape(n * t_len, -1)
+        shapes = [list(h.shape[2:])]
+        hidden_col = _list_column(hidden_rows.reshape(-1), np.full(n * t_len, hidden_rows.shape[1]), pa_type)
+    else:
+        t_len = len(hiddens)
+        per_tap = [hh.detach().cpu().numpy().astype(np_type).reshape(n, -1) for hh in hiddens]
+        shapes = [list(hh.shape[1:]) for hh in hiddens]
+        # interleave taps per example so rows sort by (sample, step)
+        flat = np.concatenate([np.concatenate([p[i] for p in per_tap]) for i in range(n)]) if n else np.zeros(0, np_type)
+        sizes = np.tile([p.shape[1] for p in per_tap], n)
+        hidden_col = _list_column(flat, sizes, pa_type)
+        logits = outputs.detach().cpu().numpy().astype(np_type).reshape(n, -1)
+        out_rows = np.repeat(logits, t_len, axis=0)
+    if not np.isfinite(hidden_rows if family == "rnn" else flat).all() or not np.isfinite(out_rows).all():
+        raise ValueError(f"trajectory of model {model_id!r} ({split}) contains NaN/Inf; not written")
+    table = pa.table({
+        "sample": pa.array(np.repeat(np.arange(n, dtype=np.int32), t_len)),
+        "step": pa.array(np.tile(np.arange(1, t_len + 1, dtype=np.int16), n)),
+        "hidden": hidden_col,
+        "output": _list_column(out_rows.reshape(-1), np.full(n * t_len, out_rows.shape[1]), pa_type),
+    }).replace_schema_metadata({
+        "dynamo.schema_version": str(SCHEMA_VERSION),
+        "dynamo.model_id": model_id,
+        "dynamo.family": family,
+        "dynamo.hidden_shapes": json.dumps(shapes),
+    })
+    write_table_atomic(table, layout.path(rel))
+    return rel
+
+
+def _list_column(values: np.ndarray, sizes: np.ndarray, pa_type: pa.DataType) -> pa.ListArray:
+    offsets = np.zeros(len(sizes) + 1, dtype=np.int32)
+    np.cumsum(sizes, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa_type))
+
+
+def read_trajectory(root: str | os.PathLike, model_id: str, split: str = "probe") -> Trajectory:
+    """Read one model's trajectories; opens only that model's file. NaN -> ValueError naming the file."""
+    layout = Layout.at(root)
+    path = layout.path(layout.trajectory_rel(model_id, split))
+    table = _read_parquet(path, f"trajectory of model {model_id!r} ({split})")
+    meta = table.schema.metadata or {}
+    try:
+        shapes = [tuple(s) for s in json.loads(meta[b"dynamo.hidden_shapes"])]
+        family = meta[b"dynamo.family"].decode()
+    except KeyError as err:
+        raise ValueError(f"trajectory file {path} lacks metadata {err}; not written by dynamo_dist") from None
+    step = table.column("step").to_numpy()
+    t_len = int(step.max()) if len(step) else 0
+    n = table.num_rows // max(t_len, 1)
+    hidden = table.column("hidden").combine_chunks().values.to_numpy(zero_copy_only=False).astype(np.float32)
+    output = table.column("output").combine_chunks().values.to_numpy(zero_copy_only=False).astype(np.float32)
+    if not (np.isfinite(hidden).all() and np.isfinite(output).all()):
+        raise ValueError(f"trajectory file {path} contains NaN/Inf values (model {model_id!r})")
+    if family == "rnn":
+        hiddens = [torch.from_numpy(hidden.reshape((n, t_len) + shapes[0]))]
+        outputs = torch.from_numpy(output.reshape(n, t_len, -1))
+    else:
+        sizes = [int(np.prod(s)) for s in shapes]
+        per_example = hidden.reshape(n, sum(sizes))
+        bounds = np.cumsum([0] + sizes)
+        hiddens = [torch.from_numpy(np.ascontiguousarray(per_example[:, a:b]).reshape((n,) + s))
+                   for a, b, s in zip(bounds[:-1], bounds[1:], shapes)]
+        outputs = torch.from_numpy(output.reshape(n, t_len, -1)[:, :1])
+    return Trajectory(model_id=model_id, hiddens=hiddens, outputs=outputs)
+
+
+def trajectory_glob(root: str | os.PathLike, split: str = "probe") -> str:
+    """A glob DuckDB/pyarrow can read all models' trajectories of a split from."""
+    return str(Layout.at(root).root / "trajectories" / f"split={split}" / "*" / "*.parquet")

@@ -1,0 +1,269 @@
+"""Algorithm 1 (DYNAMO) in one process, plain PyTorch: no Ray, no MLflow.
+
+``PopulationData`` loads the trajectories of a set of base models (a whole population,
+or one worker's shard) from a population root; ``DynamoTrainer`` owns the shared
+meta-model, the ``ModelEmbeddings`` of those models and their optimisers. The Ray Train
+job wraps the very same trainer (``meta_ray.py``), so one code path defines the maths.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import store
+from .config import MetaConfig
+from .data import Split
+from .meta_model import ModelEmbeddings, build_meta_model
+from .objective import Chunk, dynamo_loss
+from .zoo import ArchSpec
+
+VAL_FRACTION = 0.1  # tail of the probe split held out for validation metrics (never trained on)
+
+
+def spec_from_row(row: dict) -> ArchSpec:
+    return ArchSpec(arch=row["arch"], input_kind=row["input_kind"], input_shape=tuple(row["input_shape"]),
+                    num_classes=int(row["num_classes"]), hidden_size=int(row["hidden_size"] or 0) or 64,
+                    vocab_size=row.get("vocab_size"))
+
+
+@dataclass
+class PopulationData:
+    """Inputs + trajectories of ``model_ids`` (probe split for training, test split for metrics)."""
+
+    root: str
+    rows: list[dict]                                   # manifest rows of these models
+    probe_inputs: dict[str, Split]                     # task -> probe inputs
+    probe: dict[str, store.Trajectory]                 # model_id -> probe trajectory
+    test_inputs: dict[str, Split] = field(default_factory=dict)
+    test: dict[str, store.Trajectory] = field(default_factory=dict)
+
+    @property
+    def model_ids(self) -> list[str]:
+        return [r["model_id"] for r in self.rows]
+
+    @property
+    def family(self) -> str:
+        return "cnn" if self.rows[0]["arch"].startswith("resnet") else "rnn"
+
+    def row(self, model_id: str) -> dict:
+        return next(r for r in self.rows if r["model_id"] == model_id)
+
+
+def check_population(rows: list[dict], root: str) -> None:
+    """Reject populations DYNAMO cannot embed together: mixed families or input sizes."""
+    if not rows:
+        raise ValueError(f"population {root} has no complete models in its manifest")
+    kinds = {(r["input_kind"], tuple(r["input_shape"]), r.get("vocab_size")) for r in rows}
+    if len(kinds) > 1:
+        by = {}
+        for r in rows:
+            by.setdefault((r["input_kind"], tuple(r["input_shape"]), r.get("vocab_size")), []).append(r["model_id"])
+        detail = "; ".join(f"{k[0]} {list(k[1])} vocab={k[2]}: {v[:3]}{'...' if len(v) > 3 else ''}" for k, v in by.items())
+        raise ValueError(f"base models have different input sizes (input_kind, input_shape, vocab_size): {detail}")
+    fams = {r["arch"].startswith("resnet") for r in rows}
+    if len(fams) > 1:
+        raise ValueError("base models mix RNNs and ResNets; embed each family in its own meta run")
+
+
+def load_population(root: str, model_ids: list[str] | None = None, with_test: bool = True) -> PopulationData:
+    """Load the listed models (default: every complete model). Reads only their files."""
+    all_rows = store.manifest_rows(root)
+    check_population(all_rows, root)
+    if model_ids is None:
+        rows = all_rows
+    else:
+        by_id = {r["model_id"]: r for r in all_rows}
+        missing = [m for m in model_ids if m not in by_id]
+        if missing:
+            raise ValueError(f"model ids not complete in the manifest of {root}: {missing}")
+        rows = [by_id[m] for m in model_ids]
+    tasks = sorted({r["task"] for r in rows})
+    data = PopulationData(
+        root=root, rows=rows,
+        probe_inputs={t: store.read_inputs(root, t, "probe") for t in tasks},
+        probe={r["model_id"]: store.read_trajectory(root, r["model_id"], "probe") for r in rows},
+    )
+    if with_test:
+        data.test_inputs = {t: store.read_inputs(root, t, "test") for t in tasks}
+        data.test = {r["model_id"]: store.read_trajectory(root, r["model_id"], "test") for r in rows}
+    for r in rows:
+        n_traj, n_in = data.probe[r["model_id"]].num_examples, len(data.probe_inputs[r["task"]])
+        if n_traj > n_in:
+            raise ValueError(f"trajectory of model {r['model_id']!r} has {n_traj} probe rows but inputs of task "
+                             f"{r['task']!r} have {n_in}; the population root is inconsistent")
+    return data
+
+
+def output_sizes(rows: list[dict]) -> dict[str, int]:
+    """Output group -> output size. Groups are tasks: models of one task share a head (section 2.2)."""
+    sizes: dict[str, int] = {}
+    for r in rows:
+        prev = sizes.setdefault(r["task"], int(r["num_classes"]))
+        if prev != int(r["num_classes"]):
+            raise ValueError(f"task {r['task']!r} has models with {prev} and {r['num_classes']} outputs")
+    return sizes
+
+
+def cosine_factor(step: int, total: int) -> float:
+    """Table 1's 'cosine with freq. 7/32': lr * cos(7 pi step / (16 total))."""
+    return math.cos(7.0 * math.pi * step / (16.0 * max(total, 1)))
+
+
+class DynamoTrainer:
+    """Shared meta-model + this process's shard of (theta_n, V_n), trained by Algorithm 1.
+
+    ``all_rows`` are the manifest rows of the whole population (they fix the heads and the
+    input encoder, identical on every worker); ``data`` holds only this shard's models.
+    """
+
+    def __init__(self, cfg: MetaConfig, data: PopulationData, all_rows: list[dict] | None = None, rank: int = 0):
+        self.cfg = cfg
+        self.data = data
+        self.rank = rank
+        all_rows = all_rows or data.rows
+        torch.manual_seed(cfg.seed)  # identical shared init on every worker
+        self.meta = build_meta_model(data.family, spec_from_row(all_rows[0]), output_sizes(all_rows),
+                                     embedding_dim=cfg.embedding_dim, hidden_size=cfg.hidden_size,
+                                     embed_dim=cfg.embed_dim, resnet_arch=cfg.resnet_arch)
+        base_dims = [[h.shape[-1] if data.family == "rnn" else h.shape[1] for h in data.probe[m].hiddens]
+                     for m in data.model_ids]
+        torch.manual_seed(cfg.seed + 1 + rank)
+        self.embeddings = ModelEmbeddings(data.model_ids, cfg.embedding_dim, self.meta.tap_dims, base_dims, data.family)
+        self.forward_module: nn.Module = self.meta  # the Ray job swaps in the DDP wrapper
+        self.opt_meta = torch.optim.AdamW(self.meta.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # theta and V: no weight decay (theta starts at 0 and is the quantity under study)
+        self.opt_emb = torch.optim.AdamW(self.embeddings.parameters(), lr=cfg.lr, weight_decay=0.0)
+        self.step = 0
+        self.history: list[dict] = []
+        self._train_idx = {t: np.arange(int(len(s) * (1 - VAL_FRACTION)) or len(s))
+                           for t, s in data.probe_inputs.items()}
+        self._val_idx = {t: np.arange(len(self._train_idx[t]), len(s)) for t, s in data.probe_inputs.items()}
+
+    # ---------------------------------------------------------------- sampling
+
+    def sample(self, step: int) -> list[Chunk]:
+        """Draw models and probe sequences for ``step``: deterministic in (seed, rank, step)."""
+        rng = np.random.default_rng([self.cfg.seed, self.rank, step])
+        ids = self.data.model_ids
+        k = min(self.cfg.models_per_step, len(ids))
+        chosen = rng.choice(len(ids), size=k, replace=False)
+        chunks = []
+        for i in sorted(chosen):
+            mid = ids[i]
+            row = self.data.rows[i]
+            traj = self.data.probe[mid]
+            pool = self._train_idx[row["task"]]
+            pool = pool[pool < traj.num_examples]
+            idx = torch.from_numpy(rng.choice(pool, size=min(self.cfg.batch_size, len(pool)), replace=False))
+            inputs = self.data.probe_inputs[row["task"]]
+            chunks.append(Chunk(model_id=mid, row=i, group=row["task"], x=inputs.x[idx], lengths=inputs.lengths[idx],
+                                hiddens=[h[idx] for h in traj.hiddens], outputs=traj.outputs[idx]))
+        return chunks
+
+    # ---------------------------------------------------------------- training
+
+    def _set_lr(self) -> None:
+        f = cosine_factor(self.step, self.cfg.steps)
+        for opt in (self.opt_meta, self.opt_emb):
+            for g in opt.param_groups:
+                g["lr"] = self.cfg.lr * f
+
+    def train_step(self) -> dict:
+        self.meta.train()
+        self._set_lr()
+        chunks = self.sample(self.step)
+        loss, stats = dynamo_loss(self.forward_module, self.embeddings, chunks, self.cfg.output_weight,
+                                  self.cfg.hidden_distance, self.cfg.output_distance)
+        self.opt_meta.zero_grad(set_to_none=True)
+        self.opt_emb.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_meta.step()
+        self.opt_emb.step()
+        self.step += 1
+        rec = {"step": self.step, "loss": float(loss.detach()), **stats}
+        self.history.append(rec)
+        return rec
+
+    def fit(self, steps: int | None = None, progress: bool = False, callback=None) -> list[dict]:
+        """Run until ``steps`` (default cfg.steps) total steps; ``callback(trainer, record)`` after each."""
+        target = self.cfg.steps if steps is None else steps
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=target, initial=self.step, desc="meta-model", unit="step")
+        while self.step < target:
+            rec = self.train_step()
+            if bar is not None:
+                bar.update(1)
+                if self.step % 10 == 0:
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            if callback is not None:
+                callback(self, rec)
+        if bar is not None:
+            bar.close()
+        return self.history
+
+    # ---------------------------------------------------------------- state
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "meta": self.meta.state_dict(), "opt_meta": self.opt_meta.state_dict(),
+                "shard": self.shard_state()}
+
+    def shard_state(self) -> dict:
+        """This worker's theta/V and their optimiser state, keyed by model_id (re-shardable)."""
+        per_model = {}
+        pstate = self.opt_emb.state
+        for m, i in self.embeddings.index.items():
+            params = [self.embeddings.theta[i], *self.embeddings.maps[i].parameters()]
+            per_model[m] = {
+                "theta": params[0].detach().clone(),
+                "maps": {k: v.detach().clone() for k, v in self.embeddings.maps[i].state_dict().items()},
+                "opt": [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in pstate[p].items()}
+                        if p in pstate else None for p in params],
+            }
+        return per_model
+
+    def load_shard_state(self, per_model: dict) -> None:
+        """Load theta/V (+ optimiser moments) for every model of this shard found in ``per_model``."""
+        for m, i in self.embeddings.index.items():
+            if m not in per_model:
+                raise ValueError(f"checkpoint has no theta/V for model {m!r}")
+            s = per_model[m]
+            with torch.no_grad():
+                self.embeddings.theta[i].copy_(s["theta"])
+            self.embeddings.maps[i].load_state_dict(s["maps"])
+            params = [self.embeddings.theta[i], *self.embeddings.maps[i].parameters()]
+            for p, st in zip(params, s["opt"]):
+                if st is not None:
+                    self.opt_emb.state[p] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.meta.load_state_dict(state["meta"])
+        self.opt_meta.load_state_dict(state["opt_meta"])
+        self.load_shard_state(state["shard"])
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(path)
+
+    def restore(self, path: str | Path) -> None:
+        self.load_state_dict(torch.load(path, weights_only=True))
+
+    # ---------------------------------------------------------------- outputs
+
+    def embedding_rows(self) -> list[dict]:
+        th = self.embeddings.theta_matrix().numpy()
+        return [{"model_id": m, "theta": th[i].tolist()} for i, m in enumerate(self.embeddings.model_ids)]
+
+    def val_split(self, task: str) -> np.ndarray:
+        return self._val_idx[task]

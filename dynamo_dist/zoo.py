@@ -1,0 +1,187 @@
+"""Base-model zoo: RNN classifiers and small-image ResNets that expose their hidden states.
+
+Every model implements ``trajectories(x) -> (hiddens, outputs)``:
+
+* sequence models: ``hiddens = [h_BTH]`` (one tap, the hidden state at every step) and
+  ``outputs = y_BTC`` (the readout G(h_t) at every step);
+* ResNets: ``hiddens = [h1_BCHW, ..., h4_BCHW]`` (the four stage outputs, appendix A)
+  and ``outputs = y_B1C`` (the logits, one "step").
+
+Shape legend: B batch, T time steps, D input features, H hidden units, C classes.
+Weights are stored as safetensors with the architecture as JSON metadata; nothing
+is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import RESNET_ARCHS, SEQUENCE_ARCHS
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Everything needed to rebuild a base model (stored beside its weights)."""
+
+    arch: str                      # gru | rnn | lstm | resnet10/18/34/50
+    input_kind: str                # sequence | tokens | image
+    input_shape: tuple[int, ...]   # per-example input shape: (T, D), (T,), (C, H, W)
+    num_classes: int
+    hidden_size: int = 64          # RNN hidden units
+    embed_dim: int = 64            # token embedding width
+    vocab_size: int | None = None  # token inputs only
+
+    def __post_init__(self):
+        if self.arch not in SEQUENCE_ARCHS + RESNET_ARCHS:
+            raise ValueError(f"arch: unknown architecture {self.arch!r}; known: {SEQUENCE_ARCHS + RESNET_ARCHS}")
+        if self.arch in RESNET_ARCHS and self.input_kind != "image":
+            raise ValueError(f"arch: {self.arch} needs image inputs, task gives {self.input_kind!r}")
+        if self.arch in SEQUENCE_ARCHS and self.input_kind == "image":
+            raise ValueError(f"arch: {self.arch} needs sequence or token inputs, task gives images")
+        if self.input_kind == "tokens" and not self.vocab_size:
+            raise ValueError("vocab_size: token inputs need a vocabulary size")
+
+    @property
+    def family(self) -> str:
+        return "cnn" if self.arch in RESNET_ARCHS else "rnn"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ArchSpec":
+        d = json.loads(text)
+        d["input_shape"] = tuple(d["input_shape"])
+        return cls(**d)
+
+
+class SequenceClassifier(nn.Module):
+    """Single-layer GRU / tanh-RNN / LSTM classifier reading out at every step."""
+
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        self.spec = spec
+        if spec.input_kind == "tokens":
+            self.embed = nn.Embedding(spec.vocab_size, spec.embed_dim, padding_idx=0)
+            in_dim = spec.embed_dim
+        else:
+            self.embed = None
+            in_dim = spec.input_shape[-1]
+        rnn_cls = {"gru": nn.GRU, "rnn": nn.RNN, "lstm": nn.LSTM}[spec.arch]
+        self.rnn = rnn_cls(in_dim, spec.hidden_size, batch_first=True)
+        self.readout = nn.Linear(spec.hidden_size, spec.num_classes)
+
+    def trajectories(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """x: (B,T,D) float or (B,T) token ids -> ([h_BTH], y_BTC)."""
+        u = self.embed(x) if self.embed is not None else x
+        h_BTH, _ = self.rnn(u)  # h_0 = 0; LSTM: h_t (not the cell state) is the hidden state
+        return [h_BTH], self.readout(h_BTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits at the final step (inputs are left-padded, so it is always a real token)."""
+        return self.trajectories(x)[1][:, -1]
+
+
+class SmallImageResNet(nn.Module):
+    """A torchvision ResNet adapted to small images: 3x3 stride-1 stem, no max-pool."""
+
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        self.spec = spec
+        in_ch = spec.input_shape[0]
+        self.net = build_torchvision_resnet(spec.arch, spec.num_classes)
+        self.net.conv1 = nn.Conv2d(in_ch, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        self.net.maxpool = nn.Identity()
+
+    def trajectories(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        n = self.net
+        z = n.relu(n.bn1(n.conv1(x)))
+        taps = []
+        for layer in (n.layer1, n.layer2, n.layer3, n.layer4):
+            z = layer(z)
+            taps.append(z)
+        logits = n.fc(torch.flatten(n.avgpool(z), 1))
+        return taps, logits[:, None, :]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trajectories(x)[1][:, -1]
+
+
+def build_torchvision_resnet(arch: str, num_classes: int) -> torchvision.models.ResNet:
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    if arch == "resnet10":  # one BasicBlock per stage: the CPU-friendly member of the family
+        return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
+    return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+
+
+def build(spec: ArchSpec) -> nn.Module:
+    return SmallImageResNet(spec) if spec.family == "cnn" else SequenceClassifier(spec)
+
+
+def wrap_module(module: nn.Module, spec: ArchSpec) -> nn.Module:
+    """Adopt a user's pre-trained module whose parameters match ``build(spec)``'s layout.
+
+    Accepts our own zoo models and plain torchvision ResNets built for small images
+    (``conv1`` 3x3 stride 1, ``maxpool`` Identity).
+    """
+    model = build(spec)
+    if isinstance(module, torchvision.models.ResNet):
+        model.net.load_state_dict(module.state_dict())
+    else:
+        model.load_state_dict(module.state_dict())
+    return model
+
+
+def save(model: nn.Module, path: str | Path, extra: dict[str, str] | None = None) -> None:
+    """Write weights + architecture to one safetensors file (atomic rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"arch_spec": model.spec.to_json(), "format_version": str(FORMAT_VERSION), **(extra or {})}
+    tmp = path.with_name(f".{path.name}.tmp")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def load(path: str | Path) -> nn.Module:
+    """Rebuild a zoo model from its safetensors file (eval mode)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"weights file {path} is not a readable safetensors file: {err}") from None
+    if "arch_spec" not in meta:
+        raise ValueError(f"weights file {path} has no 'arch_spec' metadata; it was not written by dynamo_dist")
+    model = build(ArchSpec.from_json(meta["arch_spec"]))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def hidden_shapes(spec: ArchSpec) -> list[tuple[int, ...]]:
+    """Shape of each hidden tap per example (without batch/time), from a dry run."""
+    model = build(spec).eval()
+    if spec.input_kind == "tokens":
+        x = torch.zeros((1,) + tuple(spec.input_shape), dtype=torch.long)
+    else:
+        x = torch.zeros((1,) + tuple(spec.input_shape))
+    with torch.no_grad():
+        hs, _ = model.trajectories(x)
+    if spec.family == "rnn":
+        return [tuple(hs[0].shape[2:])]
+    return [tuple(h.shape[1:]) for h in hs]
