@@ -1,0 +1,109 @@
+"""``dynamo-dist`` command line: parse arguments, connect, call one library function.
+
+Subcommands: population, meta, sweep, analyze, run (whole pipeline), ui, recipes.
+Configs are pipeline YAML files (see configs/); ``--recipe NAME`` uses a built-in recipe,
+``--set key=value`` overrides dotted fields (``--set meta.steps=100``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from . import config as config_mod
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise ValueError(f"--set expects key=value, got {p!r}")
+        k, v = p.split("=", 1)
+        out[k] = yaml.safe_load(v)
+    return out
+
+
+def load_pipeline(args) -> config_mod.PipelineConfig:
+    """The pipeline config named by --config / --recipe, with --set overrides applied."""
+    overrides = _overrides(args.set or [])
+    if args.config:
+        return config_mod.load(args.config, overrides=overrides)
+    data = config_mod.recipe(args.recipe or "demo").model_dump()
+    for k, v in overrides.items():
+        config_mod._set_dotted(data, k, v)
+    return config_mod.parse(config_mod.PipelineConfig, data, source=f"recipe {args.recipe or 'demo'}")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="pipeline YAML config (see configs/)")
+    p.add_argument("--recipe", help="built-in recipe: demo | smoke | paper (default demo)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a dotted config field")
+    p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else in-process Ray)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dynamo-dist", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name, help_ in (("population", "train base models with Ray actors and record trajectories"),
+                        ("meta", "train the meta-model with Ray Train (theta/V sharded)"),
+                        ("sweep", "Ray Tune sweep of lambda, d and hidden distance"),
+                        ("run", "the whole pipeline: population -> meta -> (sweep) -> analyze")):
+        _common(sub.add_parser(name, help=help_))
+    an = sub.add_parser("analyze", help="analyses and HTML report of a meta run")
+    _common(an)
+    an.add_argument("--meta-dir", help="meta run directory (default: the config's meta.output_dir)")
+    ui = sub.add_parser("ui", help="MLflow UI on a run directory's store (127.0.0.1)")
+    ui.add_argument("run_dir", nargs="?", default="runs/demo")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    sub.add_parser("recipes", help="print the built-in recipes as YAML")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"dynamo-dist {args.cmd}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
+    if args.cmd == "recipes":
+        for name in config_mod.RECIPES:
+            print(f"# --- {name}\n" + yaml.safe_dump(config_mod.recipe(name).model_dump(mode="json"), sort_keys=False))
+        return 0
+    if args.cmd == "ui":
+        from .tracking import serve_ui
+
+        print(f"MLflow UI for {args.run_dir} at http://{args.host}:{args.port}")
+        return serve_ui(args.run_dir, args.host, args.port)
+    cfg = load_pipeline(args)
+    if args.cmd == "population":
+        from .population_ray import run_population
+
+        run_population(cfg.population, address=args.address)
+    elif args.cmd == "meta":
+        from .meta_ray import run_meta
+
+        run_meta(cfg.meta, address=args.address)
+    elif args.cmd == "sweep":
+        from .sweep import run_sweep
+
+        run_sweep(cfg.meta, cfg.sweep or config_mod.SweepConfig(), cfg.run_dir, address=args.address)
+    elif args.cmd == "analyze":
+        from .analysis import run_analysis
+
+        run_analysis(args.meta_dir or cfg.meta.output_dir, cfg.analyze)
+    elif args.cmd == "run":
+        from .pipeline import run_pipeline
+
+        run_pipeline(cfg, address=args.address)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Plots (matplotlib, optional dependency; imported lazily by callers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on clusters
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+
+
+def pca_2d(theta_NE: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Project onto the first two principal components -> (N,2) coords, explained variance ratios."""
+    from sklearn.decomposition import PCA
+
+    n_comp = min(2, theta_NE.shape[0], theta_NE.shape[1])
+    pca = PCA(n_components=n_comp).fit(theta_NE)
+    coords = pca.transform(theta_NE)
+    if coords.shape[1] < 2:
+        coords = np.column_stack([coords, np.zeros(len(coords))])
+    return coords, pca.explained_variance_ratio_
+
+
+def embedding_pca_plot(emb: pa.Table, color_by: str, path: str | Path, title: str = "model embeddings") -> Path:
+    """Scatter of theta in its PCA plane, one colour per value of manifest column ``color_by``."""
+    theta = np.array(emb.column("theta").to_pylist(), dtype=np.float64)
+    labels = emb.column(color_by).to_pylist() if color_by in emb.column_names else ["all"] * emb.num_rows
+    coords, ratio = pca_2d(theta)
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    for value in sorted(set(labels), key=str):
+        m = np.array([lab == value for lab in labels])
+        ax.scatter(coords[m, 0], coords[m, 1], s=28, label=str(value), alpha=0.85)
+    ax.set_xlabel(f"PC1 ({ratio[0]:.0%})" if len(ratio) else "PC1")
+    ax.set_ylabel(f"PC2 ({ratio[1]:.0%})" if len(ratio) > 1 else "PC2")
+    ax.set_title(title)
+    ax.legend(title=color_by, fontsize=7, frameon=False)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

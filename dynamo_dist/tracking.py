@@ -1,0 +1,150 @@
+"""MLflow tracking: the only module of dynamo_dist that imports mlflow.
+
+Embedded default: a SQLite store ``mlflow.db`` (+ ``mlartifacts/``) under the run directory.
+A ``http(s)://`` URI switches to a tracking server, which is what concurrent writers
+(Tune trials, several jobs) should use: SQLite serialises writers and can time out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+
+def resolve_uri(run_dir: str | os.PathLike, tracking_uri: str | None) -> str:
+    """The tracking URI to use: the given one, $MLFLOW_TRACKING_URI, or SQLite under ``run_dir``."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    path = Path(run_dir).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def artifact_root(run_dir: str | os.PathLike) -> str:
+    return (Path(run_dir).resolve() / "mlartifacts").as_uri()
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast (ValueError naming the URI) when a tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            if r.status != 200:
+                raise ValueError(f"tracking_uri {uri} answered HTTP {r.status} on /health")
+    except (urllib.error.URLError, OSError) as err:
+        raise ValueError(f"tracking_uri {uri} is unreachable ({err}); start the server or fix the URI") from None
+
+
+def _experiment_id(client: MlflowClient, name: str, run_dir: str | os.PathLike, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    kwargs = {} if uri.startswith(("http://", "https://")) else {"artifact_location": artifact_root(run_dir)}
+    try:
+        return client.create_experiment(name, **kwargs)
+    except mlflow.exceptions.MlflowException:  # created concurrently by another writer
+        return client.get_experiment_by_name(name).experiment_id
+
+
+class Run:
+    """A handle on one MLflow run, logging through ``MlflowClient`` (no global active-run state,
+    so several runs, e.g. Tune trials in one process, can log side by side)."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client = client
+        self.run_id = run_id
+
+    def log_params(self, params: Mapping[str, object]) -> None:
+        items = [Param(str(k), str(v)[:6000]) for k, v in params.items()]
+        for s in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[s:s + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        import time
+
+        ts = int(time.time() * 1000)
+        items = [Metric(str(k), float(v), ts, int(step or 0)) for k, v in metrics.items() if v is not None]
+        for s in range(0, len(items), 1000):  # batch logging: one request per 1000 metrics
+            self.client.log_batch(self.run_id, metrics=items[s:s + 1000])
+
+    def log_history(self, history: list[dict], step_key: str = "step") -> None:
+        """Log a list of per-step dicts as full metric histories in few requests."""
+        import time
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, int(rec[step_key])) for rec in history for k, v in rec.items()
+                 if k != step_key and isinstance(v, (int, float))]
+        for s in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[s:s + 1000])
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        p = Path(path)
+        if p.is_dir():
+            self.client.log_artifacts(self.run_id, str(p), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(p), artifact_path)
+
+    def log_dict(self, obj: dict, name: str) -> None:
+        self.client.log_text(self.run_id, json.dumps(obj, indent=2, default=str), name)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def start_run(run_dir: str | os.PathLike, experiment: str, run_name: str, tracking_uri: str | None = None,
+              parent_run_id: str | None = None, tags: Mapping[str, str] | None = None) -> Run:
+    uri = resolve_uri(run_dir, tracking_uri)
+    check_reachable(uri)
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = _experiment_id(client, experiment, run_dir, uri)
+    all_tags = {"mlflow.runName": run_name, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, tags=all_tags, run_name=run_name)
+    return Run(client, run.info.run_id)
+
+
+@contextlib.contextmanager
+def run_context(*args, **kwargs) -> Iterator[Run]:
+    """``start_run`` that ends the run FINISHED, or FAILED when the body raises."""
+    run = start_run(*args, **kwargs)
+    try:
+        yield run
+    except BaseException:
+        run.end("FAILED")
+        raise
+    run.end("FINISHED")
+
+
+def client_for(run_dir: str | os.PathLike, tracking_uri: str | None = None) -> MlflowClient:
+    return MlflowClient(tracking_uri=resolve_uri(run_dir, tracking_uri))
+
+
+def ui_command(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 5000,
+               tracking_uri: str | None = None) -> list[str]:
+    """The ``mlflow ui`` command line for a run's store, bound to ``host`` (127.0.0.1 default)."""
+    uri = resolve_uri(run_dir, tracking_uri)
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+            "--default-artifact-root", artifact_root(run_dir), "--host", host, "--port", str(port)]
+
+
+def serve_ui(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 5000) -> int:
+    """Run the MLflow UI in the foreground until interrupted."""
+    return subprocess.call(ui_command(run_dir, host, port))
