@@ -1,0 +1,289 @@
+"""Known answers and properties of the core: zoo, meta-models, objective, trainer, configs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dynamo_dist import config, zoo
+from dynamo_dist.meta_model import MetaResNet, MetaRNN, ModelEmbeddings
+from dynamo_dist.objective import Chunk, dynamo_loss, hidden_loss, output_loss, step_mask
+from dynamo_dist.trainer import check_population, cosine_factor
+
+SEQ = zoo.ArchSpec(arch="gru", input_kind="sequence", input_shape=(7, 3), num_classes=4, hidden_size=5)
+
+
+# ---------------------------------------------------------------- zoo
+
+
+@pytest.mark.parametrize("arch", ["gru", "rnn", "lstm"])
+def test_hidden_states_equal_manual_unrolled_forward(arch):
+    torch.manual_seed(0)
+    spec = zoo.ArchSpec(arch=arch, input_kind="sequence", input_shape=(6, 3), num_classes=4, hidden_size=5)
+    model = zoo.build(spec).eval()
+    x = torch.randn(2, 6, 3)
+    (h_BTH,), y_BTC = model.trajectories(x)
+    cell_cls = {"gru": torch.nn.GRUCell, "rnn": torch.nn.RNNCell, "lstm": torch.nn.LSTMCell}[arch]
+    cell = cell_cls(3, 5)
+    cell.load_state_dict({k.replace("_l0", ""): v for k, v in model.rnn.state_dict().items()})
+    h = torch.zeros(2, 5)
+    c = torch.zeros(2, 5)
+    for t in range(6):
+        if arch == "lstm":
+            h, c = cell(x[:, t], (h, c))
+        else:
+            h = cell(x[:, t], h)
+        torch.testing.assert_close(h_BTH[:, t], h)
+        torch.testing.assert_close(y_BTC[:, t], model.readout(h))
+    torch.testing.assert_close(model(x), y_BTC[:, -1])
+
+
+def test_token_classifier_embeds_tokens():
+    spec = zoo.ArchSpec(arch="gru", input_kind="tokens", input_shape=(5,), num_classes=2, hidden_size=4,
+                        embed_dim=3, vocab_size=11)
+    model = zoo.build(spec)
+    (h,), y = model.trajectories(torch.randint(0, 11, (2, 5)))
+    assert h.shape == (2, 5, 4) and y.shape == (2, 5, 2)
+
+
+@pytest.mark.parametrize("arch,widths", [("resnet10", (64, 128, 256, 512)), ("resnet18", (64, 128, 256, 512)),
+                                         ("resnet50", (256, 512, 1024, 2048))])
+def test_resnet_stage_taps_have_expected_shapes(arch, widths):
+    spec = zoo.ArchSpec(arch=arch, input_kind="image", input_shape=(1, 8, 8), num_classes=10)
+    model = zoo.build(spec).eval()
+    taps, logits = model.trajectories(torch.randn(2, 1, 8, 8))
+    assert [tuple(t.shape) for t in taps] == [(2, widths[0], 8, 8), (2, widths[1], 4, 4), (2, widths[2], 2, 2),
+                                              (2, widths[3], 1, 1)]
+    assert logits.shape == (2, 1, 10)
+    assert zoo.hidden_shapes(spec) == [tuple(t.shape[1:]) for t in taps]
+
+
+@pytest.mark.parametrize("spec", [SEQ, zoo.ArchSpec(arch="resnet10", input_kind="image", input_shape=(3, 8, 8),
+                                                    num_classes=3)])
+def test_safetensors_round_trip_gives_identical_outputs(tmp_path, spec):
+    torch.manual_seed(1)
+    model = zoo.build(spec).eval()
+    zoo.save(model, tmp_path / "m.safetensors")
+    loaded = zoo.load(tmp_path / "m.safetensors")
+    x = torch.randn((2,) + spec.input_shape)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert loaded.spec == spec
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_wrap_module_adopts_plain_torchvision_resnet():
+    import torchvision
+
+    net = torchvision.models.resnet18(num_classes=5)
+    net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool = torch.nn.Identity()
+    net.eval()
+    spec = zoo.ArchSpec(arch="resnet18", input_kind="image", input_shape=(3, 16, 16), num_classes=5)
+    wrapped = zoo.wrap_module(net, spec).eval()
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(wrapped(x), net(x))
+
+
+def test_missing_and_corrupt_weights_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        zoo.load(tmp_path / "nope.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        zoo.load(bad)
+
+
+def test_unknown_architecture_and_mismatched_input_kind():
+    with pytest.raises(ValueError, match="arch"):
+        zoo.ArchSpec(arch="transformer", input_kind="sequence", input_shape=(3, 1), num_classes=2)
+    with pytest.raises(ValueError, match="image"):
+        zoo.ArchSpec(arch="resnet18", input_kind="sequence", input_shape=(3, 1), num_classes=2)
+
+
+# ---------------------------------------------------------------- objective
+
+
+def test_hidden_loss_matches_hand_computation():
+    pred = torch.tensor([[[1.0, 2.0], [0.0, 0.0]]])   # (B=1, T=2, H=2)
+    target = torch.tensor([[[0.0, 0.0], [1.0, -1.0]]])
+    # L2: mean over t of squared norm: ((1+4) + (1+1)) / 2 = 3.5 ; L1: ((1+2) + (1+1)) / 2 = 2.5
+    assert hidden_loss([pred], [target], "rnn", "l2").item() == pytest.approx(3.5)
+    assert hidden_loss([pred], [target], "rnn", "l1").item() == pytest.approx(2.5)
+    # masked: only step 2 valid -> 2.0 (L2)
+    mask = step_mask(torch.tensor([1]), 2)
+    assert mask.tolist() == [[False, True]]
+    assert hidden_loss([pred], [target], "rnn", "l2", mask).item() == pytest.approx(2.0)
+    # CNN: per-stage mean over C,H,W then mean over stages
+    a, b = torch.ones(1, 2, 1, 1), torch.zeros(1, 2, 1, 1)
+    c, d = torch.full((1, 1, 2, 2), 2.0), torch.zeros(1, 1, 2, 2)
+    assert hidden_loss([a, c], [b, d], "cnn", "l2").item() == pytest.approx((1.0 + 4.0) / 2)
+
+
+def test_output_loss_kl_and_mse_match_hand_computation():
+    base = torch.log(torch.tensor([[[0.5, 0.5]]]))
+    meta = torch.log(torch.tensor([[[0.25, 0.75]]]))
+    kl = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert output_loss(meta, base, "kl").item() == pytest.approx(kl, rel=1e-5)
+    assert output_loss(base, base, "kl").item() == pytest.approx(0.0, abs=1e-7)
+    mse = ((math.log(0.25) - math.log(0.5)) ** 2 + (math.log(0.75) - math.log(0.5)) ** 2) / 2
+    assert output_loss(meta, base, "mse").item() == pytest.approx(mse, rel=1e-5)
+    with pytest.raises(ValueError, match="output_distance"):
+        output_loss(meta, base, "cosine")
+
+
+def _tiny_meta(groups=None, d=3):
+    torch.manual_seed(0)
+    meta = MetaRNN(SEQ, hidden_size=6, embedding_dim=d, output_sizes=groups or {"a": 4})
+    emb = ModelEmbeddings(["m0", "m1", "m2"], d, meta.tap_dims, [[5], [7], [5]], "rnn")
+    return meta, emb
+
+
+def _chunk(row, group="a", n=4, hdim=5, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Chunk(model_id=f"m{row}", row=row, group=group, x=torch.randn(n, 7, 3, generator=g),
+                 lengths=torch.full((n,), 7), hiddens=[torch.randn(n, 7, hdim, generator=g)],
+                 outputs=torch.randn(n, 7, classes, generator=g))
+
+
+def test_dynamo_loss_equals_eq4_by_hand():
+    meta, emb = _tiny_meta()
+    with torch.no_grad():
+        emb.theta[0].copy_(torch.tensor([0.1, -0.2, 0.3]))
+    chunks = [_chunk(0), _chunk(1, hdim=7, seed=1)]
+    loss, stats = dynamo_loss(meta, emb, chunks, output_weight=0.5)
+    expected = 0.0
+    for c in chunks:
+        th = emb.theta[c.row].detach().expand(4, -1)
+        hs, outs = meta(c.x, th)
+        lh = ((emb.maps[c.row][0](hs[0]) - c.hiddens[0]) ** 2).sum(-1).mean()
+        p = F.softmax(c.outputs, -1)
+        lo = (p * (F.log_softmax(c.outputs, -1) - F.log_softmax(outs["a"], -1))).sum(-1).mean()
+        expected += (lh + 0.5 * lo).item()
+    assert loss.item() == pytest.approx(expected / 2, rel=1e-5)
+    assert set(stats) == {"loss_hidden", "loss_output"}
+
+
+def test_lambda_zero_ignores_outputs_and_weight_scales_them():
+    meta, emb = _tiny_meta()
+    chunks = [_chunk(0)]
+    l0, s = dynamo_loss(meta, emb, chunks, 0.0)
+    l1, _ = dynamo_loss(meta, emb, chunks, 1.0)
+    l2, _ = dynamo_loss(meta, emb, chunks, 2.0)
+    assert l0.item() == pytest.approx(s["loss_hidden"], rel=1e-6)
+    assert (l2 - l1).item() == pytest.approx((l1 - l0).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="lambda"):
+        dynamo_loss(meta, emb, chunks, -1.0)
+
+
+def test_gradients_reach_theta_and_v_of_sampled_models_only():
+    meta, emb = _tiny_meta()
+    loss, _ = dynamo_loss(meta, emb, [_chunk(0), _chunk(2, seed=2)], 1.0)
+    loss.backward()
+    assert emb.theta[0].grad is not None and emb.theta[0].grad.abs().sum() > 0
+    assert emb.theta[2].grad is not None
+    assert emb.theta[1].grad is None
+    assert all(p.grad is None for p in emb.maps[1].parameters())
+    assert all(p.grad is not None for p in emb.maps[0].parameters())
+    # and an AdamW step leaves the unsampled model exactly where it was
+    before = [p.detach().clone() for p in emb.maps[1].parameters()]
+    opt = torch.optim.AdamW(emb.parameters(), lr=0.1, weight_decay=0.1)
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, emb.maps[1].parameters()))
+
+
+def test_heads_route_by_output_group():
+    meta, emb = _tiny_meta(groups={"digit": 4, "parity": 2})
+    ch_d = _chunk(0, group="digit", classes=4)
+    ch_p = _chunk(1, group="parity", hdim=7, classes=2, seed=1)
+    loss, _ = dynamo_loss(meta, emb, [ch_p], 1.0)
+    loss.backward()
+    assert meta.heads["parity"].weight.grad.abs().sum() > 0
+    assert meta.heads["digit"].weight.grad is None or meta.heads["digit"].weight.grad.abs().sum() == 0
+    meta.zero_grad(set_to_none=True)
+    loss, _ = dynamo_loss(meta, emb, [ch_d, ch_p], 1.0)
+    loss.backward()
+    assert meta.heads["digit"].weight.grad.abs().sum() > 0
+
+
+def test_meta_rnn_h0_independent_of_theta_and_theta_changes_dynamics():
+    meta, _ = _tiny_meta()
+    x = torch.randn(2, 7, 3)
+    h_a = meta(x, torch.zeros(2, 3))[0][0]
+    h_b = meta(x, torch.ones(2, 3))[0][0]
+    assert not torch.allclose(h_a, h_b)
+    # one step from h_0 = 0 with .step equals the first state of the forward pass
+    h1 = meta.step(meta.encode(x)[:, 0], torch.zeros(2, 3), torch.zeros(2, 6))
+    torch.testing.assert_close(h1, h_a[:, 0])
+
+
+def test_meta_resnet_shares_w_across_blocks_of_equal_width():
+    spec = zoo.ArchSpec(arch="resnet18", input_kind="image", input_shape=(1, 8, 8), num_classes=10)
+    meta = MetaResNet(spec, "resnet18", embedding_dim=4, output_sizes={"digits": 10}).eval()
+    blocks = meta.stages[0]
+    assert blocks[0].theta_proj is blocks[1].theta_proj is meta.theta_proj["64"]
+    n_params = sum(p.numel() for p in meta.parameters())
+    assert n_params == sum(p.numel() for p in {id(p): p for p in meta.parameters()}.values())
+    taps, outs = meta(torch.randn(2, 1, 8, 8), torch.zeros(2, 4))
+    assert [t.shape[1] for t in taps] == [64, 128, 256, 512]
+    assert outs["digits"].shape == (2, 1, 10)
+    taps2, _ = meta(torch.randn(2, 1, 8, 8), torch.ones(2, 4))
+    assert not torch.allclose(taps[0], taps2[0])
+
+
+def test_cosine_schedule_is_table1_7_over_32():
+    assert cosine_factor(0, 100) == 1.0
+    assert cosine_factor(100, 100) == pytest.approx(math.cos(7 * math.pi / 16))
+
+
+# ---------------------------------------------------------------- configs and validation
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="output_weight"):
+        config.parse(config.MetaConfig, {"output_weight": -1})
+    with pytest.raises(ValueError, match="embedding_dim"):
+        config.parse(config.MetaConfig, {"embedding_dim": 0})
+    with pytest.raises(ValueError, match="arch"):
+        config.parse(config.GroupSpec, {"arch": "mlp"})
+    with pytest.raises(ValueError, match="stepz"):
+        config.parse(config.MetaConfig, {"stepz": 3})
+    with pytest.raises(ValueError, match="duplicate group"):
+        config.parse(config.PopulationConfig, {"groups": [{"name": "a"}, {"name": "a"}]})
+
+
+def test_yaml_config_with_recipe_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("recipe: smoke\nmeta:\n  steps: 7\n")
+    cfg = config.load(p, overrides={"meta.embedding_dim": 5})
+    assert cfg.meta.steps == 7 and cfg.meta.embedding_dim == 5
+    assert cfg.population == config.recipe("smoke").population
+    p.write_text("meta:\n  output_weight: -2\n")
+    with pytest.raises(ValueError, match=r"meta\.output_weight"):
+        config.load(p)
+    with pytest.raises(FileNotFoundError):
+        config.load(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match="unknown recipe"):
+        config.recipe("huge")
+
+
+def test_unknown_dataset_is_an_error():
+    from dynamo_dist.data import load_task
+
+    with pytest.raises(ValueError, match="imagenet"):
+        load_task("imagenet")
+
+
+def test_base_models_with_different_input_sizes_are_rejected():
+    rows = [
+        {"model_id": "a", "arch": "gru", "input_kind": "sequence", "input_shape": [40, 1], "vocab_size": None},
+        {"model_id": "b", "arch": "gru", "input_kind": "sequence", "input_shape": [40, 2], "vocab_size": None},
+    ]
+    with pytest.raises(ValueError, match="different input sizes"):
+        check_population(rows, "pop")
+    rows[1]["input_shape"] = [40, 1]
+    rows[1]["arch"] = "resnet18"
+    with pytest.raises(ValueError, match="mix RNNs and ResNets"):
+        check_population(rows, "pop")
