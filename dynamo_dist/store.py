@@ -111,6 +111,19 @@ def write_json_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def remove_temp_files(root: str | os.PathLike) -> list[Path]:
+    """Delete temporary files (``.<name>*.tmp``) that writers killed mid-write left behind.
+
+    Readers never see them (hidden names, no ``.parquet`` suffix); this only reclaims the
+    space. Call it when no writer of this root is running. Returns the removed paths.
+    """
+    base = Layout.at(root).root
+    stale = [p for p in base.rglob(".*.tmp") if p.is_file()] if base.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def _read_parquet(path: Path, what: str) -> pa.Table:
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
