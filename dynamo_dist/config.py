@@ -155,62 +155,79 @@ class PipelineConfig(_Config):
     sweep: SweepConfig | None = Field(None, description="optional sweep stage")
     analyze: AnalyzeConfig = Field(AnalyzeConfig(), description="analysis stage")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _paths_from_run_dir(cls, data):
+        """Stage paths default to <run_dir>/population and <run_dir>/meta: users set one directory."""
+        if not isinstance(data, dict):
+            return data
+        run_dir = data.get("run_dir", "runs/demo")
+        pop = dict(data.get("population") or {})
+        meta = dict(data.get("meta") or {})
+        if isinstance(data.get("population"), BaseModel) or isinstance(data.get("meta"), BaseModel):
+            return data
+        pop.setdefault("root", f"{run_dir}/population")
+        meta.setdefault("population_root", pop["root"])
+        meta.setdefault("output_dir", f"{run_dir}/meta")
+        return {**data, "population": pop, "meta": meta}
 
-def _demo() -> PipelineConfig:
-    groups = (
-        # lr 1e-2 / batch 64: MNIST-1D GRUs reach ~88% test accuracy in 20 epochs (measured), 4 s each
-        GroupSpec(name="gru-full", task="mnist1d", arch="gru", hidden_size=32, train_fraction=1.0, num_seeds=6,
-                  epochs=20, lr=1e-2, batch_size=64),
-        GroupSpec(name="gru-quarter", task="mnist1d", arch="gru", hidden_size=32, train_fraction=0.25, num_seeds=6,
-                  epochs=20, lr=1e-2, batch_size=64),
-    )
-    return PipelineConfig(
-        run_dir="runs/demo",
-        population=PopulationConfig(root="runs/demo/population", groups=groups, num_probe=1000),
-        meta=MetaConfig(population_root="runs/demo/population", output_dir="runs/demo/meta", steps=1500,
-                        hidden_size=128, embedding_dim=8, models_per_step=4, batch_size=64),
-    )
-
-
-def _smoke() -> PipelineConfig:
-    groups = (
-        GroupSpec(name="a", task="mnist1d", arch="gru", hidden_size=16, train_fraction=1.0, num_seeds=2, epochs=2),
-        GroupSpec(name="b", task="mnist1d", arch="gru", hidden_size=16, train_fraction=0.25, num_seeds=2, epochs=2),
-    )
-    return PipelineConfig(
-        run_dir="runs/smoke",
-        population=PopulationConfig(root="runs/smoke/population", groups=groups, num_probe=128, num_test=64,
-                                    num_examples=1000),
-        meta=MetaConfig(population_root="runs/smoke/population", output_dir="runs/smoke/meta", steps=30,
-                        hidden_size=32, embedding_dim=2, batch_size=16, models_per_step=2,
-                        checkpoint_every=10, eval_every=10),
-        analyze=AnalyzeConfig(landscape_grid=3, baseline=True),
-    )
+    @model_validator(mode="after")
+    def _stages_connect(self):
+        if self.meta.population_root != self.population.root:
+            raise ValueError(f"meta.population_root ({self.meta.population_root}) must equal population.root "
+                             f"({self.population.root}): the meta stage reads what the population stage wrote")
+        return self
 
 
-def _paper() -> PipelineConfig:
+def _demo() -> dict:
+    # lr 1e-2 / batch 64: MNIST-1D GRUs reach ~88% test accuracy in 20 epochs (measured), ~4 s each
+    gru = dict(task="mnist1d", arch="gru", hidden_size=32, num_seeds=6, epochs=20, lr=1e-2, batch_size=64)
+    return {
+        "run_dir": "runs/demo",
+        "population": {"groups": [{**gru, "name": "gru-full", "train_fraction": 1.0},
+                                  {**gru, "name": "gru-quarter", "train_fraction": 0.25}],
+                       "num_probe": 1000},
+        "meta": {"steps": 1500, "hidden_size": 128, "embedding_dim": 8, "models_per_step": 4, "batch_size": 64},
+    }
+
+
+def _smoke() -> dict:
+    gru = dict(task="mnist1d", arch="gru", hidden_size=16, num_seeds=2, epochs=2, lr=1e-2, batch_size=64)
+    return {
+        "run_dir": "runs/smoke",
+        "population": {"groups": [{**gru, "name": "a", "train_fraction": 1.0},
+                                  {**gru, "name": "b", "train_fraction": 0.25}],
+                       "num_probe": 128, "num_test": 64, "num_examples": 1000},
+        "meta": {"steps": 30, "hidden_size": 32, "embedding_dim": 2, "batch_size": 16, "models_per_step": 2,
+                 "checkpoint_every": 10, "eval_every": 10},
+        "analyze": {"landscape_grid": 3},
+    }
+
+
+def _paper() -> dict:
     # Table 1 of the paper: base GRUs hidden 256, 20 epochs; meta hidden 512, d=16.
-    groups = tuple(
-        GroupSpec(name=f"gru-{int(f * 100)}", task="mnist1d", arch="gru", hidden_size=256, train_fraction=f,
-                  num_seeds=32, epochs=20)
-        for f in (1.0, 0.5, 0.25)
-    )
-    return PipelineConfig(
-        run_dir="runs/paper",
-        population=PopulationConfig(root="runs/paper/population", groups=groups),
-        meta=MetaConfig(population_root="runs/paper/population", output_dir="runs/paper/meta", hidden_size=512,
-                        embedding_dim=16, steps=20000, batch_size=128, num_workers=2),
-    )
+    return {
+        "run_dir": "runs/paper",
+        "population": {"groups": [{"name": f"gru-{int(f * 100)}", "task": "mnist1d", "arch": "gru",
+                                   "hidden_size": 256, "train_fraction": f, "num_seeds": 32, "epochs": 20}
+                                  for f in (1.0, 0.5, 0.25)]},
+        "meta": {"hidden_size": 512, "embedding_dim": 16, "steps": 20000, "batch_size": 128, "num_workers": 2},
+    }
 
 
 RECIPES = {"demo": _demo, "smoke": _smoke, "paper": _paper}
 
 
-def recipe(name: str) -> PipelineConfig:
-    """A named recipe: ``demo`` (12 MNIST-1D GRUs, minutes), ``smoke`` (CI seconds), ``paper`` (cluster scale)."""
+def recipe_data(name: str) -> dict:
+    """A named recipe as plain data (stage paths derive from run_dir unless set)."""
     if name not in RECIPES:
         raise ValueError(f"recipe: unknown recipe {name!r}; known: {sorted(RECIPES)}")
     return RECIPES[name]()
+
+
+def recipe(name: str) -> PipelineConfig:
+    """A named recipe: ``demo`` (12 MNIST-1D GRUs, minutes), ``smoke`` (CI seconds), ``paper`` (cluster scale)."""
+    return parse(PipelineConfig, recipe_data(name), source=f"recipe {name}")
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
@@ -248,8 +265,7 @@ def load(path: str | Path, cls: type[_Config] = PipelineConfig, overrides: dict[
     if base_name is not None:
         if cls is not PipelineConfig:
             raise ValueError(f"config file {p}: 'recipe' is only valid in pipeline configs")
-        base = recipe(base_name).model_dump()
-        data = _deep_merge(base, data)
+        data = _deep_merge(recipe_data(base_name), data)
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
     return parse(cls, data, source=str(p))

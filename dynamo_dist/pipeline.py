@@ -1,0 +1,81 @@
+"""population -> meta -> (sweep) -> analyze from one PipelineConfig.
+
+Each stage reads only what the previous one wrote, and each is resumable: the population
+stage skips completed models, so re-running a pipeline after a crash redoes only the
+missing work. With no Ray address, Ray starts in-process; MLflow defaults to a SQLite
+store under ``run_dir/meta``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .config import PipelineConfig
+
+
+def run_pipeline(cfg: PipelineConfig, address: str | None = None, progress: bool = True) -> dict:
+    """Run every stage; returns a summary with the paths of the results."""
+    from .meta_ray import run_meta
+    from .population_ray import run_population
+
+    t0 = time.perf_counter()
+    timings = {}
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    t = time.perf_counter()
+    rows = run_population(cfg.population, address=address, progress=progress)
+    timings["population_seconds"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    meta_summary = run_meta(cfg.meta, address=address, progress=progress)
+    timings["meta_seconds"] = time.perf_counter() - t
+
+    sweep_trials = None
+    if cfg.sweep is not None:
+        from .sweep import run_sweep
+
+        t = time.perf_counter()
+        sweep_trials = run_sweep(cfg.meta, cfg.sweep, cfg.run_dir, address=address)
+        timings["sweep_seconds"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    from .analysis import run_analysis
+
+    analysis = run_analysis(cfg.meta.output_dir, cfg.analyze)
+    timings["analyze_seconds"] = time.perf_counter() - t
+    timings["total_seconds"] = time.perf_counter() - t0
+
+    from .tracking import resolve_uri
+
+    summary = {
+        "run_dir": str(run_dir.resolve()),
+        "num_models": len(rows),
+        "manifest": str(Path(cfg.population.root).resolve() / "manifest.parquet"),
+        "embeddings": str(Path(cfg.meta.output_dir).resolve() / "embeddings.parquet"),
+        "report": analysis.get("report") if isinstance(analysis, dict) else None,
+        "meta": {k: v for k, v in meta_summary.items() if isinstance(v, (int, float, str))},
+        "sweep_trials": len(sweep_trials) if sweep_trials is not None else None,
+        "tracking_uri": resolve_uri(cfg.meta.output_dir, cfg.meta.tracking_uri),
+        **timings,
+    }
+    (run_dir / "pipeline_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    _print_summary(cfg, summary)
+    return summary
+
+
+def _print_summary(cfg: PipelineConfig, s: dict) -> None:
+    m = s["meta"]
+    print("\n== dynamo_dist pipeline finished in {:.0f} s ==".format(s["total_seconds"]))
+    print(f"  models trained and recorded : {s['num_models']}  ({s['manifest']})")
+    if "mean_agreement" in m:
+        print(f"  meta-model emulation (test) : agreement {m['mean_agreement']:.3f}, hidden R^2 "
+              f"{m.get('mean_hidden_r2', float('nan')):.3f}, meta accuracy {m.get('mean_meta_accuracy', float('nan')):.3f}")
+    print(f"  model embeddings            : {s['embeddings']}")
+    if s.get("report"):
+        print(f"  analysis report             : {s['report']}")
+    print(f"  MLflow store                : {s['tracking_uri']}")
+    if not cfg.meta.tracking_uri:
+        print(f"  MLflow UI                   : dynamo-dist ui {cfg.meta.output_dir}   (then open http://127.0.0.1:5000)")
