@@ -1,0 +1,12 @@
+"""Ray job entry point for the whole pipeline: population -> meta -> (sweep) -> analyze.
+
+    ray job submit --working-dir . -- python jobs/pipeline.py --config configs/demo.yaml
+    python jobs/pipeline.py --recipe smoke            # locally, in-process Ray
+"""
+
+import sys
+
+from dynamo_dist.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["run", *sys.argv[1:]]))
