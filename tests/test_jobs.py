@@ -1,0 +1,119 @@
+"""Ray Jobs end to end: a real `ray start --head` on 127.0.0.1, the smoke pipeline submitted
+with JobSubmissionClient, its outputs checked; a bad config fails with the field in the logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A Ray head in the foreground (--block) so the test stops exactly what it started."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    gcs, dash = _free_port(), _free_port()
+    tmp = Path("/tmp") / f"rayjobs-{os.getpid()}"  # short: Ray's unix socket paths have a length limit
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
+    proc = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
+         f"--temp-dir={tmp}", "--disable-usage-stats"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    from ray.job_submission import JobSubmissionClient
+
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    client = None
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray head exited early; see {log.name}")
+        try:
+            client = JobSubmissionClient(address)
+            client.list_jobs()
+            break
+        except Exception:  # the dashboard is not up yet
+            time.sleep(2)
+    else:
+        proc.kill()
+        raise RuntimeError("ray head dashboard did not come up in 120 s")
+    yield client
+    os.killpg(proc.pid, signal.SIGTERM)  # the process group of the head we started, nothing else
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.close()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _wait(client, job_id: str, timeout: float = 900) -> str:
+    from ray.job_submission import JobStatus
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return status
+        time.sleep(3)
+    client.stop_job(job_id)
+    raise TimeoutError(f"job {job_id} still running after {timeout} s:\n{client.get_job_logs(job_id)[-3000:]}")
+
+
+def _runtime_env():
+    return {"working_dir": str(REPO), "excludes": [".venv", "runs", ".git", "benchmarks/results", "*.egg-info"]}
+
+
+def test_smoke_pipeline_job_succeeds_and_writes_outputs(ray_head, tmp_path):
+    from ray.job_submission import JobStatus
+
+    run_dir = tmp_path / "run"
+    job = ray_head.submit_job(
+        entrypoint=f"{sys.executable} jobs/pipeline.py --config configs/smoke.yaml --set run_dir={run_dir}",
+        runtime_env=_runtime_env())
+    status = _wait(ray_head, job)
+    logs = ray_head.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    manifest = pq.read_table(run_dir / "population" / "manifest.parquet")
+    assert manifest.num_rows == 4 and set(manifest.column("status").to_pylist()) == {"complete"}
+    emb = pq.read_table(run_dir / "meta" / "embeddings.parquet")
+    assert sorted(emb.column("model_id").to_pylist()) == sorted(manifest.column("model_id").to_pylist())
+    summary = json.loads((run_dir / "pipeline_summary.json").read_text())
+    assert summary["report"] and Path(summary["report"]).is_file()
+    assert "MLflow UI" in logs
+
+
+def test_invalid_config_job_fails_naming_the_field_before_training(ray_head, tmp_path):
+    from ray.job_submission import JobStatus
+
+    run_dir = tmp_path / "bad"
+    job = ray_head.submit_job(
+        entrypoint=(f"{sys.executable} jobs/pipeline.py --config configs/smoke.yaml --set run_dir={run_dir} "
+                    "--set meta.output_weight=-1"),
+        runtime_env=_runtime_env())
+    status = _wait(ray_head, job, timeout=300)
+    logs = ray_head.get_job_logs(job)
+    assert status == JobStatus.FAILED
+    assert "meta.output_weight" in logs
+    assert not (run_dir / "population" / "weights").exists()
