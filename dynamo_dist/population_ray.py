@@ -1,0 +1,187 @@
+"""Population stage on Ray: actors train base models and record their trajectories.
+
+The per-model work is the plain code in ``population.py``; this module only spreads it
+over a Ray cluster. Each ``PopulationWorker`` actor holds ``cpus_per_actor`` CPUs (or a
+GPU fraction) and runs ``population.train_and_record`` for one job per call, writing that
+model's weights and trajectory files itself, so no weights travel through the driver.
+
+The driver is the only writer of ``manifest.parquet``. It keeps every actor busy with a
+short queue, collects results with ``ray.wait``, upserts finished rows in batches, and
+replaces an actor that dies, re-running the jobs it held (a bounded number of times).
+A model enters the manifest only once all its files are in place, so an interrupted run
+re-run with the same spec trains only ``population.pending_jobs``.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from pathlib import Path
+from typing import Callable
+
+import ray
+import torch
+from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
+
+from . import population, store
+from .config import PopulationConfig
+from .population import ModelJob
+from .ray_utils import init_ray
+
+QUEUE_PER_ACTOR = 2     # one job running, one waiting: an actor never idles on a driver round trip
+FLUSH_SECONDS = 1.0     # finished rows wait at most this long before the manifest is rewritten
+_ACTOR_LOST = (RayActorError, WorkerCrashedError, OutOfMemoryError)
+
+ProgressHook = Callable[[list[dict], list["ray.actor.ActorHandle"]], None]
+
+
+@ray.remote(max_restarts=0)  # the driver replaces dead actors itself and re-runs their jobs
+class PopulationWorker:
+    """Trains and records base models, one job per call, in its own process."""
+
+    def __init__(self, cfg: PopulationConfig, num_threads: int):
+        # One intra-op thread per held CPU: on CPU, several 1-thread models beat one
+        # multi-threaded model (tiny RNN steps do not parallelise inside an op).
+        torch.set_num_threads(num_threads)
+        self._cfg = cfg
+
+    def train_and_record(self, job: ModelJob) -> list[dict]:
+        """Train ``job``, write its weights + trajectories under the root; return manifest rows."""
+        return population.train_and_record(self._cfg.root, self._cfg, job)
+
+
+def num_actors_for(cfg: PopulationConfig, num_jobs: int) -> int:
+    """``cfg.num_actors``, else as many as the cluster's free CPUs (and GPUs) hold; never more than jobs."""
+    if cfg.num_actors is not None:
+        n = cfg.num_actors
+    else:
+        free = ray.available_resources()
+        n = int(free.get("CPU", 0) // cfg.cpus_per_actor)
+        if cfg.gpus_per_actor > 0:
+            n = min(n, int(free.get("GPU", 0) // cfg.gpus_per_actor))
+        n = max(n, 1)
+    return max(1, min(n, num_jobs))
+
+
+def run_population(cfg: PopulationConfig, address: str | None = None, progress: bool = True, *,
+                   max_retries: int = 3, on_progress: ProgressHook | None = None) -> list[dict]:
+    """Train and record every pending model of ``cfg`` with Ray actors; returns the complete manifest rows.
+
+    address: Ray cluster address (default ``$RAY_ADDRESS``, else Ray starts in-process).
+    progress: show a progress bar (models done / total, rate, ETA) and a per-group summary.
+    max_retries: times a job is re-run after the actor running it died before giving up.
+    on_progress: called after each batch of finished models with their manifest rows and
+        the live actor handles (monitoring, and fault injection in tests).
+
+    The root must be a path every actor can write (one machine, or a shared filesystem).
+    """
+    root = str(Path(cfg.root).expanduser().resolve())
+    cfg = cfg.replace(root=root)
+    population.init_population(cfg)  # validates ids, root and schema version before Ray starts
+    jobs = population.pending_jobs(root, cfg)
+    total = sum(len(j.member_ids()) for j in population.expand(cfg))
+    todo = sum(len(j.member_ids()) for j in jobs)
+    if jobs:
+        init_ray(address)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=total, initial=total - todo, desc="population", unit="model", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            _Scheduler(cfg, jobs, max_retries, bar, on_progress).run()
+    rows = store.manifest_rows(root)
+    if progress:
+        for g in population.group_summary(rows):
+            print(f"{g['group']}: {g['count']} models, test accuracy "
+                  f"{g['mean_accuracy']:.3f} ± {g['std_accuracy']:.3f}")
+    return rows
+
+
+class _Scheduler:
+    """The driver loop: submit with a bounded queue per actor, collect with ray.wait, replace dead actors."""
+
+    def __init__(self, cfg: PopulationConfig, jobs: list[ModelJob], max_retries: int, bar, on_progress):
+        self.cfg = cfg
+        self.queue: collections.deque[ModelJob] = collections.deque(jobs)
+        self.max_retries = max_retries
+        self.bar = bar
+        self.on_progress = on_progress
+        self.actors: list = []
+        self.inflight: dict[ray.ObjectRef, tuple[int, ModelJob]] = {}  # ref -> (actor slot, job)
+        self.retries: collections.Counter[str] = collections.Counter()
+        self.finished: list[dict] = []  # rows not yet in the manifest
+        self.last_flush = time.monotonic()
+
+    def run(self) -> None:
+        try:
+            self.actors = [self._start_actor() for _ in range(num_actors_for(self.cfg, len(self.queue)))]
+            self._fill()
+            while self.inflight:
+                refs = list(self.inflight)
+                ready, rest = ray.wait(refs, num_returns=1)
+                if rest:  # take everything else that is already done, without waiting
+                    ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+                done_rows: list[dict] = []
+                for ref in ready:
+                    if ref in self.inflight:  # refs of a replaced actor were already re-queued
+                        done_rows += self._collect(ref)
+                if done_rows:
+                    self.finished += done_rows
+                    self.bar.update(len(done_rows))
+                    if time.monotonic() - self.last_flush >= FLUSH_SECONDS:
+                        self._flush()
+                    if self.on_progress is not None:
+                        self.on_progress(done_rows, list(self.actors))
+                self._fill()
+        finally:
+            self._flush()
+            for actor in self.actors:
+                ray.kill(actor, no_restart=True)
+            store.remove_temp_files(self.cfg.root)  # leftovers of actors killed mid-write
+
+    def _start_actor(self):
+        opts = {"num_cpus": self.cfg.cpus_per_actor, "num_gpus": self.cfg.gpus_per_actor}
+        return PopulationWorker.options(**opts).remote(self.cfg, max(1, int(self.cfg.cpus_per_actor)))
+
+    def _fill(self) -> None:
+        load = collections.Counter(slot for slot, _ in self.inflight.values())
+        for slot, actor in enumerate(self.actors):
+            while self.queue and load[slot] < QUEUE_PER_ACTOR:
+                job = self.queue.popleft()
+                self.inflight[actor.train_and_record.remote(job)] = (slot, job)
+                load[slot] += 1
+
+    def _collect(self, ref: ray.ObjectRef) -> list[dict]:
+        slot, job = self.inflight.pop(ref)
+        try:
+            return ray.get(ref)
+        except _ACTOR_LOST as err:
+            self._replace_actor(slot, job, err)
+            return []
+        except RayTaskError as err:
+            cause = err.cause if isinstance(err.cause, Exception) else err
+            if isinstance(cause, (ValueError, FileNotFoundError)):  # a user error: same type, model named
+                raise type(cause)(f"model {job.model_id}: {cause}") from err
+            raise RuntimeError(f"model {job.model_id} failed in its population actor: {cause!r}") from err
+
+    def _replace_actor(self, slot: int, job: ModelJob, err: Exception) -> None:
+        """Start a fresh actor in ``slot`` and re-queue every job the dead one held."""
+        held = [r for r, (s, _) in self.inflight.items() if s == slot]
+        lost = [job] + [self.inflight.pop(r)[1] for r in held]
+        for j in lost:
+            self.retries[j.model_id] += 1
+            n = self.retries[j.model_id]
+            if n > self.max_retries:
+                raise RuntimeError(f"model {j.model_id}: lost its population actor {n} time(s) "
+                                   f"(max_retries={self.max_retries}); last error: {err}") from err
+        ray.kill(self.actors[slot], no_restart=True)
+        self.actors[slot] = self._start_actor()
+        self.queue.extendleft(reversed(lost))
+
+    def _flush(self) -> None:
+        if self.finished:
+            store.upsert_manifest(self.cfg.root, self.finished)
+            self.finished = []
+        self.last_flush = time.monotonic()
+
+
+__all__ = ["PopulationWorker", "run_population", "num_actors_for"]

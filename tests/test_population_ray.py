@@ -1,0 +1,228 @@
+"""Integration tests of the population stage on a local 2-CPU Ray (127.0.0.1): actors, faults, resume."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import ray
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from dynamo_dist import population, store, zoo
+from dynamo_dist.config import GroupSpec, PopulationConfig
+from dynamo_dist.population_ray import run_population
+
+pytestmark = pytest.mark.integration
+
+GROUPS = (
+    GroupSpec(name="g8", task="mnist1d", arch="gru", hidden_size=8, num_seeds=6, epochs=1, batch_size=64),
+    GroupSpec(name="g16", task="mnist1d", arch="gru", hidden_size=16, train_fraction=0.5, num_seeds=2, epochs=2,
+              batch_size=64, every_epoch=True),
+)
+IDS = [f"g16-s{s:03d}-e{e:03d}" for s in range(2) for e in (1, 2)] + [f"g8-s{s:03d}" for s in range(6)]
+NUM_PROBE, NUM_TEST, T = 64, 64, 40
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(root, **kw) -> PopulationConfig:
+    return PopulationConfig(root=str(root), groups=GROUPS, num_examples=1000, num_probe=NUM_PROBE,
+                            num_test=NUM_TEST, **kw)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_pop(tmp_path_factory):
+    """The reference population, trained once by 2 actors."""
+    cfg = _cfg(tmp_path_factory.mktemp("ray_pop") / "root")
+    return cfg, run_population(cfg, progress=False)
+
+
+def _weights_mtimes(root) -> dict[str, int]:
+    return {p.stem: p.stat().st_mtime_ns for p in (Path(root) / "weights").glob("*.safetensors")}
+
+
+def _assert_complete_and_readable(cfg: PopulationConfig, rows: list[dict]) -> None:
+    """Every spec model once in the manifest, every file readable, no temp files."""
+    ids = [r["model_id"] for r in store.manifest_rows(cfg.root, status=None)]
+    assert ids == IDS  # sorted, each exactly once
+    layout = store.Layout.at(cfg.root)
+    for r in rows:
+        zoo.load(layout.path(r["weights_path"]))
+        for split, n in (("probe", NUM_PROBE), ("test", NUM_TEST)):
+            assert store.read_trajectory(cfg.root, r["model_id"], split).num_examples == n
+    assert not [p for p in layout.root.rglob("*") if p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------- the population
+
+
+def test_manifest_has_exactly_the_models_and_their_accuracies(ray_pop):
+    cfg, rows = ray_pop
+    assert [r["model_id"] for r in rows] == IDS
+    assert {r["group"] for r in rows} == {"g8", "g16"}
+    task = population.task_for(cfg, "mnist1d")
+    layout = store.Layout.at(cfg.root)
+    for r in rows:
+        model = zoo.load(layout.path(r["weights_path"]))
+        assert r["test_accuracy"] == pytest.approx(population.accuracy(model, task.test.x, task.test.y))
+    _assert_complete_and_readable(cfg, rows)
+
+
+def test_trajectories_equal_a_forward_pass_via_pyarrow_and_duckdb(ray_pop):
+    cfg, rows = ray_pop
+    layout = store.Layout.at(cfg.root)
+    x = store.read_inputs(cfg.root, "mnist1d", "probe").x
+    ds = pads.dataset(layout.root / "trajectories", format="parquet", partitioning="hive")
+    glob = store.trajectory_glob(cfg.root, "probe")
+    shapes = dict(((m, (n, t, h)) for m, n, t, h in duckdb.sql(
+        f"select model_id, count(distinct sample), max(step), max(len(hidden)) "
+        f"from read_parquet('{glob}', hive_partitioning=1) group by model_id").fetchall()))
+    assert shapes == {r["model_id"]: (NUM_PROBE, T, r["hidden_size"]) for r in rows}
+    for r in rows:
+        with torch.no_grad():
+            hs, out = zoo.load(layout.path(r["weights_path"])).trajectories(x)
+        table = ds.to_table(filter=(pads.field("model_id") == r["model_id"]) & (pads.field("split") == "probe"))
+        h_arrow = np.array(table.column("hidden").to_pylist(), np.float32).reshape(NUM_PROBE, T, -1)
+        np.testing.assert_allclose(h_arrow, hs[0].numpy(), rtol=0, atol=1e-6)
+        last = duckdb.sql(
+            f"select output from read_parquet('{glob}', hive_partitioning=1) "
+            f"where model_id = '{r['model_id']}' and sample = 7 and step = {T}").fetchall()[0][0]
+        np.testing.assert_allclose(np.array(last, np.float32), out[7, -1].numpy(), rtol=0, atol=1e-6)
+
+
+def test_ray_population_equals_the_sequential_loop(ray_pop, tmp_path):
+    cfg, rows = ray_pop
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the actors' setting: same kernels, same floating-point order
+    try:
+        local_rows = population.run_local(cfg.replace(root=str(tmp_path / "local")), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["test_accuracy"] for r in local_rows] == [r["test_accuracy"] for r in rows]
+    for r in rows:
+        a = load_file(str(Path(cfg.root) / r["weights_path"]))
+        b = load_file(str(tmp_path / "local" / r["weights_path"]))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------- faults and resume
+
+
+def test_actor_killed_mid_population_is_replaced_and_run_completes(ray_pop, tmp_path):
+    ref_cfg, ref_rows = ray_pop
+    cfg = _cfg(tmp_path / "root")
+    killed, later_actors = [], []
+
+    def kill_first_actor_once(rows, actors):
+        if not killed:
+            killed.append(actors[0]._actor_id.hex())
+            ray.kill(actors[0], no_restart=True)
+        else:
+            later_actors.append({a._actor_id.hex() for a in actors})
+
+    rows = run_population(cfg, progress=False, on_progress=kill_first_actor_once)
+    assert later_actors and killed[0] not in later_actors[-1]  # a replacement took its place
+    _assert_complete_and_readable(cfg, rows)
+    # the lost jobs were re-run from scratch: same models as the undisturbed run
+    assert [r["test_accuracy"] for r in rows] == [r["test_accuracy"] for r in ref_rows]
+
+
+def test_retries_are_bounded_and_the_error_names_the_model(tmp_path):
+    cfg = _cfg(tmp_path / "root")
+
+    def kill_first_actor(rows, actors):
+        ray.kill(actors[0], no_restart=True)
+
+    with pytest.raises(RuntimeError, match=r"model (g8|g16)-s\d{3}(-e\d{3})?: lost its population actor 1 time\(s\) "
+                                           r"\(max_retries=0\)"):
+        run_population(cfg, progress=False, max_retries=0, on_progress=kill_first_actor)
+    done = store.manifest_rows(cfg.root)
+    assert 1 <= len(done) < len(IDS)  # what finished before the failure is recorded, and readable
+    for r in done:
+        store.read_trajectory(cfg.root, r["model_id"], "test")
+
+
+def test_interrupted_run_rerun_skips_completed_models_and_ends_with_the_same_manifest(ray_pop, tmp_path):
+    ref_cfg, ref_rows = ray_pop
+    cfg = _cfg(tmp_path / "root")
+    seen: list[str] = []
+
+    def interrupt_after_three(rows, actors):
+        seen.extend(r["model_id"] for r in rows)
+        if len(seen) >= 3:
+            raise KeyboardInterrupt  # the user's Ctrl-C, or a driver crash
+
+    with pytest.raises(KeyboardInterrupt):
+        run_population(cfg, progress=False, on_progress=interrupt_after_three)
+    first = {r["model_id"] for r in store.manifest_rows(cfg.root)}
+    assert set(seen) <= first and 3 <= len(first) < len(IDS)
+    mtimes = _weights_mtimes(cfg.root)
+
+    rerun: list[str] = []
+    rows = run_population(cfg, progress=False,
+                          on_progress=lambda rows, actors: rerun.extend(r["model_id"] for r in rows))
+    assert sorted(rerun) == sorted(set(IDS) - first)  # nothing completed was trained again
+    assert {m: t for m, t in _weights_mtimes(cfg.root).items() if m in first} == {m: mtimes[m] for m in first}
+    strip = ("train_seconds",)
+    assert [{k: v for k, v in r.items() if k not in strip} for r in rows] == \
+        [{k: v for k, v in r.items() if k not in strip} for r in ref_rows]
+    _assert_complete_and_readable(cfg, rows)
+
+
+def test_complete_population_rerun_starts_no_actor_and_prints_the_summary(ray_pop, capsys):
+    cfg, rows = ray_pop
+    mtimes = _weights_mtimes(cfg.root)
+    again = run_population(cfg, progress=True)
+    assert again == rows and _weights_mtimes(cfg.root) == mtimes
+    out = capsys.readouterr().out
+    acc8 = [r["test_accuracy"] for r in rows if r["group"] == "g8"]
+    assert f"g8: 6 models, test accuracy {np.mean(acc8):.3f} ± {np.std(acc8):.3f}" in out
+    assert "g16: 4 models" in out
+
+
+def test_bad_root_fails_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="not writable"):
+        run_population(_cfg(tmp_path / "file" / "root"), progress=False)
+
+
+# ---------------------------------------------------------------- the job entry point
+
+
+def _job_main():
+    spec = importlib.util.spec_from_file_location("train_population", REPO / "jobs" / "train_population.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def test_job_script_runs_a_config_file(ray_pop, tmp_path, capsys):
+    cfg, rows = ray_pop
+    path = tmp_path / "pipeline.yaml"
+    # a pipeline config whose population is the reference one: the job resumes it (nothing left to train)
+    path.write_text(yaml.safe_dump({"population": cfg.model_dump(mode="json")}))
+    mtimes = _weights_mtimes(cfg.root)
+    assert _job_main()(["--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(IDS)} complete models" in out and "g8: 6 models" in out and "g16: 4 models" in out
+    assert _weights_mtimes(cfg.root) == mtimes and store.manifest_rows(cfg.root) == rows
+
+
+def test_job_script_exits_nonzero_with_the_message_on_bad_input(tmp_path, capsys):
+    main = _job_main()
+    assert main(["--recipe", "smoke", "--set", "population.dtype=float64"]) == 2
+    assert "population.dtype" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
