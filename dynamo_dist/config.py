@@ -143,6 +143,9 @@ class AnalyzeConfig(_Config):
     landscape_grid: int = Field(9, ge=2, description="grid points per axis of the theta landscape")
     ssl_fraction: float = Field(0.01, gt=0.0, le=1.0, description="labelled fraction of the training pool for semi-supervised theta")
     fixed_points: bool = Field(True, description="run the fixed-point analysis (RNN meta-models)")
+    fixed_point_states: int = Field(128, ge=1, description="candidate hidden states per fixed-point search")
+    fixed_point_iters: int = Field(200, ge=1, description="L-BFGS iterations per fixed-point search")
+    ssl_steps: int = Field(100, ge=1, description="optimiser iterates of semi-supervised theta (paper: 100)")
     seed: int = Field(0, ge=0, description="random_state of the analyses")
 
 
