@@ -1,0 +1,518 @@
+"""Algorithm 1 on Ray Train (V2): the shared meta-model data-parallel, theta_n/V_n sharded.
+
+Each of W workers owns a disjoint, stable subset of the base models (``assign_shards``),
+reads only their trajectories and holds only their ``ModelEmbeddings`` with its AdamW
+state. The shared meta-model (F~, G~ heads) is wrapped in ``DistributedDataParallel``
+(gloo on CPU) and all-reduced every step; the embeddings sit beside it, never wrapped,
+never reduced or broadcast. The maths is ``DynamoTrainer.train_step`` unchanged: only
+``trainer.forward_module`` is swapped for the DDP wrapper.
+
+Checkpoint directory (one per report with a checkpoint; Ray Train merges the files every
+worker uploads under the same directory name, which rank 0 chooses)::
+
+    shared.pt                 rank 0: step, shared weights + optimiser, global loss history,
+                              num_workers, the shard file names, model ids, mlflow run id
+    shard-<rank>.pt           every rank: {model_id: theta, V state, optimiser moments}
+    test_metrics-<rank>.json  final checkpoint only: test-split metrics of the rank's models
+
+Shards are keyed by model_id, so a restarted run (``FailureConfig``) or a run resumed with
+another W re-assigns them. ``finalize`` turns the final checkpoint into the standard meta
+run outputs (``meta_run.write_outputs``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import torch
+from torch import nn
+
+from . import config as config_mod
+from . import store
+from .config import MetaConfig
+from .meta_run import log_to_mlflow, write_outputs
+from .metrics import evaluate
+from .ray_utils import init_ray
+from .trainer import DynamoTrainer, check_population, load_population, output_sizes
+
+CHECKPOINT_FORMAT = 1
+SHARED_FILE = "shared.pt"
+# MetaConfig fields a checkpoint's tensors depend on: a resumed run must not change them.
+_SHAPE_FIELDS = ("embedding_dim", "hidden_size", "embed_dim", "resnet_arch")
+
+
+# ---------------------------------------------------------------- sharding
+
+
+def assign_shards(model_ids: list[str], num_workers: int) -> list[list[str]]:
+    """Balanced, stable ownership: sorted ids dealt round-robin (shard sizes differ by <= 1).
+
+    The same id set and W always give the same shards; every worker owns >= 1 model.
+    """
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    ids = sorted(model_ids)
+    dup = sorted({m for m in ids if ids.count(m) > 1})
+    if dup:
+        raise ValueError(f"model_ids: duplicate ids {dup[:5]}")
+    if num_workers > len(ids):
+        raise ValueError(f"num_workers={num_workers} exceeds the number of models ({len(ids)}); "
+                         f"every worker must own at least one model, use num_workers <= {len(ids)}")
+    return [ids[r::num_workers] for r in range(num_workers)]
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate_population(cfg: MetaConfig) -> list[dict]:
+    """Check a population root before any training starts; returns its complete manifest rows.
+
+    Root and schema, manifest, every row's trajectory paths, every trajectory file readable
+    and finite (one full read of each: cheap at the scale a driver validates), the task
+    inputs, consistent input/output sizes, and ``num_workers`` <= number of models.
+    Raises FileNotFoundError / ValueError naming the path, model or field.
+    """
+    root = cfg.population_root
+    if "://" not in root and not Path(root).is_dir():
+        raise FileNotFoundError(f"population_root not found: {root}")
+    rows = store.manifest_rows(root)  # checks population.json, schema version, manifest columns
+    if not rows:
+        raise ValueError(f"population_root {root}: the manifest has no complete models")
+    if cfg.num_workers > len(rows):
+        raise ValueError(f"num_workers={cfg.num_workers} exceeds the number of models ({len(rows)}) in {root}")
+    check_population(rows, root)
+    output_sizes(rows)
+    layout = store.Layout.at(root)
+    inputs = {}
+    for task in sorted({r["task"] for r in rows}):
+        for split in ("probe", "test"):
+            inputs[task, split] = len(store.read_inputs(root, task, split))
+    for r in rows:
+        mid = r["model_id"]
+        for split in ("probe", "test"):
+            field = f"{split}_path"
+            rel = r.get(field)
+            if not rel:
+                raise ValueError(f"manifest row of model {mid!r} has no {field} (no {split} trajectories recorded)")
+            if not layout.path(rel).is_file():
+                raise FileNotFoundError(f"{split} trajectory of model {mid!r} not found: {layout.path(rel)} "
+                                        f"(manifest field {field})")
+            traj = store.read_trajectory(root, mid, split)  # unreadable -> ValueError, NaN/Inf -> ValueError
+            if traj.num_examples == 0:
+                raise ValueError(f"{split} trajectory of model {mid!r} ({layout.path(rel)}) is empty")
+            if traj.num_examples > inputs[r["task"], split]:
+                raise ValueError(f"{split} trajectory of model {mid!r} has {traj.num_examples} rows but the "
+                                 f"{split} inputs of task {r['task']!r} have {inputs[r['task'], split]}")
+    return rows
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _shard_file(rank: int) -> str:
+    return f"shard-{rank}.pt"
+
+
+def _metrics_file(rank: int) -> str:
+    return f"test_metrics-{rank}.json"
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, dict], dict[str, dict] | None]:
+    """Read a merged checkpoint directory -> (shared state, {model_id: shard state}, test metrics).
+
+    Test metrics are None unless every worker of that checkpoint wrote them (final checkpoint).
+    """
+    path = Path(path)
+    if not (path / SHARED_FILE).is_file():
+        raise FileNotFoundError(f"checkpoint {path} has no {SHARED_FILE}; not a dynamo_dist meta checkpoint")
+    shared = torch.load(path / SHARED_FILE, weights_only=True)
+    if shared.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path}: format {shared.get('format')!r}, this code reads {CHECKPOINT_FORMAT}")
+    per_model: dict[str, dict] = {}
+    for name in shared["shards"]:
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"checkpoint {path} is incomplete: shard file {name} is missing")
+        part = torch.load(path / name, weights_only=True)
+        dup = set(part) & set(per_model)
+        if dup:
+            raise ValueError(f"checkpoint {path}: models {sorted(dup)[:5]} appear in more than one shard")
+        per_model.update(part)
+    missing = sorted(set(shared["model_ids"]) - set(per_model))
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks theta/V of models {missing[:5]}")
+    metrics: dict[str, dict] | None = {}
+    for r in range(len(shared["shards"])):
+        f = path / _metrics_file(r)
+        if not f.is_file():
+            metrics = None
+            break
+        metrics.update(json.loads(f.read_text()))
+    return shared, per_model, metrics
+
+
+def _check_compatible(shared: dict, cfg: MetaConfig, model_ids: list[str], where: str) -> None:
+    old = shared["config"]
+    bad = [f"{k}: checkpoint {old.get(k)!r} vs config {getattr(cfg, k)!r}" for k in _SHAPE_FIELDS
+           if old.get(k) != getattr(cfg, k)]
+    if bad:
+        raise ValueError(f"cannot resume from {where}: " + "; ".join(bad))
+    if sorted(shared["model_ids"]) != sorted(model_ids):
+        extra = sorted(set(model_ids) - set(shared["model_ids"]))
+        gone = sorted(set(shared["model_ids"]) - set(model_ids))
+        raise ValueError(f"cannot resume from {where}: population changed (new models {extra[:5]}, "
+                         f"missing models {gone[:5]})")
+
+
+# ---------------------------------------------------------------- the worker
+
+
+class _AllHeadsInGraph(nn.Module):
+    """The meta-model with every head's output tied (by a zero term) into every head.
+
+    DDP requires each shared parameter to receive a gradient every step; with several output
+    groups a step may not sample every group, so unused heads would stall the reducer.
+    Adding ``0 * sum(all head outputs)`` to each head makes them all receive (zero) grads.
+    """
+
+    def __init__(self, meta: nn.Module):
+        super().__init__()
+        self.meta = meta
+
+    def forward(self, x, theta_BE):
+        hiddens, outputs = self.meta(x, theta_BE)
+        zero = sum(o.sum() for o in outputs.values()) * 0.0
+        return hiddens, {g: o + zero for g, o in outputs.items()}
+
+
+def _wrap_ddp(meta: nn.Module) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    module = _AllHeadsInGraph(meta) if len(getattr(meta, "heads", {})) > 1 else meta
+    return DistributedDataParallel(module)
+
+
+def _sha(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _debug_hooks(debug: dict, trainer: DynamoTrainer, rank: int) -> None:
+    """Test-only hooks: parameter checksums per step, and a worker that dies once."""
+    if debug.get("checksum_dir"):
+        rec = {"step": trainer.step, "rank": rank, "model_ids": trainer.embeddings.model_ids,
+               "shared": _sha(trainer.meta.state_dict().values()),
+               "embeddings": _sha(trainer.embeddings.state_dict().values())}
+        Path(debug["checksum_dir"], f"step{trainer.step:05d}-rank{rank}.json").write_text(json.dumps(rec))
+    if debug.get("fail_rank") == rank and debug.get("fail_step") == trainer.step:
+        marker = Path(debug["fail_marker"])
+        if not marker.exists():
+            marker.write_text(f"rank {rank} exited at step {trainer.step}\n")
+            os._exit(1)
+
+
+def _all_reduce(values: list[float]) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _population_means(per_model: dict[str, dict], keys: tuple[str, ...], prefix: str) -> dict[str, float]:
+    """Means over every worker's models of per-model metrics (all_reduce of sums and counts)."""
+    sums = [sum(m[k] for m in per_model.values()) for k in keys] + [float(len(per_model))]
+    tot = _all_reduce(sums)
+    n = tot[-1]
+    return {f"{prefix}_{k}": (tot[i] / n if n else float("nan")) for i, k in enumerate(keys)}
+
+
+def _start_or_attach_run(cfg: MetaConfig, mlcfg: dict, run_id: str | None, num_models: int):
+    from . import tracking
+
+    if run_id:
+        return tracking.Run(tracking.client_for(cfg.output_dir, cfg.tracking_uri), run_id)
+    run = tracking.start_run(cfg.output_dir, cfg.experiment, mlcfg["run_name"], cfg.tracking_uri,
+                             mlcfg["parent_run_id"])
+    run.log_params(_run_params(cfg, num_models))
+    return run
+
+
+def _run_params(cfg: MetaConfig, num_models: int) -> dict:
+    # the same params meta_run.log_to_mlflow logs at the end
+    return {**cfg.model_dump(mode="json"), "population_size": num_models, "lambda": cfg.output_weight}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker: one shard of (theta_n, V_n), the shared meta-model under DDP.
+
+    ``config`` is built by ``build_trainer``: ``meta`` (MetaConfig as a dict), ``mlflow``
+    (enabled, run_id, parent_run_id, run_name), ``resume_from`` (a ray.train.Checkpoint or
+    None), ``torch_threads``, ``progress``, ``debug`` (test hooks; empty in real runs).
+    Reports at every ``eval_every`` and ``checkpoint_every`` step and at the end:
+    ``step``, ``loss`` (population mean over the steps since the last report),
+    ``loss_hidden``, ``loss_output``, ``val_agreement``, ``val_hidden_r2`` (population
+    means on held-out probe sequences); the final report adds ``test_*`` means.
+    """
+    t_start = time.perf_counter()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = config_mod.parse(MetaConfig, config["meta"], source="train_loop_config['meta']")
+    debug = config["debug"]
+    torch.set_num_threads(config["torch_threads"])
+
+    all_rows = store.manifest_rows(cfg.population_root)
+    ids = [r["model_id"] for r in all_rows]
+    shard_ids = assign_shards(ids, world)[rank]
+    data = load_population(cfg.population_root, shard_ids)  # this shard's files only
+    trainer = DynamoTrainer(cfg, data, all_rows, rank)
+
+    shared = None
+    ckpt = ray.train.get_checkpoint() or config["resume_from"]
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            shared, per_model, _ = read_checkpoint(d)
+        _check_compatible(shared, cfg, ids, ckpt.path)
+        trainer.step = int(shared["step"])
+        trainer.meta.load_state_dict(shared["meta"])
+        trainer.opt_meta.load_state_dict(shared["opt_meta"])
+        trainer.load_shard_state({m: per_model[m] for m in shard_ids})
+    history: list[dict] = list(shared["history"]) if shared else []
+    train_seconds = float(shared["train_seconds"]) if shared else 0.0
+    resumed_done = trainer.step >= cfg.steps
+
+    # DDP broadcasts rank 0's (identical) shared state here; theta/V stay outside it.
+    trainer.forward_module = _wrap_ddp(trainer.meta)
+
+    mlcfg = config["mlflow"]
+    run = None
+    run_id = mlcfg["run_id"] or (shared or {}).get("mlflow_run_id")
+    if rank == 0 and mlcfg["enabled"]:
+        run = _start_or_attach_run(cfg, mlcfg, run_id, len(ids))
+        run_id = run.run_id
+    token = uuid.uuid4().hex[:8]  # distinct checkpoint dir names per attempt (rank 0's is used)
+
+    pending: list[dict] = []
+    t_steps = time.perf_counter()
+    steps_done = 0
+
+    def report(final: bool) -> None:
+        nonlocal pending, train_seconds, t_steps
+        train_seconds += time.perf_counter() - t_steps
+        if pending:
+            flat = _all_reduce([v for r in pending for v in (r["loss"], r["loss_hidden"], r["loss_output"])])
+            recs = [{"step": r["step"], "loss": flat[3 * i] / world, "loss_hidden": flat[3 * i + 1] / world,
+                     "loss_output": flat[3 * i + 2] / world} for i, r in enumerate(pending)]
+        else:
+            recs = []
+        val = _population_means(evaluate(trainer, "val"), ("agreement", "hidden_r2"), "val")
+        metrics = {"step": trainer.step, **val}
+        if recs:
+            recs[-1].update(val)
+            for k in ("loss", "loss_hidden", "loss_output"):
+                metrics[k] = float(np.mean([r[k] for r in recs]))
+        history.extend(recs)
+        test = None
+        if final:
+            test = evaluate(trainer, "test")
+            metrics.update(_population_means(test, ("agreement", "hidden_r2", "meta_accuracy"), "test"))
+        if run is not None and recs:
+            run.log_history(recs)
+        checkpoint_due = final or trainer.step % cfg.checkpoint_every == 0
+        if rank == 0 and config["progress"]:
+            print(f"[meta] step {trainer.step}/{cfg.steps} " + " ".join(
+                f"{k}={v:.4f}" for k, v in metrics.items() if k != "step"), flush=True)
+        if not checkpoint_due:
+            ray.train.report(metrics)
+        else:
+            with tempfile.TemporaryDirectory(prefix="dynamo-ckpt-") as tmp:
+                if rank == 0:
+                    torch.save({
+                        "format": CHECKPOINT_FORMAT, "step": trainer.step, "meta": trainer.meta.state_dict(),
+                        "opt_meta": trainer.opt_meta.state_dict(), "history": history, "num_workers": world,
+                        "shards": [_shard_file(r) for r in range(world)], "model_ids": ids,
+                        "mlflow_run_id": run_id, "config": cfg.model_dump(mode="json"),
+                        "train_seconds": train_seconds,
+                    }, Path(tmp, SHARED_FILE))
+                torch.save(trainer.shard_state(), Path(tmp, _shard_file(rank)))
+                if test is not None:
+                    Path(tmp, _metrics_file(rank)).write_text(json.dumps(test))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"checkpoint_{trainer.step:08d}_{token}")
+        pending = []
+        t_steps = time.perf_counter()
+
+    while trainer.step < cfg.steps:
+        pending.append(trainer.train_step())
+        steps_done += 1
+        if debug:
+            _debug_hooks(debug, trainer, rank)
+        s = trainer.step
+        if s == cfg.steps:
+            report(final=True)
+        elif s % cfg.eval_every == 0 or s % cfg.checkpoint_every == 0:
+            report(final=False)
+    if resumed_done:
+        # resumed at the end (e.g. with another W): re-save so the final checkpoint matches this run
+        report(final=True)
+    if rank == 0 and config["progress"]:
+        print(f"[meta] worker 0 done: {steps_done} steps in {time.perf_counter() - t_start:.1f}s", flush=True)
+
+
+# ---------------------------------------------------------------- driver side
+
+
+def _absolute(cfg: MetaConfig) -> MetaConfig:
+    """Workers run in other directories (and nodes): pass absolute local paths."""
+    def fix(p: str) -> str:
+        return p if "://" in p else str(Path(p).expanduser().resolve())
+
+    return cfg.replace(population_root=fix(cfg.population_root), output_dir=fix(cfg.output_dir))
+
+
+def build_trainer(cfg: MetaConfig, *, run_config=None, callbacks=None, resume_from_checkpoint=None,
+                  mlflow_run_id: str | None = None, parent_run_id: str | None = None, log_mlflow: bool = True,
+                  progress: bool = True, debug: dict | None = None):
+    """A ``TorchTrainer`` running ``train_loop_per_worker`` with ``cfg.num_workers`` CPU workers.
+
+    Default RunConfig: storage ``<output_dir>/ray_results``, name ``meta`` (so re-running the
+    same output_dir resumes from its latest checkpoint), ``FailureConfig(cfg.max_failures)``,
+    ``CheckpointConfig(num_to_keep=2)``. ``callbacks`` (e.g. Tune's ``TuneReportCallback()``)
+    are appended to the given or default RunConfig. ``resume_from_checkpoint`` (a
+    ``ray.train.Checkpoint`` or a directory path of one) seeds a fresh run; a checkpoint of
+    the run itself (after a worker failure) takes precedence. ``mlflow_run_id`` makes rank 0
+    log into an existing MLflow run (e.g. a sweep's child run); otherwise rank 0 creates one
+    (a child of ``parent_run_id`` if given). ``debug`` holds test hooks only.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg = _absolute(cfg)
+    if run_config is None:
+        run_config = RunConfig(name="meta", storage_path=str(Path(cfg.output_dir) / "ray_results"),
+                               failure_config=FailureConfig(max_failures=cfg.max_failures),
+                               checkpoint_config=CheckpointConfig(num_to_keep=2))
+    if callbacks:
+        run_config = dataclasses.replace(run_config, callbacks=[*(run_config.callbacks or []), *callbacks])
+    resume_from_checkpoint = _as_checkpoint(resume_from_checkpoint)
+    resources = {"CPU": 1}
+    loop_config = {
+        "meta": cfg.model_dump(mode="json"),
+        "mlflow": {"enabled": log_mlflow, "run_id": mlflow_run_id, "parent_run_id": parent_run_id,
+                   "run_name": f"meta-w{cfg.num_workers}"},
+        "resume_from": resume_from_checkpoint,
+        "torch_threads": int(resources["CPU"]),
+        "progress": progress,
+        "debug": dict(debug or {}),
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=False, resources_per_worker=resources),
+        run_config=run_config,
+    )
+
+
+def _as_checkpoint(obj):
+    # ray.train.Checkpoint is itself os.PathLike: test for it first
+    if obj is None or isinstance(obj, ray.train.Checkpoint):
+        return obj
+    return ray.train.Checkpoint.from_directory(os.fspath(obj))
+
+
+class _ParamsOnce:
+    """A tracking.Run whose log_params skips keys already logged (MLflow forbids changing a param,
+    e.g. num_workers after a resume with another W)."""
+
+    def __init__(self, run):
+        self._run = run
+
+    def __getattr__(self, name):
+        return getattr(self._run, name)
+
+    def log_params(self, params):
+        have = self._run.client.get_run(self._run.run_id).data.params
+        self._run.log_params({k: v for k, v in params.items() if str(k) not in have})
+
+
+def finalize(cfg: MetaConfig, result, *, log: bool = True, wall_seconds: float | None = None) -> dict:
+    """Merge the final checkpoint's shards and write the standard meta run outputs.
+
+    ``result`` is the ``ray.train.Result`` of ``fit()`` (or anything with a ``checkpoint``
+    attribute, or a checkpoint directory path). Test metrics come from the workers; if the
+    checkpoint lacks them (not a final one) they are computed here. With ``log``, the summary,
+    per-model metrics and artifacts go to the run rank 0 logged into (ended FINISHED), or to a
+    new run with the full history when training did not log. Returns the summary.
+    """
+    cfg = _absolute(cfg)
+    ckpt = _as_checkpoint(result if isinstance(result, (str, os.PathLike)) else getattr(result, "checkpoint", None))
+    if ckpt is None:
+        raise ValueError("finalize: the training result has no checkpoint (did training report one?)")
+    with ckpt.as_directory() as d:
+        shared, per_model_state, test_metrics = read_checkpoint(d)
+    manifest = store.manifest_rows(cfg.population_root)
+    state = {"step": shared["step"], "meta": shared["meta"], "opt_meta": shared["opt_meta"], "shard": per_model_state}
+    if test_metrics is None or set(test_metrics) != set(per_model_state):
+        test_metrics = _evaluate_state(cfg, state)
+    theta_rows = [{"model_id": m, "theta": s["theta"].tolist()} for m, s in sorted(per_model_state.items())]
+    history = list(shared["history"])
+    extra = {"num_workers": shared["num_workers"], "steps": shared["step"], "train_seconds": shared["train_seconds"],
+             "ray_checkpoint": ckpt.path}
+    if wall_seconds is not None:
+        extra["wall_seconds"] = wall_seconds
+    summary = write_outputs(cfg, state, theta_rows, test_metrics, history, manifest, extra)
+    if log:
+        run_id = shared.get("mlflow_run_id")
+        if run_id:
+            from . import tracking
+
+            run = tracking.Run(tracking.client_for(cfg.output_dir, cfg.tracking_uri), run_id)
+            try:
+                log_to_mlflow(cfg, summary, test_metrics, [], run=_ParamsOnce(run))  # history logged by rank 0
+            except BaseException:
+                run.end("FAILED")
+                raise
+            run.end("FINISHED")
+        else:
+            run_id = log_to_mlflow(cfg, summary, test_metrics, history)
+        summary["mlflow_run_id"] = run_id
+        store.write_json_atomic(summary, Path(cfg.output_dir) / "summary.json")
+    return summary
+
+
+def _evaluate_state(cfg: MetaConfig, state: dict) -> dict[str, dict]:
+    """Per-model test metrics of a merged state, in this process (fallback for non-final checkpoints)."""
+    data = load_population(cfg.population_root, sorted(state["shard"]))
+    trainer = DynamoTrainer(cfg, data)
+    trainer.load_state_dict(state)
+    return evaluate(trainer, "test")
+
+
+def run_meta(cfg: MetaConfig, address: str | None = None, progress: bool = True, *, log: bool = True) -> dict:
+    """Validate the population, train on Ray Train (``cfg.num_workers`` workers), write the outputs.
+
+    Re-running with the same ``output_dir`` resumes from that run's latest checkpoint.
+    Returns the summary (also ``<output_dir>/summary.json``).
+    """
+    t0 = time.perf_counter()
+    cfg = _absolute(cfg)
+    validate_population(cfg)
+    init_ray(address)
+    result = build_trainer(cfg, log_mlflow=log, progress=progress).fit()
+    return finalize(cfg, result, log=log, wall_seconds=time.perf_counter() - t0)
+
+
+__all__ = ["assign_shards", "validate_population", "train_loop_per_worker", "build_trainer", "finalize",
+           "run_meta", "read_checkpoint"]

@@ -1,0 +1,99 @@
+"""Post-hoc embedding: place new base models into a trained model-embedding space.
+
+The meta-model of a finished meta run is frozen; only theta_new (from 0, as Algorithm 1)
+and the state map V_new of each new model are fitted on its probe trajectories, with the
+run's objective (same lambda and distances). Seconds per model instead of retraining the
+meta-model. The new models may live in another population root, as long as their inputs
+have the run's sizes and their task is one of the run's output groups (heads).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .meta_model import ModelEmbeddings
+from .meta_run import load_meta_run
+from .metrics import emulation_metrics
+from .objective import Chunk, dynamo_loss
+from .trainer import VAL_FRACTION, cosine_factor, load_population, spec_from_row
+
+
+def _check_compatible(run_rows: list[dict], new_rows: list[dict], heads, run_dir: Path, root: str) -> None:
+    ref = spec_from_row(run_rows[0])
+    for r in new_rows:
+        spec = spec_from_row(r)
+        if (spec.input_kind, tuple(spec.input_shape), spec.vocab_size) != (ref.input_kind, tuple(ref.input_shape),
+                                                                          ref.vocab_size):
+            raise ValueError(f"model {r['model_id']!r} in {root} has inputs {spec.input_kind} {list(spec.input_shape)} "
+                             f"vocab={spec.vocab_size}; the meta run {run_dir} was trained on {ref.input_kind} "
+                             f"{list(ref.input_shape)} vocab={ref.vocab_size}")
+        if (r["arch"].startswith("resnet")) != (run_rows[0]["arch"].startswith("resnet")):
+            raise ValueError(f"model {r['model_id']!r} ({r['arch']}) is not of the meta run's family")
+        if r["task"] not in heads:
+            raise ValueError(f"model {r['model_id']!r} has task {r['task']!r}; the meta run {run_dir} has output "
+                             f"groups {sorted(heads)}")
+        if heads[r["task"]].out_features != int(r["num_classes"]):
+            raise ValueError(f"model {r['model_id']!r} has {r['num_classes']} outputs; the meta run's head "
+                             f"{r['task']!r} has {heads[r['task']].out_features}")
+
+
+def embed_new_models(meta_output_dir: str | Path, population_root: str, model_ids: list[str] | None = None,
+                     steps: int = 300, lr: float = 1e-2, batch_size: int | None = None,
+                     seed: int = 0) -> dict[str, dict]:
+    """Fit theta and V of ``model_ids`` (default: every complete model of ``population_root``).
+
+    ``steps`` AdamW steps per model at learning rate ``lr`` (cosine-annealed like training),
+    minibatches of ``batch_size`` probe sequences (default: the run's), drawn from the
+    training part of the probe split. The meta-model is never updated.
+
+    Returns ``{model_id: {"theta": list[float] (length d), "agreement", "hidden_r2",
+    "meta_accuracy", "base_accuracy", "seconds"}}``: emulation metrics on the model's
+    recorded test split (see ``metrics.py``), ``seconds`` the fitting time of that model.
+    """
+    run = load_meta_run(meta_output_dir)
+    cfg = run.cfg
+    meta = run.meta
+    meta.eval()  # frozen: BatchNorm statistics of ResNet meta-models stay as trained
+    meta.requires_grad_(False)
+    data = load_population(population_root, model_ids)
+    _check_compatible(run.rows, data.rows, meta.heads, run.output_dir, population_root)
+    family = run.family
+    base_dims = [[h.shape[-1] if family == "rnn" else h.shape[1] for h in data.probe[m].hiddens]
+                 for m in data.model_ids]
+    torch.manual_seed(seed)
+    emb = ModelEmbeddings(data.model_ids, cfg.embedding_dim, meta.tap_dims, base_dims, family)
+    bs = batch_size or cfg.batch_size
+    out: dict[str, dict] = {}
+    for i, row in enumerate(data.rows):
+        t0 = time.perf_counter()
+        mid, task = row["model_id"], row["task"]
+        traj, inputs = data.probe[mid], data.probe_inputs[task]
+        n_train = int(len(inputs) * (1 - VAL_FRACTION)) or len(inputs)
+        pool = np.arange(min(n_train, traj.num_examples))
+        params = [emb.theta[i], *emb.maps[i].parameters()]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        rng = np.random.default_rng([seed, i])
+        for step in range(steps):
+            for g in opt.param_groups:
+                g["lr"] = lr * cosine_factor(step, steps)
+            idx = torch.from_numpy(rng.choice(pool, size=min(bs, len(pool)), replace=False))
+            chunk = Chunk(model_id=mid, row=i, group=task, x=inputs.x[idx], lengths=inputs.lengths[idx],
+                          hiddens=[h[idx] for h in traj.hiddens], outputs=traj.outputs[idx])
+            loss, _ = dynamo_loss(meta, emb, [chunk], cfg.output_weight, cfg.hidden_distance, cfg.output_distance)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        seconds = time.perf_counter() - t0
+        test, test_in = data.test[mid], data.test_inputs[task]
+        sel = torch.arange(test.num_examples)
+        m = emulation_metrics(meta, emb, i, task, family, test_in.x[sel], test_in.lengths[sel], test_in.y[sel],
+                              test.hiddens, test.outputs)
+        out[mid] = {"theta": emb.theta[i].detach().tolist(), **m, "seconds": seconds}
+    return out
+
+
+__all__ = ["embed_new_models"]
