@@ -92,12 +92,12 @@ class Layout:
 # ---------------------------------------------------------------- atomic writes
 
 
-def write_table_atomic(table: pa.Table, path: Path, compression: str = "zstd") -> None:
-    """Write a Parquet file under a temporary name and rename it into place."""
+def write_table_atomic(table: pa.Table, path: Path, compression: str = "zstd", **options) -> None:
+    """Write a Parquet file under a temporary name and rename it into place (``options``: pq.write_table's)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        pq.write_table(table, tmp, compression=compression)
+        pq.write_table(table, tmp, compression=compression, **options)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -267,10 +267,10 @@ def write_trajectory(root: str | os.PathLike, model_id: str, split: str, hiddens
     pa_type, np_type = _DTYPES[dtype]
     n = outputs.shape[0]
     if family == "rnn":
-        h = hiddens[0].detach().cpu().numpy().astype(np_type)  # (N, T, H)
+        h = hiddens[0].detach().cpu().numpy().astype(np_type, copy=False)  # (N, T, H)
         t_len = h.shape[1]
         hidden_rows = h.reshape(n * t_len, -1)
-        out_rows = outputs.detach().cpu().numpy().astype(np_type).reshape(n * t_len, -1)
+        out_rows = outputs.detach().cpu().numpy().astype(np_type, copy=False).reshape(n * t_len, -1)
         shapes = [list(h.shape[2:])]
         hidden_col = _list_column(hidden_rows.reshape(-1), np.full(n * t_len, hidden_rows.shape[1]), pa_type)
     else:
@@ -296,7 +296,10 @@ def write_trajectory(root: str | os.PathLike, model_id: str, split: str, hiddens
         "dynamo.family": family,
         "dynamo.hidden_shapes": json.dumps(shapes),
     })
-    write_table_atomic(table, layout.path(rel))
+    # Float lists are neither dictionary-encoded nor given min/max statistics: both cost more
+    # than the write itself and help no reader (filters go on sample/step, which keep them).
+    write_table_atomic(table, layout.path(rel), use_dictionary=["sample", "step"],
+                       write_statistics=["sample", "step"])
     return rel
 
 
