@@ -1,0 +1,203 @@
+"""Pairwise representational baseline (paper section 4.1, Fig. 5): SVCCA and linear CKA.
+
+Every pair of base models is compared on the same probe inputs through their hidden
+trajectories, and the N x N distance matrix is embedded in 2-D with metric MDS -- the
+Theta(N^2) route DYNAMO avoids. Models may have different hidden sizes.
+
+Distances
+---------
+* **SVCCA** (Raghu et al. 2017), "modified to output L2 distances instead of
+  correlations": each model's activations (rows = probe (example, step) pairs, columns =
+  units) are centred and reduced by SVD to the directions holding ``variance_kept`` of
+  the variance; CCA of the two reduced sets gives canonical correlations rho_1..rho_k and
+  unit-variance canonical variates u_i, v_i. Since E||u_i - v_i||^2 = 2 (1 - rho_i), the
+  distance is the root-mean-square L2 distance between matched canonical variates::
+
+      d_SVCCA = sqrt( (1/k) * sum_i 2 (1 - rho_i) )        in [0, sqrt(2)]
+
+  0 for representations equal up to an invertible linear map (rotation, permutation,
+  scaling).
+* **Linear CKA** (Kornblith et al. 2019): ``d_CKA = 1 - ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)``
+  on centred activations; 0 up to rotation/permutation and isotropic scaling.
+
+Shape legend: R activation rows (probe examples x valid steps), H hidden units, N models.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..objective import step_mask
+from .geometry import clustering_scores
+
+METHODS = ("svcca", "cka")
+
+
+# ---------------------------------------------------------------- activations
+
+
+def activation_taps(hiddens: Sequence[torch.Tensor], family: str, lengths: torch.Tensor | None = None) -> list[np.ndarray]:
+    """One model's hidden taps as activation matrices, one (R,H) per tap.
+
+    RNN: rows are the valid (example, step) pairs of its single tap (left padding masked);
+    CNN: each stage's feature map averaged over positions, rows = examples.
+    """
+    if family == "rnn":
+        (h_NTH,) = hiddens
+        if lengths is None:
+            return [h_NTH.reshape(-1, h_NTH.shape[-1]).double().numpy()]
+        return [h_NTH[step_mask(lengths[: h_NTH.shape[0]], h_NTH.shape[1])].double().numpy()]
+    return [h.mean(dim=(2, 3)).double().numpy() for h in hiddens]
+
+
+def subsample_rows(taps_by_model: list[list[np.ndarray]], max_rows: int | None, random_state: int | None) -> list[list[np.ndarray]]:
+    """The same random subset of at most ``max_rows`` rows for every model (rows stay aligned)."""
+    if max_rows is None:
+        return taps_by_model
+    rng = np.random.default_rng(random_state)
+    num_taps = len(taps_by_model[0])
+    idx = []
+    for t in range(num_taps):
+        r = min(a[t].shape[0] for a in taps_by_model)
+        idx.append(np.sort(rng.choice(r, size=min(r, max_rows), replace=False)))
+    return [[a[t][idx[t]] for t in range(num_taps)] for a in taps_by_model]
+
+
+# ---------------------------------------------------------------- distances
+
+
+def svcca_basis(x_RH: np.ndarray, variance_kept: float = 0.99, max_dims: int | None = None) -> np.ndarray:
+    """Orthonormal (R,k) basis of the top singular directions of centred ``x`` (the SV step of SVCCA).
+
+    k keeps ``variance_kept`` of the variance, at most ``max_dims`` (default R // 10, so that
+    CCA has ten samples per dimension and does not find spurious perfect correlations).
+    """
+    x = np.asarray(x_RH, dtype=np.float64)
+    x = x - x.mean(axis=0)
+    u, s, _ = np.linalg.svd(x, full_matrices=False)
+    var = s ** 2
+    if var.sum() <= 0:
+        return u[:, :0]
+    k = int(np.searchsorted(np.cumsum(var) / var.sum(), variance_kept - 1e-12) + 1)
+    cap = max(1, x.shape[0] // 10) if max_dims is None else max_dims
+    k = max(1, min(k, cap, int((var > 1e-12 * var.max()).sum())))
+    return u[:, :k]
+
+
+def canonical_correlations(basis_x: np.ndarray, basis_y: np.ndarray) -> np.ndarray:
+    """CCA of two column spaces given by orthonormal bases: singular values of Ux^T Uy."""
+    if basis_x.shape[1] == 0 or basis_y.shape[1] == 0:
+        return np.zeros(0)
+    return np.clip(np.linalg.svd(basis_x.T @ basis_y, compute_uv=False), 0.0, 1.0)
+
+
+def svcca_distance(x_RH: np.ndarray, y_RG: np.ndarray, variance_kept: float = 0.99, max_dims: int | None = None) -> float:
+    """L2-type SVCCA distance sqrt(mean 2(1 - rho_i)) between two activation matrices (same rows)."""
+    if x_RH.shape[0] != y_RG.shape[0]:
+        raise ValueError(f"activations must share rows (probe examples x steps): {x_RH.shape[0]} != {y_RG.shape[0]}")
+    rho = canonical_correlations(svcca_basis(x_RH, variance_kept, max_dims), svcca_basis(y_RG, variance_kept, max_dims))
+    return _svcca_from_rho(rho)
+
+
+def _svcca_from_rho(rho: np.ndarray) -> float:
+    if rho.size == 0:
+        return float(np.sqrt(2.0))
+    return float(np.sqrt(max(0.0, np.mean(2.0 * (1.0 - rho)))))
+
+
+def linear_cka(x_RH: np.ndarray, y_RG: np.ndarray) -> float:
+    """Linear CKA similarity of two activation matrices with the same rows."""
+    if x_RH.shape[0] != y_RG.shape[0]:
+        raise ValueError(f"activations must share rows (probe examples x steps): {x_RH.shape[0]} != {y_RG.shape[0]}")
+    x = np.asarray(x_RH, dtype=np.float64)
+    y = np.asarray(y_RG, dtype=np.float64)
+    x = x - x.mean(axis=0)
+    y = y - y.mean(axis=0)
+    cross = np.linalg.norm(y.T @ x) ** 2
+    denom = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
+    return float(cross / denom) if denom > 0 else 0.0
+
+
+def cka_distance(x_RH: np.ndarray, y_RG: np.ndarray) -> float:
+    """1 - linear CKA."""
+    return max(0.0, 1.0 - linear_cka(x_RH, y_RG))
+
+
+def pairwise_distances(taps_by_model: list[list[np.ndarray]], method: str = "svcca", variance_kept: float = 0.99,
+                       max_dims: int | None = None) -> np.ndarray:
+    """(N,N) symmetric distance matrix; with several taps (ResNet stages) the mean over taps."""
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    n = len(taps_by_model)
+    num_taps = len(taps_by_model[0])
+    dist = np.zeros((n, n))
+    for t in range(num_taps):
+        mats = [a[t] for a in taps_by_model]
+        if method == "svcca":
+            bases = [svcca_basis(m, variance_kept, max_dims) for m in mats]
+            pair = lambda i, j: _svcca_from_rho(canonical_correlations(bases[i], bases[j]))  # noqa: E731
+        else:
+            centred = [m - m.mean(axis=0) for m in mats]
+            self_norm = [np.linalg.norm(c.T @ c) for c in centred]
+            pair = lambda i, j: max(0.0, 1.0 - float(np.linalg.norm(centred[j].T @ centred[i]) ** 2  # noqa: E731
+                                                     / max(self_norm[i] * self_norm[j], 1e-300)))
+        for i in range(n):
+            for j in range(i + 1, n):
+                d = pair(i, j)
+                dist[i, j] += d
+                dist[j, i] += d
+    return dist / num_taps
+
+
+def mds_embedding(distances_NN: np.ndarray, n_components: int = 2, random_state: int | None = None) -> tuple[np.ndarray, float]:
+    """Metric MDS of a precomputed distance matrix -> (coords (N, n_components), stress)."""
+    from sklearn.manifold import MDS
+
+    params = inspect.signature(MDS.__init__).parameters
+    if "metric_mds" in params:  # scikit-learn >= 1.8: dissimilarity='precomputed' became metric='precomputed'
+        mds = MDS(n_components=n_components, metric="precomputed", init="classical_mds", n_init=1,
+                  random_state=random_state)
+    else:
+        mds = MDS(n_components=n_components, dissimilarity="precomputed", random_state=random_state)
+    coords = mds.fit_transform(np.asarray(distances_NN, dtype=np.float64))
+    return coords, float(mds.stress_)
+
+
+class RepresentationBaseline:
+    """Pairwise SVCCA or CKA distances between models, embedded with MDS, with clustering scores.
+
+    Parameters
+    ----------
+    method : "svcca" | "cka"
+    n_components : int -- MDS dimensions (2 for the plots).
+    variance_kept, max_dims : SVCCA's SVD step (see :func:`svcca_basis`).
+    max_rows : int | None -- activation rows compared (same random subset for every model).
+    random_state : int | None -- row subsample, MDS and k-means.
+
+    Attributes (after ``fit``): distances_ (N,N), embedding_ (N, n_components), stress_,
+    scores_ (silhouette on ``distances_`` with the precomputed metric, k-means adjusted Rand
+    index on ``embedding_``).
+    """
+
+    def __init__(self, method: str = "svcca", n_components: int = 2, variance_kept: float = 0.99,
+                 max_dims: int | None = None, max_rows: int | None = 4096, random_state: int | None = None):
+        self.method = method
+        self.n_components = n_components
+        self.variance_kept = variance_kept
+        self.max_dims = max_dims
+        self.max_rows = max_rows
+        self.random_state = random_state
+
+    def fit(self, taps_by_model: list[list[np.ndarray]], labels: Sequence | None = None) -> "RepresentationBaseline":
+        if len(taps_by_model) < 2:
+            raise ValueError(f"need at least 2 models for pairwise distances, got {len(taps_by_model)}")
+        taps = subsample_rows(taps_by_model, self.max_rows, self.random_state)
+        self.distances_ = pairwise_distances(taps, self.method, self.variance_kept, self.max_dims)
+        self.embedding_, self.stress_ = mds_embedding(self.distances_, self.n_components, self.random_state)
+        self.scores_ = (clustering_scores(labels, points=self.embedding_, distances=self.distances_,
+                                          random_state=self.random_state) if labels is not None else {})
+        return self

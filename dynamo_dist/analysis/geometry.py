@@ -1,0 +1,116 @@
+"""Geometry of the model-embedding space (paper section 4.1, Fig. 3).
+
+PCA of the embeddings theta_n, the eigen-spectrum of their covariance with the number
+of components that explain a variance threshold (95% in the paper), and clustering
+scores against known groups: silhouette (how separated the labelled groups are) and the
+adjusted Rand index of k-means (k = number of groups) against those labels.
+
+Shape legend: N models, E embedding dimension.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def num_components_for(explained_variance_ratio: np.ndarray, threshold: float = 0.95) -> int:
+    """Smallest k whose first k components explain at least ``threshold`` of the variance."""
+    ratio = np.asarray(explained_variance_ratio, dtype=np.float64)
+    if ratio.size == 0:
+        return 0
+    cum = np.cumsum(ratio)
+    return int(min(np.searchsorted(cum, threshold - 1e-12) + 1, ratio.size))
+
+
+def encode_labels(labels: Sequence) -> np.ndarray:
+    """Manifest labels (any hashable, None allowed) -> int codes, ordered by their string form."""
+    keys = [str(v) for v in labels]
+    uniq = sorted(set(keys))
+    return np.array([uniq.index(k) for k in keys], dtype=np.int64)
+
+
+def clustering_scores(labels: Sequence, points: np.ndarray | None = None, distances: np.ndarray | None = None,
+                      random_state: int | None = None) -> dict[str, float]:
+    """Silhouette of the known groups and adjusted Rand index of k-means against them.
+
+    ``points`` (N, F) are clustered with k-means (k = number of distinct labels); when
+    ``distances`` (N, N) are given the silhouette uses them (``metric='precomputed'``),
+    else the Euclidean distances of ``points``. NaN where a score is undefined
+    (fewer than 2 groups, or every model its own group).
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, silhouette_score
+
+    codes = encode_labels(labels)
+    n, k = len(codes), len(set(codes.tolist()))
+    out = {"num_groups": k, "silhouette": float("nan"), "adjusted_rand": float("nan")}
+    if not (2 <= k <= n - 1):
+        return out
+    if distances is not None:
+        out["silhouette"] = float(silhouette_score(np.asarray(distances), codes, metric="precomputed"))
+    elif points is not None:
+        out["silhouette"] = float(silhouette_score(np.asarray(points), codes))
+    if points is not None:
+        km = KMeans(n_clusters=k, n_init=10, random_state=random_state).fit(np.asarray(points, dtype=np.float64))
+        out["adjusted_rand"] = float(adjusted_rand_score(codes, km.labels_))
+    return out
+
+
+class EmbeddingGeometry:
+    """PCA, eigen-spectrum and cluster structure of model embeddings.
+
+    Parameters
+    ----------
+    variance_threshold : float
+        variance share the reported number of components must explain (paper: 0.95).
+    random_state : int | None
+        seed of k-means.
+
+    Attributes (after ``fit``)
+    --------------------------
+    mean_ (E,), components_ (R,E) principal axes (R = rank), explained_variance_ (R,),
+    explained_variance_ratio_ (R,), num_components_ (components for ``variance_threshold``),
+    coords_ (N,2) coordinates in the plane of the first two components (zeros where the
+    rank is < 2), scores_ (dict of :func:`clustering_scores`; empty without labels).
+    """
+
+    def __init__(self, variance_threshold: float = 0.95, random_state: int | None = None):
+        self.variance_threshold = variance_threshold
+        self.random_state = random_state
+
+    def fit(self, theta_NE: np.ndarray, labels: Sequence | None = None) -> "EmbeddingGeometry":
+        theta = np.asarray(theta_NE, dtype=np.float64)
+        if theta.ndim != 2 or theta.shape[0] < 2:
+            raise ValueError(f"theta: need an (N, E) array with N >= 2 models, got shape {theta.shape}")
+        if not (0.0 < self.variance_threshold <= 1.0):
+            raise ValueError(f"variance_threshold: must be in (0, 1], got {self.variance_threshold}")
+        self.mean_ = theta.mean(axis=0)
+        centred = theta - self.mean_
+        _, sv, vt = np.linalg.svd(centred, full_matrices=False)
+        var = sv ** 2 / (theta.shape[0] - 1)
+        total = var.sum()
+        rank = int((var > 1e-12 * max(total, 1e-300)).sum()) if total > 0 else 0
+        self.components_ = vt[:rank]
+        self.explained_variance_ = var[:rank]
+        self.explained_variance_ratio_ = var[:rank] / total if total > 0 else np.zeros(0)
+        self.num_components_ = num_components_for(self.explained_variance_ratio_, self.variance_threshold)
+        self.coords_ = self.transform(theta)
+        self.scores_ = clustering_scores(labels, points=theta, random_state=self.random_state) if labels is not None else {}
+        return self
+
+    @property
+    def plane_(self) -> np.ndarray:
+        """(2,E) the first two principal axes (a zero row where the rank is < 2)."""
+        plane = np.zeros((2, self.mean_.shape[0]))
+        plane[: min(2, len(self.components_))] = self.components_[:2]
+        return plane
+
+    def transform(self, theta_KE: np.ndarray) -> np.ndarray:
+        """Coordinates (K,2) of points in the plane of the first two components."""
+        return (np.asarray(theta_KE, dtype=np.float64) - self.mean_) @ self.plane_.T
+
+    def inverse_transform(self, coords_K2: np.ndarray) -> np.ndarray:
+        """Points (K,E) of the PCA plane at the given coordinates."""
+        return self.mean_ + np.asarray(coords_K2, dtype=np.float64) @ self.plane_

@@ -1,0 +1,867 @@
+"""``run_analysis``: every applicable analysis of a finished meta run -> plots, tables, report, MLflow.
+
+Output directory (default ``<meta_dir>/analysis``)::
+
+    report.html                 the report (PNG figures linked relatively from figures/)
+    analysis.json               headline numbers, per-section status/notes, paper comparison
+    figures/*.png
+    tables/*.parquet            embedding coordinates, distances, averaging, landscape grid,
+                                SSL path, fixed points, word valence
+
+Analyses that do not apply are skipped with a note: the SVCCA/CKA baseline with fewer
+than 3 models, fixed points and word valence for ResNet (CNN) populations, word valence
+for non-token or non-sentiment tasks.
+
+Shape legend: N models, E embedding dim, K points.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .. import store
+from ..config import AnalyzeConfig
+from ..data import UNK_ID, Split, load_task, token_id
+from ..meta_run import MetaRun, load_meta_run
+from ..objective import step_mask
+from ..trainer import PopulationData
+from .averaging import ModelAveraging
+from .baseline import RepresentationBaseline, activation_taps
+from .evaluate import accuracies, base_accuracy
+from .fixed_points import FixedPointFinder, base_dynamics, base_visited_states, meta_dynamics, meta_visited_states
+from .geometry import EmbeddingGeometry
+from .html import Report, Section
+from .landscape import ThetaLandscape
+from .ssl import SemiSupervisedTheta
+from .valence import WordValence
+
+LABEL_CANDIDATES = ("group", "task", "arch", "hidden_size", "train_fraction", "epoch")  # extra PCA colourings
+MAX_BASELINE_ROWS = 4096      # activation rows per model compared by SVCCA/CKA
+NUM_FP_PROBE = 64             # probe sequences whose visited states seed fixed-point searches
+MAX_META_FP_THETAS = 8        # meta-model thetas analysed for fixed points (Fig. 8)
+MAX_BASE_FP_MODELS = 4        # base models analysed for fixed points
+VALENCE_GRID = 5              # grid points per axis of the word-valence map (a fixed-point search each)
+
+
+@dataclass
+class _Ctx:
+    """What every section reads: the meta run, its population and derived per-model data."""
+
+    run: MetaRun
+    cfg: AnalyzeConfig
+    out: Path
+    pop: PopulationData
+    ids: list[str]
+    theta: np.ndarray
+    labels: list
+    tasks: list[str]
+    test: dict[str, Split]
+    base_acc: dict[str, float]
+
+    @property
+    def fig_dir(self) -> Path:
+        return self.out / "figures"
+
+    @property
+    def table_dir(self) -> Path:
+        return self.out / "tables"
+
+
+def run_analysis(meta_dir: str, cfg: AnalyzeConfig, out_dir: str | None = None, log: bool = True) -> dict:
+    """Run every applicable analysis of the meta run in ``meta_dir``; returns headline numbers + ``report``.
+
+    Writes figures, Parquet tables, ``analysis.json`` and ``report.html`` under ``out_dir``
+    (default ``<meta_dir>/analysis``) and, with ``log``, logs them as a run named "analyze"
+    to the meta run's MLflow experiment and store.
+    """
+    t0 = time.perf_counter()
+    meta_path = Path(meta_dir)
+    if not meta_path.is_dir():
+        raise FileNotFoundError(f"meta run directory not found: {meta_path}")
+    run = load_meta_run(meta_path)
+    out = Path(out_dir) if out_dir is not None else meta_path / "analysis"
+    ctx = _context(run, cfg, out)
+    ctx.fig_dir.mkdir(parents=True, exist_ok=True)
+    ctx.table_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    summary = _read_summary(meta_path)
+    report = Report(
+        title=f"DYNAMO analysis — {meta_path.name}",
+        subtitle=(f"meta run {meta_path} · population {run.cfg.population_root} · {len(ctx.ids)} models · "
+                  f"family {run.family} · d={run.cfg.embedding_dim} · λ={run.cfg.output_weight} · "
+                  f"{run.cfg.steps} steps · hidden distance {run.cfg.hidden_distance}"),
+    )
+    headline: dict = {"num_models": len(ctx.ids), "embedding_dim": run.cfg.embedding_dim}
+    status: dict[str, dict] = {}
+    results: dict = {}
+
+    _overview(ctx, report.section("overview", "Meta run"), summary)
+    steps = [
+        ("geometry", "Embedding geometry", _geometry),
+        ("baseline", "SVCCA / CKA baseline", _baseline),
+        ("averaging", "Model averaging", _averaging),
+        ("landscape", "θ landscape", _landscape),
+        ("ssl", "Semi-supervised θ", _ssl),
+        ("fixed_points", "Fixed points", _fixed_points),
+        ("valence", "Word valence", _valence),
+    ]
+    for key, title, fn in steps:
+        sec = report.section(key, title)
+        t = time.perf_counter()
+        res = fn(ctx, sec, results)
+        results[key] = res
+        headline.update(res.get("headline", {}))
+        status[key] = {"status": res.get("status", "ok"), "note": res.get("note"),
+                       "seconds": round(time.perf_counter() - t, 2)}
+    comparison = _paper_comparison(ctx, results)
+    sec = report.section("paper", "Paper claims vs this run")
+    sec.text("Numbers as measured on this population, side by side with what the paper reports "
+             "(its populations are IMDB/AG News GRUs and CIFAR ResNets; ours may differ in task and scale).")
+    sec.table(comparison, ["claim", "paper", "measured"])
+    headline["analysis_seconds"] = round(time.perf_counter() - t0, 2)
+
+    report_path = report.write(out / "report.html")
+    doc = {"meta_dir": str(meta_path), "config": cfg.model_dump(mode="json"), "headline": headline,
+           "sections": status, "paper_comparison": comparison}
+    store.write_json_atomic(_jsonable(doc), out / "analysis.json")
+    result = {**headline, "report": str(report_path), "analysis_json": str(out / "analysis.json")}
+    if log:
+        result["mlflow_run_id"] = _log_mlflow(run, meta_path, cfg, headline, out, summary)
+    return result
+
+
+# ---------------------------------------------------------------- context
+
+
+def _context(run: MetaRun, cfg: AnalyzeConfig, out: Path) -> _Ctx:
+    rows = run.rows
+    if cfg.color_by not in rows[0]:
+        cols = sorted(k for k in rows[0] if not k.endswith("_path"))
+        raise ValueError(f"color_by: manifest has no column {cfg.color_by!r}; columns: {cols}")
+    pop = run.population(with_test=True)
+    ids = [r["model_id"] for r in rows]
+    tasks = [r["task"] for r in rows]
+    test = {t: pop.test_inputs[t] for t in sorted(set(tasks))}
+    base_acc = {m: base_accuracy(pop.test[m].outputs, test[t].y) for m, t in zip(ids, tasks)}
+    # the recorded test trajectories may cover fewer rows than the stored inputs
+    for t in test:
+        n = min(pop.test[m].num_examples for m, tt in zip(ids, tasks) if tt == t)
+        test[t] = test[t].subset(slice(0, n))
+    return _Ctx(run=run, cfg=cfg, out=out, pop=pop, ids=ids, theta=run.theta().astype(np.float64),
+                labels=[r.get(cfg.color_by) for r in rows], tasks=tasks, test=test, base_acc=base_acc)
+
+
+def _read_summary(meta_dir: Path) -> dict:
+    p = meta_dir / "summary.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def _overview(ctx: _Ctx, sec: Section, summary: dict) -> None:
+    keys = ("mean_agreement", "mean_hidden_r2", "mean_meta_accuracy", "mean_base_accuracy", "steps", "wall_seconds",
+            "num_workers")
+    sec.table([{"metric": k, "value": summary[k]} for k in keys if k in summary], ["metric", "value"],
+              caption="Emulation metrics of the meta run (test split, meta-model at each θ_n)")
+    per_group: dict[str, list[float]] = {}
+    for m, lab in zip(ctx.ids, ctx.labels):
+        per_group.setdefault(str(lab), []).append(ctx.base_acc[m])
+    sec.table([{ctx.cfg.color_by: g, "models": len(v), "base test accuracy (mean)": float(np.mean(v)),
+                "min": float(np.min(v)), "max": float(np.max(v))} for g, v in sorted(per_group.items())],
+              caption=f"Base models by {ctx.cfg.color_by} (accuracy on the recorded test inputs)")
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _geometry(ctx: _Ctx, sec: Section, results: dict) -> dict:
+    from . import figures
+
+    if len(ctx.ids) < 2:
+        sec.skip("Embedding geometry needs at least 2 models.")
+        return {"status": "skipped", "note": "fewer than 2 models"}
+    geo = EmbeddingGeometry(variance_threshold=0.95, random_state=ctx.cfg.seed).fit(ctx.theta, ctx.labels)
+    ratio = geo.explained_variance_ratio_
+    coords = geo.coords_
+    p = figures.embedding_scatter(coords, ctx.labels, ctx.fig_dir / "embedding_pca.png",
+                                  "DYNAMO model embeddings (PCA)", ctx.cfg.color_by, ratio)
+    sec.figure(p, ctx.out, f"θ_n in their first two principal components, coloured by {ctx.cfg.color_by} (Fig. 3, row 1).")
+    for col in _varying_labels(ctx):
+        vals = [r.get(col) for r in ctx.run.rows]
+        p = figures.embedding_scatter(coords, vals, ctx.fig_dir / f"embedding_pca_by_{col}.png",
+                                      f"model embeddings by {col}", col, ratio)
+        sec.figure(p, ctx.out, f"The same PCA plane coloured by {col}.")
+    p = figures.spectrum(ratio, geo.num_components_, 0.95, ctx.fig_dir / "embedding_spectrum.png")
+    sec.figure(p, ctx.out, "Eigen-spectrum of the embeddings' covariance; dotted: components for 95% of the "
+                           "variance (Fig. 3, row 2).")
+    scores = geo.scores_
+    sec.table([{"statistic": "components for 95% variance", "value": geo.num_components_},
+               {"statistic": "PC1 / PC2 variance ratio", "value": [float(r) for r in ratio[:2]]},
+               {"statistic": f"silhouette of {ctx.cfg.color_by} (θ, Euclidean)", "value": scores.get("silhouette")},
+               {"statistic": f"k-means adjusted Rand index vs {ctx.cfg.color_by}", "value": scores.get("adjusted_rand")}],
+              ["statistic", "value"])
+    table = [{"model_id": m, ctx.cfg.color_by: str(lab), "pc1": float(c[0]), "pc2": float(c[1]),
+              "theta": [float(v) for v in th]} for m, lab, c, th in zip(ctx.ids, ctx.labels, coords, ctx.theta)]
+    _write_table(table, ctx.table_dir / "embedding_pca.parquet")
+    return {"geometry": geo, "headline": {
+        "dynamo.num_components_95": geo.num_components_,
+        "dynamo.pc1_variance_ratio": float(ratio[0]) if len(ratio) else float("nan"),
+        "dynamo.silhouette": scores.get("silhouette", float("nan")),
+        "dynamo.adjusted_rand": scores.get("adjusted_rand", float("nan")),
+    }}
+
+
+def _varying_labels(ctx: _Ctx, limit: int = 4) -> list[str]:
+    out = []
+    for col in LABEL_CANDIDATES:
+        if col == ctx.cfg.color_by or col not in ctx.run.rows[0]:
+            continue
+        if len({str(r.get(col)) for r in ctx.run.rows}) > 1:
+            out.append(col)
+    return out[:limit]
+
+
+def _baseline(ctx: _Ctx, sec: Section, results: dict) -> dict:
+    from . import figures
+
+    if not ctx.cfg.baseline:
+        sec.skip("Disabled (analyze.baseline = false).")
+        return {"status": "skipped", "note": "disabled by config"}
+    if len(ctx.ids) < 3:
+        sec.skip("The pairwise baseline needs at least 3 models.")
+        return {"status": "skipped", "note": "fewer than 3 models"}
+    taps, source = _baseline_activations(ctx)
+    sec.text(f"Activations: {source}. SVCCA keeps the singular directions holding 99% of each model's variance "
+             "(at most rows/10), and reports sqrt(mean 2(1-ρ_i)), the RMS L2 distance between matched unit-variance "
+             "canonical variates; CKA distance is 1 - linear CKA. Both are embedded in 2-D with metric MDS "
+             "(precomputed dissimilarities). Silhouettes use the full distance matrix; k-means runs on the MDS "
+             "coordinates (the paper's Fig. 5 representation) for the baselines and on θ for DYNAMO.")
+    fits = {}
+    for method in ("svcca", "cka"):
+        fits[method] = RepresentationBaseline(method=method, max_rows=MAX_BASELINE_ROWS,
+                                              random_state=ctx.cfg.seed).fit(taps, ctx.labels)
+    geo = results.get("geometry", {}).get("geometry")
+    panels = []
+    if geo is not None:
+        panels.append(("DYNAMO (PCA of θ)", geo.coords_, geo.scores_))
+    panels += [("SVCCA distance + MDS", fits["svcca"].embedding_, fits["svcca"].scores_),
+               ("CKA distance + MDS", fits["cka"].embedding_, fits["cka"].scores_)]
+    p = figures.side_by_side(panels, ctx.labels, ctx.cfg.color_by, ctx.fig_dir / "baseline_side_by_side.png")
+    sec.figure(p, ctx.out, "DYNAMO next to the pairwise baselines (Fig. 3 vs Fig. 5). MDS axes carry no meaning.")
+    for method, f in fits.items():
+        p = figures.distance_matrix(f.distances_, ctx.ids, f"{method.upper()} distances",
+                                    ctx.fig_dir / f"baseline_{method}_distances.png")
+        sec.figure(p, ctx.out, f"Pairwise {method.upper()} distances (models sorted by id).")
+    rows = [{"method": "DYNAMO", **_scores(geo.scores_ if geo is not None else {})}]
+    rows += [{"method": m.upper(), **_scores(f.scores_), "mds_stress": f.stress_} for m, f in fits.items()]
+    sec.table(rows, ["method", "silhouette", "adjusted_rand", "mds_stress"],
+              caption=f"Clustering of {ctx.cfg.color_by}: DYNAMO vs baselines")
+    long = [{"model_a": ctx.ids[i], "model_b": ctx.ids[j], "svcca": float(fits["svcca"].distances_[i, j]),
+             "cka": float(fits["cka"].distances_[i, j])} for i in range(len(ctx.ids)) for j in range(len(ctx.ids))]
+    _write_table(long, ctx.table_dir / "baseline_distances.parquet")
+    _write_table([{"model_id": m, "svcca_mds_1": float(a[0]), "svcca_mds_2": float(a[1]), "cka_mds_1": float(b[0]),
+                   "cka_mds_2": float(b[1])} for m, a, b in zip(ctx.ids, fits["svcca"].embedding_, fits["cka"].embedding_)],
+                 ctx.table_dir / "baseline_mds.parquet")
+    head = {}
+    for m, f in fits.items():
+        head[f"{m}.silhouette"] = f.scores_.get("silhouette", float("nan"))
+        head[f"{m}.adjusted_rand"] = f.scores_.get("adjusted_rand", float("nan"))
+    return {"fits": fits, "headline": head}
+
+
+def _scores(s: dict) -> dict:
+    return {"silhouette": s.get("silhouette", float("nan")), "adjusted_rand": s.get("adjusted_rand", float("nan"))}
+
+
+def _baseline_activations(ctx: _Ctx) -> tuple[list[list[np.ndarray]], str]:
+    """Every model's hidden activations on the same probe inputs.
+
+    One task: the recorded probe trajectories. Several tasks (different probe sets): the
+    models are re-run from their weights on the first task's probe inputs (DYNAMO requires
+    a common input structure, so every model accepts them).
+    """
+    family = ctx.run.family
+    tasks = sorted(set(ctx.tasks))
+    rng = np.random.default_rng(ctx.cfg.seed)
+    if len(tasks) == 1:
+        inputs = ctx.pop.probe_inputs[tasks[0]]
+        hiddens = {m: ctx.pop.probe[m].hiddens for m in ctx.ids}
+        source = f"recorded probe trajectories of task {tasks[0]!r}"
+    else:
+        from .. import zoo
+
+        inputs = ctx.pop.probe_inputs[tasks[0]]
+        n = min(len(inputs), 512)
+        inputs = inputs.subset(slice(0, n))
+        layout = store.Layout.at(ctx.run.cfg.population_root)
+        hiddens = {}
+        for r in ctx.run.rows:
+            with torch.no_grad():
+                hiddens[r["model_id"]] = zoo.load(layout.path(r["weights_path"])).trajectories(inputs.x)[0]
+        source = (f"every model re-run from its weights on the probe inputs of task {tasks[0]!r} "
+                  f"({n} examples; the population spans tasks {tasks})")
+    n = min(h[0].shape[0] for h in hiddens.values())
+    if family == "rnn":
+        t_len = next(iter(hiddens.values()))[0].shape[1]
+        mask = step_mask(inputs.lengths[:n], t_len)
+        num_rows = int(mask.sum())
+        select = np.sort(rng.choice(num_rows, size=min(num_rows, MAX_BASELINE_ROWS), replace=False))
+        taps = [[h[0][:n][mask][select].double().numpy()] for h in (hiddens[m] for m in ctx.ids)]
+    else:
+        taps = [activation_taps([x[:n] for x in hiddens[m]], family) for m in ctx.ids]
+    return taps, source
+
+
+def _averaging(ctx: _Ctx, sec: Section, results: dict) -> dict:
+    from . import figures
+
+    meta = ctx.run.meta
+    avg = ModelAveraging().fit(meta, ctx.theta, ctx.ids, ctx.labels, ctx.tasks, ctx.test, ctx.base_acc)
+    sec.text(f"The meta-model at the centroid θ of each {ctx.cfg.color_by} group and at midpoints of pairs of "
+             "models, on the test split, vs the members: the base models themselves and the meta-model at their θ_n.")
+    p = figures.averaging_bars(avg.table_, ctx.fig_dir / "averaging.png")
+    sec.figure(p, ctx.out, "Accuracy at averaged embeddings vs the members' accuracies.")
+    cols = ["kind", "name", "task", "num_members", "meta_accuracy", "member_base_mean", "member_base_max",
+            "member_meta_mean"]
+    sec.table(avg.table_, cols)
+    _write_table(avg.table_, ctx.table_dir / "averaging.parquet")
+    head = {}
+    for r in avg.table_:
+        if r["kind"] == "centroid":
+            key = f"averaging.{_key(r['name'])}"
+            head[f"{key}.centroid_accuracy"] = r["meta_accuracy"]
+            head[f"{key}.member_base_mean"] = r["member_base_mean"]
+            head[f"{key}.member_meta_mean"] = r["member_meta_mean"]
+    cen = [r for r in avg.table_ if r["kind"] == "centroid"]
+    head["averaging.mean_centroid_minus_member_base"] = float(np.mean([r["meta_accuracy"] - r["member_base_mean"]
+                                                                       for r in cen]))
+    return {"averaging": avg, "headline": head}
+
+
+def _landscape(ctx: _Ctx, sec: Section, results: dict) -> dict:
+    from . import figures
+
+    geo = results.get("geometry", {}).get("geometry")
+    if geo is None:
+        sec.skip("Needs the PCA plane of at least 2 embeddings.")
+        return {"status": "skipped", "note": "no embedding geometry"}
+    meta = ctx.run.meta
+    sec.text(f"Test accuracy of the meta-model on a {ctx.cfg.landscape_grid}×{ctx.cfg.landscape_grid} grid in the "
+             "PCA plane of θ (through the mean embedding, extending half the embeddings' range beyond them), "
+             "relative to the best base model of the task (Fig. 6). The convex hull is that of the base "
+             "embeddings projected onto the plane.")
+    fits, head, rows, grid_rows = {}, {}, [], []
+    for task in sorted(set(ctx.tasks)):
+        split = ctx.test[task]
+        land = ThetaLandscape(grid_size=ctx.cfg.landscape_grid).fit(
+            ctx.theta, lambda th, task=task, split=split: accuracies(meta, th, task, split), geometry=geo)
+        best_base = max(ctx.base_acc[m] for m, t in zip(ctx.ids, ctx.tasks) if t == task)
+        fits[task] = (land, best_base)
+        p = figures.landscape(land.axis_a_, land.axis_b_, land.scores_ / max(best_base, 1e-12), land.base_coords_,
+                              ctx.labels, land.best_coords_, ctx.fig_dir / f"landscape_{_safe(task)}.png",
+                              f"meta test accuracy / best base ({task})")
+        sec.figure(p, ctx.out, f"Relative test accuracy over the θ plane, task {task}; × marks the best grid point "
+                               f"({'inside' if land.best_inside_hull_ else 'outside'} the hull).")
+        rows.append({"task": task, "best_grid_accuracy": land.best_score_, "best_base_accuracy": best_base,
+                     "relative": land.best_score_ / max(best_base, 1e-12),
+                     "best_meta_at_base_theta": float(land.base_scores_[[t == task for t in ctx.tasks]].max()),
+                     "best_inside_hull": land.best_inside_hull_, "best_pc1": float(land.best_coords_[0]),
+                     "best_pc2": float(land.best_coords_[1])})
+        for (b, a), s in np.ndenumerate(land.scores_):
+            grid_rows.append({"task": task, "pc1": float(land.axis_a_[a]), "pc2": float(land.axis_b_[b]),
+                              "accuracy": float(s), "inside_hull": bool(land.inside_hull_[b, a]),
+                              "theta": [float(v) for v in land.grid_thetas_[b * len(land.axis_a_) + a]]})
+        key = f"landscape.{_key(task)}"
+        head.update({f"{key}.best_accuracy": land.best_score_, f"{key}.best_base_accuracy": best_base,
+                     f"{key}.best_relative": land.best_score_ / max(best_base, 1e-12),
+                     f"{key}.best_inside_hull": land.best_inside_hull_})
+    sec.table(rows)
+    _write_table(grid_rows, ctx.table_dir / "landscape.parquet")
+    return {"fits": fits, "headline": head}
+
+
+def _ssl_labelled(ctx: _Ctx, task: str) -> tuple[Split, str]:
+    """ssl_fraction of the training pool, labelled, disjoint from test (and from the probe set when possible).
+
+    Rebuilds the population's task split (population.json's data_seed / num_examples) and
+    draws from base_train; falls back to the stored probe inputs' labels when the task
+    cannot be rebuilt identically (e.g. users' own models).
+    """
+    rng = np.random.default_rng([ctx.cfg.seed, 7])
+    row = next(r for r in ctx.run.rows if r["task"] == task)
+    num_classes = int(row["num_classes"])
+    probe = ctx.pop.probe_inputs[task]
+    td = _population_task(ctx, task)
+    if td is not None:
+        pool = len(td.base_train) + len(td.probe)
+        n = min(len(td.base_train), max(num_classes, int(round(ctx.cfg.ssl_fraction * pool))))
+        idx = np.sort(rng.choice(len(td.base_train), size=n, replace=False))
+        return td.base_train.subset(idx), (f"{n} labelled examples ({ctx.cfg.ssl_fraction:.1%} of the {pool}-example "
+                                           "training pool, at least one per class) drawn from the base-training half")
+    pool = 2 * len(probe)
+    n = min(len(probe), max(num_classes, int(round(ctx.cfg.ssl_fraction * pool))))
+    idx = np.sort(rng.choice(len(probe), size=n, replace=False))
+    return probe.subset(idx), (f"{n} labelled examples drawn from the stored probe inputs (the task could not be "
+                               "rebuilt from population.json)")
+
+
+def _population_task(ctx: _Ctx, task: str):
+    """The task exactly as the population stage built it, or None when that cannot be reproduced."""
+    info_path = store.Layout.at(ctx.run.cfg.population_root).info
+    try:
+        spec = json.loads(info_path.read_text()).get("spec", {})
+    except (OSError, ValueError):
+        return None
+    if "data_seed" not in spec:
+        return None
+    try:
+        td = load_task(task, seed=int(spec["data_seed"]), num_examples=spec.get("num_examples"))
+    except (ValueError, FileNotFoundError, OSError):
+        return None
+    row = next(r for r in ctx.run.rows if r["task"] == task)
+    if tuple(td.input_shape) != tuple(row["input_shape"]) or (td.vocab_size or None) != (row.get("vocab_size") or None):
+        return None
+    return td
+
+
+def _ssl(ctx: _Ctx, sec: Section, results: dict) -> dict:
+    from . import figures
+
+    meta = ctx.run.meta
+    geo = results.get("geometry", {}).get("geometry")
+    lands = results.get("landscape", {}).get("fits", {})
+    scale = float(np.sqrt((ctx.theta ** 2).sum(axis=1).mean())) or 1.0
+    lr = 0.05 * max(scale, 0.1)
+    sec.text(f"The meta-model is frozen; θ starts at 0 and {ctx.cfg.ssl_steps} Adam iterates (lr {lr:.3g} = 5% of the "
+             "RMS norm of the base embeddings) minimise the cross-entropy on a small labelled set disjoint from the "
+             "test split (Fig. 7).")
+    rows, head, fits = [], {}, {}
+    for task in sorted(set(ctx.tasks)):
+        labelled, source = _ssl_labelled(ctx, task)
+        fit = SemiSupervisedTheta(num_steps=ctx.cfg.ssl_steps, lr=lr, random_state=ctx.cfg.seed).fit(meta, task, labelled)
+        acc = fit.score(meta, task, ctx.test[task])
+        best_base = max(ctx.base_acc[m] for m, t in zip(ctx.ids, ctx.tasks) if t == task)
+        fits[task] = fit
+        sec.note(f"{task}: {source}.")
+        if geo is not None:
+            path2 = geo.transform(fit.path_)
+            if task in lands:
+                land, _ = lands[task]
+                land = _cover(land, path2, ctx, geo, task)
+                p = figures.landscape(land.axis_a_, land.axis_b_, land.scores_ / max(best_base, 1e-12),
+                                      land.base_coords_, ctx.labels, land.best_coords_,
+                                      ctx.fig_dir / f"ssl_path_{_safe(task)}.png",
+                                      f"SSL iterates over the accuracy landscape ({task})", path_S2=path2)
+                sec.figure(p, ctx.out, f"Red: θ iterates from 0 (projected on the PCA plane), task {task}.")
+        p = figures.ssl_loss(fit.losses_, ctx.fig_dir / f"ssl_loss_{_safe(task)}.png", f"SSL loss ({task})")
+        sec.figure(p, ctx.out, "Labelled-set loss per iterate.")
+        d_to_base = np.linalg.norm(ctx.theta - fit.theta_, axis=1)
+        nearest = ctx.ids[int(np.argmin(d_to_base))]
+        rows.append({"task": task, "num_labelled": len(labelled), "ssl_test_accuracy": acc,
+                     "best_base_accuracy": best_base, "difference": acc - best_base,
+                     "labelled_accuracy": fit.train_accuracy_, "nearest_base_model": nearest,
+                     "theta_norm": float(np.linalg.norm(fit.theta_))})
+        key = f"ssl.{_key(task)}"
+        head.update({f"{key}.test_accuracy": acc, f"{key}.best_base_accuracy": best_base,
+                     f"{key}.num_labelled": len(labelled)})
+        _write_table([{"task": task, "step": i, "theta": [float(v) for v in th],
+                       "loss": float(fit.losses_[i - 1]) if i else float("nan")} for i, th in enumerate(fit.path_)],
+                     ctx.table_dir / f"ssl_path_{_safe(task)}.parquet")
+    sec.table(rows)
+    return {"fits": fits, "headline": head}
+
+
+def _cover(land: ThetaLandscape, path_S2: np.ndarray, ctx: _Ctx, geo: EmbeddingGeometry, task: str) -> ThetaLandscape:
+    """The landscape itself, or one re-evaluated on a grid that also covers the SSL iterates."""
+    lo = np.array([land.axis_a_.min(), land.axis_b_.min()])
+    hi = np.array([land.axis_a_.max(), land.axis_b_.max()])
+    if (path_S2.min(axis=0) >= lo).all() and (path_S2.max(axis=0) <= hi).all():
+        return land
+    new_lo, new_hi = np.minimum(lo, path_S2.min(axis=0)), np.maximum(hi, path_S2.max(axis=0))
+    pad = 0.05 * (new_hi - new_lo)
+    bounds = [(new_lo[d] - pad[d], new_hi[d] + pad[d]) for d in range(2)]
+    return ThetaLandscape(grid_size=land.grid_size).fit(
+        ctx.theta, lambda th: accuracies(ctx.run.meta, th, task, ctx.test[task]), geometry=geo, bounds=bounds)
+
+
+def _fixed_points(ctx: _Ctx, sec: Section, results: dict) -> dict:
+    from . import figures
+    from .. import zoo
+
+    if ctx.run.family != "rnn":
+        sec.skip("Fixed points are defined for recurrent dynamics; this is a ResNet (CNN) population.")
+        return {"status": "skipped", "note": "CNN population"}
+    if not ctx.cfg.fixed_points:
+        sec.skip("Disabled (analyze.fixed_points = false).")
+        return {"status": "skipped", "note": "disabled by config"}
+    meta = ctx.run.meta
+    sec.text("Golub & Sussillo: L-BFGS on q(h) = ½‖F(θ, x*, h) − h‖² from hidden states visited on "
+             f"{NUM_FP_PROBE} probe sequences ({ctx.cfg.fixed_point_states} candidates, "
+             f"{ctx.cfg.fixed_point_iters} iterations), points with q ≤ 1e-6 kept and merged within 0.01. "
+             "x* = 0: the zero input vector, or for token inputs the <pad> embedding (kept at zero by the "
+             "padding index). Line-attractor statistics: share of the fixed points' variance on their first "
+             "principal component, and the mean number of Jacobian eigenvalues with ||λ| − 1| ≤ 0.05.")
+    finder = FixedPointFinder(num_initial=ctx.cfg.fixed_point_states, max_iter=ctx.cfg.fixed_point_iters,
+                              random_state=ctx.cfg.seed)
+    points = _thetas_of_interest(ctx, results)
+    fits, table, points_rows = [], [], []
+    for name, theta, task in points:
+        probe = ctx.pop.probe_inputs[task].subset(slice(0, NUM_FP_PROBE))
+        visited = meta_visited_states(meta, torch.tensor(theta, dtype=torch.float32), probe.x, probe.lengths)
+        f = _clone(finder).fit(meta_dynamics(meta, torch.tensor(theta, dtype=torch.float32), group=task), visited)
+        fits.append((name, theta, task, f, visited.numpy()))
+        table.append({"theta": name, "task": task, **{k: v for k, v in f.stats_.items()},
+                      "min_q": float(f.speeds_.min()) if len(f.speeds_) else float("nan")})
+    # a common projection: the meta-model's hidden space is shared by every theta
+    pooled = np.concatenate([f.fixed_points_ for _, _, _, f, _ in fits])
+    mean, plane = _pca_plane(pooled)
+    panels, trajs = [], []
+    for name, theta, task, f, visited in fits:
+        proj = (f.fixed_points_ - mean) @ plane.T
+        panels.append((name, proj, _readout_colour(f.readouts_), f.stats_))
+        vis = visited[np.random.default_rng(0).choice(len(visited), size=min(400, len(visited)), replace=False)]
+        trajs.append((vis - mean) @ plane.T)
+        points_rows += [{"theta": name, "pc1": float(c[0]), "pc2": float(c[1]), "q": float(q)}
+                        for c, q in zip(proj, f.speeds_)]
+    p = figures.fixed_point_panels(panels, ctx.fig_dir / "fixed_points_meta.png",
+                                   "meta-model fixed points at x* (common PCA of all fixed points)", trajs)
+    sec.figure(p, ctx.out, "Fixed points of h ↦ F̃(θ, x*, h) for several θ (Fig. 8), coloured by the readout "
+                           "(2 classes: logit difference; more: predicted class); grey: visited states.")
+    p = figures.eigenvalue_panels([(n, f.eigenvalues_) for n, _, _, f, _ in fits], ctx.fig_dir / "fixed_points_eigenvalues.png",
+                                  "Jacobian eigenvalues at the fixed points")
+    sec.figure(p, ctx.out, "Eigenvalues of dF̃/dh at the fixed points; dotted: unit circle.")
+    cols = ["theta", "task", "num_fixed_points", "converged", "pc1_variance_ratio", "pc1_variance", "pc1_extent",
+            "mean_num_near_unit", "mean_max_abs_eigenvalue", "min_q"]
+    sec.table(table, cols, caption="Meta-model")
+    _write_table(table, ctx.table_dir / "fixed_points_meta.parquet")
+    _write_table(points_rows, ctx.table_dir / "fixed_points_meta_points.parquet")
+
+    # base models from the zoo: each in its own hidden space
+    layout = store.Layout.at(ctx.run.cfg.population_root)
+    base_rows, base_panels = [], []
+    for r in _base_models_for_fp(ctx):
+        model = zoo.load(layout.path(r["weights_path"]))
+        probe = ctx.pop.probe_inputs[r["task"]].subset(slice(0, NUM_FP_PROBE))
+        visited = base_visited_states(model, probe.x, probe.lengths)
+        f = _clone(finder).fit(base_dynamics(model), visited)
+        m, pl = _pca_plane(f.fixed_points_ if len(f.fixed_points_) >= 2 else visited.numpy())
+        base_panels.append((f"{r['model_id']} ({r['arch']})", (f.fixed_points_ - m) @ pl.T,
+                            _readout_colour(f.readouts_), f.stats_))
+        base_rows.append({"model_id": r["model_id"], "arch": r["arch"], ctx.cfg.color_by: str(r.get(ctx.cfg.color_by)),
+                          **f.stats_})
+    if base_panels:
+        p = figures.fixed_point_panels(base_panels, ctx.fig_dir / "fixed_points_base.png",
+                                       "base-model fixed points at x* (each in its own PCA)")
+        sec.figure(p, ctx.out, "Fixed points of a few base models, for comparison with the meta-model at their θ_n.")
+        sec.table(base_rows, ["model_id", "arch", ctx.cfg.color_by, "num_fixed_points", "converged", "pc1_variance_ratio",
+                              "pc1_extent", "mean_num_near_unit", "mean_max_abs_eigenvalue"], caption="Base models")
+        _write_table(base_rows, ctx.table_dir / "fixed_points_base.parquet")
+    head = {}
+    for row in table:
+        key = f"fixed_points.{_key(row['theta'])}"
+        head.update({f"{key}.num_fixed_points": row["num_fixed_points"],
+                     f"{key}.pc1_variance_ratio": row["pc1_variance_ratio"],
+                     f"{key}.mean_num_near_unit": row["mean_num_near_unit"]})
+    return {"table": table, "base": base_rows, "headline": head}
+
+
+def _thetas_of_interest(ctx: _Ctx, results: dict) -> list[tuple[str, np.ndarray, str]]:
+    """Fig. 8's points: group centroids, the two extreme members of each group along PC1,
+    the best landscape point, the SSL theta and the midpoint of two centroids."""
+    pts: list[tuple[str, np.ndarray, str]] = []
+    keys = [str(v) for v in ctx.labels]
+    geo = results.get("geometry", {}).get("geometry")
+    groups = sorted(set(keys))
+    cents = {}
+    for g in groups:
+        mem = [i for i, k in enumerate(keys) if k == g]
+        task = ctx.tasks[mem[0]]
+        mem = [i for i in mem if ctx.tasks[i] == task]
+        cents[g] = (ctx.theta[mem].mean(axis=0), task)
+        pts.append((f"centroid {g}", cents[g][0], task))
+    for g in groups:
+        mem = [i for i, k in enumerate(keys) if k == g]
+        if geo is not None and len(mem) >= 2:
+            pc1 = geo.coords_[mem, 0]
+            for i in (mem[int(np.argmin(pc1))], mem[int(np.argmax(pc1))]):
+                pts.append((ctx.ids[i], ctx.theta[i], ctx.tasks[i]))
+        else:
+            pts.append((ctx.ids[mem[0]], ctx.theta[mem[0]], ctx.tasks[mem[0]]))
+    task0 = sorted(set(ctx.tasks))[0]
+    land = results.get("landscape", {}).get("fits", {}).get(task0)
+    if land is not None:
+        pts.append(("best landscape point", land[0].best_theta_, task0))
+    ssl = results.get("ssl", {}).get("fits", {}).get(task0)
+    if ssl is not None:
+        pts.append(("SSL theta", ssl.theta_, task0))
+    if len(groups) >= 2 and cents[groups[0]][1] == cents[groups[1]][1]:
+        pts.append((f"midpoint {groups[0]}|{groups[1]}", 0.5 * (cents[groups[0]][0] + cents[groups[1]][0]),
+                    cents[groups[0]][1]))
+    seen, out = set(), []
+    for name, th, task in pts:
+        if name not in seen:
+            seen.add(name)
+            out.append((name, np.asarray(th, dtype=np.float64), task))
+    if len(out) <= MAX_META_FP_THETAS:
+        return out
+    # trimming: the centroids and special points first, then base members
+    special = [p for p in out if p[0] not in ctx.ids]
+    members = [p for p in out if p[0] in ctx.ids]
+    num_special = min(len(special), max(MAX_META_FP_THETAS // 2, MAX_META_FP_THETAS - len(members)))
+    return special[:num_special] + members[: MAX_META_FP_THETAS - num_special]
+
+
+def _base_models_for_fp(ctx: _Ctx) -> list[dict]:
+    """The first model of each group, then the second ones, up to MAX_BASE_FP_MODELS."""
+    by: dict[str, list[dict]] = {}
+    for r, lab in zip(ctx.run.rows, ctx.labels):
+        by.setdefault(str(lab), []).append(r)
+    out = []
+    for k in range(max(len(v) for v in by.values())):
+        for g in sorted(by):
+            if k < len(by[g]) and len(out) < MAX_BASE_FP_MODELS:
+                out.append(by[g][k])
+    return out
+
+
+def _clone(finder: FixedPointFinder) -> FixedPointFinder:
+    return FixedPointFinder(**{k: v for k, v in vars(finder).items() if not k.endswith("_")})
+
+
+def _pca_plane(points_KS: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (2,S) first two principal axes of a point cloud (zero rows where rank < 2)."""
+    pts = np.asarray(points_KS, dtype=np.float64)
+    mean = pts.mean(axis=0) if len(pts) else np.zeros(pts.shape[1])
+    plane = np.zeros((2, pts.shape[1]))
+    if len(pts) >= 2:
+        vt = np.linalg.svd(pts - mean, full_matrices=False)[2]
+        plane[: min(2, len(vt))] = vt[:2]
+    return mean, plane
+
+
+def _readout_colour(readouts_PC: np.ndarray | None) -> np.ndarray | None:
+    if readouts_PC is None or len(readouts_PC) == 0:
+        return None
+    if readouts_PC.shape[1] == 2:
+        return readouts_PC[:, 1] - readouts_PC[:, 0]
+    return readouts_PC.argmax(axis=1).astype(np.float64)
+
+
+def _valence(ctx: _Ctx, sec: Section, results: dict) -> dict:
+    from . import figures
+
+    reason = _valence_inapplicable(ctx)
+    if reason:
+        sec.skip(reason)
+        return {"status": "skipped", "note": reason}
+    meta = ctx.run.meta
+    head, rows = {}, []
+    geo = results.get("geometry", {}).get("geometry")
+    for task in sorted(set(ctx.tasks)):
+        td = _population_task(ctx, task)
+        if td is None:
+            sec.skip(f"{task}: the task's vocabulary cannot be rebuilt from population.json.")
+            continue
+        names = list(td.class_names)
+        pos, neg = names.index("positive"), names.index("negative")
+        word_ids = {}
+        from .valence import NEGATIVE_WORDS, NEUTRAL_WORDS, POSITIVE_WORDS
+
+        for w in POSITIVE_WORDS + NEGATIVE_WORDS + NEUTRAL_WORDS:
+            i = token_id(td, w)
+            if i != UNK_ID:
+                word_ids[w] = i
+        mem = [i for i, t in enumerate(ctx.tasks) if t == task]
+        thetas = [ctx.theta[i] for i in mem]
+        names_k = [ctx.ids[i] for i in mem]
+        land = None
+        if geo is not None:
+            land = ThetaLandscape(grid_size=min(ctx.cfg.landscape_grid, VALENCE_GRID))
+            grid_scores = {}
+
+            def score_fn(th, task=task):
+                key = th.tobytes()
+                if key not in grid_scores:
+                    grid_scores[key] = _valence_fit(ctx, meta, th, word_ids, task, pos, neg).scores_
+                return grid_scores[key]
+
+            land.fit(ctx.theta[mem], score_fn, geometry=geo)
+        wv = _valence_fit(ctx, meta, np.array(thetas), word_ids, task, pos, neg)
+        sec.text(f"{task}: G(h) = logit(positive) − logit(negative); per θ the fixed point with the most neutral "
+                 f"readout is h*. Words used: {sum(len(v) for v in wv.words_.values())} of "
+                 f"{len(POSITIVE_WORDS + NEGATIVE_WORDS + NEUTRAL_WORDS)} (missing from the vocabulary: "
+                 f"{', '.join(wv.missing_words_) or 'none'}).")
+        if land is not None:
+            p = figures.landscape(land.axis_a_, land.axis_b_, land.scores_, land.base_coords_,
+                                  [ctx.labels[i] for i in mem], land.best_coords_,
+                                  ctx.fig_dir / f"valence_map_{_safe(task)}.png", f"word-valence score, eq. 8 ({task})",
+                                  cbar_label="score")
+            sec.figure(p, ctx.out, "Eq. 8 score over the θ plane (Fig. 11); × marks the best grid point.")
+        best = int(np.argmax(wv.scores_))
+        cats = [c for c in ("positive", "negative", "neutral") for _ in wv.words_[c]]
+        p = figures.word_values(wv.word_order_, wv.values_[best], cats, ctx.fig_dir / f"valence_words_{_safe(task)}.png",
+                                f"G(F(x, h*)) per word at {names_k[best]}")
+        sec.figure(p, ctx.out, "Readout after one word from the neutral fixed point (green positive, red negative, "
+                               "grey neutral words).")
+        for k, m in enumerate(names_k):
+            rows.append({"model_id": m, "task": task, "score": float(wv.scores_[k]),
+                         "neutral_readout": float(wv.neutral_readout_[k]),
+                         "num_fixed_points": int(wv.num_fixed_points_[k]),
+                         "meta_accuracy": float(accuracies(meta, thetas[k], task, ctx.test[task])[0])})
+        head[f"valence.{_key(task)}.mean_score"] = float(np.mean(wv.scores_))
+        if land is not None:
+            head[f"valence.{_key(task)}.best_grid_score"] = float(land.best_score_)
+    if rows:
+        sec.table(rows, caption="Eq. 8 score at the base models' θ_n")
+        _write_table(rows, ctx.table_dir / "valence.parquet")
+        accs = np.array([r["meta_accuracy"] for r in rows])
+        scs = np.array([r["score"] for r in rows])
+        if len(rows) >= 3 and accs.std() > 0 and scs.std() > 0:
+            head["valence.score_accuracy_correlation"] = float(np.corrcoef(scs, accs)[0, 1])
+    return {"headline": head, "rows": rows}
+
+
+def _valence_inapplicable(ctx: _Ctx) -> str | None:
+    if ctx.run.family != "rnn":
+        return "Word valence needs a recurrent model reading tokens; this is a ResNet (CNN) population."
+    kinds = {r["input_kind"] for r in ctx.run.rows}
+    if kinds != {"tokens"}:
+        return f"Word valence needs token inputs (words); this population's inputs are {sorted(kinds)}."
+    if not ctx.cfg.fixed_points:
+        return "Word valence needs the fixed-point search (analyze.fixed_points = false)."
+    for task in sorted(set(ctx.tasks)):
+        td = _population_task(ctx, task)
+        if td is not None and {"positive", "negative"} <= set(td.class_names):
+            return None
+    return "Word valence needs a sentiment task with 'positive' and 'negative' classes."
+
+
+def _valence_fit(ctx: _Ctx, meta, thetas: np.ndarray, word_ids: dict, task: str, pos: int, neg: int) -> WordValence:
+    probe = ctx.pop.probe_inputs[task]
+    finder = FixedPointFinder(num_initial=min(64, ctx.cfg.fixed_point_states), max_iter=ctx.cfg.fixed_point_iters,
+                              random_state=ctx.cfg.seed)
+    return WordValence(finder=finder, num_probe=NUM_FP_PROBE, random_state=ctx.cfg.seed).fit(
+        meta, thetas, word_ids, task, pos, neg, probe.x, probe.lengths)
+
+
+# ---------------------------------------------------------------- paper comparison
+
+
+def _paper_comparison(ctx: _Ctx, results: dict) -> list[dict]:
+    h = {}
+    for r in results.values():
+        h.update(r.get("headline", {}))
+    rows = []
+    if "dynamo.silhouette" in h:
+        measured = f"silhouette DYNAMO {_f(h['dynamo.silhouette'])}"
+        if "svcca.silhouette" in h:
+            measured += f" vs SVCCA-MDS {_f(h['svcca.silhouette'])} (CKA {_f(h['cka.silhouette'])})"
+        measured += f"; k-means ARI DYNAMO {_f(h['dynamo.adjusted_rand'])}"
+        if "svcca.adjusted_rand" in h:
+            measured += f" vs SVCCA {_f(h['svcca.adjusted_rand'])}"
+        rows.append({"claim": f"Embeddings separate the groups ({ctx.cfg.color_by}); clearer than SVCCA + MDS",
+                     "paper": "clear clusters in DYNAMO's PCA (Fig. 3); less apparent with SVCCA-MDS (Fig. 5)",
+                     "measured": measured})
+        rows.append({"claim": "Components explaining 95% of the embedding variance", "paper": "2 to 6 (Fig. 3)",
+                     "measured": f"{h['dynamo.num_components_95']} of d={ctx.run.cfg.embedding_dim} "
+                                 f"({len(ctx.ids)} models)"})
+    avg = results.get("averaging", {}).get("averaging")
+    if avg is not None:
+        cen = [r for r in avg.table_ if r["kind"] == "centroid"]
+        rows.append({"claim": "Meta-model at a cluster centroid performs like the cluster's members",
+                     "paper": "centroid models perform similarly to the cluster (sections 5, C)",
+                     "measured": "; ".join(f"{r['name']}: {_f(r['meta_accuracy'])} vs members {_f(r['member_base_mean'])}"
+                                           for r in cen)})
+    for task, (land, best_base) in results.get("landscape", {}).get("fits", {}).items():
+        rows.append({"claim": f"Best θ on the accuracy landscape lies outside the base hull ({task})",
+                     "paper": "outside the convex hull (Fig. 6)",
+                     "measured": f"{'inside' if land.best_inside_hull_ else 'outside'}; best {_f(land.best_score_)} "
+                                 f"vs best base {_f(best_base)}"})
+    for task, fit in results.get("ssl", {}).get("fits", {}).items():
+        acc = h.get(f"ssl.{_key(task)}.test_accuracy")
+        rows.append({"claim": f"SSL in θ beats the best base model ({task})",
+                     "paper": "86.4% vs 80.3% (IMDB, 1% labelled)",
+                     "measured": f"{_f(acc)} vs {_f(h.get(f'ssl.{_key(task)}.best_base_accuracy'))} "
+                                 f"({h.get(f'ssl.{_key(task)}.num_labelled')} labelled)"})
+    fp = results.get("fixed_points", {}).get("table")
+    if fp:
+        cen = [r for r in fp if r["theta"].startswith("centroid")]
+        rows.append({"claim": "Line attractors at x* (sentiment models)",
+                     "paper": "line attractors, elongated with more training data (Fig. 8)",
+                     "measured": "; ".join(f"{r['theta']}: {r['num_fixed_points']} fp, PC1 share "
+                                           f"{_f(r['pc1_variance_ratio'])}, |λ|≈1 {_f(r['mean_num_near_unit'])}"
+                                           for r in cen)})
+    for key, val in h.items():
+        if key.endswith("score_accuracy_correlation"):
+            rows.append({"claim": "Word-valence score highest near the best θ", "paper": "noisy but discernible trend (Fig. 11)",
+                         "measured": f"correlation of score with meta accuracy over θ_n: {_f(val)}"})
+    return rows
+
+
+def _f(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return "–" if math.isnan(v) else f"{v:.3f}"
+    return str(v)
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _key(name: str) -> str:
+    """A metric-name-safe form (MLflow allows alphanumerics, _ - . / and spaces)."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "_-./") else "_" for c in str(name))
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _write_table(rows: list[dict], path: Path) -> None:
+    if rows:
+        store.write_table_atomic(pa.Table.from_pylist(rows), path)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if math.isnan(float(obj)) else float(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def _log_mlflow(run: MetaRun, meta_dir: Path, cfg: AnalyzeConfig, headline: dict, out: Path, summary: dict) -> str:
+    """A run named "analyze" in the meta run's experiment and store, nested under the meta run when known."""
+    from .. import tracking
+
+    mrun = tracking.start_run(meta_dir, run.cfg.experiment, "analyze", run.cfg.tracking_uri,
+                              parent_run_id=summary.get("mlflow_run_id"), tags={"dynamo.meta_dir": str(meta_dir)})
+    try:
+        mrun.log_params({**cfg.model_dump(mode="json"), "meta_dir": str(meta_dir)})
+        metrics = {}
+        for k, v in headline.items():
+            if isinstance(v, bool):
+                metrics[k] = float(v)
+            elif isinstance(v, (int, float, np.integer, np.floating)) and not math.isnan(float(v)):
+                metrics[k] = float(v)
+        mrun.log_metrics(metrics)
+        mrun.log_artifact(out, "analysis")
+    except BaseException:
+        mrun.end("FAILED")
+        raise
+    mrun.end("FINISHED")
+    return mrun.run_id

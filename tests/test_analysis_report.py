@@ -1,0 +1,143 @@
+"""End to end: tiny MNIST-1D population -> meta run -> run_analysis -> report, tables, MLflow run.
+
+One module-scoped run (about a minute on 2 cores); the browser screenshot is an
+integration test on the same report.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dynamo_dist.analysis import run_analysis
+from dynamo_dist.config import AnalyzeConfig, GroupSpec, MetaConfig, PopulationConfig
+from dynamo_dist.meta_run import run_meta_local
+from dynamo_dist.population import run_local
+
+REPO = Path(__file__).resolve().parents[1]
+CFG = AnalyzeConfig(landscape_grid=3, fixed_point_states=24, fixed_point_iters=40, ssl_steps=15, seed=0)
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("analysis_e2e")
+    groups = (GroupSpec(name="a", task="mnist1d", arch="gru", hidden_size=12, train_fraction=1.0, num_seeds=2, epochs=2),
+              GroupSpec(name="b", task="mnist1d", arch="gru", hidden_size=8, train_fraction=0.25, num_seeds=2, epochs=1))
+    pop = PopulationConfig(root=str(root / "population"), groups=groups, num_examples=1000, num_probe=64, num_test=64)
+    run_local(pop, progress=False)
+    meta = MetaConfig(population_root=pop.root, output_dir=str(root / "meta"), steps=30, hidden_size=16,
+                      embedding_dim=3, batch_size=16, models_per_step=2, eval_every=30)
+    run_meta_local(meta, progress=False, log=False)
+    try:
+        result = run_analysis(meta.output_dir, CFG, log=True)
+    finally:
+        torch.set_num_threads(before)
+    return Path(meta.output_dir), result
+
+
+def test_report_links_only_existing_pngs(analysed):
+    meta_dir, result = analysed
+    report = Path(result["report"])
+    assert report == meta_dir / "analysis" / "report.html" and report.is_file()
+    html = report.read_text()
+    srcs = re.findall(r'<img src="([^"]+)"', html)
+    assert len(srcs) >= 10
+    for src in srcs:
+        png = report.parent / src
+        assert png.is_file(), src
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", src
+    for section in ("Embedding geometry", "SVCCA / CKA baseline", "Model averaging", "θ landscape",
+                    "Semi-supervised θ", "Fixed points", "Word valence", "Paper claims vs this run"):
+        assert f">{section}</h2>" in html
+    assert "Word valence needs token inputs" in html  # MNIST-1D: skipped with a note
+
+
+def test_headline_numbers_and_tables(analysed):
+    meta_dir, result = analysed
+    out = meta_dir / "analysis"
+    doc = json.loads((out / "analysis.json").read_text())  # strict JSON: NaN written as null
+    assert doc["sections"]["valence"]["status"] == "skipped"
+    assert all(doc["sections"][k]["status"] == "ok" for k in ("geometry", "baseline", "averaging", "landscape", "ssl",
+                                                               "fixed_points"))
+    assert result["num_models"] == 4 and result["embedding_dim"] == 3
+    assert 1 <= result["dynamo.num_components_95"] <= 3
+    for key in ("dynamo.silhouette", "svcca.silhouette", "cka.silhouette", "averaging.a.centroid_accuracy",
+                "landscape.mnist1d.best_accuracy", "ssl.mnist1d.test_accuracy", "ssl.mnist1d.best_base_accuracy"):
+        assert key in result, key
+    assert 0.0 <= result["ssl.mnist1d.test_accuracy"] <= 1.0
+    assert isinstance(result["landscape.mnist1d.best_inside_hull"], bool)
+    assert result["ssl.mnist1d.num_labelled"] == 10  # 1% of an 800-example pool, at least one per class
+    dist = pq.read_table(out / "tables" / "baseline_distances.parquet").to_pandas()
+    assert len(dist) == 16 and (dist.svcca >= 0).all() and (dist.query("model_a == model_b").svcca.abs() < 1e-9).all()
+    grid = pq.read_table(out / "tables" / "landscape.parquet").to_pandas()
+    assert len(grid) == CFG.landscape_grid ** 2 and grid.accuracy.between(0, 1).all()
+    path = pq.read_table(out / "tables" / "ssl_path_mnist1d.parquet").to_pandas()
+    assert len(path) == CFG.ssl_steps + 1 and np.allclose(path.theta.iloc[0], 0.0)
+    fp = pq.read_table(out / "tables" / "fixed_points_meta.parquet").to_pandas()
+    assert {"centroid a", "centroid b"} <= set(fp.theta) and (fp.num_fixed_points >= 1).all()
+    emb = pq.read_table(out / "tables" / "embedding_pca.parquet").to_pandas()
+    assert sorted(emb.model_id) == ["a-s000", "a-s001", "b-s000", "b-s001"]
+
+
+def test_analysis_is_logged_to_the_meta_runs_store(analysed):
+    from dynamo_dist import tracking
+
+    meta_dir, result = analysed
+    client = tracking.client_for(meta_dir)
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.run_name == "analyze" and run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "dynamo"
+    assert run.data.metrics["num_models"] == 4
+    assert run.data.metrics["dynamo.num_components_95"] == result["dynamo.num_components_95"]
+    assert run.data.params["landscape_grid"] == "3"
+    names = {f.path for f in client.list_artifacts(run.info.run_id, "analysis")}
+    assert {"analysis/report.html", "analysis/analysis.json", "analysis/figures", "analysis/tables"} <= names
+
+
+def test_analyze_job_reports_user_errors(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("analyze_job", REPO / "jobs" / "analyze.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.main(["--recipe", "smoke", "--meta-dir", str(tmp_path / "missing"), "--no-log"]) == 2
+    assert "meta run directory not found" in capsys.readouterr().err
+    assert job.main(["--recipe", "smoke", "--set", "analyze.landscape_grid=1", "--meta-dir", str(tmp_path)]) == 2
+    assert "landscape_grid" in capsys.readouterr().err
+
+
+def test_unknown_color_by_names_the_field(analysed):
+    meta_dir, _ = analysed
+    with pytest.raises(ValueError, match="color_by"):
+        run_analysis(str(meta_dir), CFG.replace(color_by="nope"), out_dir=str(meta_dir / "x"), log=False)
+
+
+@pytest.mark.integration
+def test_report_screenshot_is_not_blank(analysed, tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import screenshot_report
+    finally:
+        sys.path.pop(0)
+    if screenshot_report.find_chromium() is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    _, result = analysed
+    png = tmp_path / "report.png"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "screenshot_report.py"), result["report"], "-o",
+                           str(png), "--height", "2400"], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    from PIL import Image
+
+    img = np.asarray(Image.open(png).convert("L"), dtype=np.float64)
+    assert img.shape == (2400, 1280)
+    assert img.std() > 20  # text, tables and plots, not a blank page
+    assert (img < 128).mean() > 0.01  # a fair amount of dark ink
