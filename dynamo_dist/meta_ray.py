@@ -23,6 +23,7 @@ run outputs (``meta_run.write_outputs``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -177,28 +178,55 @@ def _check_compatible(shared: dict, cfg: MetaConfig, model_ids: list[str], where
 
 
 class _AllHeadsInGraph(nn.Module):
-    """The meta-model with every head's output tied (by a zero term) into every head.
+    """The meta-model with every head's output tied (by an exact zero term) into every head.
 
-    DDP requires each shared parameter to receive a gradient every step; with several output
-    groups a step may not sample every group, so unused heads would stall the reducer.
-    Adding ``0 * sum(all head outputs)`` to each head makes them all receive (zero) grads.
+    DDP needs a gradient for each shared parameter every step, but a step may not sample
+    every output group, and an unused head would stall the reducer. Adding
+    ``0 * sum(all head outputs)`` to each head gives every head a (zero) gradient without
+    changing any value. ``used`` records which groups' outputs the loss really read, so
+    heads unused on every rank can get ``grad=None`` back, as in the single-process trainer.
     """
 
     def __init__(self, meta: nn.Module):
         super().__init__()
         self.meta = meta
+        self.used: set[str] = set()
 
     def forward(self, x, theta_BE):
         hiddens, outputs = self.meta(x, theta_BE)
         zero = sum(o.sum() for o in outputs.values()) * 0.0
-        return hiddens, {g: o + zero for g, o in outputs.items()}
+        tied = {}
+        for g, o in outputs.items():
+            tied[g] = o + zero
+            if tied[g].requires_grad:
+                tied[g].register_hook(functools.partial(self._mark_used, g))
+        return hiddens, tied
+
+    def _mark_used(self, group: str, grad):
+        self.used.add(group)
 
 
-def _wrap_ddp(meta: nn.Module) -> nn.Module:
+def _wrap_ddp(trainer: DynamoTrainer) -> nn.Module:
+    """DDP around the shared meta-model only (theta/V live in trainer.embeddings, outside it)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    module = _AllHeadsInGraph(meta) if len(getattr(meta, "heads", {})) > 1 else meta
-    return DistributedDataParallel(module)
+    meta = trainer.meta
+    if len(getattr(meta, "heads", {})) <= 1:
+        return DistributedDataParallel(meta)
+    tied = _AllHeadsInGraph(meta)
+    groups = sorted(meta.heads)
+
+    def drop_globally_unused_heads(opt, args, kwargs):
+        # one tiny all-reduce: a head no rank used keeps grad=None (AdamW then skips it)
+        flags = _all_reduce([1.0 if g in tied.used else 0.0 for g in groups])
+        tied.used.clear()
+        for g, f in zip(groups, flags):
+            if f == 0.0:
+                for p in meta.heads[g].parameters():
+                    p.grad = None
+
+    trainer.opt_meta.register_step_pre_hook(drop_globally_unused_heads)
+    return DistributedDataParallel(tied)
 
 
 def _sha(tensors) -> str:
@@ -293,7 +321,7 @@ def train_loop_per_worker(config: dict) -> None:
     resumed_done = trainer.step >= cfg.steps
 
     # DDP broadcasts rank 0's (identical) shared state here; theta/V stay outside it.
-    trainer.forward_module = _wrap_ddp(trainer.meta)
+    trainer.forward_module = _wrap_ddp(trainer)
 
     mlcfg = config["mlflow"]
     run = None
@@ -399,6 +427,8 @@ def build_trainer(cfg: MetaConfig, *, run_config=None, callbacks=None, resume_fr
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = _absolute(cfg)
+    # fail here, not in every worker of every retry (assign_shards names W and the model count)
+    assign_shards([r["model_id"] for r in store.manifest_rows(cfg.population_root)], cfg.num_workers)
     if run_config is None:
         run_config = RunConfig(name="meta", storage_path=str(Path(cfg.output_dir) / "ray_results"),
                                failure_config=FailureConfig(max_failures=cfg.max_failures),

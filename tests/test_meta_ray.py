@@ -31,11 +31,13 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 20
 # Same hidden size in both groups: every rank's V maps then have identical shapes, so an
 # accidental all-reduce of theta/V would go through silently and make the shards equal.
+# Two tasks (10 and 2 classes): a multi-head meta-model, so steps that sample one output
+# group only are exercised under DDP (and must still match the single-process trainer).
 GROUPS = (
     GroupSpec(name="a", task="mnist1d", arch="gru", hidden_size=12, train_fraction=1.0, num_seeds=4, epochs=1,
               batch_size=64),
-    GroupSpec(name="b", task="mnist1d", arch="gru", hidden_size=12, train_fraction=0.25, num_seeds=4, epochs=2,
-              batch_size=64),
+    GroupSpec(name="b", task="mnist1d_parity", arch="gru", hidden_size=12, train_fraction=0.25, num_seeds=4,
+              epochs=2, batch_size=64),
 )
 
 
