@@ -1,0 +1,237 @@
+"""Population-stage benchmarks; results go to benchmarks/results/population.json.
+
+Sections (``--sections``, default all; each run updates only its own key of the JSON):
+
+* ``throughput``: the same population (same models, same steps) trained and recorded by
+  the plain sequential loop in this process (``population.run_local``) and by 2 Ray
+  actors (``population_ray.run_population``, 1 torch thread each). The sequential loop is
+  run with torch's default thread count on this machine (2) and with 1 thread. Ray's
+  cluster start is excluded and reported apart (a cluster is up before a population is
+  submitted); actor start and each actor's data load are included. Goal: ratio >= 1.8.
+* ``write``: ``store.write_trajectory`` (Parquet, zstd) vs ``numpy.save`` of the same
+  arrays (real GRU trajectories), throughput in MB/s of float32 input. Goal: ratio >= 0.5.
+* ``pop200``: ``configs/population-200.yaml`` (200 tiny RNNs) trained and recorded end to
+  end with Ray actors: wall time and disk size.
+
+The machine is shared: the 1-minute load average before and after each measurement is
+stored beside it, so contaminated numbers can be recognised.
+
+    python benchmarks/bench_population.py [--sections throughput write pop200] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from dynamo_dist import config, data, population, store, zoo
+from dynamo_dist.config import GroupSpec, PopulationConfig
+from dynamo_dist.population_ray import run_population
+from dynamo_dist.ray_utils import init_ray
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "population.json"
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def _du(path: Path) -> dict[str, int]:
+    """Bytes under each top-level entry of ``path`` and in total."""
+    out = {}
+    for child in sorted(path.iterdir()):
+        files = [child] if child.is_file() else [p for p in child.rglob("*") if p.is_file()]
+        out[child.name] = sum(p.stat().st_size for p in files)
+    out["total"] = sum(out.values())
+    return out
+
+
+# ---------------------------------------------------------------- (a) throughput
+
+
+def throughput_cfg(root: str, num_models: int) -> PopulationConfig:
+    gru = dict(task="mnist1d", arch="gru", hidden_size=32, epochs=4, batch_size=128, lr=1e-2)
+    return PopulationConfig(root=root, num_examples=4000, num_probe=500, num_test=500, num_actors=2,
+                            groups=(GroupSpec(name="full", train_fraction=1.0, num_seeds=num_models // 2, **gru),
+                                    GroupSpec(name="half", train_fraction=0.5, num_seeds=num_models - num_models // 2,
+                                              **gru)))
+
+
+def _sequential(cfg: PopulationConfig, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    data._load_task_cached.cache_clear()  # each variant pays its own data load, as each actor does
+    load0, t0 = _load(), time.perf_counter()
+    rows = population.run_local(cfg, progress=False)
+    wall = time.perf_counter() - t0
+    busy = sum(r["train_seconds"] for r in rows)
+    # steady state: the data load (once per process) excluded
+    return {"torch_threads": threads, "wall_seconds": round(wall, 2), "models_per_second": round(len(rows) / wall, 3),
+            "steady_models_per_second": round(len(rows) / busy, 3),
+            "train_record_seconds_per_model": round(busy / len(rows), 3), "load_before": load0, "load_after": _load()}
+
+
+def _ray(cfg: PopulationConfig) -> dict:
+    t0 = time.perf_counter()
+    init_ray()
+    ray_init = time.perf_counter() - t0
+    stamps: list[float] = []
+    load0, t0 = _load(), time.perf_counter()
+    rows = run_population(cfg, progress=False, on_progress=lambda r, a: stamps.extend([time.perf_counter()] * len(r)))
+    wall = time.perf_counter() - t0
+    ray.shutdown()  # the sequential baseline of the next repeat runs without Ray in the background
+    busy = sum(r["train_seconds"] for r in rows)
+    # steady state: completions after the first one over the time they took (actor start excluded)
+    steady = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+    return {"num_actors": cfg.num_actors, "torch_threads_per_actor": 1, "ray_init_seconds": round(ray_init, 2),
+            "wall_seconds": round(wall, 2), "models_per_second": round(len(rows) / wall, 3),
+            "first_model_after_seconds": round(stamps[0] - t0, 2),
+            "steady_models_per_second": round(steady, 3),
+            "train_record_seconds_per_model": round(busy / len(rows), 3), "load_before": load0, "load_after": _load()}
+
+
+def bench_throughput(num_models: int, repeats: int, threads: list[int], work: Path) -> dict:
+    runs = []
+    for rep in range(repeats):
+        res = {}
+        variants = [(f"sequential_{t}_thread{'s' * (t > 1)}", lambda c, t=t: _sequential(c, t)) for t in threads]
+        for name, fn in variants + [("ray_2_actors", _ray)]:
+            root = work / f"tp-{rep}-{name}"
+            res[name] = fn(throughput_cfg(str(root), num_models))
+            shutil.rmtree(root)
+            print(f"throughput repeat {rep}: {name}: {res[name]}", flush=True)
+        par = res["ray_2_actors"]
+        for name, _ in variants:
+            seq = res[name]
+            res[f"ratio_vs_{name}"] = round(seq["wall_seconds"] / par["wall_seconds"], 3)
+            res[f"steady_ratio_vs_{name}"] = round(par["steady_models_per_second"] / seq["steady_models_per_second"], 3)
+        runs.append(res)
+    torch.set_num_threads(os.cpu_count() or 1)
+    medians = {f"median_{k}": statistics.median(r[k] for r in runs) for k in runs[0] if "ratio" in k}
+    return {
+        "what": "same population trained + recorded: plain sequential loop in one process vs 2 Ray actors",
+        "population": {"num_models": num_models, "arch": "gru", "hidden_size": 32, "epochs": 4, "batch_size": 128,
+                       "num_examples": 4000, "num_probe": 500, "num_test": 500,
+                       "groups": "train_fraction 1.0 and 0.5, half the models each"},
+        "ratio_definition": "ratio: sequential wall seconds / Ray wall seconds (Ray cluster start excluded, "
+                            "actor start and data load included); steady_ratio: models/s once running "
+                            "(Ray: first to last completion; sequential: models / summed train+record seconds)",
+        "goal_ratio": 1.8,
+        "runs": runs,
+        **medians,
+    }
+
+
+# ---------------------------------------------------------------- (b) trajectory writes
+
+
+def bench_write(work: Path, repeats: int = 7) -> dict:
+    torch.manual_seed(0)
+    task = data.load_task("mnist1d", seed=0, num_examples=4000)
+    spec = zoo.ArchSpec(arch="gru", input_kind="sequence", input_shape=tuple(task.input_shape), num_classes=10,
+                        hidden_size=64)
+    model = zoo.build(spec).eval()
+    hs, out = population.record(model, task.probe.x[:1000])
+    h_np, o_np = hs[0].numpy(), out.numpy()
+    nbytes = h_np.nbytes + o_np.nbytes
+    result = {"arrays": {"hidden_NTH": list(h_np.shape), "output_NTC": list(o_np.shape), "float32_bytes": nbytes,
+                         "source": "untrained GRU (hidden 64) on 1000 MNIST-1D probe sequences"},
+              "repeats": repeats, "load_before": _load()}
+
+    def timed(fn) -> float:
+        times = []
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            fn(i)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    np_dir = work / "npy"
+    np_dir.mkdir(parents=True)
+
+    def np_save(i):
+        np.save(np_dir / f"h{i}.npy", h_np)
+        np.save(np_dir / f"o{i}.npy", o_np)
+
+    t_np = timed(np_save)
+    result["numpy_save"] = {"median_seconds": round(t_np, 4), "mb_per_second": round(nbytes / t_np / 1e6, 1),
+                            "bytes_on_disk": (np_dir / "h0.npy").stat().st_size + (np_dir / "o0.npy").stat().st_size}
+    for dtype in ("float32", "float16"):
+        root = work / f"pq-{dtype}"
+        t_pq = timed(lambda i: store.write_trajectory(root, f"m{i}", "probe", hs, out, "rnn", dtype))
+        size = (root / store.Layout.at(root).trajectory_rel("m0", "probe")).stat().st_size
+        result[f"parquet_{dtype}"] = {"median_seconds": round(t_pq, 4), "mb_per_second": round(nbytes / t_pq / 1e6, 1),
+                                      "bytes_on_disk": size, "ratio_vs_numpy_save": round(t_np / t_pq, 3)}
+    result["load_after"] = _load()
+    result["goal_ratio"] = 0.5
+    result["ratio_definition"] = "Parquet write throughput / numpy.save throughput on the same float32 arrays"
+    return result
+
+
+# ---------------------------------------------------------------- (c) 200 models end to end
+
+
+def bench_pop200(work: Path) -> dict:
+    cfg = config.load(REPO / "configs" / "population-200.yaml").population.replace(root=str(work / "pop200"))
+    t0 = time.perf_counter()
+    init_ray()
+    ray_init = time.perf_counter() - t0
+    load0, t0 = _load(), time.perf_counter()
+    rows = run_population(cfg, progress=True)
+    wall = time.perf_counter() - t0
+    ray.shutdown()
+    groups = population.group_summary(rows)
+    sizes = _du(Path(cfg.root))
+    return {
+        "config": "configs/population-200.yaml", "num_models": len(rows), "num_actors": "one per CPU (2)",
+        "ray_init_seconds": round(ray_init, 2), "wall_seconds": round(wall, 2),
+        "models_per_second": round(len(rows) / wall, 3),
+        "disk_bytes": sizes, "disk_mib_total": round(sizes["total"] / 2**20, 2),
+        "groups": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in g.items()} for g in groups],
+        "load_before": load0, "load_after": _load(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sections", nargs="+", default=["throughput", "write", "pop200"],
+                    choices=["throughput", "write", "pop200"])
+    ap.add_argument("--num-models", type=int, default=40, help="models in the throughput population")
+    ap.add_argument("--repeats", type=int, default=1, help="repeats of the throughput comparison")
+    ap.add_argument("--threads", type=int, nargs="+", default=[2, 1],
+                    help="torch threads of the sequential baselines (2 = this machine's default)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                          "ray": ray.__version__, "default_torch_threads": torch.get_num_threads(),
+                          "note": "shared 2-core machine: other test suites may run concurrently (see load_*)"}
+    with tempfile.TemporaryDirectory(prefix="bench_population-") as tmp:
+        work = Path(tmp)
+        for section in args.sections:
+            t0 = time.strftime("%Y-%m-%dT%H:%M:%S")
+            if section == "throughput":
+                res = bench_throughput(args.num_models, args.repeats, args.threads, work)
+            elif section == "write":
+                res = bench_write(work)
+            else:
+                res = bench_pop200(work)
+            results[section] = {"measured_at": t0, **res}
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+            print(json.dumps({section: results[section]}, indent=2), flush=True)
+
+
+if __name__ == "__main__":
+    main()
