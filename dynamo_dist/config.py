@@ -95,6 +95,7 @@ class MetaConfig(_Config):
     batch_size: int = Field(64, ge=1, description="probe sequences per sampled model per step")
     models_per_step: int = Field(4, ge=1, description="base models sampled per step (per worker)")
     lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate (meta-model, theta and V)")
+    embedding_lr: float | None = Field(None, gt=0.0, description="AdamW learning rate of theta_n and V_n (None = lr)")
     weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay of the shared meta-model")
     seed: int = Field(0, ge=0, description="seed of initialisation and sampling")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (theta/V shards)")

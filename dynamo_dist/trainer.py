@@ -133,12 +133,13 @@ class DynamoTrainer:
                                      embed_dim=cfg.embed_dim, resnet_arch=cfg.resnet_arch)
         base_dims = [[h.shape[-1] if data.family == "rnn" else h.shape[1] for h in data.probe[m].hiddens]
                      for m in data.model_ids]
+        self._emb_lr = cfg.embedding_lr or cfg.lr
         torch.manual_seed(cfg.seed + 1 + rank)
         self.embeddings = ModelEmbeddings(data.model_ids, cfg.embedding_dim, self.meta.tap_dims, base_dims, data.family)
         self.forward_module: nn.Module = self.meta  # the Ray job swaps in the DDP wrapper
         self.opt_meta = torch.optim.AdamW(self.meta.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         # theta and V: no weight decay (theta starts at 0 and is the quantity under study)
-        self.opt_emb = torch.optim.AdamW(self.embeddings.parameters(), lr=cfg.lr, weight_decay=0.0)
+        self.opt_emb = torch.optim.AdamW(self.embeddings.parameters(), lr=self._emb_lr, weight_decay=0.0)
         self.step = 0
         self.history: list[dict] = []
         self._train_idx = {t: np.arange(int(len(s) * (1 - VAL_FRACTION)) or len(s))
@@ -170,9 +171,9 @@ class DynamoTrainer:
 
     def _set_lr(self) -> None:
         f = cosine_factor(self.step, self.cfg.steps)
-        for opt in (self.opt_meta, self.opt_emb):
+        for opt, lr in ((self.opt_meta, self.cfg.lr), (self.opt_emb, self._emb_lr)):
             for g in opt.param_groups:
-                g["lr"] = self.cfg.lr * f
+                g["lr"] = lr * f
 
     def train_step(self) -> dict:
         self.meta.train()
