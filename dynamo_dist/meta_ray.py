@@ -307,7 +307,8 @@ def train_loop_per_worker(config: dict) -> None:
     trainer = DynamoTrainer(cfg, data, all_rows, rank)
 
     shared = None
-    ckpt = ray.train.get_checkpoint() or config["resume_from"]
+    own_ckpt = ray.train.get_checkpoint()  # this run's latest, after a worker failure or a re-run
+    ckpt = own_ckpt or config["resume_from"]
     if ckpt is not None:
         with ckpt.as_directory() as d:
             shared, per_model, _ = read_checkpoint(d)
@@ -318,6 +319,7 @@ def train_loop_per_worker(config: dict) -> None:
         trainer.load_shard_state({m: per_model[m] for m in shard_ids})
     history: list[dict] = list(shared["history"]) if shared else []
     train_seconds = float(shared["train_seconds"]) if shared else 0.0
+    train_cpu_seconds = float(shared.get("train_cpu_seconds", 0.0)) if shared else 0.0
     resumed_done = trainer.step >= cfg.steps
 
     # DDP broadcasts rank 0's (identical) shared state here; theta/V stay outside it.
@@ -325,19 +327,21 @@ def train_loop_per_worker(config: dict) -> None:
 
     mlcfg = config["mlflow"]
     run = None
-    run_id = mlcfg["run_id"] or (shared or {}).get("mlflow_run_id")
+    # a restart continues its own MLflow run; a run seeded from another run's checkpoint starts one
+    run_id = mlcfg["run_id"] or (shared["mlflow_run_id"] if own_ckpt is not None else None)
     if rank == 0 and mlcfg["enabled"]:
         run = _start_or_attach_run(cfg, mlcfg, run_id, len(ids))
         run_id = run.run_id
     token = uuid.uuid4().hex[:8]  # distinct checkpoint dir names per attempt (rank 0's is used)
 
     pending: list[dict] = []
-    t_steps = time.perf_counter()
+    t_steps, cpu_steps = time.perf_counter(), time.process_time()
     steps_done = 0
 
     def report(final: bool) -> None:
-        nonlocal pending, train_seconds, t_steps
+        nonlocal pending, train_seconds, train_cpu_seconds, t_steps, cpu_steps
         train_seconds += time.perf_counter() - t_steps
+        train_cpu_seconds += time.process_time() - cpu_steps
         if pending:
             flat = _all_reduce([v for r in pending for v in (r["loss"], r["loss_hidden"], r["loss_output"])])
             recs = [{"step": r["step"], "loss": flat[3 * i] / world, "loss_hidden": flat[3 * i + 1] / world,
@@ -371,7 +375,7 @@ def train_loop_per_worker(config: dict) -> None:
                         "opt_meta": trainer.opt_meta.state_dict(), "history": history, "num_workers": world,
                         "shards": [_shard_file(r) for r in range(world)], "model_ids": ids,
                         "mlflow_run_id": run_id, "config": cfg.model_dump(mode="json"),
-                        "train_seconds": train_seconds,
+                        "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds,
                     }, Path(tmp, SHARED_FILE))
                 torch.save(trainer.shard_state(), Path(tmp, _shard_file(rank)))
                 if test is not None:
@@ -379,7 +383,7 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"checkpoint_{trainer.step:08d}_{token}")
         pending = []
-        t_steps = time.perf_counter()
+        t_steps, cpu_steps = time.perf_counter(), time.process_time()
 
     while trainer.step < cfg.steps:
         pending.append(trainer.train_step())
