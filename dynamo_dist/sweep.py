@@ -1,0 +1,519 @@
+"""Ray Tune sweeps over lambda (output-loss weight), d (embedding dimension) and the hidden distance.
+
+``run_sweep`` validates everything first (search space, metric, tracking server, population
+root, trial resources vs. the cluster) and only then starts a ``Tuner`` over a grid of
+``output_weight`` x ``embedding_dim`` x ``hidden_distance`` (``num_samples`` repeats).
+
+Each trial is one meta run and writes the standard meta-run outputs (``meta_run`` module
+docstring) into its own directory::
+
+    <run_dir>/sweep/<sweep name>/trial-00003-lam1-d8-l2/   checkpoint.pt, embeddings.parquet, ...
+    <run_dir>/sweep/<sweep name>/trials.json, trials.md     the trials table, best first
+    <run_dir>/tune/<sweep name>/                            Tune's experiment state
+
+Trials:
+
+* ``workers_per_trial == 1``: the trial runs ``DynamoTrainer`` in its own process
+  (1 CPU) and calls ``tune.report`` every ``eval_every`` steps, so ASHA can stop it.
+* ``workers_per_trial > 1``: the trial is a thin driver (Ray Train V2 / Tune interop)
+  that builds ``meta_ray.build_trainer(..., callbacks=[TuneReportCallback()])`` and fits
+  it; the Train workers' reports reach Tune through the callback.
+
+Every report carries ``step``, ``loss`` (mean training loss since the previous report),
+``val_agreement`` and ``val_hidden_r2``: emulation metrics on held-out probe sequences
+(the tail of the probe split, never trained on), comparable across lambda, unlike the loss.
+ASHA (``sweep.scheduler: asha``) ranks trials on ``sweep.metric`` with ``step`` as time.
+With ASHA a single-worker trial rewrites its outputs before each report, so a trial
+stopped early still leaves the outputs of its last report; a Ray Train trial stopped
+early gets its outputs from its latest checkpoint (``meta_ray.finalize`` in the driver,
+test metrics recomputed there). ASHA + Ray Train trials need Ray's State API inside the
+cluster (``_check_state_api``): without it Ray Train cannot release the workers of a
+stopped trial and the sweep stalls, so ``run_sweep`` refuses that combination up front.
+
+MLflow — one writer, no lost data
+---------------------------------
+All MLflow writes of a sweep come from the Tune driver process, through a Tune
+``Callback`` (``_MlflowTrials``) that the Tune event loop calls one event at a time; the
+trials themselves never talk to MLflow. So concurrent trials never write concurrently,
+and the embedded SQLite store (which serialises writers and times out under contention)
+is as safe as a tracking server (``meta.tracking_uri: http://...``, needed only to share
+the store between machines or users). Per run:
+
+* the sweep's parent run (``sweep-<time>``): sweep + base meta params, and at the end the
+  trials table (``trials.json``/``trials.md``), ``best_*`` metrics and tags;
+* one child run per trial (tag ``mlflow.parentRunId``), created when the trial starts,
+  with the meta config as params (``lambda``, ``embedding_dim``, ``hidden_distance``,
+  ``population_root``, ``population_size``, ...). Each Tune report is logged as it
+  arrives (``val_agreement``, ``val_hidden_r2`` at ``step``: one entry per report); when
+  the trial ends, the per-step training history (``loss``, ``loss_hidden``,
+  ``loss_output``) is logged with one ``log_batch`` per 1000 metrics, then the test
+  metrics, ``silhouette_group`` and the artifacts (embeddings.parquet, embedding_pca.png,
+  model_metrics.parquet, history.parquet, summary.json, meta_config.yaml, meta/checkpoint.pt)
+  via ``meta_run.log_to_mlflow``.
+
+The driver reads each trial's outputs from its directory, so on a multi-node cluster
+``run_dir`` must be on storage every node sees — as the population root already must be.
+
+Clustering: ``silhouette_group`` is the silhouette score of theta against the manifest's
+``group`` labels (Euclidean, all d dimensions): near 1 when groups form tight, separate
+clusters, near 0 when they overlap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from . import config as config_mod
+from . import store
+from .config import MetaConfig, SweepConfig
+
+METRIC_MODES = {"val_agreement": "max", "val_hidden_r2": "max", "loss": "min"}
+SEARCH_KEYS = ("output_weight", "embedding_dim", "hidden_distance")
+TABLE_COLUMNS = ("rank", "trial", "output_weight", "embedding_dim", "hidden_distance", "status", "steps",
+                 "num_reports", "val_agreement", "val_hidden_r2", "test_agreement", "test_hidden_r2",
+                 "test_meta_accuracy", "silhouette_group", "wall_seconds")
+BEST_KEYS = ("output_weight", "embedding_dim", "val_agreement", "val_hidden_r2", "test_agreement", "test_hidden_r2",
+             "test_meta_accuracy", "silhouette_group")
+
+
+# ---------------------------------------------------------------- plain helpers (no Ray)
+
+
+def trial_dirname(trial_id: str, params: dict) -> str:
+    """``trial-<index>-lam<λ>-d<d>-<dist>``; the index is Tune's trial counter (unique per sweep)."""
+    index = trial_id.rsplit("_", 1)[-1]
+    return f"trial-{index}-lam{params['output_weight']:g}-d{params['embedding_dim']}-{params['hidden_distance']}"
+
+
+def trial_config(base: MetaConfig, params: dict, sweep_dir: str | Path, trial_id: str,
+                 workers_per_trial: int) -> MetaConfig:
+    """The MetaConfig of one trial: ``base`` with the trial's λ, d, distance and output dir."""
+    return base.replace(output_weight=float(params["output_weight"]), embedding_dim=int(params["embedding_dim"]),
+                        hidden_distance=params["hidden_distance"], num_workers=workers_per_trial,
+                        output_dir=str(Path(sweep_dir) / trial_dirname(trial_id, params)))
+
+
+def silhouette_by(emb, label: str = "group") -> float | None:
+    """Silhouette score of theta (embeddings.parquet table) against manifest column ``label``.
+
+    None when it is undefined (fewer than 2 labels, or every model its own label).
+    """
+    import numpy as np
+    from sklearn.metrics import silhouette_score
+
+    if label not in emb.column_names:
+        return None
+    theta_NE = np.asarray(emb.column("theta").to_pylist(), dtype=np.float64)
+    labels = [str(v) for v in emb.column(label).to_pylist()]
+    if not 2 <= len(set(labels)) <= len(labels) - 1:
+        return None
+    return float(silhouette_score(theta_NE, labels, metric="euclidean"))
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict], columns: tuple[str, ...] = TABLE_COLUMNS) -> str:
+    cols = [c for c in columns if any(c in r for r in rows)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def rank_trials(rows: list[dict], metric: str) -> list[dict]:
+    """Rows best first by ``metric`` (its mode from METRIC_MODES); trials without it last."""
+    sign = -1.0 if METRIC_MODES[metric] == "max" else 1.0
+
+    def key(r):
+        v = r.get(metric)
+        missing = v is None or (isinstance(v, float) and math.isnan(v))
+        return (missing, 0.0 if missing else sign * v, r["trial"])
+
+    ranked = sorted(rows, key=key)
+    for i, r in enumerate(ranked, 1):
+        r["rank"] = i
+    return ranked
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, run_dir: str | Path) -> tuple[SweepConfig, list[dict]]:
+    """Everything that can be checked before a trial starts; returns (sweep config, manifest rows).
+
+    ValueError / FileNotFoundError name the offending field, URI or path.
+    """
+    from . import tracking
+    from .trainer import check_population
+
+    # Re-validate: a config built with model_construct() or mutated skips pydantic's checks.
+    sweep_cfg = config_mod.parse(SweepConfig, sweep_cfg.model_dump(), source="sweep")
+    if sweep_cfg.metric not in METRIC_MODES:
+        raise ValueError(f"sweep.metric: {sweep_cfg.metric!r} is not reported by trials; "
+                         f"choose one of {sorted(METRIC_MODES)}")
+    for name in SEARCH_KEYS:  # the grid must produce valid MetaConfigs too
+        for value in getattr(sweep_cfg, name):
+            meta_cfg.replace(**{name: value})
+    tracking.check_reachable(tracking.resolve_uri(run_dir, meta_cfg.tracking_uri))
+    rows = store.manifest_rows(meta_cfg.population_root)
+    check_population(rows, meta_cfg.population_root)
+    return sweep_cfg, rows
+
+
+def _trial_resources(sweep_cfg: SweepConfig, cluster: dict) -> tuple[dict, int]:
+    """Per-trial resource request and the number of trials that fit at once.
+
+    One worker: the trial itself trains, 1 CPU. More: the trial is a Train driver (0.01 CPU:
+    Ray Tune needs a non-empty bundle) and its Train workers take 1 CPU each, in their own
+    placement group, so a trial needs ``w + 0.01`` CPUs.
+    """
+    cpus = float(cluster.get("CPU", 0.0))
+    w = sweep_cfg.workers_per_trial
+    need = 1.0 if w == 1 else w + 0.01
+    if need > cpus:
+        raise ValueError(f"sweep.workers_per_trial={w}: a trial needs {need:g} CPUs but the Ray cluster has "
+                         f"{cpus:g}; lower workers_per_trial or connect to a larger cluster (--address)")
+    resources = {"cpu": 1.0} if w == 1 else {"cpu": 0.01}
+    fit = max(1, int(cpus // need))
+    return resources, min(sweep_cfg.max_concurrent_trials, fit)
+
+
+def _state_api_error() -> str | None:
+    """Runs inside the cluster, like Ray Train's PlacementGroupCleaner: None when the State API answers."""
+    from ray.util.state import list_actors
+
+    try:
+        list_actors(limit=1, raise_on_missing_output=False)
+    except Exception as err:  # noqa: BLE001 - any failure means the cleaner would fail the same way
+        return f"{type(err).__name__}: {str(err)[:200]}"
+    return None
+
+
+def _check_state_api() -> None:
+    """ASHA stops Ray Train trials by killing their driver; Ray Train V2 then releases the workers'
+    placement group through its PlacementGroupCleaner actor, which needs Ray's State API (the
+    dashboard, reachable from inside the cluster). Without it the CPUs of every stopped trial
+    leak and later trials wait forever (ray-project/ray#54305), so refuse up front."""
+    import ray
+
+    error = ray.get(ray.remote(num_cpus=0)(_state_api_error).remote())
+    if error:
+        raise ValueError("sweep.scheduler=asha with sweep.workers_per_trial > 1 needs Ray's State API inside the "
+                         "cluster (a cluster with the dashboard, e.g. `ray start --head` + --address) so that "
+                         "trials stopped early release their Train workers; use workers_per_trial=1 or "
+                         f"scheduler=fifo on this Ray ({error})")
+
+
+# ---------------------------------------------------------------- trainables (run inside Ray)
+
+
+def _report_local(cfg: MetaConfig, write_every_report: bool) -> None:
+    """One trial, one process: DynamoTrainer + ``tune.report`` every ``eval_every`` steps."""
+    import torch
+    from ray import tune
+
+    from .meta_run import write_outputs
+    from .metrics import evaluate, summarize
+    from .trainer import DynamoTrainer, load_population
+
+    torch.set_num_threads(1)  # the trial holds 1 CPU
+    t0 = time.perf_counter()
+    data = load_population(cfg.population_root)
+    trainer = DynamoTrainer(cfg, data)
+    window: list[float] = []
+
+    def save() -> None:
+        write_outputs(cfg, trainer.state_dict(), trainer.embedding_rows(), evaluate(trainer, "test"),
+                      trainer.history, data.rows,
+                      {"wall_seconds": time.perf_counter() - t0, "num_workers": 1, "steps": trainer.step})
+
+    def on_step(tr: DynamoTrainer, rec: dict) -> None:
+        window.append(rec["loss"])
+        if tr.step % cfg.eval_every and tr.step != cfg.steps:
+            return
+        val = {f"val_{k.removeprefix('mean_')}": v for k, v in summarize(evaluate(tr, "val")).items()}
+        rec.update(val)  # history.parquet keeps the val_* rows, as in run_meta_local
+        if write_every_report or tr.step == cfg.steps:
+            save()
+        tune.report({"step": tr.step, "loss": sum(window) / len(window), **val})
+        window.clear()
+
+    trainer.fit(callback=on_step)
+
+
+def _report_ray_train(cfg: MetaConfig, experiment_dir: str) -> None:
+    """One trial, a Ray Train run: this process only drives the TorchTrainer (Train V2 / Tune interop).
+
+    Rank 0's reports reach Tune through ``TuneReportCallback``; the workers do not log to
+    MLflow (the sweep's driver does), and ``finalize`` writes the outputs without logging.
+    """
+    import ray.train
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from . import meta_ray
+
+    trial_id = tune.get_context().get_trial_id()
+    run_config = ray.train.RunConfig(name=f"train-{trial_id}", storage_path=experiment_dir,
+                                     failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+                                     checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
+    trainer = meta_ray.build_trainer(cfg, run_config=run_config, callbacks=[TuneReportCallback()],
+                                     log_mlflow=False, progress=False)
+    meta_ray.finalize(cfg, trainer.fit(), log=False)
+
+
+def _trainable(params: dict, *, base: dict, sweep_dir: str, experiment_dir: str, workers_per_trial: int,
+               write_every_report: bool) -> None:
+    from ray import tune
+
+    cfg = trial_config(MetaConfig.model_validate(base), params, sweep_dir, tune.get_context().get_trial_id(),
+                       workers_per_trial)
+    if workers_per_trial == 1:
+        _report_local(cfg, write_every_report)
+    else:
+        _report_ray_train(cfg, experiment_dir)
+
+
+# ---------------------------------------------------------------- MLflow from the driver
+
+
+def _read_outputs(out: Path) -> tuple[dict, dict, list[dict], Any]:
+    """(summary, per-model metrics, history, embeddings table) of a trial's output dir (empty when absent)."""
+    import pyarrow.parquet as pq
+
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+    per_model = {}
+    if (out / "model_metrics.parquet").is_file():
+        per_model = {r.pop("model_id"): r for r in pq.read_table(out / "model_metrics.parquet").to_pylist()}
+    history = pq.read_table(out / "history.parquet").to_pylist() if (out / "history.parquet").is_file() else []
+    emb = pq.read_table(out / "embeddings.parquet") if (out / "embeddings.parquet").is_file() else None
+    return summary, per_model, history, emb
+
+
+class _MlflowTrials:
+    """Tune callback (built by ``_make_callback``): all MLflow writes of a sweep, in the driver.
+
+    Also builds the trials table. See the module docstring for why the driver logs.
+    """
+
+    def __init__(self, base: MetaConfig, sweep_cfg: SweepConfig, run_dir: str, sweep_dir: str,
+                 parent_run_id: str, population_size: int):
+        self.base, self.sweep_cfg, self.run_dir, self.sweep_dir = base, sweep_cfg, run_dir, sweep_dir
+        self.parent_run_id, self.population_size = parent_run_id, population_size
+        self.rows: dict[str, dict] = {}
+        self._runs: dict[str, Any] = {}
+        self._t0: dict[str, float] = {}
+        self._checkpoints: dict[str, str] = {}  # trial -> latest Ray Train checkpoint (workers_per_trial > 1)
+
+    def __getstate__(self):  # Tune pickles its run config; MLflow clients stay in the driver
+        state = dict(self.__dict__)
+        state["_runs"] = {}
+        return state
+
+    def _cfg(self, trial) -> MetaConfig:
+        return trial_config(self.base, trial.config, self.sweep_dir, trial.trial_id, self.sweep_cfg.workers_per_trial)
+
+    def on_trial_start(self, trial) -> None:
+        from . import tracking
+
+        if trial.trial_id in self._runs:  # restarted after a failure: keep logging into the same run
+            return
+        cfg = self._cfg(trial)
+        run = tracking.start_run(self.run_dir, cfg.experiment, Path(cfg.output_dir).name, cfg.tracking_uri,
+                                 self.parent_run_id,
+                                 tags={"dynamo.stage": "sweep-trial", "dynamo.trial_id": trial.trial_id})
+        run.log_params({**cfg.model_dump(mode="json"), "lambda": cfg.output_weight,
+                        "population_size": self.population_size})
+        self._runs[trial.trial_id] = run
+        self._t0[trial.trial_id] = time.time()
+        self.rows[trial.trial_id] = {
+            "trial": Path(cfg.output_dir).name, "trial_id": trial.trial_id, "output_weight": cfg.output_weight,
+            "embedding_dim": cfg.embedding_dim, "hidden_distance": cfg.hidden_distance, "status": "RUNNING",
+            "steps": 0, "num_reports": 0, "output_dir": cfg.output_dir, "mlflow_run_id": run.run_id}
+
+    def on_trial_result(self, trial, result: dict) -> None:
+        row = self.rows[trial.trial_id]
+        metrics = {k: result[k] for k in ("val_agreement", "val_hidden_r2") if result.get(k) is not None}
+        step = int(result.get("step", result.get("training_iteration", 0)))
+        self._runs[trial.trial_id].log_metrics(metrics, step=step)
+        row.update(metrics, steps=step, loss=result.get("loss"))
+        row["num_reports"] += 1
+        if result.get("checkpoint_path"):  # added by TuneReportCallback when the workers saved one
+            self._checkpoints[trial.trial_id] = result["checkpoint_path"]
+
+    def on_trial_end(self, trial, failed: bool) -> None:
+        from .meta_run import log_to_mlflow
+
+        row, run = self.rows[trial.trial_id], self._runs.pop(trial.trial_id)
+        cfg = self._cfg(trial)
+        ckpt = self._checkpoints.pop(trial.trial_id, None)
+        if not (Path(cfg.output_dir) / "summary.json").is_file() and ckpt and not failed:
+            # a Ray Train trial stopped by ASHA before its own finalize: outputs of its last checkpoint
+            from . import meta_ray
+
+            meta_ray.finalize(cfg, ckpt, log=False)
+        summary, per_model, history, emb = _read_outputs(Path(cfg.output_dir))
+        if failed:
+            row["status"] = "ERROR"
+        else:
+            row["status"] = "TERMINATED" if row["steps"] >= cfg.steps else "STOPPED_EARLY"
+        row["wall_seconds"] = time.time() - self._t0.pop(trial.trial_id)
+        try:
+            if emb is not None:
+                row["silhouette_group"] = silhouette_by(emb, "group")
+                row.update(test_agreement=summary.get("mean_agreement"), test_hidden_r2=summary.get("mean_hidden_r2"),
+                           test_meta_accuracy=summary.get("mean_meta_accuracy"))
+                extra = {"silhouette_group": row["silhouette_group"], "num_reports": row["num_reports"]}
+                # val_* were logged per report as they arrived; the history adds the per-step losses.
+                train_history = [{k: v for k, v in h.items() if not k.startswith("val_")} for h in history]
+                log_to_mlflow(cfg, {**summary, **{k: v for k, v in extra.items() if v is not None}},
+                              per_model, train_history, run=run)
+            run.set_tags({"dynamo.trial_status": row["status"]})
+        except BaseException:
+            run.end("FAILED")
+            raise
+        run.end("FAILED" if failed else "FINISHED")  # ASHA stops show in the dynamo.trial_status tag
+
+
+def _make_callback(*args, **kwargs):
+    """A ``ray.tune.Callback`` forwarding to ``_MlflowTrials`` (keeps Ray imports lazy)."""
+    from ray import tune
+
+    class MlflowTrialsCallback(tune.Callback):
+        def __init__(self):
+            self.impl = _MlflowTrials(*args, **kwargs)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.impl.on_trial_start(trial)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.impl.on_trial_result(trial, result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if trial.trial_id in self.impl._runs:
+                self.impl.on_trial_end(trial, failed=False)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            if trial.trial_id in self.impl._runs:
+                self.impl.on_trial_end(trial, failed=True)
+
+    return MlflowTrialsCallback()
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+def _abs(path: str) -> str:
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def _sweep_name(root: Path) -> str:
+    name = time.strftime("sweep-%Y%m%d-%H%M%S")
+    i = 1
+    while (root / "sweep" / name).exists() or (root / "tune" / name).exists():
+        i += 1
+        name = time.strftime("sweep-%Y%m%d-%H%M%S") + f"-{i}"
+    return name
+
+
+def run_sweep(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, run_dir: str, address: str | None = None) -> list[dict]:
+    """Tune ``meta_cfg`` over the grid of ``sweep_cfg``; returns the trials table, best first.
+
+    Each row: trial, output_weight, embedding_dim, hidden_distance, status (TERMINATED,
+    STOPPED_EARLY by ASHA, ERROR), steps, num_reports, the last val_agreement/val_hidden_r2,
+    test_agreement/test_hidden_r2/test_meta_accuracy (test split), silhouette_group,
+    wall_seconds, output_dir, mlflow_run_id, rank. Raises ValueError/FileNotFoundError
+    before any trial starts on bad input, RuntimeError when every trial failed.
+    """
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from . import tracking
+    from .ray_utils import init_ray
+
+    root = Path(run_dir).resolve()
+    meta_cfg = meta_cfg.replace(population_root=_abs(meta_cfg.population_root))
+    sweep_cfg, rows = validate(meta_cfg, sweep_cfg, root)
+    cluster = init_ray(address)
+    resources, concurrency = _trial_resources(sweep_cfg, cluster)
+    if sweep_cfg.scheduler == "asha" and sweep_cfg.workers_per_trial > 1:
+        _check_state_api()
+
+    name = _sweep_name(root)
+    sweep_dir, experiment_dir = root / "sweep" / name, root / "tune"
+    sweep_dir.mkdir(parents=True)
+    mode = METRIC_MODES[sweep_cfg.metric]
+    grid = {k: tune.grid_search(list(getattr(sweep_cfg, k))) for k in SEARCH_KEYS}
+    num_trials = sweep_cfg.num_samples * math.prod(len(getattr(sweep_cfg, k)) for k in SEARCH_KEYS)
+
+    parent = tracking.start_run(root, meta_cfg.experiment, name, meta_cfg.tracking_uri,
+                                tags={"dynamo.stage": "sweep", "dynamo.sweep_dir": str(sweep_dir)})
+    try:
+        parent.log_params({**{f"sweep.{k}": v for k, v in sweep_cfg.model_dump(mode="json").items()},
+                           **{f"meta.{k}": v for k, v in meta_cfg.model_dump(mode="json").items()},
+                           "population_root": meta_cfg.population_root, "population_size": len(rows),
+                           "num_trials": num_trials, "max_concurrent_trials_effective": concurrency,
+                           "trial_resources": resources, "tune_experiment": str(experiment_dir / name)})
+        callback = _make_callback(meta_cfg, sweep_cfg, str(root), str(sweep_dir), parent.run_id, len(rows))
+        scheduler = None
+        if sweep_cfg.scheduler == "asha":
+            grace = min(meta_cfg.steps, max(meta_cfg.eval_every, meta_cfg.steps // 4))
+            # max_t one past the last step: ASHA would otherwise STOP every trial at its final report,
+            # killing a Ray Train trial before its own finalize and clean shutdown.
+            scheduler = ASHAScheduler(time_attr="step", max_t=meta_cfg.steps + 1, grace_period=grace,
+                                      reduction_factor=2)
+        # Re-using a trial's actor skips re-importing torch, but Tune errors a trial whose actor
+        # does not reset within 2 s: only safe when every trial's function has returned (FIFO,
+        # in-process trials). ASHA stops trials mid-report; Train drivers wind down slowly.
+        reuse = scheduler is None and sweep_cfg.workers_per_trial == 1
+        trainable = tune.with_resources(
+            tune.with_parameters(_trainable, base=meta_cfg.model_dump(mode="json"), sweep_dir=str(sweep_dir),
+                                 experiment_dir=str(experiment_dir / name),
+                                 workers_per_trial=sweep_cfg.workers_per_trial,
+                                 write_every_report=scheduler is not None),
+            resources)
+        tuner = tune.Tuner(
+            trainable, param_space=grid,
+            tune_config=tune.TuneConfig(metric=sweep_cfg.metric, mode=mode, scheduler=scheduler,
+                                        num_samples=sweep_cfg.num_samples, max_concurrent_trials=concurrency,
+                                        reuse_actors=reuse),
+            run_config=tune.RunConfig(name=name, storage_path=str(experiment_dir), callbacks=[callback],
+                                      verbose=1))
+        results = tuner.fit()
+        table = rank_trials(list(callback.impl.rows.values()), sweep_cfg.metric)
+        _log_summary(parent, table, sweep_cfg.metric, sweep_dir)
+    except BaseException:
+        parent.end("FAILED")
+        raise
+    ok = [r for r in table if r["status"] != "ERROR"]
+    parent.end("FINISHED" if ok else "FAILED")
+    if not ok:
+        errors = [str(e) for e in results.errors][:1]
+        raise RuntimeError(f"every trial of sweep {name} failed; first error: {errors}")
+    return table
+
+
+def _log_summary(parent, table: list[dict], metric: str, sweep_dir: Path) -> None:
+    """Print the trials table and put it (JSON + markdown) and the best trial's metrics on the parent run."""
+    md = markdown_table(table)
+    print(f"\nsweep trials, best {metric} first ({sweep_dir}):\n{md}\n", flush=True)
+    store.write_json_atomic(table, sweep_dir / "trials.json")
+    (sweep_dir / "trials.md").write_text(md + "\n")
+    parent.log_artifact(sweep_dir / "trials.json")
+    parent.log_artifact(sweep_dir / "trials.md")
+    best = table[0] if table else {}
+    parent.log_metrics({f"best_{k}": best[k] for k in BEST_KEYS if best.get(k) is not None})
+    parent.log_metrics({"num_trials_finished": sum(r["status"] == "TERMINATED" for r in table),
+                        "num_trials_stopped_early": sum(r["status"] == "STOPPED_EARLY" for r in table),
+                        "num_trials_failed": sum(r["status"] == "ERROR" for r in table)})
+    if best:
+        parent.set_tags({"best_trial": best["trial"], "best_run_id": best["mlflow_run_id"]})

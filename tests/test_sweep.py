@@ -1,0 +1,364 @@
+"""Ray Tune sweeps tracked in MLflow (issue 5).
+
+Fast unit tests first (no Ray, no server). The integration tests share ONE module-scoped
+Ray (2 CPUs), one tiny MNIST-1D population and one real ``mlflow server`` on 127.0.0.1
+(SQLite backend + proxied artifact store in tmp_path, stopped by its own pid), run one
+sweep of 4 trials with 2 at a time, and read everything back with ``MlflowClient``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from dynamo_dist.config import GroupSpec, MetaConfig, PopulationConfig, SweepConfig
+from dynamo_dist.sweep import markdown_table, rank_trials, run_sweep, silhouette_by, trial_dirname
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, EVAL_EVERY = 20, 5
+GRID = {"output_weight": (0.0, 1.0), "embedding_dim": (2, 3), "hidden_distance": ("l2",)}
+
+
+# ---------------------------------------------------------------- unit tests
+
+
+def _emb(theta, groups) -> pa.Table:
+    return pa.table({"theta": pa.array([list(map(float, t)) for t in theta], pa.list_(pa.float32())),
+                     "group": pa.array(groups)})
+
+
+def test_silhouette_known_answers():
+    rng = np.random.default_rng(0)
+    tight = np.concatenate([rng.normal(0, 0.01, (5, 3)), rng.normal(10, 0.01, (5, 3))])
+    labels = ["a"] * 5 + ["b"] * 5
+    assert silhouette_by(_emb(tight, labels)) > 0.99
+    # same points, labels that cut across the two clusters: negative or ~0
+    assert silhouette_by(_emb(tight, ["a", "b"] * 5)) < 0.05
+    assert silhouette_by(_emb(tight, ["a"] * 10)) is None            # one label: undefined
+    assert silhouette_by(_emb(tight, labels), label="arch") is None  # column absent
+
+
+def test_rank_trials_and_names():
+    rows = [{"trial": "t0", "val_agreement": 0.5}, {"trial": "t1", "val_agreement": None},
+            {"trial": "t2", "val_agreement": 0.9}, {"trial": "t3", "val_agreement": 0.5}]
+    ranked = rank_trials(rows, "val_agreement")  # max; ties by name; missing last
+    assert [(r["trial"], r["rank"]) for r in ranked] == [("t2", 1), ("t0", 2), ("t3", 3), ("t1", 4)]
+    rows[0]["loss"], rows[2]["loss"] = 0.3, 0.1
+    assert [r["trial"] for r in rank_trials(rows, "loss")] == ["t2", "t0", "t1", "t3"]  # min
+    assert trial_dirname("ab12c_00007", {"output_weight": 0.5, "embedding_dim": 8, "hidden_distance": "l1"}) == \
+        "trial-00007-lam0.5-d8-l1"
+    md = markdown_table([{"trial": "t", "val_agreement": 0.12345, "silhouette_group": None}])
+    assert "0.123" in md and "–" in md
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def population(tmp_path_factory) -> str:
+    from dynamo_dist.population import run_local
+
+    root = tmp_path_factory.mktemp("sweep") / "population"
+    groups = tuple(GroupSpec(name=n, task="mnist1d", arch="gru", hidden_size=8, train_fraction=f, num_seeds=2,
+                             epochs=1) for n, f in (("full", 1.0), ("quarter", 0.25)))
+    run_local(PopulationConfig(root=str(root), groups=groups, num_examples=1000, num_probe=64, num_test=64),
+              progress=False)
+    return str(root)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_group(pgid: int, timeout: float = 20.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real tracking server on 127.0.0.1; yields its URI; stopped by its own pid."""
+    d = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    log = open(d / "server.log", "w")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no GenAI job workers on 2 CPUs
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}", "--artifacts-destination", str(d / "artifacts"),
+         "--workers", "1"],
+        # own process group (pgid == its pid), so its uvicorn workers stop with it
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited rc={proc.returncode}:\n{(d / 'server.log').read_text()}")
+            try:
+                with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("mlflow server did not answer /health within 120 s")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+        _stop_group(proc.pid)  # its uvicorn workers: the server's own process group (pgid == its pid)
+        log.close()
+
+
+def _meta(population: str, tracking_uri: str | None, experiment: str) -> MetaConfig:
+    return MetaConfig(population_root=population, steps=STEPS, eval_every=EVAL_EVERY, hidden_size=16, batch_size=16,
+                      models_per_step=2, checkpoint_every=STEPS, tracking_uri=tracking_uri, experiment=experiment)
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_session, population, mlflow_server, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sweep_run")
+    sweep_cfg = SweepConfig(**GRID, max_concurrent_trials=2, metric="val_hidden_r2")
+    table = run_sweep(_meta(population, mlflow_server, "sweep-test"), sweep_cfg, str(run_dir))
+    return {"table": table, "run_dir": run_dir, "uri": mlflow_server}
+
+
+@pytest.fixture(scope="module")
+def runs(sweep):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=sweep["uri"])
+    exp = client.get_experiment_by_name("sweep-test")
+    all_runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
+    return {"client": client, "exp": exp, "parents": parents, "children": children}
+
+
+# ---------------------------------------------------------------- integration tests
+
+
+@pytest.mark.integration
+def test_one_parent_and_a_child_per_trial_with_params(sweep, runs, population):
+    assert len(runs["parents"]) == 1
+    parent = runs["parents"][0]
+    assert parent.info.status == "FINISHED"
+    children = runs["children"]
+    assert len(children) == len(sweep["table"]) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    combos = {(float(c.data.params["lambda"]), int(c.data.params["embedding_dim"]), c.data.params["hidden_distance"])
+              for c in children}
+    assert combos == {(lam, d, "l2") for lam in GRID["output_weight"] for d in GRID["embedding_dim"]}
+    for c in children:
+        assert c.info.status == "FINISHED"
+        assert c.data.params["population_root"] == str(Path(population).resolve())
+        assert c.data.params["population_size"] == "4"
+        assert c.data.params["output_weight"] == c.data.params["lambda"]
+    assert parent.data.params["max_concurrent_trials_effective"] == "2"
+    assert parent.data.params["population_size"] == "4"
+    assert "best_val_hidden_r2" in parent.data.metrics
+
+
+@pytest.mark.integration
+def test_trials_ran_concurrently(runs):
+    spans = sorted((c.info.start_time, c.info.end_time) for c in runs["children"])
+    overlaps = sum(a_end > b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+    assert overlaps >= 1, f"no two trials overlapped in time: {spans}"
+
+
+def _tune_reports(run_dir: Path) -> dict[str, int]:
+    """Reports per trial id as Tune itself recorded them (result.json, one line per report)."""
+    counts = {}
+    for f in (run_dir / "tune").glob("*/*/result.json"):
+        lines = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+        if lines:
+            counts[lines[0]["trial_id"]] = len(lines)
+    return counts
+
+
+@pytest.mark.integration
+def test_full_metric_histories(sweep, runs):
+    client = runs["client"]
+    reports = _tune_reports(sweep["run_dir"])
+    assert len(reports) == 4
+    for c in runs["children"]:
+        rid, tid = c.info.run_id, c.data.tags["dynamo.trial_id"]
+        val = client.get_metric_history(rid, "val_hidden_r2")
+        assert len(val) == reports[tid] == STEPS // EVAL_EVERY
+        assert sorted(m.step for m in val) == list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
+        assert len(client.get_metric_history(rid, "val_agreement")) == reports[tid]
+        loss = client.get_metric_history(rid, "loss")
+        assert sorted(m.step for m in loss) == list(range(1, STEPS + 1))  # every training step, none lost
+        assert len(client.get_metric_history(rid, "loss_hidden")) == STEPS
+        for key in ("mean_agreement", "mean_hidden_r2", "silhouette_group"):
+            assert key in c.data.metrics
+
+
+@pytest.mark.integration
+def test_artifacts_logged_and_consistent(sweep, runs, tmp_path):
+    import pyarrow.parquet as pq
+
+    client = runs["client"]
+    for c in runs["children"]:
+        rid = c.info.run_id
+        names = {a.path for a in client.list_artifacts(rid)}
+        assert {"embeddings.parquet", "embedding_pca.png", "summary.json", "history.parquet"} <= names
+        assert {a.path for a in client.list_artifacts(rid, "meta")} == {"meta/checkpoint.pt"}
+        emb = pq.read_table(client.download_artifacts(rid, "embeddings.parquet", str(tmp_path)))
+        assert emb.num_rows == 4
+        assert len(emb.column("theta")[0].as_py()) == int(c.data.params["embedding_dim"])
+        assert set(emb.column("group").to_pylist()) == {"full", "quarter"}
+    parent = runs["parents"][0]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"trials.json", "trials.md"}
+    logged = json.loads(Path(client.download_artifacts(parent.info.run_id, "trials.json", str(tmp_path))).read_text())
+    assert [r["mlflow_run_id"] for r in logged] == [r["mlflow_run_id"] for r in sweep["table"]]
+
+
+@pytest.mark.integration
+def test_trials_table_and_outputs(sweep):
+    table = sweep["table"]
+    r2 = [r["val_hidden_r2"] for r in table]
+    assert r2 == sorted(r2, reverse=True)  # best first
+    for r in table:
+        assert r["status"] == "TERMINATED" and r["steps"] == STEPS and r["num_reports"] == STEPS // EVAL_EVERY
+        out = Path(r["output_dir"])
+        assert out.parent.parent.name == "sweep" and out.name == trial_dirname(r["trial_id"], r)
+        for f in ("checkpoint.pt", "embeddings.parquet", "history.parquet", "summary.json", "embedding_pca.png"):
+            assert (out / f).is_file(), f
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["steps"] == STEPS and r["test_agreement"] == summary["mean_agreement"]
+        assert -1.0 <= r["silhouette_group"] <= 1.0
+
+
+def _sweep_dirs(run_dir: Path) -> list[Path]:
+    return [p for p in (run_dir / "sweep", run_dir / "tune") if p.exists()]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("grid,match", [
+    ({"output_weight": ()}, "empty search space"),
+    ({"embedding_dim": ()}, "empty search space"),
+    ({"output_weight": (-1.0, 1.0)}, "lambda values must be >= 0"),
+])
+def test_bad_search_space_fails_before_any_trial(population, tmp_path, grid, match):
+    # model_construct skips pydantic: run_sweep must re-validate on its own
+    bad = SweepConfig.model_construct(**{**SweepConfig().model_dump(), **grid})
+    with pytest.raises(ValueError, match=match):
+        run_sweep(_meta(population, None, "bad"), bad, str(tmp_path / "run"))
+    assert not _sweep_dirs(tmp_path / "run")
+
+
+@pytest.mark.integration
+def test_unreachable_tracking_uri_fails_before_any_trial(population, tmp_path):
+    uri = f"http://127.0.0.1:{_free_port()}"
+    with pytest.raises(ValueError, match=f"tracking_uri {uri} is unreachable"):
+        run_sweep(_meta(population, uri, "bad"), SweepConfig(), str(tmp_path / "run"))
+    assert not _sweep_dirs(tmp_path / "run")
+
+
+@pytest.mark.integration
+def test_trials_that_cannot_fit_the_cluster_fail_before_any_trial(ray_session, population, tmp_path):
+    # 3 Train workers + the trial's driver need 3.01 CPUs; the module's Ray has 2
+    with pytest.raises(ValueError, match=r"workers_per_trial=3: a trial needs 3.01 CPUs .* has 2"):
+        run_sweep(_meta(population, None, "bad"), SweepConfig(workers_per_trial=3), str(tmp_path / "run"))
+    assert not _sweep_dirs(tmp_path / "run")
+
+
+@pytest.mark.integration
+def test_missing_population_and_unknown_metric(tmp_path):
+    with pytest.raises(FileNotFoundError, match="population root .*nope"):
+        run_sweep(_meta(str(tmp_path / "nope"), None, "bad"), SweepConfig(), str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="sweep.metric"):
+        run_sweep(_meta(str(tmp_path / "nope"), None, "bad"), SweepConfig(metric="accuracy"), str(tmp_path / "run"))
+    assert not _sweep_dirs(tmp_path / "run")
+
+
+def _job():
+    spec = importlib.util.spec_from_file_location("sweep_meta_job", REPO / "jobs" / "sweep_meta.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("sets,extra,match", [
+    (["sweep.output_weight=[]"], [], "empty search space"),
+    (["sweep.output_weight=[-0.5, 1]"], [], "lambda values must be >= 0"),
+    ([], ["--tracking-uri", "http://127.0.0.1:9"], "http://127.0.0.1:9 is unreachable"),
+])
+def test_job_exits_nonzero_with_the_message(population, tmp_path, capsys, sets, extra, match):
+    args = ["--recipe", "smoke", "--set", f"run_dir={tmp_path / 'run'}", "--set", f"population.root={population}",
+            "--set", f"meta.population_root={population}"]
+    for s in sets:
+        args += ["--set", s]
+    assert _job().main(args + extra) == 2
+    assert match in capsys.readouterr().err
+    assert not _sweep_dirs(tmp_path / "run")
+
+
+def _screenshot_script():
+    spec = importlib.util.spec_from_file_location("screenshot_mlflow", REPO / "scripts" / "screenshot_mlflow.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.integration
+def test_mlflow_ui_shows_the_sweep_trials(sweep, runs, mlflow_server, tmp_path):
+    """Headless Chromium renders the sweep experiment's runs table: not blank, and it lists every trial."""
+    from PIL import Image
+
+    if not Path("/usr/bin/chromium").exists():
+        pytest.skip("Debian chromium not installed (apt-get install -y chromium)")
+    out, dom = tmp_path / "sweep_experiment.png", tmp_path / "sweep_experiment.html"
+    url = _screenshot_script().experiment_url(mlflow_server, runs["exp"].experiment_id,
+                                              search_filter="tags.`dynamo.stage` = 'sweep-trial'",
+                                              order_by="metrics.`val_hidden_r2`")
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "screenshot_mlflow.py"), "--url", url,
+                           "--out", str(out), "--dom-out", str(dom)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    img = np.asarray(Image.open(out).convert("L"), dtype=np.float64)
+    assert img.shape == (900, 1400)
+    assert img.std() > 10.0, f"screenshot looks blank (pixel std {img.std():.2f})"
+    assert len(np.unique(img)) > 32  # text, icons, not a flat page
+    html = dom.read_text()
+    for r in sweep["table"]:
+        assert r["trial"] in html, f"MLflow UI does not list {r['trial']}"
