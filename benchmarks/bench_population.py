@@ -3,11 +3,12 @@
 Sections (``--sections``, default all; each run updates only its own key of the JSON):
 
 * ``throughput``: the same population (same models, same steps) trained and recorded by
-  the plain sequential loop in this process (``population.run_local``) and by 2 Ray
-  actors (``population_ray.run_population``, 1 torch thread each). The sequential loop is
-  run with torch's default thread count on this machine (2) and with 1 thread. Ray's
-  cluster start is excluded and reported apart (a cluster is up before a population is
-  submitted); actor start and each actor's data load are included. Goal: ratio >= 1.8.
+  the plain sequential loop in one process (``population.run_local``, a fresh child
+  process per baseline) and by 2 Ray actors (``population_ray.run_population``, 1 torch
+  thread each, workers at the baseline's priority). Baselines: torch's default here
+  (2 threads), 2 threads with OMP_WAIT_POLICY=PASSIVE, and 1 thread. Ray's cluster start
+  is excluded and reported apart (a cluster is up before a population is submitted);
+  actor start and each actor's data load are included. Goal: ratio >= 1.8.
 * ``write``: ``store.write_trajectory`` (Parquet, zstd) vs ``numpy.save`` of the same
   arrays (real GRU trajectories), throughput in MB/s of float32 input. Goal: ratio >= 0.5.
 * ``pop200``: ``configs/population-200.yaml`` (200 tiny RNNs) trained and recorded end to
@@ -27,6 +28,8 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -69,20 +72,45 @@ def throughput_cfg(root: str, num_models: int) -> PopulationConfig:
                                               **gru)))
 
 
-def _sequential(cfg: PopulationConfig, threads: int) -> dict:
-    torch.set_num_threads(threads)
-    data._load_task_cached.cache_clear()  # each variant pays its own data load, as each actor does
+# Sequential baselines: (name, torch threads, extra environment). Each runs in a fresh process
+# so OpenMP's wait policy can differ: with the default (spinning) policy, 2 threads on a
+# machine that other jobs also load were measured 30-50x slower than 1 thread.
+SEQUENTIAL_VARIANTS = {
+    "sequential_2_threads": (2, {}),
+    "sequential_2_threads_passive": (2, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    "sequential_1_thread": (1, {}),
+}
+
+
+def sequential_worker(spec: str) -> None:
+    """Child process: train + record the population sequentially, print the measurement as JSON."""
+    args = json.loads(spec)
+    torch.set_num_threads(args["threads"])
+    cfg = throughput_cfg(args["root"], args["num_models"])
     load0, t0 = _load(), time.perf_counter()
-    rows = population.run_local(cfg, progress=False)
+    rows = population.run_local(cfg, progress=False)  # includes this process's one data load
     wall = time.perf_counter() - t0
     busy = sum(r["train_seconds"] for r in rows)
-    # steady state: the data load (once per process) excluded
-    return {"torch_threads": threads, "wall_seconds": round(wall, 2), "models_per_second": round(len(rows) / wall, 3),
-            "steady_models_per_second": round(len(rows) / busy, 3),
-            "train_record_seconds_per_model": round(busy / len(rows), 3), "load_before": load0, "load_after": _load()}
+    print(json.dumps({"torch_threads": torch.get_num_threads(), "env": args["env"], "wall_seconds": round(wall, 2),
+                      "models_per_second": round(len(rows) / wall, 3),
+                      "steady_models_per_second": round(len(rows) / busy, 3),  # data load excluded
+                      "train_record_seconds_per_model": round(busy / len(rows), 3),
+                      "load_before": load0, "load_after": _load()}))
 
 
-def _ray(cfg: PopulationConfig) -> dict:
+def _sequential(root: Path, num_models: int, threads: int, env: dict) -> dict:
+    spec = json.dumps({"root": str(root), "num_models": num_models, "threads": threads, "env": env})
+    out = subprocess.run([sys.executable, __file__, "--sequential-worker", spec], env={**os.environ, **env},
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _ray(root: Path, num_models: int) -> dict:
+    # Ray starts its workers at nice 15, so wherever other jobs load the CPUs the actors would
+    # yield to them and to the nice-0 baseline. Same priority for both: workers at nice 0.
+    # (Linux autogroups still give Ray's session and the baseline's one fair share each.)
+    os.environ["RAY_worker_niceness"] = "0"
+    cfg = throughput_cfg(str(root), num_models)
     t0 = time.perf_counter()
     init_ray()
     ray_init = time.perf_counter() - t0
@@ -94,36 +122,40 @@ def _ray(cfg: PopulationConfig) -> dict:
     busy = sum(r["train_seconds"] for r in rows)
     # steady state: completions after the first one over the time they took (actor start excluded)
     steady = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
-    return {"num_actors": cfg.num_actors, "torch_threads_per_actor": 1, "ray_init_seconds": round(ray_init, 2),
-            "wall_seconds": round(wall, 2), "models_per_second": round(len(rows) / wall, 3),
-            "first_model_after_seconds": round(stamps[0] - t0, 2),
+    return {"num_actors": cfg.num_actors, "torch_threads_per_actor": 1, "worker_niceness": 0,
+            "ray_init_seconds": round(ray_init, 2), "wall_seconds": round(wall, 2),
+            "models_per_second": round(len(rows) / wall, 3), "first_model_after_seconds": round(stamps[0] - t0, 2),
             "steady_models_per_second": round(steady, 3),
             "train_record_seconds_per_model": round(busy / len(rows), 3), "load_before": load0, "load_after": _load()}
 
 
-def bench_throughput(num_models: int, repeats: int, threads: list[int], work: Path) -> dict:
+def bench_throughput(num_models: int, repeats: int, baselines: list[str], work: Path) -> dict:
     runs = []
     for rep in range(repeats):
         res = {}
-        variants = [(f"sequential_{t}_thread{'s' * (t > 1)}", lambda c, t=t: _sequential(c, t)) for t in threads]
-        for name, fn in variants + [("ray_2_actors", _ray)]:
+        for name in baselines + ["ray_2_actors"]:
             root = work / f"tp-{rep}-{name}"
-            res[name] = fn(throughput_cfg(str(root), num_models))
+            if name == "ray_2_actors":
+                res[name] = _ray(root, num_models)
+            else:
+                res[name] = _sequential(root, num_models, *SEQUENTIAL_VARIANTS[name])
             shutil.rmtree(root)
             print(f"throughput repeat {rep}: {name}: {res[name]}", flush=True)
         par = res["ray_2_actors"]
-        for name, _ in variants:
+        for name in baselines:
             seq = res[name]
             res[f"ratio_vs_{name}"] = round(seq["wall_seconds"] / par["wall_seconds"], 3)
             res[f"steady_ratio_vs_{name}"] = round(par["steady_models_per_second"] / seq["steady_models_per_second"], 3)
         runs.append(res)
-    torch.set_num_threads(os.cpu_count() or 1)
     medians = {f"median_{k}": statistics.median(r[k] for r in runs) for k in runs[0] if "ratio" in k}
     return {
-        "what": "same population trained + recorded: plain sequential loop in one process vs 2 Ray actors",
+        "what": "same population trained + recorded: plain sequential loop (population.run_local) in one "
+                "process vs 2 Ray actors (population_ray.run_population), 1 torch thread each",
         "population": {"num_models": num_models, "arch": "gru", "hidden_size": 32, "epochs": 4, "batch_size": 128,
                        "num_examples": 4000, "num_probe": 500, "num_test": 500,
                        "groups": "train_fraction 1.0 and 0.5, half the models each"},
+        "baselines": {k: {"torch_threads": SEQUENTIAL_VARIANTS[k][0], "env": SEQUENTIAL_VARIANTS[k][1]}
+                      for k in baselines},
         "ratio_definition": "ratio: sequential wall seconds / Ray wall seconds (Ray cluster start excluded, "
                             "actor start and data load included); steady_ratio: models/s once running "
                             "(Ray: first to last completion; sequential: models / summed train+record seconds)",
@@ -209,10 +241,14 @@ def main() -> None:
                     choices=["throughput", "write", "pop200"])
     ap.add_argument("--num-models", type=int, default=40, help="models in the throughput population")
     ap.add_argument("--repeats", type=int, default=1, help="repeats of the throughput comparison")
-    ap.add_argument("--threads", type=int, nargs="+", default=[2, 1],
-                    help="torch threads of the sequential baselines (2 = this machine's default)")
+    ap.add_argument("--baselines", nargs="+", choices=list(SEQUENTIAL_VARIANTS),
+                    default=["sequential_2_threads_passive", "sequential_1_thread"],
+                    help="sequential baselines (torch's default here is 2 threads, spinning OpenMP waits)")
+    ap.add_argument("--sequential-worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    if args.sequential_worker:
+        return sequential_worker(args.sequential_worker)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                           "ray": ray.__version__, "default_torch_threads": torch.get_num_threads(),
@@ -222,7 +258,7 @@ def main() -> None:
         for section in args.sections:
             t0 = time.strftime("%Y-%m-%dT%H:%M:%S")
             if section == "throughput":
-                res = bench_throughput(args.num_models, args.repeats, args.threads, work)
+                res = bench_throughput(args.num_models, args.repeats, args.baselines, work)
             elif section == "write":
                 res = bench_write(work)
             else:
