@@ -45,8 +45,9 @@ def test_linear_rnn_fixed_point_is_solve_and_jacobian_eigenvalues_are_W():
     W = rng.standard_normal((S, S))
     W = 0.9 * W / np.abs(np.linalg.eigvals(W)).max()
     b = rng.standard_normal(S)
-    f = FixedPointFinder(num_initial=32, random_state=0).fit(_linear(W, b), torch.randn(100, S))
-    assert f.converged_
+    starts = torch.randn(100, S)
+    f = FixedPointFinder(num_initial=32, outlier_scale=None, random_state=0).fit(_linear(W, b), starts)
+    assert f.converged_ and f.num_outliers_ == 0
     assert f.fixed_points_.shape == (1, S)  # every search lands on the unique fixed point, merged into one
     np.testing.assert_allclose(f.fixed_points_[0], np.linalg.solve(np.eye(S) - W, b), atol=1e-4)
     np.testing.assert_allclose(f.jacobians_[0], W, atol=1e-5)
@@ -55,6 +56,9 @@ def test_linear_rnn_fixed_point_is_solve_and_jacobian_eigenvalues_are_W():
     assert np.abs(np.sort_complex(got) - np.sort_complex(want)).max() < 1e-5
     assert f.stats_["mean_max_abs_eigenvalue"] == pytest.approx(0.9, abs=1e-5)
     assert f.stats_["mean_num_near_unit"] == 0
+    # the fixed point lies far outside the unit-scale starting states: the outlier rule drops it
+    far = FixedPointFinder(num_initial=32, outlier_scale=1.0, random_state=0).fit(_linear(W, b), 0.1 * starts)
+    assert far.num_outliers_ == 32 and not far.converged_ and len(far.fixed_points_) == 0
 
 
 def test_line_attractor_statistics_of_a_linear_integrator():

@@ -187,12 +187,15 @@ def ssl_loss(losses: np.ndarray, path, title: str) -> Path:
 
 
 def fixed_point_panels(panels: list[tuple[str, np.ndarray, np.ndarray | None, dict]], path, title: str,
-                       traj_K2: list[np.ndarray] | None = None) -> Path:
-    """Fixed points (projected to 2-D) per panel, coloured by readout; one panel per theta/model (Fig. 8)."""
+                       traj_K2: list[np.ndarray] | None = None, share: bool = False) -> Path:
+    """Fixed points (projected to 2-D) per panel, coloured by readout; one panel per theta/model (Fig. 8).
+
+    ``share``: common axes (panels drawn in one projection, e.g. the meta-model's hidden space).
+    """
     n = len(panels)
     cols = min(4, n)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.1 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.1 * rows), squeeze=False, sharex=share, sharey=share)
     for idx, (name, pts, colour, stats) in enumerate(panels):
         ax = axes[idx // cols][idx % cols]
         if traj_K2 is not None and traj_K2[idx] is not None:

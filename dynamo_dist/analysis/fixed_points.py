@@ -153,16 +153,21 @@ class FixedPointFinder:
     noise_scale : float
         std of Gaussian jitter added to the candidates (0 = start on visited states).
     max_iter : int
-        L-BFGS iterations per batch of candidates at most (each about 1.3 evaluations of F).
+        L-BFGS iterations at most (each candidate has its own history and line search;
+        an iteration costs one gradient and one or a few forward evaluations of F).
     batch_size : int
-        candidates optimised jointly; smaller batches couple fewer points through the
-        shared line search.
+        candidates evaluated together (memory only: the searches are independent).
     stop_tol : float
-        the search of a batch stops when the summed q changes by less than this.
+        a candidate stops moving once its q is below this.
     q_tol : float
         a candidate is a fixed point when q(h) = 1/2 ||F(h) - h||^2 <= q_tol.
     dedup_tol : float
         fixed points closer than this (Euclidean, state units) are merged.
+    outlier_scale : float | None
+        fixed points farther from the candidates' centroid than ``outlier_scale`` times the
+        farthest candidate are dropped (as G&S's ``outlier_distance_scale``): saturated
+        gates make q vanish far outside the visited region (z -> 1 gives F(h) ~ h), which
+        are not fixed points of the dynamics on data. None keeps every point.
     max_jacobians : int
         Jacobians (and eigenvalues) are computed for at most this many fixed points (slowest first).
     unit_tol : float
@@ -173,7 +178,7 @@ class FixedPointFinder:
     Attributes (after ``fit``)
     --------------------------
     candidates_ (K,S), final_states_ (K,S), final_speeds_ (K,): every search's start, end and q;
-    num_evaluations_ : evaluations of F (times batch) spent;
+    num_evaluations_ : evaluations of F (times batch) spent; num_outliers_ : searches that ran off (dropped);
     fixed_points_ (P,S), speeds_ (P,): de-duplicated fixed points (slowest first);
     converged_ : bool -- False when no candidate met ``q_tol`` (then the slowest points are kept);
     jacobians_ (P',S,S), eigenvalues_ (P',S) complex (sorted by decreasing modulus);
@@ -182,7 +187,7 @@ class FixedPointFinder:
     """
 
     def __init__(self, num_initial: int = 128, noise_scale: float = 0.0, max_iter: int = 200, batch_size: int = 128,
-                 q_tol: float = 1e-6, stop_tol: float = 1e-14, dedup_tol: float = 1e-2,
+                 q_tol: float = 1e-6, stop_tol: float = 1e-12, dedup_tol: float = 1e-2, outlier_scale: float | None = 2.0,
                  max_jacobians: int = 64, unit_tol: float = 0.05, random_state: int | None = None):
         self.num_initial = num_initial
         self.noise_scale = noise_scale
@@ -191,6 +196,7 @@ class FixedPointFinder:
         self.q_tol = q_tol
         self.stop_tol = stop_tol
         self.dedup_tol = dedup_tol
+        self.outlier_scale = outlier_scale
         self.max_jacobians = max_jacobians
         self.unit_tol = unit_tol
         self.random_state = random_state
@@ -221,10 +227,17 @@ class FixedPointFinder:
         self.final_states_ = final.numpy()
         self.final_speeds_ = q_final.numpy()
 
-        ok = self.final_speeds_ <= self.q_tol
+        near = np.ones(len(final), dtype=bool)
+        if self.outlier_scale is not None:
+            centre = self.candidates_.mean(axis=0)
+            radius = float(np.linalg.norm(self.candidates_ - centre, axis=1).max())
+            near = np.linalg.norm(self.final_states_ - centre, axis=1) <= self.outlier_scale * max(radius, 1e-6)
+        self.num_outliers_ = int((~near).sum())
+        ok = (self.final_speeds_ <= self.q_tol) & near
         self.converged_ = bool(ok.any())
         if not self.converged_:  # keep the slowest points so the plots still show the slow manifold
-            ok = self.final_speeds_ <= 10.0 * float(self.final_speeds_.min()) + 1e-12
+            speeds = np.where(near, self.final_speeds_, np.inf)
+            ok = near & (speeds <= 10.0 * float(speeds.min()) + 1e-12) if near.any() else near
         pts, spd = self.final_states_[ok], self.final_speeds_[ok]
         keep = deduplicate(pts, spd, self.dedup_tol)
         self.fixed_points_ = pts[keep]
@@ -243,31 +256,104 @@ class FixedPointFinder:
         return self
 
     def _minimise(self, step, h0_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """L-BFGS (strong-Wolfe line search) on sum_k q(h_k) for one batch of candidates.
+        """Minimise q(h_b) for every candidate b independently; returns (final states, q, evaluations)."""
+        return batched_lbfgs(step, h0_BS, self.max_iter, stop_tol=self.stop_tol)
 
-        The points are independent, so the sum's minimiser is every point's own; L-BFGS
-        reaches q ~ 1e-10 in ~100 evaluations where Adam needs thousands (the paper's
-        "gradient descent" -- G&S's slow-point search -- run with a quasi-Newton step).
-        """
-        h = h0_BS.clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([h], lr=1.0, max_iter=self.max_iter, history_size=20, tolerance_grad=1e-12,
-                                tolerance_change=self.stop_tol, line_search_fn="strong_wolfe")
-        count = [0]
 
-        def closure():
-            count[0] += 1
-            opt.zero_grad(set_to_none=True)
-            q = 0.5 * (step(h) - h).pow(2).sum()
-            q.backward()
-            return q
+def _q(step, h_BS: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (step(h_BS) - h_BS).pow(2).sum(dim=1)
 
-        opt.step(closure)
+
+def _q_and_grad(step, h_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    h = h_BS.detach().requires_grad_(True)
+    q_B = _q(step, h)
+    (g_BS,) = torch.autograd.grad(q_B.sum(), h)  # points are independent: each row is its own gradient
+    return q_B.detach(), g_BS
+
+
+def batched_lbfgs(step, h0_BS: torch.Tensor, max_iter: int = 200, history: int = 10, stop_tol: float = 1e-12,
+                  max_backtracks: int = 10, patience: int = 5) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """L-BFGS run separately for each row of ``h0`` on q(h) = 1/2 ||step(h) - h||^2, vectorised.
+
+    Every candidate keeps its own curvature history and its own backtracking (Armijo) step,
+    so one slow or ill-conditioned point neither steers nor stalls the others (a single
+    L-BFGS on the summed q mixes all points' curvature). A row is finished when its q is
+    below ``stop_tol``, when no step decreases q along the quasi-Newton direction and then
+    along the gradient, or when q has improved by less than 0.1% for ``patience`` iterations
+    running (it sits at the float precision of q). F is evaluated only on unfinished rows.
+    Returns (final states (B,S), q (B,), batched evaluations of F).
+    """
+    h = h0_BS.detach().clone()
+    b, dim = h.shape
+    q, g = _q_and_grad(step, h)
+    evals = 1
+    s_hist = h.new_zeros(history, b, dim)
+    y_hist = h.new_zeros(history, b, dim)
+    rho = h.new_zeros(history, b)         # 0 marks an empty or reset entry: it then drops out of the recursion
+    gamma = h.new_ones(b)                 # initial Hessian scale s.y / y.y of the newest accepted pair
+    failed = torch.zeros(b, dtype=torch.bool)
+    stalled = torch.zeros(b, dtype=torch.long)
+    done = ~torch.isfinite(q)
+    for it in range(max_iter):
+        done = done | (q <= stop_tol)
+        active = ~done
+        if not bool(active.any()):
+            break
+        # two-loop recursion, newest pair first (slot (it - 1 - j) % history)
+        r = g.clone()
+        alphas = []
+        for j in range(min(it, history)):
+            k = (it - 1 - j) % history
+            a = rho[k] * (s_hist[k] * r).sum(1)
+            r = r - a[:, None] * y_hist[k]
+            alphas.append((k, a))
+        r = gamma[:, None] * r
+        for k, a in reversed(alphas):
+            beta = rho[k] * (y_hist[k] * r).sum(1)
+            r = r + (a - beta)[:, None] * s_hist[k]
+        d = -r
+        slope = (g * d).sum(1)
+        not_descent = slope >= 0
+        d[not_descent] = -g[not_descent]
+        slope = torch.where(not_descent, -(g * g).sum(1), slope)
+        # per-row backtracking line search from the unit quasi-Newton step; F is evaluated
+        # only on the rows still searching (finished rows cost nothing)
+        t = h.new_ones(b)
+        ok = torch.zeros(b, dtype=torch.bool)
         with torch.no_grad():
-            final = h.detach().clone()
-            q_B = 0.5 * (step(final) - final).pow(2).sum(dim=1)
-        bad = ~torch.isfinite(q_B)  # a diverged search is a failed candidate, never a fixed point
-        q_B[bad] = float("inf")
-        return final, q_B, count[0]
+            for _ in range(max_backtracks):
+                rows = (active & ~ok).nonzero().flatten()
+                if len(rows) == 0:
+                    break
+                q_try = _q(step, h[rows] + t[rows, None] * d[rows])
+                evals += 1
+                good = torch.isfinite(q_try) & (q_try < q[rows]) & (q_try <= q[rows] + 1e-4 * t[rows] * slope[rows])
+                ok[rows[good]] = True
+                t[rows[~good]] *= 0.5
+        # a failed row retries once along the gradient (history reset), then is finished
+        miss = active & ~ok
+        done = done | (miss & failed)
+        failed = miss & ~failed
+        rho[:, failed] = 0.0
+        gamma = torch.where(failed, torch.ones_like(gamma), gamma)
+        h_new = torch.where(ok[:, None], h + t[:, None] * d, h)
+        q_new, g_new = q.clone(), g.clone()
+        moved = ok.nonzero().flatten()
+        if len(moved):
+            q_new[moved], g_new[moved] = _q_and_grad(step, h_new[moved])
+            evals += 1
+        s_vec, y_vec = h_new - h, g_new - g
+        sy = (s_vec * y_vec).sum(1)
+        valid = ok & (sy > 1e-12)
+        k = it % history
+        s_hist[k], y_hist[k] = s_vec, y_vec
+        rho[k] = torch.where(valid, 1.0 / sy.clamp_min(1e-12), torch.zeros_like(sy))
+        gamma = torch.where(valid, sy / (y_vec * y_vec).sum(1).clamp_min(1e-30), gamma)
+        stalled = torch.where(q - q_new <= 1e-3 * q, stalled + 1, torch.zeros_like(stalled))
+        done = done | (stalled >= patience)
+        h, q, g = h_new, q_new, g_new
+    q = torch.where(torch.isfinite(q), q, torch.full_like(q, float("inf")))  # a diverged row is no fixed point
+    return h, q, evals
 
 
 def line_attractor_stats(fixed_points_PS: np.ndarray, eigenvalues_PS: np.ndarray, unit_tol: float = 0.05) -> dict:

@@ -41,7 +41,7 @@ from .geometry import EmbeddingGeometry
 from .html import Report, Section
 from .landscape import ThetaLandscape
 from .ssl import SemiSupervisedTheta
-from .valence import WordValence
+from .valence import NEGATIVE_WORDS, NEUTRAL_WORDS, POSITIVE_WORDS, WordValence
 
 LABEL_CANDIDATES = ("group", "task", "arch", "hidden_size", "train_fraction", "epoch")  # extra PCA colourings
 MAX_BASELINE_ROWS = 4096      # activation rows per model compared by SVCCA/CKA
@@ -439,9 +439,9 @@ def _ssl(ctx: _Ctx, sec: Section, results: dict) -> dict:
     lands = results.get("landscape", {}).get("fits", {})
     scale = float(np.sqrt((ctx.theta ** 2).sum(axis=1).mean())) or 1.0
     lr = 0.05 * max(scale, 0.1)
-    sec.text(f"The meta-model is frozen; θ starts at 0 and {ctx.cfg.ssl_steps} Adam iterates (lr {lr:.3g} = 5% of the "
-             "RMS norm of the base embeddings) minimise the cross-entropy on a small labelled set disjoint from the "
-             "test split (Fig. 7).")
+    sec.text(f"The meta-model is frozen; θ starts at 0 and {ctx.cfg.ssl_steps} Adam iterates (lr {lr:.3g}: 5% of the "
+             "RMS norm of the base embeddings, at least 0.005) minimise the cross-entropy of the final-step output on "
+             "a small labelled set disjoint from the test split (Fig. 7).")
     rows, head, fits = [], {}, {}
     for task in sorted(set(ctx.tasks)):
         labelled, source = _ssl_labelled(ctx, task)
@@ -504,7 +504,10 @@ def _fixed_points(ctx: _Ctx, sec: Section, results: dict) -> dict:
     meta = ctx.run.meta
     sec.text("Golub & Sussillo: L-BFGS on q(h) = ½‖F(θ, x*, h) − h‖² from hidden states visited on "
              f"{NUM_FP_PROBE} probe sequences ({ctx.cfg.fixed_point_states} candidates, "
-             f"{ctx.cfg.fixed_point_iters} iterations), points with q ≤ 1e-6 kept and merged within 0.01. "
+             f"{ctx.cfg.fixed_point_iters} iterations, each candidate with its own history and line search); "
+             "points with q ≤ 1e-6 are kept and merged within 0.01, and points more than twice as far from the "
+             "candidates' centroid as the farthest candidate are dropped (saturated gates make q vanish far "
+             "outside the visited region). "
              "x* = 0: the zero input vector, or for token inputs the <pad> embedding (kept at zero by the "
              "padding index). Line-attractor statistics: share of the fixed points' variance on their first "
              "principal component, and the mean number of Jacobian eigenvalues with ||λ| − 1| ≤ 0.05.")
@@ -531,7 +534,7 @@ def _fixed_points(ctx: _Ctx, sec: Section, results: dict) -> dict:
         points_rows += [{"theta": name, "pc1": float(c[0]), "pc2": float(c[1]), "q": float(q)}
                         for c, q in zip(proj, f.speeds_)]
     p = figures.fixed_point_panels(panels, ctx.fig_dir / "fixed_points_meta.png",
-                                   "meta-model fixed points at x* (common PCA of all fixed points)", trajs)
+                                   "meta-model fixed points at x* (common PCA of all fixed points)", trajs, share=True)
     sec.figure(p, ctx.out, "Fixed points of h ↦ F̃(θ, x*, h) for several θ (Fig. 8), coloured by the readout "
                            "(2 classes: logit difference; more: predicted class); grey: visited states.")
     p = figures.eigenvalue_panels([(n, f.eigenvalues_) for n, _, _, f, _ in fits], ctx.fig_dir / "fixed_points_eigenvalues.png",
@@ -672,8 +675,6 @@ def _valence(ctx: _Ctx, sec: Section, results: dict) -> dict:
         names = list(td.class_names)
         pos, neg = names.index("positive"), names.index("negative")
         word_ids = {}
-        from .valence import NEGATIVE_WORDS, NEUTRAL_WORDS, POSITIVE_WORDS
-
         for w in POSITIVE_WORDS + NEGATIVE_WORDS + NEUTRAL_WORDS:
             i = token_id(td, w)
             if i != UNK_ID:
@@ -793,7 +794,7 @@ def _paper_comparison(ctx: _Ctx, results: dict) -> list[dict]:
     fp = results.get("fixed_points", {}).get("table")
     if fp:
         cen = [r for r in fp if r["theta"].startswith("centroid")]
-        rows.append({"claim": "Line attractors at x* (sentiment models)",
+        rows.append({"claim": f"Line-attractor structure of the meta-model at x* ({', '.join(sorted(set(ctx.tasks)))})",
                      "paper": "line attractors, elongated with more training data (Fig. 8)",
                      "measured": "; ".join(f"{r['theta']}: {r['num_fixed_points']} fp, PC1 share "
                                            f"{_f(r['pc1_variance_ratio'])}, |λ|≈1 {_f(r['mean_num_near_unit'])}"

@@ -88,6 +88,8 @@ class WordValence:
             finder.fit(meta_dynamics(meta, theta, group=group), meta_visited_states(meta, theta, x, lengths))
             with torch.no_grad():
                 fp = torch.from_numpy(finder.fixed_points_)
+                if len(fp) == 0:  # every search ran off: fall back to the slowest state reached
+                    fp = torch.from_numpy(finder.final_states_[[int(np.argmin(finder.final_speeds_))]])
                 g_fp = sentiment(fp)
                 h_star = fp[int(torch.argmin(g_fp.abs()))]
                 u_WD = meta.encode(ids)[:, 0]
