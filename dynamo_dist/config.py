@@ -194,7 +194,7 @@ def _demo() -> dict:
                        "num_probe": 1000},
         # lambda 10 and a 10x faster theta/V learning rate: the output term and theta need the push
         # for the meta-model to match low-confidence (25%-data) models' decisions, not just their states.
-        "meta": {"steps": 4000, "hidden_size": 96, "embedding_dim": 8, "models_per_step": 4, "batch_size": 32,
+        "meta": {"steps": 6000, "hidden_size": 96, "embedding_dim": 8, "models_per_step": 4, "batch_size": 32,
                  "lr": 3e-3, "embedding_lr": 1e-2, "output_weight": 10.0, "num_workers": 2,
                  "eval_every": 500, "checkpoint_every": 1000},
     }
