@@ -1,7 +1,8 @@
-"""End to end: tiny MNIST-1D population -> meta run -> run_analysis -> report, tables, MLflow run.
+"""End to end: tiny populations -> meta run -> run_analysis -> report, tables, MLflow run.
 
-One module-scoped run (about a minute on 2 cores); the browser screenshot is an
-integration test on the same report.
+Two module-scoped runs (MNIST-1D GRUs with MLflow logging; tweet-sentiment GRUs for word
+valence), about 15 s each on an idle 2-core machine; the browser screenshot is an
+integration test on the MNIST-1D report.
 """
 
 from __future__ import annotations
@@ -119,6 +120,41 @@ def test_unknown_color_by_names_the_field(analysed):
     meta_dir, _ = analysed
     with pytest.raises(ValueError, match="color_by"):
         run_analysis(str(meta_dir), CFG.replace(color_by="nope"), out_dir=str(meta_dir / "x"), log=False)
+
+
+@pytest.fixture(scope="module")
+def analysed_tweets(tmp_path_factory):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("analysis_tweets")
+    gru = dict(task="tweets", arch="gru", hidden_size=8, embed_dim=8, num_seeds=2, epochs=1)
+    groups = (GroupSpec(name="full", train_fraction=1.0, **gru), GroupSpec(name="half", train_fraction=0.5, **gru))
+    pop = PopulationConfig(root=str(root / "population"), groups=groups, num_examples=600, num_probe=64, num_test=64)
+    run_local(pop, progress=False)
+    meta = MetaConfig(population_root=pop.root, output_dir=str(root / "meta"), steps=20, hidden_size=16, embed_dim=8,
+                      embedding_dim=2, batch_size=16, models_per_step=2, eval_every=20)
+    run_meta_local(meta, progress=False, log=False)
+    try:
+        result = run_analysis(meta.output_dir, CFG.replace(landscape_grid=2, ssl_steps=5), log=False)
+    finally:
+        torch.set_num_threads(before)
+    return Path(meta.output_dir), result
+
+
+def test_word_valence_on_a_token_sentiment_population(analysed_tweets):
+    meta_dir, result = analysed_tweets
+    out = meta_dir / "analysis"
+    doc = json.loads((out / "analysis.json").read_text())
+    assert doc["sections"]["valence"]["status"] == "ok"
+    assert doc["sections"]["fixed_points"]["status"] == "ok"
+    assert (out / "figures" / "valence_map_tweets.png").is_file()
+    assert (out / "figures" / "valence_words_tweets.png").is_file()
+    rows = pq.read_table(out / "tables" / "valence.parquet").to_pandas()
+    assert sorted(rows.model_id) == ["full-s000", "full-s001", "half-s000", "half-s001"]
+    assert np.isfinite(rows.score).all() and (rows.neutral_readout >= 0).all()
+    assert np.isfinite(result["valence.tweets.mean_score"])
+    html = Path(result["report"]).read_text()
+    assert "missing from the vocabulary" in html  # Table 3 words unseen in 300 tweets are listed, not scored
 
 
 @pytest.mark.integration

@@ -141,7 +141,7 @@ def pairwise_distances(taps_by_model: list[list[np.ndarray]], method: str = "svc
             bases = [svcca_basis(m, variance_kept, max_dims) for m in mats]
             pair = lambda i, j: _svcca_from_rho(canonical_correlations(bases[i], bases[j]))  # noqa: E731
         else:
-            centred = [m - m.mean(axis=0) for m in mats]
+            centred = [np.asarray(m, dtype=np.float64) - np.asarray(m, dtype=np.float64).mean(axis=0) for m in mats]
             self_norm = [np.linalg.norm(c.T @ c) for c in centred]
             pair = lambda i, j: max(0.0, 1.0 - float(np.linalg.norm(centred[j].T @ centred[i]) ** 2  # noqa: E731
                                                      / max(self_norm[i] * self_norm[j], 1e-300)))

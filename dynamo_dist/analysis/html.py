@@ -52,7 +52,8 @@ class Section:
         if not rows:
             return
         cols = columns or list(rows[0])
-        head = "".join(f'<th class="{"l" if i == 0 else ""}">{html.escape(str(c))}</th>' for i, c in enumerate(cols))
+        head = "".join(f'<th class="{"l" if i == 0 or isinstance(rows[0].get(c), str) else ""}">'
+                       f"{html.escape(str(c))}</th>" for i, c in enumerate(cols))
         body = "".join(
             "<tr>" + "".join(f'<td class="{"l" if i == 0 or isinstance(r.get(c), str) else ""}">'
                              f"{html.escape(fmt(r.get(c)))}</td>" for i, c in enumerate(cols)) + "</tr>"

@@ -44,11 +44,12 @@ from .ssl import SemiSupervisedTheta
 from .valence import NEGATIVE_WORDS, NEUTRAL_WORDS, POSITIVE_WORDS, WordValence
 
 LABEL_CANDIDATES = ("group", "task", "arch", "hidden_size", "train_fraction", "epoch")  # extra PCA colourings
-MAX_BASELINE_ROWS = 4096      # activation rows per model compared by SVCCA/CKA
+MAX_BASELINE_ROWS = 2048      # activation rows per model compared by SVCCA/CKA (memory: N x rows x H)
 NUM_FP_PROBE = 64             # probe sequences whose visited states seed fixed-point searches
 MAX_META_FP_THETAS = 8        # meta-model thetas analysed for fixed points (Fig. 8)
 MAX_BASE_FP_MODELS = 4        # base models analysed for fixed points
 VALENCE_GRID = 5              # grid points per axis of the word-valence map (a fixed-point search each)
+NEUTRAL_TOL = 0.25            # |G(h*)| (logit difference) below which the chosen fixed point counts as neutral
 
 
 @dataclass
@@ -313,7 +314,7 @@ def _baseline_activations(ctx: _Ctx) -> tuple[list[list[np.ndarray]], str]:
         mask = step_mask(inputs.lengths[:n], t_len)
         num_rows = int(mask.sum())
         select = np.sort(rng.choice(num_rows, size=min(num_rows, MAX_BASELINE_ROWS), replace=False))
-        taps = [[h[0][:n][mask][select].double().numpy()] for h in (hiddens[m] for m in ctx.ids)]
+        taps = [[h[0][:n][mask][select].float().numpy()] for h in (hiddens[m] for m in ctx.ids)]
     else:
         taps = [activation_taps([x[:n] for x in hiddens[m]], family) for m in ctx.ids]
     return taps, source
@@ -714,9 +715,16 @@ def _valence(ctx: _Ctx, sec: Section, results: dict) -> dict:
         for k, m in enumerate(names_k):
             rows.append({"model_id": m, "task": task, "score": float(wv.scores_[k]),
                          "neutral_readout": float(wv.neutral_readout_[k]),
+                         "neutral": bool(wv.neutral_readout_[k] <= NEUTRAL_TOL),
                          "num_fixed_points": int(wv.num_fixed_points_[k]),
                          "meta_accuracy": float(accuracies(meta, thetas[k], task, ctx.test[task])[0])})
+        neutral = wv.neutral_readout_ <= NEUTRAL_TOL
+        if not neutral.all():
+            sec.note(f"{task}: at {int((~neutral).sum())} of {len(neutral)} base embeddings no fixed point has a "
+                     f"neutral readout (|G(h*)| > {NEUTRAL_TOL}): eq. 8 then starts from a biased state, and the "
+                     "dynamics there are not a line attractor through G = 0.")
         head[f"valence.{_key(task)}.mean_score"] = float(np.mean(wv.scores_))
+        head[f"valence.{_key(task)}.fraction_neutral"] = float(neutral.mean())
         if land is not None:
             head[f"valence.{_key(task)}.best_grid_score"] = float(land.best_score_)
     if rows:
