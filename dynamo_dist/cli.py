@@ -36,7 +36,8 @@ def load_pipeline(args) -> config_mod.PipelineConfig:
     return config_mod.parse(config_mod.PipelineConfig, data, source=f"recipe {args.recipe or 'demo'}")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """--config / --recipe / --set / --address, shared by the CLI and the jobs/ entry points."""
     p.add_argument("--config", help="pipeline YAML config (see configs/)")
     p.add_argument("--recipe", help="built-in recipe: demo | smoke | paper (default demo)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a dotted config field")
@@ -50,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                         ("meta", "train the meta-model with Ray Train (theta/V sharded)"),
                         ("sweep", "Ray Tune sweep of lambda, d and hidden distance"),
                         ("run", "the whole pipeline: population -> meta -> (sweep) -> analyze")):
-        _common(sub.add_parser(name, help=help_))
+        add_common_args(sub.add_parser(name, help=help_))
     an = sub.add_parser("analyze", help="analyses and HTML report of a meta run")
-    _common(an)
+    add_common_args(an)
     an.add_argument("--meta-dir", help="meta run directory (default: the config's meta.output_dir)")
     ui = sub.add_parser("ui", help="MLflow UI on a run directory's store (127.0.0.1)")
     ui.add_argument("run_dir", nargs="?", default="runs/demo")

@@ -14,18 +14,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dynamo_dist.cli import load_pipeline
+from dynamo_dist.cli import add_common_args, load_pipeline
 from dynamo_dist.config import SweepConfig
 from dynamo_dist.sweep import run_sweep
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", help="pipeline YAML config (see configs/)")
-    ap.add_argument("--recipe", help="built-in recipe: demo | smoke | paper (default demo)")
-    ap.add_argument("--set", action="append", metavar="KEY=VALUE",
-                    help="override a dotted field, e.g. sweep.output_weight=[0,1] or meta.steps=500")
-    ap.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else in-process Ray)")
+    add_common_args(ap)
     ap.add_argument("--tracking-uri", help="MLflow tracking URI (http://host:port for a tracking server)")
     args = ap.parse_args(argv)
     try:

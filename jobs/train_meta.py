@@ -13,17 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dynamo_dist.cli import load_pipeline
+from dynamo_dist.cli import add_common_args, load_pipeline
 from dynamo_dist.meta_ray import run_meta
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", help="pipeline YAML config (see configs/)")
-    ap.add_argument("--recipe", help="built-in recipe: demo | smoke | paper (default demo)")
-    ap.add_argument("--set", action="append", metavar="KEY=VALUE",
-                    help="override a dotted field, e.g. meta.num_workers=2 or meta.steps=500")
-    ap.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else in-process Ray)")
+    add_common_args(ap)
     args = ap.parse_args(argv)
     try:
         summary = run_meta(load_pipeline(args).meta, address=args.address)
