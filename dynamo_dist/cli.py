@@ -30,9 +30,7 @@ def load_pipeline(args) -> config_mod.PipelineConfig:
     overrides = _overrides(args.set or [])
     if args.config:
         return config_mod.load(args.config, overrides=overrides)
-    data = config_mod.recipe_data(args.recipe or "demo")
-    for k, v in overrides.items():
-        config_mod._set_dotted(data, k, v)
+    data = config_mod.apply_overrides(config_mod.recipe_data(args.recipe or "demo"), overrides)
     return config_mod.parse(config_mod.PipelineConfig, data, source=f"recipe {args.recipe or 'demo'}")
 
 

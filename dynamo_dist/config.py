@@ -277,8 +277,7 @@ def load(path: str | Path, cls: type[_Config] = PipelineConfig, overrides: dict[
         if cls is not PipelineConfig:
             raise ValueError(f"config file {p}: 'recipe' is only valid in pipeline configs")
         data = _deep_merge(recipe_data(base_name), data)
-    for key, value in (overrides or {}).items():
-        _set_dotted(data, key, value)
+    apply_overrides(data, overrides or {})
     return parse(cls, data, source=str(p))
 
 
@@ -289,12 +288,45 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
+    """Apply dotted-key ``overrides`` (``{"meta.steps": 100, "population.groups.0.lr": 0.01}``) to raw
+    config ``data`` in place, before validation; returns ``data``."""
+    for key, value in overrides.items():
+        _set_dotted(data, key, value)
+    return data
+
+
 def _set_dotted(data: dict, key: str, value: Any) -> None:
+    """Set ``data[a][b]...`` for ``key = "a.b..."``; integer parts index lists (``population.groups.0.lr``).
+
+    Unknown field names are left for validation to reject (it names the dotted field); a
+    path that cannot be walked (bad list index, indexing a list the data does not spell out,
+    descending into a scalar) raises ValueError naming ``key``.
+    """
     parts = key.split(".")
-    node = data
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
+    node: Any = data
+    for depth, part in enumerate(parts):
+        here = ".".join(parts[:depth + 1])
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ValueError(f"override {key}: {here!r} is not an index of the {len(node)}-element list "
+                                 f"{'.'.join(parts[:depth])!r}")
+            part = int(part)
+        elif isinstance(node, dict):
+            if not last and part not in node:
+                if parts[depth + 1].isdigit():
+                    # the list comes from a default, not the data: there is no element to change
+                    raise ValueError(f"override {key}: {here!r} is not set in this config (it is a default); "
+                                     f"write the whole list in the config file to change its elements")
+                node[part] = {}
+        else:
+            raise ValueError(f"override {key}: {'.'.join(parts[:depth])!r} holds {node!r}, "
+                             f"not a mapping or list")
+        if last:
+            node[part] = value
+        else:
+            node = node[part]
 
 
 def dump(cfg: _Config, path: str | Path) -> None:

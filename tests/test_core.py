@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -267,6 +268,38 @@ def test_yaml_config_with_recipe_and_overrides(tmp_path):
         config.load(tmp_path / "missing.yaml")
     with pytest.raises(ValueError, match="unknown recipe"):
         config.recipe("huge")
+
+
+def test_overrides_index_lists(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("recipe: smoke\n")
+    cfg = config.load(p, overrides={"population.groups.1.num_seeds": 5})
+    assert [g.num_seeds for g in cfg.population.groups] == [2, 5]
+    # invalid values and unknown fields reach validation, which names the dotted field
+    with pytest.raises(ValueError, match=r"population\.groups\.0\.num_seeds: Input should be greater"):
+        config.load(p, overrides={"population.groups.0.num_seeds": 0})
+    with pytest.raises(ValueError, match=r"population\.groups\.0\.bogus: Extra inputs"):
+        config.load(p, overrides={"population.groups.0.bogus": 1})
+    with pytest.raises(ValueError, match=r"population\.groups\.2.*2-element list"):
+        config.load(p, overrides={"population.groups.2.lr": 0.1})
+    with pytest.raises(ValueError, match=r"population\.groups\.x.*2-element list"):
+        config.load(p, overrides={"population.groups.x.lr": 0.1})
+    with pytest.raises(ValueError, match=r"meta\.steps.*not a mapping"):
+        config.load(p, overrides={"meta.steps.x": 1})
+    p.write_text("run_dir: runs/x\n")  # groups come from the default: no list in the data to index
+    with pytest.raises(ValueError, match=r"population\.groups.*default"):
+        config.load(p, overrides={"population.groups.0.lr": 0.1})
+
+
+def test_cli_set_indexes_lists(capsys):
+    from dynamo_dist import cli
+
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+    rc = cli.main(["population", "--config", str(smoke), "--set", "population.groups.0.num_seeds=0"])
+    assert rc == 2
+    assert "population.groups.0.num_seeds" in capsys.readouterr().err
+    args = cli.build_parser().parse_args(["population", "--recipe", "smoke", "--set", "population.groups.0.lr=0.5"])
+    assert cli.load_pipeline(args).population.groups[0].lr == 0.5
 
 
 def test_unknown_dataset_is_an_error():
