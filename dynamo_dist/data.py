@@ -32,6 +32,8 @@ import importlib.util
 import os
 import random
 import re
+import uuid
+import zipfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -239,13 +241,53 @@ def _dense_task(
 
 
 # ------------------------------------------------------------------------ MNIST-1D
+_MNIST1D_KEYS = ("x", "y", "x_test", "y_test")
+
+
 @functools.lru_cache(maxsize=8)
 def _mnist1d_arrays(num_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """MNIST-1D generated from the package's templates with its canonical args (seed 42).
 
     Returns (x_pool (N, 40), y_pool, x_test, y_test); the package's own 80/20 split.
     Only ``make_dataset`` is used: ``get_dataset`` would try a download.
+
+    Generating costs ~1.5 s (import + synthesis), paid by every process that loads the
+    task -- each population actor and meta worker -- so the arrays are cached on disk
+    (:func:`default_data_dir`, keyed by package version and size); a missing, unreadable
+    or corrupt cache file is simply regenerated.
     """
+    cache = _mnist1d_cache_path(num_samples)
+    try:
+        with np.load(cache) as z:
+            return tuple(np.array(z[k]) for k in _MNIST1D_KEYS)  # type: ignore[return-value]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # absent or damaged: regenerate
+        pass
+    arrays = _make_mnist1d(num_samples)
+    _write_npz_atomic(cache, dict(zip(_MNIST1D_KEYS, arrays)))
+    return arrays
+
+
+def _mnist1d_cache_path(num_samples: int) -> Path:
+    from importlib.metadata import version  # noqa: PLC0415
+
+    return default_data_dir() / "mnist1d" / f"mnist1d-{version('mnist1d')}-n{num_samples}.npz"
+
+
+def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Best effort: a cache that cannot be written (read-only home) only costs the next load time."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _make_mnist1d(num_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     import mnist1d.data  # noqa: PLC0415 -- heavy import (pulls matplotlib), only when needed
 
     args = mnist1d.data.get_dataset_args()

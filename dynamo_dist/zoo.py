@@ -15,11 +15,11 @@ is ever unpickled.
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torchvision
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -116,8 +116,11 @@ class SmallImageResNet(nn.Module):
         return self.trajectories(x)[1][:, -1]
 
 
-def build_torchvision_resnet(arch: str, num_classes: int) -> torchvision.models.ResNet:
-    from torchvision.models.resnet import BasicBlock, ResNet
+def build_torchvision_resnet(arch: str, num_classes: int) -> nn.Module:
+    # torchvision is imported here, not at module level: importing torchvision.models pulls
+    # in torch._dynamo (~1.3 s), which every RNN-only process (population actors) would pay.
+    import torchvision.models  # noqa: PLC0415
+    from torchvision.models.resnet import BasicBlock, ResNet  # noqa: PLC0415
 
     if arch == "resnet10":  # one BasicBlock per stage: the CPU-friendly member of the family
         return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
@@ -134,8 +137,10 @@ def wrap_module(module: nn.Module, spec: ArchSpec) -> nn.Module:
     Accepts our own zoo models and plain torchvision ResNets built for small images
     (``conv1`` 3x3 stride 1, ``maxpool`` Identity).
     """
+    from torchvision.models import ResNet  # noqa: PLC0415 -- see build_torchvision_resnet
+
     model = build(spec)
-    if isinstance(module, torchvision.models.ResNet):
+    if isinstance(module, ResNet):
         model.net.load_state_dict(module.state_dict())
     else:
         model.load_state_dict(module.state_dict())
@@ -147,10 +152,13 @@ def save(model: nn.Module, path: str | Path, extra: dict[str, str] | None = None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"arch_spec": model.spec.to_json(), "format_version": str(FORMAT_VERSION), **(extra or {})}
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique: concurrent writers never share it
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)
+    try:
+        save_file(state, str(tmp), metadata=meta)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load(path: str | Path) -> nn.Module:

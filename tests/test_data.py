@@ -368,3 +368,35 @@ def test_cifar10_from_python_format_batches(tmp_path, monkeypatch):
     x = task.base_train.x
     assert x.dtype == torch.float32
     assert torch.allclose(x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4)
+
+
+def test_mnist1d_disk_cache_is_used_and_a_corrupt_one_is_regenerated(tmp_path, monkeypatch):
+    import mnist1d.data
+
+    from dynamo_dist import data as data_mod
+
+    monkeypatch.setenv("DYNAMO_DATA_DIR", str(tmp_path))
+    data_mod._mnist1d_arrays.cache_clear()
+    fresh = data_mod._mnist1d_arrays(200)
+    (cache,) = (tmp_path / "mnist1d").glob("mnist1d-*-n200.npz")
+    assert not list((tmp_path / "mnist1d").glob(".*.tmp"))
+
+    # a cache hit must not generate again
+    data_mod._mnist1d_arrays.cache_clear()
+    monkeypatch.setattr(mnist1d.data, "make_dataset", lambda args: pytest.fail("regenerated despite a cache file"))
+    cached = data_mod._mnist1d_arrays(200)
+    for a, b in zip(fresh, cached):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+    monkeypatch.undo()
+
+    # a damaged cache file is regenerated (same values) and replaced by a readable one
+    monkeypatch.setenv("DYNAMO_DATA_DIR", str(tmp_path))
+    cache.write_bytes(cache.read_bytes()[:100])
+    data_mod._mnist1d_arrays.cache_clear()
+    again = data_mod._mnist1d_arrays(200)
+    for a, b in zip(fresh, again):
+        np.testing.assert_array_equal(a, b)
+    with np.load(cache) as z:
+        np.testing.assert_array_equal(z["x"], fresh[0])
+    data_mod._mnist1d_arrays.cache_clear()
