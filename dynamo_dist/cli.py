@@ -76,10 +76,10 @@ def _dispatch(args) -> int:
             print(f"# --- {name}\n" + yaml.safe_dump(config_mod.recipe(name).model_dump(mode="json"), sort_keys=False))
         return 0
     if args.cmd == "ui":
-        from .tracking import serve_ui
+        from . import tracking
 
-        print(f"MLflow UI for {args.run_dir} at http://{args.host}:{args.port}")
-        return serve_ui(args.run_dir, args.host, args.port)
+        print(f"MLflow UI for {args.run_dir} at {tracking.ui_url(args.host, args.port)}", flush=True)
+        return tracking.serve_ui(args.run_dir, args.host, args.port)
     cfg = load_pipeline(args)
     if args.cmd == "population":
         from .population_ray import run_population

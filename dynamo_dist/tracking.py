@@ -145,6 +145,17 @@ def ui_command(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 
             "--default-artifact-root", artifact_root(run_dir), "--host", host, "--port", str(port)]
 
 
+def ui_url(host: str = "127.0.0.1", port: int = 5000) -> str:
+    """The MLflow UI's experiment list in its classic-ML view.
+
+    MLflow 3 opens the GenAI view by default; its hash-routed frontend reads the view from the
+    ``workflowType`` query parameter (``genai`` | ``machine_learning``) of ``#/experiments``
+    (checked in mlflow 3.17's bundled JS: ``WorkflowTypeProvider`` reads ``workflowType`` from
+    the URL before the value it stored in the browser).
+    """
+    return f"http://{host}:{port}/#/experiments?workflowType=machine_learning"
+
+
 def serve_ui(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 5000) -> int:
     """Run the MLflow UI in the foreground until interrupted."""
     return subprocess.call(ui_command(run_dir, host, port))

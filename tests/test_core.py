@@ -320,3 +320,14 @@ def test_base_models_with_different_input_sizes_are_rejected():
     rows[1]["arch"] = "resnet18"
     with pytest.raises(ValueError, match="mix RNNs and ResNets"):
         check_population(rows, "pop")
+
+
+def test_cli_ui_prints_the_classic_ml_experiments_page(monkeypatch, capsys):
+    # MLflow 3's UI opens its GenAI view unless the URL asks for workflowType=machine_learning
+    from dynamo_dist import cli, tracking
+
+    served = []
+    monkeypatch.setattr(tracking, "serve_ui", lambda *a: served.append(a) or 0)
+    assert cli.main(["ui", "runs/x", "--port", "5123"]) == 0
+    assert served == [("runs/x", "127.0.0.1", 5123)]
+    assert "http://127.0.0.1:5123/#/experiments?workflowType=machine_learning" in capsys.readouterr().out
