@@ -11,10 +11,10 @@ The analyses run in this process (no Ray workers needed).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from dynamo_dist.analysis import run_analysis
+from dynamo_dist.analysis.report import to_json
 from dynamo_dist.cli import load_pipeline
 
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"analyze: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({k: v for k, v in result.items() if k not in ("report", "analysis_json")}, indent=1, default=str))
+    print(to_json({k: v for k, v in result.items() if k not in ("report", "analysis_json")}, indent=1))
     print(f"report: {result['report']}")
     return 0
 

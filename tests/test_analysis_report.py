@@ -28,6 +28,36 @@ REPO = Path(__file__).resolve().parents[1]
 CFG = AnalyzeConfig(landscape_grid=3, fixed_point_states=24, fixed_point_iters=40, ssl_steps=15, seed=0)
 
 
+def _reject(token):
+    raise ValueError(f"not strict JSON: {token}")
+
+
+def strict_loads(text: str):
+    """json.loads that rejects the NaN/Infinity tokens Python's json accepts by default."""
+    return json.loads(text, parse_constant=_reject)
+
+
+def test_to_json_writes_non_finite_numbers_as_null():
+    from dynamo_dist.analysis.report import to_json
+
+    obj = {"nan": float("nan"), "inf": float("-inf"), "np": np.float32("nan"), "ok": np.float64(0.5),
+           "n": np.int64(3), "nested": [{"x": float("inf")}, (1.0, True)], "path": Path("a")}
+    assert strict_loads(to_json(obj)) == {"nan": None, "inf": None, "np": None, "ok": 0.5, "n": 3,
+                                          "nested": [{"x": None}, [1.0, True]], "path": "a"}
+
+
+def test_analyze_job_prints_strict_json(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("analyze_job", REPO / "jobs" / "analyze.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    monkeypatch.setattr(job, "run_analysis", lambda *a, **k: {"dynamo.silhouette": float("nan"), "num_models": 4,
+                                                              "report": "r.html", "analysis_json": "a.json"})
+    assert job.main(["--recipe", "smoke", "--no-log"]) == 0
+    printed, report_line = capsys.readouterr().out.rsplit("report:", 1)
+    assert strict_loads(printed) == {"dynamo.silhouette": None, "num_models": 4}
+    assert report_line.strip() == "r.html"
+
+
 @pytest.fixture(scope="module")
 def analysed(tmp_path_factory):
     before = torch.get_num_threads()
@@ -67,7 +97,7 @@ def test_report_links_only_existing_pngs(analysed):
 def test_headline_numbers_and_tables(analysed):
     meta_dir, result = analysed
     out = meta_dir / "analysis"
-    doc = json.loads((out / "analysis.json").read_text())  # strict JSON: NaN written as null
+    doc = strict_loads((out / "analysis.json").read_text())  # NaN written as null
     assert doc["sections"]["valence"]["status"] == "skipped"
     assert all(doc["sections"][k]["status"] == "ok" for k in ("geometry", "baseline", "averaging", "landscape", "ssl",
                                                                "fixed_points"))
@@ -144,7 +174,7 @@ def analysed_tweets(tmp_path_factory):
 def test_word_valence_on_a_token_sentiment_population(analysed_tweets):
     meta_dir, result = analysed_tweets
     out = meta_dir / "analysis"
-    doc = json.loads((out / "analysis.json").read_text())
+    doc = strict_loads((out / "analysis.json").read_text())
     assert doc["sections"]["valence"]["status"] == "ok"
     assert doc["sections"]["fixed_points"]["status"] == "ok"
     assert (out / "figures" / "valence_map_tweets.png").is_file()

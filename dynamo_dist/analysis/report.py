@@ -133,6 +133,7 @@ def run_analysis(meta_dir: str, cfg: AnalyzeConfig, out_dir: str | None = None, 
     report_path = report.write(out / "report.html")
     doc = {"meta_dir": str(meta_path), "config": cfg.model_dump(mode="json"), "headline": headline,
            "sections": status, "paper_comparison": comparison}
+    # _jsonable leaves no NaN/inf, so store's json.dumps writes strict JSON
     store.write_json_atomic(_jsonable(doc), out / "analysis.json")
     result = {**headline, "report": str(report_path), "analysis_json": str(out / "analysis.json")}
     if log:
@@ -839,13 +840,19 @@ def _write_table(rows: list[dict], path: Path) -> None:
         store.write_table_atomic(pa.Table.from_pylist(rows), path)
 
 
+def to_json(obj, indent: int | None = 2) -> str:
+    """Strict JSON text of ``obj``: NaN and +-inf become null (json.dumps would write the invalid
+    ``NaN``/``Infinity`` tokens), numpy scalars become Python numbers, other objects ``str``."""
+    return json.dumps(_jsonable(obj), indent=indent, allow_nan=False, default=str)
+
+
 def _jsonable(obj):
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     if isinstance(obj, (np.floating, float)):
-        return None if math.isnan(float(obj)) else float(obj)
+        return float(obj) if math.isfinite(float(obj)) else None
     if isinstance(obj, (np.integer,)):
         return int(obj)
     if isinstance(obj, np.bool_):
