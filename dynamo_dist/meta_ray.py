@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -47,6 +48,12 @@ from .ray_utils import init_ray
 from .trainer import DynamoTrainer, check_population, load_population, output_sizes
 
 CHECKPOINT_FORMAT = 1
+# Worker progress goes through logging, not print: Ray Train V2 patches print in workers to
+# log through the root logger *and*, because Ray workers' sys.stdout is a wrapper (not
+# sys.__stdout__), also to write to stdout, so every printed line reached the driver twice
+# (ray/train/v2/_internal/logging/patch_print.py). Train routes the root logger's INFO
+# records to the console (streamed to the driver) and its app log file, once each.
+_log = logging.getLogger(__name__)
 SHARED_FILE = "shared.pt"
 # MetaConfig fields a checkpoint's tensors depend on: a resumed run must not change them.
 _SHAPE_FIELDS = ("embedding_dim", "hidden_size", "embed_dim", "resnet_arch")
@@ -363,8 +370,8 @@ def train_loop_per_worker(config: dict) -> None:
             run.log_history(recs)
         checkpoint_due = final or trainer.step % cfg.checkpoint_every == 0
         if rank == 0 and config["progress"]:
-            print(f"[meta] step {trainer.step}/{cfg.steps} " + " ".join(
-                f"{k}={v:.4f}" for k, v in metrics.items() if k != "step"), flush=True)
+            _log.info(f"[meta] step {trainer.step}/{cfg.steps} " + " ".join(
+                f"{k}={v:.4f}" for k, v in metrics.items() if k != "step"))
         if not checkpoint_due:
             ray.train.report(metrics)
         else:
@@ -399,7 +406,7 @@ def train_loop_per_worker(config: dict) -> None:
         # resumed at the end (e.g. with another W): re-save so the final checkpoint matches this run
         report(final=True)
     if rank == 0 and config["progress"]:
-        print(f"[meta] worker 0 done: {steps_done} steps in {time.perf_counter() - t_start:.1f}s", flush=True)
+        _log.info(f"[meta] worker 0 done: {steps_done} steps in {time.perf_counter() - t_start:.1f}s")
 
 
 # ---------------------------------------------------------------- driver side

@@ -7,6 +7,7 @@ One local 2-CPU Ray and one tiny population per module; four TorchTrainer fits i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -277,3 +278,19 @@ def test_job_script_reports_bad_input(tmp_path):
         capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode != 0
     assert "population_root not found" in proc.stderr and str(missing) in proc.stderr
+
+
+def test_worker_progress_reaches_the_driver_once(pop_root, tmp_path):
+    # Ray Train V2 patches print() in workers to both log and write stdout; progress must not double
+    out = tmp_path / "meta"
+    sets = {"population.root": pop_root, "meta.population_root": pop_root, "meta.output_dir": out,
+            "meta.num_workers": 1, "meta.steps": 10, "meta.eval_every": 5, "meta.checkpoint_every": 10,
+            "meta.hidden_size": 16, "meta.embedding_dim": 2, "meta.batch_size": 8, "meta.models_per_step": 2}
+    argv = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "train_meta.py"), "--recipe", "smoke", *argv],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    driver_log = proc.stdout + proc.stderr
+    for line in ("[meta] step 5/10 ", "[meta] step 10/10 "):
+        assert driver_log.count(line) == 1, (line, driver_log[-3000:])
