@@ -9,18 +9,21 @@ MLflow 3's UI opens experiments in its GenAI (traces) view unless the URL asks f
 which runs the page actually shows. Chromium runs with a throw-away profile, no sandbox (containers), no background
 networking, and a virtual-time budget so the single-page app finishes rendering before
 the shot. Exits non-zero when Chromium is missing, fails, or writes no image.
+This is the one place that runs Chromium: ``screenshot_report.py`` calls ``screenshot``
+with a ``file://`` URL.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-CHROMIUM = ("/usr/bin/chromium", "chromium", "chromium-browser")
+CHROMIUM = ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 
 def experiment_url(server: str, experiment_id: str, search_filter: str | None = None,
@@ -37,11 +40,14 @@ def experiment_url(server: str, experiment_id: str, search_filter: str | None = 
 
 
 def find_chromium(explicit: str | None = None) -> str:
-    for c in ((explicit,) if explicit else CHROMIUM):
-        path = shutil.which(c) if c else None
+    """``explicit``, else $CHROMIUM, else the first of ``CHROMIUM`` found; FileNotFoundError when none is."""
+    tried = (explicit,) if explicit else tuple(c for c in (os.environ.get("CHROMIUM"), *CHROMIUM) if c)
+    for c in tried:
+        path = shutil.which(c)
         if path:
             return path
-    raise FileNotFoundError(f"chromium not found (tried {explicit or CHROMIUM}); apt-get install -y chromium")
+    raise FileNotFoundError(f"chromium not found (tried {', '.join(tried)}): apt-get install -y chromium "
+                            f"or set $CHROMIUM")
 
 
 def _chromium(exe: str, url: str, action: list[str], width: int, height: int, budget_ms: int,
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width", type=int, default=1400)
     ap.add_argument("--height", type=int, default=900)
     ap.add_argument("--budget-ms", type=int, default=15000, help="virtual time the page gets to render")
-    ap.add_argument("--chromium", help="chromium executable (default /usr/bin/chromium)")
+    ap.add_argument("--chromium", help="chromium executable (default $CHROMIUM, else /usr/bin/chromium)")
     ap.add_argument("--dom-out", help="also write the rendered DOM (HTML) to this file")
     args = ap.parse_args(argv)
     try:

@@ -2,8 +2,9 @@
 
     python scripts/screenshot_report.py runs/demo/meta/analysis/report.html [-o report.png]
 
-Chromium: /usr/bin/chromium (Debian: ``apt-get install -y chromium``), or $CHROMIUM.
-Networking, sync, component updates and QUIC are off; a throwaway profile is used.
+Chromium runs through ``screenshot_mlflow.screenshot`` with the file's ``file://`` URL (same
+flags: throw-away profile, networking, sync, component updates and QUIC off). Browser:
+$CHROMIUM, else /usr/bin/chromium (Debian: ``apt-get install -y chromium``), else one on PATH.
 Exit status: 0 on success, 2 when the file or the browser is missing or no PNG came out.
 """
 
@@ -11,27 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+# run as a script, this directory is on sys.path
+from screenshot_mlflow import find_chromium, screenshot as screenshot_url
 
-
-def find_chromium() -> str | None:
-    """$CHROMIUM, /usr/bin/chromium, or the first Chromium-like browser on PATH."""
-    env = os.environ.get("CHROMIUM")
-    if env and Path(env).is_file():
-        return env
-    if Path("/usr/bin/chromium").is_file():
-        return "/usr/bin/chromium"
-    for name in CANDIDATES:
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
+__all__ = ["find_chromium", "screenshot", "main"]
 
 
 def screenshot(html_path: str | os.PathLike, png_path: str | os.PathLike, width: int = 1280, height: int = 2400,
@@ -40,22 +28,9 @@ def screenshot(html_path: str | os.PathLike, png_path: str | os.PathLike, width:
     html = Path(html_path).resolve()
     if not html.is_file():
         raise FileNotFoundError(f"report not found: {html}")
-    exe = browser or find_chromium()
-    if exe is None:
-        raise FileNotFoundError("chromium not found: install it (apt-get install -y chromium) or set $CHROMIUM")
-    png = Path(png_path).resolve()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    if png.exists():
-        png.unlink()
-    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
-        cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={profile}", f"--screenshot={png}", f"--window-size={width},{height}",
-               "--hide-scrollbars", html.as_uri()]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if not png.is_file() or png.stat().st_size == 0:
-        raise RuntimeError(f"chromium wrote no screenshot (exit {proc.returncode}): {proc.stderr[-2000:]}")
-    return png
+    # a local page with local images: a short virtual-time budget is plenty
+    return screenshot_url(html.as_uri(), png_path, width, height, budget_ms=5000, chromium=browser,
+                          timeout_s=timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -194,7 +194,9 @@ def test_report_screenshot_is_not_blank(analysed, tmp_path):
         import screenshot_report
     finally:
         sys.path.pop(0)
-    if screenshot_report.find_chromium() is None:
+    try:
+        screenshot_report.find_chromium()
+    except FileNotFoundError:
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
     _, result = analysed
     png = tmp_path / "report.png"
