@@ -314,7 +314,7 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
                                  f"{'.'.join(parts[:depth])!r}")
             part = int(part)
         elif isinstance(node, dict):
-            if not last and part not in node:
+            if not last and node.get(part) is None:  # absent, or an empty YAML section (``sweep:``)
                 if parts[depth + 1].isdigit():
                     # the list comes from a default, not the data: there is no element to change
                     raise ValueError(f"override {key}: {here!r} is not set in this config (it is a default); "

@@ -286,6 +286,8 @@ def test_overrides_index_lists(tmp_path):
         config.load(p, overrides={"population.groups.x.lr": 0.1})
     with pytest.raises(ValueError, match=r"meta\.steps.*not a mapping"):
         config.load(p, overrides={"meta.steps.x": 1})
+    p.write_text("recipe: smoke\nsweep:\n")  # an empty YAML section is a mapping to fill in
+    assert config.load(p, overrides={"sweep.num_samples": 3}).sweep.num_samples == 3
     p.write_text("run_dir: runs/x\n")  # groups come from the default: no list in the data to index
     with pytest.raises(ValueError, match=r"population\.groups.*default"):
         config.load(p, overrides={"population.groups.0.lr": 0.1})
