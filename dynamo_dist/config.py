@@ -57,7 +57,8 @@ class GroupSpec(_Config):
 class PopulationConfig(_Config):
     """Stage 1+2: train base models and record their trajectories."""
 
-    root: str = Field("runs/demo/population", description="population root directory (or pyarrow filesystem URI)")
+    root: str = Field("runs/demo/population",
+                      description="population root directory: local, or a shared filesystem mount on a cluster")
     groups: tuple[GroupSpec, ...] = Field((GroupSpec(),), description="model groups; expanded to one model per seed")
     data_seed: int = Field(0, ge=0, description="seed of the data pool shuffle and probe/base split")
     num_examples: int | None = Field(None, ge=100, description="dataset size override (generated/subsampled), None = task default")
@@ -67,6 +68,14 @@ class PopulationConfig(_Config):
     num_actors: int | None = Field(None, ge=1, description="Ray actors training models (None = one per available CPU)")
     cpus_per_actor: float = Field(1.0, gt=0.0, description="CPUs each population actor holds")
     gpus_per_actor: float = Field(0.0, ge=0.0, description="GPU fraction each population actor holds")
+
+    @field_validator("root")
+    @classmethod
+    def _local_root(cls, v: str) -> str:
+        if "://" in v:
+            raise ValueError(f"root {v!r}: object-store URIs are not supported; give a directory path "
+                             "(on a cluster, a filesystem every node mounts, e.g. NFS/EFS)")
+        return v
 
     @model_validator(mode="after")
     def _unique_groups(self):

@@ -8,10 +8,10 @@ store under ``run_dir/meta``.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
+from . import store
 from .config import PipelineConfig
 
 
@@ -61,7 +61,7 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, progress: bool
         "tracking_uri": resolve_uri(cfg.meta.output_dir, cfg.meta.tracking_uri),
         **timings,
     }
-    (run_dir / "pipeline_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    store.write_json_atomic(summary, run_dir / "pipeline_summary.json")
     _print_summary(cfg, summary)
     return summary
 

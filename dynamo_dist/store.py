@@ -28,6 +28,7 @@ a reader can mistake for a complete one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import uuid
@@ -104,11 +105,35 @@ def write_table_atomic(table: pa.Table, path: Path, compression: str = "zstd", *
             tmp.unlink()
 
 
+def to_json(obj, indent: int | None = 2) -> str:
+    """Strict JSON text of ``obj``: NaN and +-inf become null (json.dumps would write the invalid
+    ``NaN``/``Infinity`` tokens), numpy scalars become Python numbers, other objects ``str``."""
+    return json.dumps(_jsonable(obj), indent=indent, allow_nan=False, default=str)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(float(obj)) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
 def write_json_atomic(obj, path: Path) -> None:
+    """Write ``obj`` as strict JSON (:func:`to_json`) under a temporary name, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(to_json(obj))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def remove_temp_files(root: str | os.PathLike) -> list[Path]:

@@ -8,7 +8,6 @@ A ``http(s)://`` URI switches to a tracking server, which is what concurrent wri
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,8 @@ from pathlib import Path
 import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
+
+from . import store
 
 
 def resolve_uri(run_dir: str | os.PathLike, tracking_uri: str | None) -> str:
@@ -98,7 +99,7 @@ class Run:
             self.client.log_artifact(self.run_id, str(p), artifact_path)
 
     def log_dict(self, obj: dict, name: str) -> None:
-        self.client.log_text(self.run_id, json.dumps(obj, indent=2, default=str), name)
+        self.client.log_text(self.run_id, store.to_json(obj), name)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for k, v in tags.items():

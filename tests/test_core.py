@@ -253,6 +253,8 @@ def test_config_errors_name_the_field():
         config.parse(config.MetaConfig, {"stepz": 3})
     with pytest.raises(ValueError, match="duplicate group"):
         config.parse(config.PopulationConfig, {"groups": [{"name": "a"}, {"name": "a"}]})
+    with pytest.raises(ValueError, match=r"root.*s3://bucket/pop.*not supported"):  # the store is path-only
+        config.parse(config.PopulationConfig, {"root": "s3://bucket/pop"})
 
 
 def test_yaml_config_with_recipe_and_overrides(tmp_path):

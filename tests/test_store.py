@@ -254,3 +254,15 @@ def test_temp_files_of_a_crashed_writer_are_invisible_and_removable(root, three_
     assert n.fetchall()[0][0] == 3 * N * T
     assert store.remove_temp_files(root) == [partial]
     assert not partial.exists() and store.read_trajectory(root, "m-a").num_examples == N
+
+
+def test_json_files_are_strict_json_with_non_finite_numbers_as_null(tmp_path):
+    import json
+
+    def strict_loads(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in output"))
+
+    path = tmp_path / "summary.json"
+    store.write_json_atomic({"a": float("nan"), "b": [np.float32(np.inf), 1.5], "c": np.int64(3)}, path)
+    assert strict_loads(path.read_text()) == {"a": None, "b": [None, 1.5], "c": 3}
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temp file left

@@ -28,6 +28,7 @@ import pyarrow as pa
 import torch
 
 from .. import store
+from ..store import to_json  # noqa: F401 -- re-exported: jobs/analyze.py prints with it
 from ..config import AnalyzeConfig
 from ..data import UNK_ID, Split, load_task, token_id
 from ..meta_run import MetaRun, load_meta_run
@@ -133,8 +134,7 @@ def run_analysis(meta_dir: str, cfg: AnalyzeConfig, out_dir: str | None = None, 
     report_path = report.write(out / "report.html")
     doc = {"meta_dir": str(meta_path), "config": cfg.model_dump(mode="json"), "headline": headline,
            "sections": status, "paper_comparison": comparison}
-    # _jsonable leaves no NaN/inf, so store's json.dumps writes strict JSON
-    store.write_json_atomic(_jsonable(doc), out / "analysis.json")
+    store.write_json_atomic(doc, out / "analysis.json")  # strict JSON: NaN/inf -> null
     result = {**headline, "report": str(report_path), "analysis_json": str(out / "analysis.json")}
     if log:
         result["mlflow_run_id"] = _log_mlflow(run, meta_path, cfg, headline, out, summary)
@@ -838,26 +838,6 @@ def _safe(name: str) -> str:
 def _write_table(rows: list[dict], path: Path) -> None:
     if rows:
         store.write_table_atomic(pa.Table.from_pylist(rows), path)
-
-
-def to_json(obj, indent: int | None = 2) -> str:
-    """Strict JSON text of ``obj``: NaN and +-inf become null (json.dumps would write the invalid
-    ``NaN``/``Infinity`` tokens), numpy scalars become Python numbers, other objects ``str``."""
-    return json.dumps(_jsonable(obj), indent=indent, allow_nan=False, default=str)
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(float(obj)) else None
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
 
 
 def _log_mlflow(run: MetaRun, meta_dir: Path, cfg: AnalyzeConfig, headline: dict, out: Path, summary: dict) -> str:
