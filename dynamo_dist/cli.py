@@ -1,6 +1,6 @@
 """``dynamo-dist`` command line: parse arguments, connect, call one library function.
 
-Subcommands: population, meta, sweep, analyze, run (whole pipeline), ui, recipes.
+Subcommands: population, add-models, meta, sweep, analyze, run (whole pipeline), ui, recipes.
 Configs are pipeline YAML files (see configs/); ``--recipe NAME`` uses a built-in recipe,
 ``--set key=value`` overrides dotted fields (``--set meta.steps=100``).
 """
@@ -34,12 +34,13 @@ def load_pipeline(args) -> config_mod.PipelineConfig:
     return config_mod.parse(config_mod.PipelineConfig, data, source=f"recipe {args.recipe or 'demo'}")
 
 
-def add_common_args(p: argparse.ArgumentParser) -> None:
-    """--config / --recipe / --set / --address, shared by the CLI and the jobs/ entry points."""
+def add_common_args(p: argparse.ArgumentParser, address: bool = True) -> None:
+    """--config / --recipe / --set (/ --address), shared by the CLI and the jobs/ entry points."""
     p.add_argument("--config", help="pipeline YAML config (see configs/)")
     p.add_argument("--recipe", help="built-in recipe: demo | smoke | paper (default demo)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a dotted config field")
-    p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else in-process Ray)")
+    if address:
+        p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else in-process Ray)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("run_dir", nargs="?", default="runs/demo")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
+    am = sub.add_parser("add-models", help="record users' pre-trained models (a directory of .safetensors files) "
+                                          "into a population root, in this process")
+    add_common_args(am, address=False)
+    am.add_argument("directory", help="<model_id>.safetensors files [+ architecture.json] [+ labels.csv]")
+    am.add_argument("--task", required=True, help="task the models were trained on (e.g. mnist1d, csv:/path.csv)")
+    am.add_argument("--root", help="population root (default: the config's population.root)")
+    am.add_argument("--group", help="group label of these models (default: the directory's name)")
     sub.add_parser("recipes", help="print the built-in recipes as YAML")
     return ap
 
@@ -81,6 +89,8 @@ def _dispatch(args) -> int:
         print(f"MLflow UI for {args.run_dir} at {tracking.ui_url(args.host, args.port)}", flush=True)
         return tracking.serve_ui(args.run_dir, args.host, args.port)
     cfg = load_pipeline(args)
+    if args.cmd == "add-models":
+        return _add_models(args, cfg)
     if args.cmd == "population":
         from .population_ray import run_population
 
@@ -101,6 +111,21 @@ def _dispatch(args) -> int:
         from .pipeline import run_pipeline
 
         run_pipeline(cfg, address=args.address)
+    return 0
+
+
+def _add_models(args, cfg: config_mod.PipelineConfig) -> int:
+    from pathlib import Path
+
+    from . import population, store
+
+    root = args.root or cfg.population.root
+    # An existing root keeps its own data/recording settings, so new trajectories match its inputs.
+    pop_cfg = None if store.Layout.at(root).info.is_file() else cfg.population.replace(root=root)
+    rows = population.add_model_dir(root, args.directory, args.task, cfg=pop_cfg, group=args.group, progress=True)
+    print(f"added {len(rows)} model(s) to {Path(root).resolve()}")
+    for g in population.group_summary(rows):
+        print(f"{g['group']}: {g['count']} models, test accuracy {g['mean_accuracy']:.3f} ± {g['std_accuracy']:.3f}")
     return 0
 
 

@@ -147,6 +147,53 @@ def wrap_module(module: nn.Module, spec: ArchSpec) -> nn.Module:
     return model
 
 
+_RESNET_LAYOUTS = {("BasicBlock", (1, 1, 1, 1)): "resnet10", ("BasicBlock", (2, 2, 2, 2)): "resnet18",
+                   ("BasicBlock", (3, 4, 6, 3)): "resnet34", ("Bottleneck", (3, 4, 6, 3)): "resnet50"}
+
+
+def resnet_arch_of(module: nn.Module) -> str:
+    """The zoo arch name of a torchvision ResNet in the small-image layout, else ValueError saying why.
+
+    The layout is ours (SmallImageResNet): ``conv1`` 3x3 stride 1, ``maxpool`` Identity, width 64.
+    """
+    conv1 = module.conv1
+    if tuple(conv1.kernel_size) != (3, 3) or tuple(conv1.stride) != (1, 1) or not isinstance(module.maxpool, nn.Identity):
+        raise ValueError(f"torchvision ResNet with conv1 {tuple(conv1.kernel_size)} stride {tuple(conv1.stride)} and "
+                         f"maxpool {type(module.maxpool).__name__}: only the small-image layout is supported "
+                         "(conv1 = Conv2d(C, 64, 3, 1, 1, bias=False), maxpool = Identity)")
+    layers = [module.layer1, module.layer2, module.layer3, module.layer4]
+    key = (type(layers[0][0]).__name__, tuple(len(layer) for layer in layers))
+    if key not in _RESNET_LAYOUTS or conv1.out_channels != 64:
+        raise ValueError(f"torchvision ResNet with {key[0]} blocks {list(key[1])} and width {conv1.out_channels} "
+                         f"is not one of {sorted(_RESNET_LAYOUTS.values())}")
+    return _RESNET_LAYOUTS[key]
+
+
+def load_state(path: str | Path, spec: ArchSpec) -> nn.Module:
+    """Build ``spec``'s zoo model and load a plain safetensors state dict into it (eval mode).
+
+    For ResNets the state dict may be the zoo model's (``net.*`` keys) or a bare torchvision
+    ResNet's. Shape or key mismatches are ValueErrors naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"weights file {path} is not a readable safetensors file: {err}") from None
+    model = build(spec)
+    target = model.net if spec.family == "cnn" and not any(k.startswith("net.") for k in state) else model
+    try:
+        target.load_state_dict(state)
+    except RuntimeError as err:  # missing/unexpected keys, size mismatches
+        first = str(err).strip().splitlines()
+        raise ValueError(f"weights file {path} does not fit {spec.arch} (input_shape {list(spec.input_shape)}, "
+                         f"hidden_size {spec.hidden_size}, num_classes {spec.num_classes}): "
+                         f"{' '.join(line.strip() for line in first[:4])}") from None
+    return model.eval()
+
+
 def save(model: nn.Module, path: str | Path, extra: dict[str, str] | None = None) -> None:
     """Write weights + architecture to one safetensors file (atomic rename)."""
     path = Path(path)

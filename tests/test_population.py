@@ -215,3 +215,128 @@ def test_model_with_nan_weights_is_refused_without_files(tmp_path):
     with pytest.raises(ValueError, match="NaN"):
         population.add_models(cfg.root, {"broken": model}, "mnist1d", cfg=cfg)
     assert not list(store.Layout.at(cfg.root).root.rglob("*broken*"))
+
+
+def _image_cfg(root) -> PopulationConfig:
+    return PopulationConfig(root=str(root), groups=(GroupSpec(name="img", task="fake_images", arch="resnet10"),),
+                            num_examples=200, num_probe=6, num_test=6)
+
+
+def _small_image_resnet18(num_classes: int = 10):
+    import torchvision
+
+    net = torchvision.models.resnet18(num_classes=num_classes)
+    net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool = torch.nn.Identity()
+    return net.eval()
+
+
+def test_add_models_takes_plain_torchvision_resnets(tmp_path):
+    cfg = _image_cfg(tmp_path / "root")
+    torch.manual_seed(0)
+    net = _small_image_resnet18()
+    rows = population.add_models(cfg.root, {"tv-18": net}, "fake_images", cfg=cfg)
+    assert rows[0]["arch"] == "resnet18" and rows[0]["model_id"] == "tv-18"
+    x = store.read_inputs(cfg.root, "fake_images", "probe").x
+    with torch.no_grad():
+        z = net.relu(net.bn1(net.conv1(x)))
+        expected = []
+        for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+            z = layer(z)
+            expected.append(z)
+    got = store.read_trajectory(cfg.root, "tv-18").hiddens
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    # the saved weights rebuild the same network
+    reloaded = zoo.load(store.Layout.at(cfg.root).path(rows[0]["weights_path"]))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_add_models_refuses_imagenet_layout_and_foreign_modules_before_writing(tmp_path):
+    import torchvision
+
+    cfg = _image_cfg(tmp_path / "root")
+    with pytest.raises(ValueError, match=r"model 'big'.*conv1 \(7, 7\).*small-image layout"):
+        population.add_models(cfg.root, {"ok": _small_image_resnet18(), "big": torchvision.models.resnet18()},
+                              "fake_images", cfg=cfg)
+    with pytest.raises(ValueError, match="model 'mlp': Sequential is neither"):
+        population.add_models(cfg.root, {"mlp": torch.nn.Sequential(torch.nn.Linear(3, 3))}, "fake_images", cfg=cfg)
+    with pytest.raises(ValueError, match=r"model 'five'.*num_classes 5 vs 10"):
+        population.add_models(cfg.root, {"five": _small_image_resnet18(5)}, "fake_images", cfg=cfg)
+    assert not (tmp_path / "root").exists()  # nothing written, not even the root
+
+
+def _user_dir(tmp_path, cfg):
+    """A user's directory: one file in our format, two bare state dicts described by architecture.json."""
+    from safetensors.torch import save_file
+
+    task = population.task_for(cfg, "mnist1d")
+    d = tmp_path / "my-grus"
+    d.mkdir()
+    torch.manual_seed(1)
+    models = {}
+    for mid in ("u-1", "u-2"):
+        m = zoo.build(population.arch_spec(GROUPS[0].replace(hidden_size=10), task)).eval()
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(d / f"{mid}.safetensors"))
+        models[mid] = m
+    own = zoo.build(population.arch_spec(GROUPS[0], task)).eval()
+    zoo.save(own, d / "u-own.safetensors")
+    models["u-own"] = own
+    (d / "architecture.json").write_text(json.dumps({"arch": "gru", "hidden_size": 10}))
+    (d / "labels.csv").write_text("model_id,seed,lab\nu-1,1,x\nu-2,2,y\n")
+    return d, models
+
+
+def test_add_model_dir_records_described_and_self_describing_files(tmp_path):
+    cfg = _cfg(tmp_path / "root")
+    d, models = _user_dir(tmp_path, cfg)
+    rows = population.add_model_dir(cfg.root, str(d), "mnist1d", cfg=cfg)
+    by_id = {r["model_id"]: r for r in store.manifest_rows(cfg.root)}
+    assert sorted(by_id) == ["u-1", "u-2", "u-own"] and len(rows) == 3
+    assert by_id["u-2"]["seed"] == 2 and by_id["u-2"]["lab"] == "y" and by_id["u-1"]["group"] == "my-grus"
+    assert by_id["u-1"]["hidden_size"] == 10 and by_id["u-own"]["hidden_size"] == GROUPS[0].hidden_size
+    x = store.read_inputs(cfg.root, "mnist1d", "probe").x
+    for mid, m in models.items():
+        with torch.no_grad():
+            hs, _ = m.trajectories(x)
+        torch.testing.assert_close(store.read_trajectory(cfg.root, mid).hiddens[0], hs[0], rtol=0, atol=1e-6)
+
+    # adding the directory again skips every model and rewrites nothing
+    layout = store.Layout.at(cfg.root)
+    before = {p: p.stat().st_mtime_ns for p in layout.root.rglob("*") if p.is_file()}
+    assert population.add_model_dir(cfg.root, str(d), "mnist1d") == []  # cfg from the root's own spec
+    assert {p: p.stat().st_mtime_ns for p in layout.root.rglob("*") if p.is_file()} == before
+
+
+def test_add_model_dir_errors_name_the_file_and_write_nothing(tmp_path):
+    cfg = _cfg(tmp_path / "root")
+    d, _ = _user_dir(tmp_path, cfg)
+    (d / "architecture.json").write_text(json.dumps({"arch": "gru", "hidden_size": 11}))  # wrong size
+    with pytest.raises(ValueError, match=r"u-1\.safetensors does not fit gru"):
+        population.add_model_dir(cfg.root, str(d), "mnist1d", cfg=cfg)
+    (d / "architecture.json").unlink()
+    with pytest.raises(ValueError, match=r"u-1\.safetensors carries no architecture.*architecture\.json"):
+        population.add_model_dir(cfg.root, str(d), "mnist1d", cfg=cfg)
+    (d / "architecture.json").write_text(json.dumps({"arch": "gru", "hidden_size": 10}))
+    (d / "u-2.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"u-2\.safetensors is not a readable safetensors file"):
+        population.add_model_dir(cfg.root, str(d), "mnist1d", cfg=cfg)
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors files"):
+        population.add_model_dir(cfg.root, str(tmp_path / "empty"), "mnist1d", cfg=cfg)
+    assert not (tmp_path / "root").exists()
+
+
+def test_cli_add_models(tmp_path, capsys):
+    from dynamo_dist import cli
+
+    cfg = _cfg(tmp_path / "root")
+    d, _ = _user_dir(tmp_path, cfg)
+    rc = cli.main(["add-models", str(d), "--task", "mnist1d", "--recipe", "smoke", "--root", cfg.root,
+                   "--group", "mine", "--set", "population.num_probe=20"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "added 3 model(s)" in out and "mine: 3 models" in out
+    assert {r["group"] for r in store.manifest_rows(cfg.root)} == {"mine"}
+    assert store.read_trajectory(cfg.root, "u-1").num_examples == 20
+    rc = cli.main(["add-models", str(tmp_path / "nowhere"), "--task", "mnist1d", "--root", cfg.root])
+    assert rc == 2 and "no *.safetensors files" in capsys.readouterr().err
