@@ -78,4 +78,6 @@ def _print_summary(cfg: PipelineConfig, s: dict) -> None:
         print(f"  analysis report             : {s['report']}")
     print(f"  MLflow store                : {s['tracking_uri']}")
     if not cfg.meta.tracking_uri:
-        print(f"  MLflow UI                   : dynamo-dist ui {cfg.meta.output_dir}   (then open http://127.0.0.1:5000)")
+        from .tracking import ui_url
+
+        print(f"  MLflow UI                   : dynamo-dist ui {cfg.meta.output_dir}   (then open {ui_url()})")
