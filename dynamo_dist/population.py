@@ -135,6 +135,7 @@ def record_member(root: str, cfg: PopulationConfig, model_id: str, model: torch.
         "num_classes": spec.num_classes, "input_kind": spec.input_kind, "input_shape": list(spec.input_shape),
         "vocab_size": spec.vocab_size, "test_accuracy": accuracy(model, task.test.x, task.test.y),
         "weights_path": wrel, "probe_path": paths["probe"], "test_path": paths["test"], "status": "complete",
+        "error": None,
         **labels,
     }
 
@@ -158,6 +159,26 @@ def train_and_record(root: str, cfg: PopulationConfig, job: ModelJob) -> list[di
     for r in rows:
         r["train_seconds"] = time.perf_counter() - t0
     return rows
+
+
+MODEL_ERRORS = (ValueError, FileNotFoundError)  # one model's data or numbers: fail that model, not the stage
+
+
+def failed_rows(job: ModelJob, error: str) -> list[dict]:
+    """Manifest rows recording that ``job``'s models failed (``status`` 'failed', the message in ``error``)."""
+    g = job.group
+    return [{"model_id": mid, "group": g.name, "task": g.task, "arch": g.arch, "hidden_size": g.hidden_size,
+             "train_fraction": g.train_fraction, "seed": job.seed, "status": "failed", "error": error}
+            for mid in job.member_ids()]
+
+
+def check_failures(root: str, cfg: PopulationConfig, failed: dict[str, str]) -> None:
+    """Raise if more models failed than ``cfg.max_failed_models`` allows (``failed``: model_id -> error)."""
+    if len(failed) > cfg.max_failed_models:
+        first = next(iter(failed))
+        raise ValueError(f"{len(failed)} model(s) failed (population.max_failed_models={cfg.max_failed_models}); "
+                         f"first: model {first}: {failed[first]}. Completed models are kept in {root}; failed ones "
+                         "have status 'failed' in its manifest and are retried by a re-run")
 
 
 def completed_ids(root: str) -> set[str]:
@@ -188,8 +209,17 @@ def run_local(cfg: PopulationConfig, progress: bool = True) -> list[dict]:
     jobs = pending_jobs(cfg.root, cfg)
     from tqdm.auto import tqdm
 
+    failed: dict[str, str] = {}
     for job in tqdm(jobs, desc="population", unit="model", disable=not progress):
-        store.upsert_manifest(cfg.root, train_and_record(cfg.root, cfg, job))
+        if len(failed) > cfg.max_failed_models:
+            break  # the stage fails anyway: stop training, keep what is done
+        try:
+            rows = train_and_record(cfg.root, cfg, job)
+        except MODEL_ERRORS as err:
+            rows = failed_rows(job, str(err))
+            failed.update({r["model_id"]: r["error"] for r in rows})
+        store.upsert_manifest(cfg.root, rows)
+    check_failures(cfg.root, cfg, failed)
     return store.manifest_rows(cfg.root)
 
 

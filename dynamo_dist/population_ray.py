@@ -8,6 +8,9 @@ model's weights and trajectory files itself, so no weights travel through the dr
 The driver is the only writer of ``manifest.parquet``. It keeps every actor busy with a
 short queue, collects results with ``ray.wait``, upserts finished rows in batches, and
 replaces an actor that dies, re-running the jobs it held (a bounded number of times).
+A model that fails on its own (a ValueError such as a NaN trajectory) is recorded with
+status 'failed' and the others go on; more than ``max_failed_models`` failures stop new
+work and fail the stage once the running jobs are in.
 A model enters the manifest only once all its files are in place, so an interrupted run
 re-run with the same spec trains only ``population.pending_jobs``.
 """
@@ -81,18 +84,23 @@ def run_population(cfg: PopulationConfig, address: str | None = None, progress: 
     jobs = population.pending_jobs(root, cfg)
     total = sum(len(j.member_ids()) for j in population.expand(cfg))
     todo = sum(len(j.member_ids()) for j in jobs)
+    failed: dict[str, str] = {}
     if jobs:
         init_ray(address)
         from tqdm.auto import tqdm
 
         with tqdm(total=total, initial=total - todo, desc="population", unit="model", disable=not progress,
                   dynamic_ncols=True) as bar:
-            _Scheduler(cfg, jobs, max_retries, bar, on_progress).run()
+            failed = _Scheduler(cfg, jobs, max_retries, bar, on_progress).run()
     rows = store.manifest_rows(root)
     if progress:
         for g in population.group_summary(rows):
             print(f"{g['group']}: {g['count']} models, test accuracy "
                   f"{g['mean_accuracy']:.3f} ± {g['std_accuracy']:.3f}")
+        if failed:
+            print(f"failed: {len(failed)} model(s), status 'failed' in the manifest, e.g. "
+                  f"{next(iter(failed))}: {next(iter(failed.values()))}")
+    population.check_failures(root, cfg, failed)
     return rows
 
 
@@ -109,9 +117,11 @@ class _Scheduler:
         self.inflight: dict[ray.ObjectRef, tuple[int, ModelJob]] = {}  # ref -> (actor slot, job)
         self.retries: collections.Counter[str] = collections.Counter()
         self.finished: list[dict] = []  # rows not yet in the manifest
+        self.failed: dict[str, str] = {}  # model_id -> error, of models that failed on their own data/numbers
         self.last_flush = time.monotonic()
 
-    def run(self) -> None:
+    def run(self) -> dict[str, str]:
+        """Run every job; returns the failed models (model_id -> error)."""
         try:
             self.actors = [self._start_actor() for _ in range(num_actors_for(self.cfg, len(self.queue)))]
             self._fill()
@@ -137,12 +147,15 @@ class _Scheduler:
             for actor in self.actors:
                 ray.kill(actor, no_restart=True)
             store.remove_temp_files(self.cfg.root)  # leftovers of actors killed mid-write
+        return self.failed
 
     def _start_actor(self):
         opts = {"num_cpus": self.cfg.cpus_per_actor, "num_gpus": self.cfg.gpus_per_actor}
         return PopulationWorker.options(**opts).remote(self.cfg, max(1, int(self.cfg.cpus_per_actor)))
 
     def _fill(self) -> None:
+        if len(self.failed) > self.cfg.max_failed_models:
+            return  # the stage fails anyway: let what runs finish, start nothing new
         load = collections.Counter(slot for slot, _ in self.inflight.values())
         for slot, actor in enumerate(self.actors):
             while self.queue and load[slot] < QUEUE_PER_ACTOR:
@@ -159,8 +172,11 @@ class _Scheduler:
             return []
         except RayTaskError as err:
             cause = err.cause if isinstance(err.cause, Exception) else err
-            if isinstance(cause, (ValueError, FileNotFoundError)):  # a user error: same type, model named
-                raise type(cause)(f"model {job.model_id}: {cause}") from err
+            if isinstance(cause, population.MODEL_ERRORS):  # this model's data or numbers (e.g. NaN): record it
+                rows = population.failed_rows(job, str(cause))
+                self.failed.update({r["model_id"]: r["error"] for r in rows})
+                self.bar.set_postfix(failed=len(self.failed))
+                return rows
             raise RuntimeError(f"model {job.model_id} failed in its population actor: {cause!r}") from err
 
     def _replace_actor(self, slot: int, job: ModelJob, err: Exception) -> None:

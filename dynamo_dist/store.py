@@ -46,7 +46,7 @@ SCHEMA_VERSION = 1
 MANIFEST_COLUMNS = (
     "model_id", "group", "task", "arch", "hidden_size", "train_fraction", "seed", "epoch",
     "num_classes", "input_kind", "input_shape", "vocab_size", "test_accuracy",
-    "weights_path", "probe_path", "test_path", "status",
+    "weights_path", "probe_path", "test_path", "status", "error",
 )
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _DTYPES = {"float32": np.float32, "float16": np.float16}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -340,3 +341,33 @@ def test_cli_add_models(tmp_path, capsys):
     assert store.read_trajectory(cfg.root, "u-1").num_examples == 20
     rc = cli.main(["add-models", str(tmp_path / "nowhere"), "--task", "mnist1d", "--root", cfg.root])
     assert rc == 2 and "no *.safetensors files" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- models that fail on their own
+
+DIVERGING = GroupSpec(name="zz-diverge", task="mnist1d", arch="gru", hidden_size=8, num_seeds=1, epochs=1, batch_size=64,
+                      lr=1e30)  # deterministic NaN weights -> NaN trajectory, refused at write
+
+
+def test_a_diverging_model_fails_the_stage_by_default_and_keeps_the_others(tmp_path):
+    cfg = _cfg(tmp_path / "root", groups=(GROUPS[0], DIVERGING))
+    with pytest.raises(ValueError, match=r"1 model\(s\) failed \(population.max_failed_models=0\); first: model "
+                                         r"zz-diverge-s000: trajectory .* contains NaN/Inf"):
+        population.run_local(cfg, progress=False)
+    rows = {r["model_id"]: r for r in store.manifest_rows(cfg.root, status=None)}
+    assert [m for m, r in rows.items() if r["status"] == "complete"] == ["a-s000", "a-s001"]
+    assert rows["zz-diverge-s000"]["status"] == "failed" and "NaN" in rows["zz-diverge-s000"]["error"]
+    assert rows["a-s000"]["error"] is None
+    assert not list(store.Layout.at(cfg.root).root.rglob("*zz-diverge*"))  # no files of the failed model
+
+
+def test_max_failed_models_lets_the_stage_finish_and_a_rerun_retries_only_failures(tmp_path):
+    cfg = _cfg(tmp_path / "root", groups=(DIVERGING, GROUPS[0]), max_failed_models=1)  # failure first
+    rows = population.run_local(cfg, progress=False)
+    assert [r["model_id"] for r in rows] == ["a-s000", "a-s001"]  # complete rows only
+    weights = {p: p.stat().st_mtime_ns for p in (Path(cfg.root) / "weights").glob("*")}
+    assert [j.model_id for j in population.pending_jobs(cfg.root, cfg)] == ["zz-diverge-s000"]
+    population.run_local(cfg, progress=False)  # retries the failure (fails again), leaves the rest alone
+    assert {p: p.stat().st_mtime_ns for p in (Path(cfg.root) / "weights").glob("*")} == weights
+    with pytest.raises(ValueError, match="max_failed_models"):
+        config.parse(PopulationConfig, {"root": "r", "max_failed_models": -1})

@@ -226,3 +226,18 @@ def test_job_script_exits_nonzero_with_the_message_on_bad_input(tmp_path, capsys
     assert "population.dtype" in capsys.readouterr().err
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().err
+
+
+def test_a_diverging_model_is_recorded_as_failed_while_the_others_complete(tmp_path, capsys):
+    diverging = GroupSpec(name="bad", task="mnist1d", arch="gru", hidden_size=8, num_seeds=1, epochs=1,
+                          batch_size=64, lr=1e30)  # NaN weights -> NaN trajectory, refused by the writer
+    cfg = PopulationConfig(root=str(tmp_path / "root"), groups=(diverging, GROUPS[0]), num_examples=1000,
+                           num_probe=NUM_PROBE, num_test=NUM_TEST, max_failed_models=1)
+    rows = run_population(cfg, progress=True)
+    assert [r["model_id"] for r in rows] == [f"g8-s{s:03d}" for s in range(6)]
+    out = capsys.readouterr().out
+    assert "g8: 6 models" in out and "failed: 1 model(s)" in out and "bad-s000" in out
+    (bad,) = [r for r in store.manifest_rows(cfg.root, status=None) if r["status"] == "failed"]
+    assert bad["model_id"] == "bad-s000" and "NaN" in bad["error"]
+    with pytest.raises(ValueError, match=r"1 model\(s\) failed \(population.max_failed_models=0\); first: model bad-s000"):
+        run_population(cfg.replace(max_failed_models=0), progress=False)  # the re-run retries it, and it fails again
