@@ -28,6 +28,7 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, progress: bool
     t = time.perf_counter()
     rows = run_population(cfg.population, address=address, progress=progress)
     timings["population_seconds"] = time.perf_counter() - t
+    log_population(cfg, rows, timings["population_seconds"])
 
     t = time.perf_counter()
     meta_summary = run_meta(cfg.meta, address=address, progress=progress)
@@ -64,6 +65,40 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, progress: bool
     store.write_json_atomic(summary, run_dir / "pipeline_summary.json")
     _print_summary(cfg, summary)
     return summary
+
+
+def log_population(cfg: PipelineConfig, rows: list[dict], seconds: float) -> str:
+    """A run named "population" in the pipeline's MLflow experiment: the spec, per-group
+    accuracy, the manifest as CSV and a per-group accuracy plot. Returns the run id."""
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.csv
+
+    from . import plots, tracking
+    from .population import group_summary
+
+    pop = cfg.population
+    all_rows = store.manifest_rows(pop.root, status=None)
+    with tracking.run_context(cfg.meta.output_dir, cfg.meta.experiment, "population", cfg.meta.tracking_uri,
+                              tags={"dynamo.population_root": str(Path(pop.root).resolve())}) as run:
+        run.log_params({"num_models": len(rows), "dtype": pop.dtype, "num_probe": pop.num_probe,
+                        "num_test": pop.num_test, "num_examples": pop.num_examples, "data_seed": pop.data_seed,
+                        **{f"group.{g.name}": g.model_dump_json(exclude={"name"}) for g in pop.groups}})
+        metrics = {"population_seconds": seconds,
+                   "failed_models": sum(r["status"] == "failed" for r in all_rows)}
+        for g in group_summary(rows):
+            metrics.update({f"{g['group']}.count": g["count"], f"{g['group']}.test_accuracy_mean": g["mean_accuracy"],
+                            f"{g['group']}.test_accuracy_std": g["std_accuracy"]})
+        run.log_metrics(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            keep = [c for c in store.MANIFEST_COLUMNS if c not in ("input_shape",)]
+            table = pa.Table.from_pylist([{k: r.get(k) for k in keep} for r in all_rows])
+            pyarrow.csv.write_csv(table, Path(tmp) / "manifest.csv")
+            if rows:
+                plots.population_accuracy_plot(rows, Path(tmp) / "population_accuracy.png")
+            run.log_artifact(tmp, "population")
+        return run.run_id
 
 
 def _print_summary(cfg: PipelineConfig, s: dict) -> None:

@@ -43,3 +43,22 @@ def embedding_pca_plot(emb: pa.Table, color_by: str, path: str | Path, title: st
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def population_accuracy_plot(rows: list[dict], path: str | Path, title: str = "base-model test accuracy") -> Path:
+    """Test accuracy of every complete base model, one column of points per group (with its mean)."""
+    groups = sorted({r["group"] for r in rows})
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(groups) + 2), 3.6))
+    rng = np.random.default_rng(0)  # horizontal jitter only, so overlapping models stay visible
+    for i, g in enumerate(groups):
+        acc = np.array([r["test_accuracy"] for r in rows if r["group"] == g], dtype=np.float64)
+        ax.scatter(i + rng.uniform(-0.15, 0.15, len(acc)), acc, s=14, alpha=0.7)
+        ax.hlines(acc.mean(), i - 0.3, i + 0.3, color="black", lw=1.5)
+    ax.set_xticks(range(len(groups)), [f"{g}\n(n={sum(r['group'] == g for r in rows)})" for g in groups])
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -102,6 +102,21 @@ def test_smoke_pipeline_job_succeeds_and_writes_outputs(ray_head, tmp_path):
     summary = json.loads((run_dir / "pipeline_summary.json").read_text())
     assert summary["report"] and Path(summary["report"]).is_file()
     assert "MLflow UI" in logs
+    # the population stage is in the pipeline's MLflow store beside the meta and analyze runs
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    names = {r.info.run_name for r in runs}
+    assert {"population", "analyze"} <= names and any(n.startswith("meta") for n in names), names
+    (pop,) = [r for r in runs if r.info.run_name == "population"]
+    assert pop.data.params["num_models"] == "4" and pop.data.metrics["failed_models"] == 0
+    groups = {r["group"] for r in manifest.to_pylist()}
+    for g in groups:
+        acc = [r["test_accuracy"] for r in manifest.to_pylist() if r["group"] == g]
+        assert pop.data.metrics[f"{g}.test_accuracy_mean"] == pytest.approx(sum(acc) / len(acc))
+    artifacts = {a.path for a in client.list_artifacts(pop.info.run_id, "population")}
+    assert artifacts == {"population/manifest.csv", "population/population_accuracy.png"}
 
 
 def test_invalid_config_job_fails_naming_the_field_before_training(ray_head, tmp_path):
