@@ -31,6 +31,7 @@ import os
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,7 @@ def validate_population(cfg: MetaConfig) -> list[dict]:
     for task in sorted({r["task"] for r in rows}):
         for split in ("probe", "test"):
             inputs[task, split] = len(store.read_inputs(root, task, split))
-    for r in rows:
+    for r in rows:  # cheap checks first, so a missing file is reported before any data is read
         mid = r["model_id"]
         for split in ("probe", "test"):
             field = f"{split}_path"
@@ -115,11 +116,19 @@ def validate_population(cfg: MetaConfig) -> list[dict]:
             if not layout.path(rel).is_file():
                 raise FileNotFoundError(f"{split} trajectory of model {mid!r} not found: {layout.path(rel)} "
                                         f"(manifest field {field})")
-            traj = store.read_trajectory(root, mid, split)  # unreadable -> ValueError, NaN/Inf -> ValueError
-            if traj.num_examples == 0:
-                raise ValueError(f"{split} trajectory of model {mid!r} ({layout.path(rel)}) is empty")
-            if traj.num_examples > inputs[r["task"], split]:
-                raise ValueError(f"{split} trajectory of model {mid!r} has {traj.num_examples} rows but the "
+    # Every value is read once here (NaN/Inf or an unreadable file -> ValueError naming it), by
+    # parallel threads (pyarrow decodes without the GIL; the driver is otherwise idle and a few
+    # hundred models are GBs); only row counts are kept, so memory stays at one file per thread.
+    keys = [(r["model_id"], split) for r in rows for split in ("probe", "test")]
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        counts = dict(zip(keys, pool.map(lambda k: store.read_trajectory(root, *k).num_examples, keys)))
+    for r in rows:
+        for split in ("probe", "test"):
+            mid, n = r["model_id"], counts[r["model_id"], split]
+            if n == 0:
+                raise ValueError(f"{split} trajectory of model {mid!r} ({layout.path(r[f'{split}_path'])}) is empty")
+            if n > inputs[r["task"], split]:
+                raise ValueError(f"{split} trajectory of model {mid!r} has {n} rows but the "
                                  f"{split} inputs of task {r['task']!r} have {inputs[r['task'], split]}")
     return rows
 

@@ -367,6 +367,19 @@ def read_trajectory(root: str | os.PathLike, model_id: str, split: str = "probe"
     return Trajectory(model_id=model_id, hiddens=hiddens, outputs=outputs)
 
 
+def read_trajectories(root: str | os.PathLike, model_ids: list[str], split: str = "probe",
+                      threads: int | None = None) -> dict[str, Trajectory]:
+    """Several models' trajectories (only their files), read by ``threads`` threads (default: one
+    per CPU, at most 8; pyarrow decodes without the GIL). Errors are read_trajectory's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = threads or min(8, os.cpu_count() or 1)
+    if threads <= 1 or len(model_ids) <= 1:
+        return {m: read_trajectory(root, m, split) for m in model_ids}
+    with ThreadPoolExecutor(threads) as pool:
+        return dict(zip(model_ids, pool.map(lambda m: read_trajectory(root, m, split), model_ids)))
+
+
 def trajectory_glob(root: str | os.PathLike, split: str = "probe") -> str:
     """A glob DuckDB/pyarrow can read all models' trajectories of a split from."""
     return str(Layout.at(root).root / "trajectories" / f"split={split}" / "*" / "*.parquet")

@@ -266,3 +266,16 @@ def test_json_files_are_strict_json_with_non_finite_numbers_as_null(tmp_path):
     store.write_json_atomic({"a": float("nan"), "b": [np.float32(np.inf), 1.5], "c": np.int64(3)}, path)
     assert strict_loads(path.read_text()) == {"a": None, "b": [None, 1.5], "c": 3}
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temp file left
+
+
+def test_read_trajectories_of_a_set_equals_one_by_one_reads(root, three_models):
+    ids = ["m-c", "m-a"]  # order kept as given
+    many = store.read_trajectories(root, ids, "probe", threads=2)
+    assert list(many) == ids
+    for mid in ids:
+        hs, o = three_models[mid]
+        torch.testing.assert_close(many[mid].outputs, o, rtol=0, atol=0)
+        for a, b in zip(many[mid].hiddens, hs, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        store.read_trajectories(root, ids + ["no-such-model"], "probe", threads=2)
