@@ -68,6 +68,8 @@ class PopulationConfig(_Config):
     num_actors: int | None = Field(None, ge=1, description="Ray actors training models (None = one per available CPU)")
     cpus_per_actor: float = Field(1.0, gt=0.0, description="CPUs each population actor holds")
     gpus_per_actor: float = Field(0.0, ge=0.0, description="GPU fraction each population actor holds")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where base models train: auto = cuda when the "
+                                                  "process sees a GPU (Ray actors do with gpus_per_actor > 0), else cpu")
     max_failed_models: int = Field(0, ge=0, description="models that may fail (e.g. diverge to NaN) without failing "
                                    "the stage; they are recorded with status 'failed' and left out of later stages")
 

@@ -68,12 +68,24 @@ def arch_spec(group: GroupSpec, task: TaskData) -> zoo.ArchSpec:
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
     model.eval()
-    correct = sum(int((model(x[s:s + batch_size]).argmax(-1) == y[s:s + batch_size]).sum())
+    device = next(model.parameters()).device
+    correct = sum(int((model(x[s:s + batch_size].to(device)).argmax(-1).cpu() == y[s:s + batch_size]).sum())
                   for s in range(0, len(y), batch_size))
     return correct / max(len(y), 1)
 
 
-def train_model(group: GroupSpec, task: TaskData, seed: int, on_epoch=None) -> torch.nn.Module:
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda when this process sees a GPU, else cpu; ``cuda`` without one is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("population.device is 'cuda' but this process sees no GPU (on Ray, set "
+                         "population.gpus_per_actor > 0 so actors are given one)")
+    return torch.device(device)
+
+
+def train_model(group: GroupSpec, task: TaskData, seed: int, on_epoch=None,
+                device: torch.device | str = "cpu") -> torch.nn.Module:
     """Train one base model on ``group.train_fraction`` of the base-training split.
 
     AdamW + cosine (freq 7/32) as the paper's Table 1. ``on_epoch(epoch, model)`` is called
@@ -81,7 +93,8 @@ def train_model(group: GroupSpec, task: TaskData, seed: int, on_epoch=None) -> t
     """
     torch.manual_seed(seed)
     data = fraction_subset(task.base_train, group.train_fraction, seed=seed)
-    model = zoo.build(arch_spec(group, task))
+    x, y = data.x.to(device), data.y.to(device)  # the (small) training set moves once, not per batch
+    model = zoo.build(arch_spec(group, task)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=group.lr, weight_decay=group.weight_decay)
     steps_per_epoch = math.ceil(len(data) / group.batch_size)
     total = steps_per_epoch * group.epochs
@@ -91,8 +104,8 @@ def train_model(group: GroupSpec, task: TaskData, seed: int, on_epoch=None) -> t
         model.train()
         perm = torch.randperm(len(data), generator=gen)
         for s in range(0, len(data), group.batch_size):
-            idx = perm[s:s + group.batch_size]
-            loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
+            idx = perm[s:s + group.batch_size].to(device)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -104,13 +117,15 @@ def train_model(group: GroupSpec, task: TaskData, seed: int, on_epoch=None) -> t
 
 @torch.no_grad()
 def record(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 256) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Hidden taps and outputs of ``model`` on inputs ``x`` (batched, eval mode)."""
+    """Hidden taps and outputs of ``model`` on inputs ``x`` (batched, eval mode, on the model's
+    device); returned on the CPU."""
     model.eval()
+    device = next(model.parameters()).device
     hs, outs = [], []
     for s in range(0, x.shape[0], batch_size):
-        h, o = model.trajectories(x[s:s + batch_size])
-        hs.append(h)
-        outs.append(o)
+        h, o = model.trajectories(x[s:s + batch_size].to(device))
+        hs.append([t.cpu() for t in h])
+        outs.append(o.cpu())
     return [torch.cat(t) for t in zip(*hs)], torch.cat(outs)
 
 
@@ -153,7 +168,7 @@ def train_and_record(root: str, cfg: PopulationConfig, job: ModelJob) -> list[di
             rows.append(record_member(root, cfg, epoch_model_id(g.name, job.seed, epoch), model, g.task,
                                       {**labels, "epoch": epoch}))
 
-    model = train_model(g, task, job.seed, on_epoch=on_epoch)
+    model = train_model(g, task, job.seed, on_epoch=on_epoch, device=resolve_device(cfg.device))
     if not g.every_epoch:
         rows.append(record_member(root, cfg, job.model_id, model, g.task, {**labels, "epoch": g.epochs}))
     for r in rows:
@@ -205,6 +220,7 @@ def init_population(cfg: PopulationConfig) -> store.Layout:
 
 def run_local(cfg: PopulationConfig, progress: bool = True) -> list[dict]:
     """Train and record the whole population sequentially in this process (resumable)."""
+    resolve_device(cfg.device)  # a GPU asked for but absent fails before any work
     init_population(cfg)
     jobs = pending_jobs(cfg.root, cfg)
     from tqdm.auto import tqdm

@@ -78,6 +78,9 @@ def run_population(cfg: PopulationConfig, address: str | None = None, progress: 
 
     The root must be a path every actor can write (one machine, or a shared filesystem).
     """
+    if cfg.device == "cuda" and cfg.gpus_per_actor <= 0:
+        raise ValueError("population.device is 'cuda' but population.gpus_per_actor is 0: Ray gives actors no GPU; "
+                         "set gpus_per_actor (e.g. 0.25 for four actors per GPU)")
     root = str(Path(cfg.root).expanduser().resolve())
     cfg = cfg.replace(root=root)
     population.init_population(cfg)  # validates ids, root and schema version before Ray starts

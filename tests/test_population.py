@@ -371,3 +371,32 @@ def test_max_failed_models_lets_the_stage_finish_and_a_rerun_retries_only_failur
     assert {p: p.stat().st_mtime_ns for p in (Path(cfg.root) / "weights").glob("*")} == weights
     with pytest.raises(ValueError, match="max_failed_models"):
         config.parse(PopulationConfig, {"root": "r", "max_failed_models": -1})
+
+
+# ---------------------------------------------------------------- devices
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cuda_without_a_gpu_fails_before_any_work(tmp_path):
+    cfg = _cfg(tmp_path / "root", device="cuda")
+    with pytest.raises(ValueError, match="population.device is 'cuda' but this process sees no GPU"):
+        population.run_local(cfg, progress=False)
+    assert not (tmp_path / "root").exists()
+
+
+def test_ray_population_with_cuda_needs_gpus_per_actor(tmp_path):
+    from dynamo_dist.population_ray import run_population
+
+    with pytest.raises(ValueError, match="gpus_per_actor is 0"):
+        run_population(_cfg(tmp_path / "root", device="cuda"), progress=False)
+    assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_population_matches_cpu_closely(tmp_path):
+    groups = (GROUPS[0].replace(num_seeds=1),)
+    rows = {d: population.run_local(_cfg(tmp_path / d, groups=groups, device=d), progress=False) for d in ("cpu", "cuda")}
+    h_cpu = store.read_trajectory(str(tmp_path / "cpu"), "a-s000").hiddens[0]
+    h_gpu = store.read_trajectory(str(tmp_path / "cuda"), "a-s000").hiddens[0]
+    torch.testing.assert_close(h_gpu, h_cpu, rtol=0, atol=5e-3)  # same seed, same data order; float differences only
+    assert abs(rows["cuda"][0]["test_accuracy"] - rows["cpu"][0]["test_accuracy"]) < 0.05
