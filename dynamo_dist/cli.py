@@ -1,6 +1,6 @@
 """``dynamo-dist`` command line: parse arguments, connect, call one library function.
 
-Subcommands: population, add-models, meta, sweep, analyze, run (whole pipeline), ui, recipes.
+Subcommands: population, add-models, meta, embed, sweep, analyze, run (whole pipeline), ui, recipes.
 Configs are pipeline YAML files (see configs/); ``--recipe NAME`` uses a built-in recipe,
 ``--set key=value`` overrides dotted fields (``--set meta.steps=100``).
 """
@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     am.add_argument("--task", required=True, help="task the models were trained on (e.g. mnist1d, csv:/path.csv)")
     am.add_argument("--root", help="population root (default: the config's population.root)")
     am.add_argument("--group", help="group label of these models (default: the directory's name)")
+    em = sub.add_parser("embed", help="place new models (e.g. from add-models) into a trained meta run's "
+                                      "embedding space, without retraining it")
+    add_common_args(em, address=False)
+    em.add_argument("--meta-dir", help="trained meta run (default: the config's meta.output_dir)")
+    em.add_argument("--root", help="population root of the new models (default: the config's population.root)")
+    em.add_argument("--models", nargs="+", help="model ids to embed (default: every complete model of --root)")
+    em.add_argument("--steps", type=int, default=300, help="optimiser steps of theta/V per model")
+    em.add_argument("--out", help="output directory (default: <meta-dir>/posthoc)")
     sub.add_parser("recipes", help="print the built-in recipes as YAML")
     return ap
 
@@ -91,6 +99,8 @@ def _dispatch(args) -> int:
     cfg = load_pipeline(args)
     if args.cmd == "add-models":
         return _add_models(args, cfg)
+    if args.cmd == "embed":
+        return _embed(args, cfg)
     if args.cmd == "population":
         from .population_ray import run_population
 
@@ -126,6 +136,26 @@ def _add_models(args, cfg: config_mod.PipelineConfig) -> int:
     print(f"added {len(rows)} model(s) to {Path(root).resolve()}")
     for g in population.group_summary(rows):
         print(f"{g['group']}: {g['count']} models, test accuracy {g['mean_accuracy']:.3f} ± {g['std_accuracy']:.3f}")
+    return 0
+
+
+def _embed(args, cfg: config_mod.PipelineConfig) -> int:
+    import pyarrow.parquet as pq
+
+    from .posthoc import run_posthoc
+
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    path = run_posthoc(args.meta_dir or cfg.meta.output_dir, args.root or cfg.population.root, args.models,
+                       steps=args.steps, out_dir=args.out)
+    rows = pq.read_table(path).to_pylist()
+    shown = set(args.models) if args.models else {r["model_id"] for r in rows}
+    print(f"{'model':<24} {'agreement':>9} {'hidden R2':>9}  nearest trained model (group, distance)")
+    for r in rows:
+        if r["model_id"] in shown:
+            print(f"{r['model_id']:<24} {r['agreement']:>9.3f} {r['hidden_r2']:>9.3f}  "
+                  f"{r['nearest_model']} ({r['nearest_group']}, {r['nearest_distance']:.3f})")
+    print(f"written: {path} and {path.parent / 'embedding_pca.png'}")
     return 0
 
 

@@ -62,3 +62,38 @@ def population_accuracy_plot(rows: list[dict], path: str | Path, title: str = "b
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def posthoc_pca_plot(theta_trained_NE: np.ndarray, groups: list, theta_new_ME: np.ndarray, new_ids: list[str],
+                     path: str | Path, title: str = "new models in the trained embedding space") -> Path:
+    """Trained theta coloured by group, new theta as labelled black stars, in the trained PCA plane."""
+    from sklearn.decomposition import PCA
+
+    n_comp = min(2, theta_trained_NE.shape[0], theta_trained_NE.shape[1])
+    pca = PCA(n_components=n_comp).fit(theta_trained_NE)
+
+    def project(t):
+        c = pca.transform(t)
+        return np.column_stack([c, np.zeros(len(c))]) if c.shape[1] < 2 else c
+
+    fig, ax = plt.subplots(figsize=(6, 4.6))
+    xy = project(theta_trained_NE)
+    for g in sorted({str(g) for g in groups}):
+        sel = np.array([str(x) == g for x in groups])
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=22, alpha=0.6, label=g)
+    new_xy = project(theta_new_ME)
+    ax.scatter(new_xy[:, 0], new_xy[:, 1], marker="*", s=140, c="black", label="new")
+    if len(new_ids) <= 20:  # labels beyond that are unreadable
+        for (x, y), name in zip(new_xy, new_ids):
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ratios = pca.explained_variance_ratio_
+    ax.set_xlabel(f"PC1 ({ratios[0]:.0%})")
+    ax.set_ylabel(f"PC2 ({ratios[1]:.0%})" if len(ratios) > 1 else "PC2")
+    ax.set_title(title)
+    ax.legend(fontsize=7, title="group", title_fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -96,4 +96,61 @@ def embed_new_models(meta_output_dir: str | Path, population_root: str, model_id
     return out
 
 
-__all__ = ["embed_new_models"]
+def nearest_trained(theta_new: np.ndarray, theta_trained: np.ndarray, trained_ids: list[str]) -> list[tuple[str, float]]:
+    """For each new theta (rows of ``theta_new``), the closest trained model and the Euclidean distance."""
+    d_NM = np.linalg.norm(theta_new[:, None, :] - theta_trained[None, :, :], axis=-1)
+    j = d_NM.argmin(axis=1)
+    return [(trained_ids[k], float(d_NM[i, k])) for i, k in enumerate(j)]
+
+
+def run_posthoc(meta_output_dir: str | Path, population_root: str, model_ids: list[str] | None = None,
+                steps: int = 300, out_dir: str | Path | None = None, seed: int = 0) -> Path:
+    """Embed new models (``embed_new_models``) and write the result beside the meta run.
+
+    ``<out_dir>`` (default ``<meta run>/posthoc``) gets ``embeddings.parquet`` -- one row per
+    new model: theta, manifest labels, emulation metrics, and the nearest trained model in
+    theta space (its id, group and distance) -- merged by model_id with earlier post-hoc
+    rows, and ``embedding_pca.png``: the new models among the trained ones in the trained
+    space's PCA plane. Returns the parquet path. The meta run itself is never modified.
+    """
+    import pyarrow as pa
+
+    from . import store
+    from .meta_run import embeddings_table
+
+    run = load_meta_run(meta_output_dir)
+    results = embed_new_models(meta_output_dir, population_root, model_ids, steps=steps, seed=seed)
+    trained = run.embeddings_table().to_pylist()
+    trained_ids = [r["model_id"] for r in trained]
+    theta_trained = np.array([r["theta"] for r in trained], dtype=np.float64)
+    new_ids = sorted(results)
+    near = nearest_trained(np.array([results[m]["theta"] for m in new_ids]), theta_trained, trained_ids)
+    group_of = {r["model_id"]: r.get("group") for r in trained}
+    extra = {m: {**{k: v for k, v in results[m].items() if k != "theta"}, "nearest_model": n,
+                 "nearest_group": group_of[n], "nearest_distance": dist} for m, (n, dist) in zip(new_ids, near)}
+    table = embeddings_table([{"model_id": m, "theta": results[m]["theta"]} for m in new_ids],
+                             store.manifest_rows(population_root))
+    rows = [{**r, **extra[r["model_id"]]} for r in table.to_pylist()]
+    out = Path(out_dir) if out_dir is not None else run.output_dir / "posthoc"
+    path = out / "embeddings.parquet"
+    if path.is_file():  # keep earlier post-hoc models; a re-embedded model's row is replaced
+        rows = [r for r in store.read_parquet(path, "post-hoc embeddings").to_pylist()
+                if r["model_id"] not in set(new_ids)] + rows
+    rows.sort(key=lambda r: r["model_id"])
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    merged = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
+    merged = merged.set_column(merged.schema.get_field_index("theta"), "theta",
+                               pa.array([r["theta"] for r in rows], pa.list_(pa.float32())))
+    store.write_table_atomic(merged, path)
+    try:
+        from .plots import posthoc_pca_plot
+
+        posthoc_pca_plot(theta_trained, [group_of[m] for m in trained_ids],
+                         np.array([r["theta"] for r in rows], dtype=np.float64), [r["model_id"] for r in rows],
+                         out / "embedding_pca.png")
+    except ImportError:  # matplotlib is optional for the core path
+        pass
+    return path
+
+
+__all__ = ["embed_new_models", "run_posthoc", "nearest_trained"]

@@ -149,7 +149,8 @@ def remove_temp_files(root: str | os.PathLike) -> list[Path]:
     return stale
 
 
-def _read_parquet(path: Path, what: str) -> pa.Table:
+def read_parquet(path: Path, what: str) -> pa.Table:
+    """Read a Parquet file; a missing one is FileNotFoundError, an unreadable one ValueError, both naming it."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
@@ -197,7 +198,7 @@ def check_schema(layout: Layout) -> dict:
 def read_manifest(root: str | os.PathLike) -> pa.Table:
     layout = Layout.at(root)
     check_schema(layout)
-    table = _read_parquet(layout.manifest, "manifest")
+    table = read_parquet(layout.manifest, "manifest")
     missing = [c for c in ("model_id", "task", "status") if c not in table.column_names]
     if missing:
         raise ValueError(f"manifest {layout.manifest} lacks column(s) {missing}")
@@ -253,7 +254,7 @@ def write_inputs(root: str | os.PathLike, task: str, split: str, data: Split, li
 def read_inputs(root: str | os.PathLike, task: str, split: str) -> Split:
     layout = Layout.at(root)
     path = layout.path(layout.inputs_rel(task, split))
-    table = _read_parquet(path, f"{split} inputs of task {task!r}")
+    table = read_parquet(path, f"{split} inputs of task {task!r}")
     meta = table.schema.metadata or {}
     shape = json.loads(meta[b"dynamo.x_shape"])
     dtype = getattr(torch, meta[b"dynamo.x_dtype"].decode())
@@ -340,7 +341,7 @@ def read_trajectory(root: str | os.PathLike, model_id: str, split: str = "probe"
     """Read one model's trajectories; opens only that model's file. NaN -> ValueError naming the file."""
     layout = Layout.at(root)
     path = layout.path(layout.trajectory_rel(model_id, split))
-    table = _read_parquet(path, f"trajectory of model {model_id!r} ({split})")
+    table = read_parquet(path, f"trajectory of model {model_id!r} ({split})")
     meta = table.schema.metadata or {}
     try:
         shapes = [tuple(s) for s in json.loads(meta[b"dynamo.hidden_shapes"])]

@@ -91,3 +91,38 @@ def test_unknown_model_id_is_a_clear_error(meta_dir):
     run = load_meta_run(meta_dir)
     with pytest.raises(ValueError, match="no-such-model"):
         posthoc.embed_new_models(meta_dir, run.cfg.population_root, ["no-such-model"], steps=1)
+
+
+def test_embed_cli_writes_new_models_with_their_nearest_trained_model(meta_dir, tmp_path, capsys):
+    """New models (trained like the run's rnn group, other seeds) land nearest to rnn models; results accumulate."""
+    from dynamo_dist import cli, store
+
+    root = str(tmp_path / "new")
+    new = GroupSpec(name="new-rnn", task="mnist1d", arch="rnn", hidden_size=16, num_seeds=2, seed_offset=10,
+                    epochs=2, lr=1e-2, batch_size=16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_local(PopulationConfig(root=root, groups=(new,), num_examples=1000, num_probe=128, num_test=64),
+                  progress=False)
+        before = _digest(meta_dir / "checkpoint.pt"), _digest(meta_dir / "embeddings.parquet")
+        assert cli.main(["embed", "--meta-dir", str(meta_dir), "--root", root, "--models", "new-rnn-s010",
+                         "--steps", "200"]) == 0
+        assert cli.main(["embed", "--meta-dir", str(meta_dir), "--root", root, "--models", "new-rnn-s011",
+                         "--steps", "200"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "new-rnn-s011" in out and "nearest trained model" in out
+    rows = pq.read_table(meta_dir / "posthoc" / "embeddings.parquet").to_pylist()
+    assert [r["model_id"] for r in rows] == ["new-rnn-s010", "new-rnn-s011"]  # the second call kept the first
+    trained = {r["model_id"]: np.array(r["theta"]) for r in pq.read_table(meta_dir / "embeddings.parquet").to_pylist()}
+    for r in rows:
+        assert r["group"] == "new-rnn" and len(r["theta"]) == 2 and 0.0 <= r["agreement"] <= 1.0
+        dists = {m: float(np.linalg.norm(np.array(r["theta"]) - t)) for m, t in trained.items()}
+        assert r["nearest_model"] == min(dists, key=dists.get)
+        assert r["nearest_distance"] == pytest.approx(min(dists.values()), rel=1e-5)
+        assert r["nearest_group"] == "rnn"  # same architecture as the rnn group: it computes alike
+    assert (meta_dir / "posthoc" / "embedding_pca.png").stat().st_size > 10_000
+    assert (_digest(meta_dir / "checkpoint.pt"), _digest(meta_dir / "embeddings.parquet")) == before
+    assert store.manifest_rows(root)[0]["status"] == "complete"
