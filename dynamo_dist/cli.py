@@ -147,7 +147,7 @@ def _embed(args, cfg: config_mod.PipelineConfig) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     path = run_posthoc(args.meta_dir or cfg.meta.output_dir, args.root or cfg.population.root, args.models,
-                       steps=args.steps, out_dir=args.out)
+                       steps=args.steps, out_dir=args.out, progress=True)
     rows = pq.read_table(path).to_pylist()
     shown = set(args.models) if args.models else {r["model_id"] for r in rows}
     print(f"{'model':<24} {'agreement':>9} {'hidden R2':>9}  nearest trained model (group, distance)")

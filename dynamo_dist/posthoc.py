@@ -43,7 +43,7 @@ def _check_compatible(run_rows: list[dict], new_rows: list[dict], heads, run_dir
 
 def embed_new_models(meta_output_dir: str | Path, population_root: str, model_ids: list[str] | None = None,
                      steps: int = 300, lr: float = 1e-2, batch_size: int | None = None,
-                     seed: int = 0) -> dict[str, dict]:
+                     seed: int = 0, progress: bool = False) -> dict[str, dict]:
     """Fit theta and V of ``model_ids`` (default: every complete model of ``population_root``).
 
     ``steps`` AdamW steps per model at learning rate ``lr`` (cosine-annealed like training),
@@ -68,7 +68,9 @@ def embed_new_models(meta_output_dir: str | Path, population_root: str, model_id
     emb = ModelEmbeddings(data.model_ids, cfg.embedding_dim, meta.tap_dims, base_dims, family)
     bs = batch_size or cfg.batch_size
     out: dict[str, dict] = {}
-    for i, row in enumerate(data.rows):
+    from tqdm.auto import tqdm
+
+    for i, row in enumerate(tqdm(data.rows, desc="embed", unit="model", disable=not progress)):
         t0 = time.perf_counter()
         mid, task = row["model_id"], row["task"]
         traj, inputs = data.probe[mid], data.probe_inputs[task]
@@ -104,7 +106,7 @@ def nearest_trained(theta_new: np.ndarray, theta_trained: np.ndarray, trained_id
 
 
 def run_posthoc(meta_output_dir: str | Path, population_root: str, model_ids: list[str] | None = None,
-                steps: int = 300, out_dir: str | Path | None = None, seed: int = 0) -> Path:
+                steps: int = 300, out_dir: str | Path | None = None, seed: int = 0, progress: bool = False) -> Path:
     """Embed new models (``embed_new_models``) and write the result beside the meta run.
 
     ``<out_dir>`` (default ``<meta run>/posthoc``) gets ``embeddings.parquet`` -- one row per
@@ -119,7 +121,7 @@ def run_posthoc(meta_output_dir: str | Path, population_root: str, model_ids: li
     from .meta_run import embeddings_table
 
     run = load_meta_run(meta_output_dir)
-    results = embed_new_models(meta_output_dir, population_root, model_ids, steps=steps, seed=seed)
+    results = embed_new_models(meta_output_dir, population_root, model_ids, steps=steps, seed=seed, progress=progress)
     trained = run.embeddings_table().to_pylist()
     trained_ids = [r["model_id"] for r in trained]
     theta_trained = np.array([r["theta"] for r in trained], dtype=np.float64)
