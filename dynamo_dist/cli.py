@@ -102,9 +102,9 @@ def _dispatch(args) -> int:
     if args.cmd == "embed":
         return _embed(args, cfg)
     if args.cmd == "population":
-        from .population_ray import run_population
+        from .pipeline import population_stage
 
-        run_population(cfg.population, address=args.address)
+        population_stage(cfg, address=args.address)
     elif args.cmd == "meta":
         from .meta_ray import run_meta
 

@@ -18,7 +18,6 @@ from .config import PipelineConfig
 def run_pipeline(cfg: PipelineConfig, address: str | None = None, progress: bool = True) -> dict:
     """Run every stage; returns a summary with the paths of the results."""
     from .meta_ray import run_meta
-    from .population_ray import run_population
 
     t0 = time.perf_counter()
     timings = {}
@@ -26,9 +25,8 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, progress: bool
     run_dir.mkdir(parents=True, exist_ok=True)
 
     t = time.perf_counter()
-    rows = run_population(cfg.population, address=address, progress=progress)
+    rows = population_stage(cfg, address=address, progress=progress)
     timings["population_seconds"] = time.perf_counter() - t
-    log_population(cfg, rows, timings["population_seconds"])
 
     t = time.perf_counter()
     meta_summary = run_meta(cfg.meta, address=address, progress=progress)
@@ -65,6 +63,21 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, progress: bool
     store.write_json_atomic(summary, run_dir / "pipeline_summary.json")
     _print_summary(cfg, summary)
     return summary
+
+
+def population_stage(cfg: PipelineConfig, address: str | None = None, progress: bool = True) -> list[dict]:
+    """The population stage on Ray, then its MLflow run (``log_population``) in the pipeline's store.
+
+    A tracking server that does not answer fails here, before any model is trained.
+    """
+    from .population_ray import run_population
+    from .tracking import check_reachable, resolve_uri
+
+    check_reachable(resolve_uri(cfg.meta.output_dir, cfg.meta.tracking_uri))
+    t = time.perf_counter()
+    rows = run_population(cfg.population, address=address, progress=progress)
+    log_population(cfg, rows, time.perf_counter() - t)
+    return rows
 
 
 def log_population(cfg: PipelineConfig, rows: list[dict], seconds: float) -> str:

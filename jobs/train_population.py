@@ -4,6 +4,8 @@
     python jobs/train_population.py --recipe smoke            # Ray starts in-process
 
 Flags as ``dynamo-dist population``: --config / --recipe / --set KEY=VALUE / --address.
+The stage's MLflow run goes to the config's store (``meta.tracking_uri``, default SQLite
+under ``meta.output_dir``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import argparse
 import sys
 
 from dynamo_dist.cli import add_common_args, load_pipeline
-from dynamo_dist.population_ray import run_population
+from dynamo_dist.pipeline import population_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(ap)
     args = ap.parse_args(argv)
     try:
-        rows = run_population(load_pipeline(args).population, address=args.address)
+        rows = population_stage(load_pipeline(args), address=args.address)
     except (ValueError, FileNotFoundError) as err:
         print(f"train_population: error: {err}", file=sys.stderr)
         return 2

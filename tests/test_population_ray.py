@@ -212,12 +212,19 @@ def test_job_script_runs_a_config_file(ray_pop, tmp_path, capsys):
     cfg, rows = ray_pop
     path = tmp_path / "pipeline.yaml"
     # a pipeline config whose population is the reference one: the job resumes it (nothing left to train)
-    path.write_text(yaml.safe_dump({"population": cfg.model_dump(mode="json")}))
+    path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "population": cfg.model_dump(mode="json")}))
     mtimes = _weights_mtimes(cfg.root)
     assert _job_main()(["--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert f"{len(IDS)} complete models" in out and "g8: 6 models" in out and "g16: 4 models" in out
     assert _weights_mtimes(cfg.root) == mtimes and store.manifest_rows(cfg.root) == rows
+    # the stage's MLflow run, in the config's default store (SQLite under meta.output_dir)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'meta' / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.run_name == "population" and run.data.params["num_models"] == str(len(IDS))
+    assert run.data.metrics["g8.count"] == 6 and run.data.metrics["failed_models"] == 0
 
 
 def test_job_script_exits_nonzero_with_the_message_on_bad_input(tmp_path, capsys):
