@@ -14,6 +14,8 @@ Sections (``--sections``, default all; each run updates only its own key of the 
   input (both land in the page cache, no fsync). Goal: ratio >= 0.5.
 * ``pop200``: ``configs/population-200.yaml`` (200 tiny RNNs) trained and recorded end to
   end with Ray actors: wall time and disk size.
+* ``pipeline200`` (not in the default set, ~4 min): the whole pipeline on the same config --
+  stage times, emulation metrics, group separation and centroid-vs-member accuracy.
 
 The machine is shared: the 1-minute load average before and after each measurement is
 stored beside it, so contaminated numbers can be recognised.
@@ -240,10 +242,34 @@ def bench_pop200(work: Path) -> dict:
     }
 
 
+def bench_pipeline200(work: Path) -> dict:
+    """The whole pipeline (population -> meta -> analyze) on configs/population-200.yaml."""
+    from dynamo_dist.pipeline import run_pipeline
+
+    cfg = config.load(REPO / "configs" / "population-200.yaml", overrides={"run_dir": str(work / "pipeline200")})
+    load0 = _load()
+    summary = run_pipeline(cfg, progress=False)
+    analysis = json.loads((Path(cfg.meta.output_dir) / "analysis" / "analysis.json").read_text())["headline"]
+    keep = ("dynamo.silhouette", "dynamo.adjusted_rand", "svcca.silhouette", "cka.silhouette",
+            "averaging.mean_centroid_minus_member_base")
+    return {
+        "config": "configs/population-200.yaml", "num_models": summary["num_models"],
+        **{k: round(summary[k], 1) for k in ("population_seconds", "meta_seconds", "analyze_seconds", "total_seconds")},
+        "meta": {k: summary["meta"][k] for k in ("mean_agreement", "mean_hidden_r2", "mean_meta_accuracy",
+                                                  "mean_base_accuracy", "num_workers", "steps")},
+        "analysis": {k: analysis.get(k) for k in keep},
+        "centroid_vs_members": {g: [analysis.get(f"averaging.{g}.centroid_accuracy"),
+                                    analysis.get(f"averaging.{g}.member_base_mean")]
+                                for g in sorted({k.split(".")[1] for k in analysis if k.startswith("averaging.")
+                                                 and k.endswith(".centroid_accuracy")})},
+        "load_before": load0, "load_after": _load(),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sections", nargs="+", default=["throughput", "write", "pop200"],
-                    choices=["throughput", "write", "pop200"])
+                    choices=["throughput", "write", "pop200", "pipeline200"])
     ap.add_argument("--num-models", type=int, default=40, help="models in the throughput population")
     ap.add_argument("--repeats", type=int, default=1, help="repeats of the throughput comparison")
     ap.add_argument("--baselines", nargs="+", choices=list(SEQUENTIAL_VARIANTS),
@@ -266,6 +292,8 @@ def main() -> None:
                 res = bench_throughput(args.num_models, args.repeats, args.baselines, work)
             elif section == "write":
                 res = bench_write(work)
+            elif section == "pipeline200":
+                res = bench_pipeline200(work)
             else:
                 res = bench_pop200(work)
             results[section] = {"measured_at": t0, **res}

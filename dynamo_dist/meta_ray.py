@@ -55,6 +55,10 @@ CHECKPOINT_FORMAT = 1
 # (ray/train/v2/_internal/logging/patch_print.py). Train routes the root logger's INFO
 # records to the console (streamed to the driver) and its app log file, once each.
 _log = logging.getLogger(__name__)
+# Ray Train's own INFO lines (a "checkpoint created" per worker per checkpoint, worker-group
+# start-up) drown the progress lines on the console; warnings and errors still show, and
+# Ray's system log files keep everything.
+TRAIN_LOGGING = ray.train.LoggingConfig(log_level="WARNING")
 SHARED_FILE = "shared.pt"
 # MetaConfig fields a checkpoint's tensors depend on: a resumed run must not change them.
 _SHAPE_FIELDS = ("embedding_dim", "hidden_size", "embed_dim", "resnet_arch")
@@ -452,7 +456,7 @@ def build_trainer(cfg: MetaConfig, *, run_config=None, callbacks=None, resume_fr
     if run_config is None:
         run_config = RunConfig(name="meta", storage_path=str(Path(cfg.output_dir) / "ray_results"),
                                failure_config=FailureConfig(max_failures=cfg.max_failures),
-                               checkpoint_config=CheckpointConfig(num_to_keep=2))
+                               checkpoint_config=CheckpointConfig(num_to_keep=2), logging_config=TRAIN_LOGGING)
     if callbacks:
         run_config = dataclasses.replace(run_config, callbacks=[*(run_config.callbacks or []), *callbacks])
     resume_from_checkpoint = _as_checkpoint(resume_from_checkpoint)

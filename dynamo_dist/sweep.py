@@ -265,7 +265,8 @@ def _report_ray_train(cfg: MetaConfig, experiment_dir: str) -> None:
     trial_id = tune.get_context().get_trial_id()
     run_config = ray.train.RunConfig(name=f"train-{trial_id}", storage_path=experiment_dir,
                                      failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-                                     checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
+                                     checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                                     logging_config=meta_ray.TRAIN_LOGGING)
     trainer = meta_ray.build_trainer(cfg, run_config=run_config, callbacks=[TuneReportCallback()],
                                      log_mlflow=False, progress=False)
     meta_ray.finalize(cfg, trainer.fit(), log=False)
