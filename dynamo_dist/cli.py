@@ -50,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
                         ("meta", "train the meta-model with Ray Train (theta/V sharded)"),
                         ("sweep", "Ray Tune sweep of lambda, d and hidden distance"),
                         ("run", "the whole pipeline: population -> meta -> (sweep) -> analyze")):
-        add_common_args(sub.add_parser(name, help=help_))
+        p = sub.add_parser(name, help=help_)
+        add_common_args(p)
+        if name == "population":
+            p.add_argument("--dry-run", action="store_true",
+                           help="print per group how many models exist, are complete and would be trained; train nothing")
     an = sub.add_parser("analyze", help="analyses and HTML report of a meta run")
     add_common_args(an)
     an.add_argument("--meta-dir", help="meta run directory (default: the config's meta.output_dir)")
@@ -101,7 +105,16 @@ def _dispatch(args) -> int:
         return _add_models(args, cfg)
     if args.cmd == "embed":
         return _embed(args, cfg)
-    if args.cmd == "population":
+    if args.cmd == "population" and args.dry_run:
+        from .population import plan
+
+        rows = plan(cfg.population)
+        print(f"population root {cfg.population.root}")
+        for r in rows:
+            print(f"  {r['group']}: {r['models']} models, {r['complete']} complete, {r['failed']} failed, "
+                  f"{r['to_train']} to train")
+        print(f"  total: {sum(r['to_train'] for r in rows)} of {sum(r['models'] for r in rows)} to train")
+    elif args.cmd == "population":
         from .pipeline import population_stage
 
         population_stage(cfg, address=args.address)

@@ -213,6 +213,21 @@ def pending_jobs(root: str, cfg: PopulationConfig) -> list[ModelJob]:
     return [j for j in expand(cfg) if not set(j.member_ids()) <= done]
 
 
+def plan(cfg: PopulationConfig) -> list[dict]:
+    """Per group: models the spec expands to, how many are complete or failed in the root, how
+    many a run would train. Reads the manifest only; writes nothing."""
+    done = completed_ids(cfg.root)
+    layout = store.Layout.at(cfg.root)
+    failed = ({r["model_id"] for r in store.manifest_rows(cfg.root, status="failed")}
+              if layout.manifest.exists() else set())
+    out = []
+    for g in cfg.groups:
+        ids = [m for j in expand(cfg) if j.group.name == g.name for m in j.member_ids()]
+        out.append({"group": g.name, "models": len(ids), "complete": sum(m in done for m in ids),
+                    "failed": sum(m in failed for m in ids), "to_train": sum(m not in done for m in ids)})
+    return out
+
+
 def init_population(cfg: PopulationConfig) -> store.Layout:
     expand(cfg)  # validate ids before touching disk
     return store.init_root(cfg.root, cfg.model_dump(mode="json"))

@@ -400,3 +400,21 @@ def test_cuda_population_matches_cpu_closely(tmp_path):
     h_gpu = store.read_trajectory(str(tmp_path / "cuda"), "a-s000").hiddens[0]
     torch.testing.assert_close(h_gpu, h_cpu, rtol=0, atol=5e-3)  # same seed, same data order; float differences only
     assert abs(rows["cuda"][0]["test_accuracy"] - rows["cpu"][0]["test_accuracy"]) < 0.05
+
+
+def test_cli_population_dry_run_reports_the_plan_and_writes_nothing(tmp_path, capsys):
+    from dynamo_dist import cli
+
+    root = tmp_path / "root"
+    argv = ["population", "--recipe", "smoke", "--set", f"population.root={root}", "--set", f"run_dir={tmp_path}",
+            "--set", f"meta.population_root={root}", "--dry-run"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert not root.exists() and "total: 4 of 4 to train" in out
+    cfg = cli.load_pipeline(cli.build_parser().parse_args(argv)).population
+    population.run_local(cfg.replace(groups=cfg.groups[:1]), progress=False)  # train only the first group
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    first, second = cfg.groups[0].name, cfg.groups[1].name
+    assert f"{first}: 2 models, 2 complete, 0 failed, 0 to train" in out
+    assert f"{second}: 2 models, 0 complete, 0 failed, 2 to train" in out and "total: 2 of 4 to train" in out
