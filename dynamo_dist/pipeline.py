@@ -75,14 +75,25 @@ def population_stage(cfg: PipelineConfig, address: str | None = None, progress: 
 
     check_reachable(resolve_uri(cfg.meta.output_dir, cfg.meta.tracking_uri))
     t = time.perf_counter()
-    rows = run_population(cfg.population, address=address, progress=progress)
+    try:
+        rows = run_population(cfg.population, address=address, progress=progress)
+    except ValueError as err:  # e.g. more failed models than allowed: what was done is in the manifest
+        if store.Layout.at(cfg.population.root).manifest.is_file():
+            try:
+                log_population(cfg, store.manifest_rows(cfg.population.root), time.perf_counter() - t, error=str(err))
+            except Exception as log_err:  # noqa: BLE001 -- never hide the stage's own error behind a logging one
+                print(f"warning: could not log the failed population stage to MLflow: {log_err}")
+        raise
     log_population(cfg, rows, time.perf_counter() - t)
     return rows
 
 
-def log_population(cfg: PipelineConfig, rows: list[dict], seconds: float) -> str:
+def log_population(cfg: PipelineConfig, rows: list[dict], seconds: float, error: str | None = None) -> str:
     """A run named "population" in the pipeline's MLflow experiment: the spec, per-group
-    accuracy, the manifest as CSV and a per-group accuracy plot. Returns the run id."""
+    accuracy, the manifest as CSV and a per-group accuracy plot. Returns the run id.
+
+    ``error``: the stage failed with this message; the run ends FAILED with it as tag
+    ``dynamo.error`` (``rows`` are then the models completed before the failure)."""
     import tempfile
 
     import pyarrow as pa
@@ -93,8 +104,9 @@ def log_population(cfg: PipelineConfig, rows: list[dict], seconds: float) -> str
 
     pop = cfg.population
     all_rows = store.manifest_rows(pop.root, status=None)
-    with tracking.run_context(cfg.meta.output_dir, cfg.meta.experiment, "population", cfg.meta.tracking_uri,
-                              tags={"dynamo.population_root": str(Path(pop.root).resolve())}) as run:
+    tags = {"dynamo.population_root": str(Path(pop.root).resolve()), **({"dynamo.error": error[:5000]} if error else {})}
+    run = tracking.start_run(cfg.meta.output_dir, cfg.meta.experiment, "population", cfg.meta.tracking_uri, tags=tags)
+    try:
         run.log_params({"num_models": len(rows), "dtype": pop.dtype, "num_probe": pop.num_probe,
                         "num_test": pop.num_test, "num_examples": pop.num_examples, "data_seed": pop.data_seed,
                         **{f"group.{g.name}": g.model_dump_json(exclude={"name"}) for g in pop.groups}})
@@ -111,7 +123,11 @@ def log_population(cfg: PipelineConfig, rows: list[dict], seconds: float) -> str
             if rows:
                 plots.population_accuracy_plot(rows, Path(tmp) / "population_accuracy.png")
             run.log_artifact(tmp, "population")
-        return run.run_id
+    except BaseException:
+        run.end("FAILED")
+        raise
+    run.end("FAILED" if error else "FINISHED")
+    return run.run_id
 
 
 def _print_summary(cfg: PipelineConfig, s: dict) -> None:

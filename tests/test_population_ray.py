@@ -248,3 +248,23 @@ def test_a_diverging_model_is_recorded_as_failed_while_the_others_complete(tmp_p
     assert bad["model_id"] == "bad-s000" and "NaN" in bad["error"]
     with pytest.raises(ValueError, match=r"1 model\(s\) failed \(population.max_failed_models=0\); first: model bad-s000"):
         run_population(cfg.replace(max_failed_models=0), progress=False)  # the re-run retries it, and it fails again
+
+
+def test_a_failed_population_stage_is_a_failed_mlflow_run_with_the_error(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from dynamo_dist import config
+    from dynamo_dist.pipeline import population_stage
+
+    diverging = GroupSpec(name="bad", task="mnist1d", arch="gru", hidden_size=8, num_seeds=1, epochs=1,
+                          batch_size=64, lr=1e30)
+    pop = PopulationConfig(root=str(tmp_path / "run" / "population"), groups=(GROUPS[0].replace(num_seeds=2), diverging),
+                           num_examples=1000, num_probe=NUM_PROBE, num_test=NUM_TEST)
+    cfg = config.parse(config.PipelineConfig, {"run_dir": str(tmp_path / "run"), "population": pop.model_dump(mode="json")})
+    with pytest.raises(ValueError, match="1 model\\(s\\) failed"):
+        population_stage(cfg, progress=False)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'meta' / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.run_name == "population" and run.info.status == "FAILED"
+    assert "bad-s000" in run.data.tags["dynamo.error"] and run.data.metrics["failed_models"] == 1
+    assert run.data.metrics["g8.count"] == 2  # the models completed before the failure
