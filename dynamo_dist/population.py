@@ -220,9 +220,10 @@ def plan(cfg: PopulationConfig) -> list[dict]:
     layout = store.Layout.at(cfg.root)
     failed = ({r["model_id"] for r in store.manifest_rows(cfg.root, status="failed")}
               if layout.manifest.exists() else set())
+    jobs = expand(cfg)
     out = []
     for g in cfg.groups:
-        ids = [m for j in expand(cfg) if j.group.name == g.name for m in j.member_ids()]
+        ids = [m for j in jobs if j.group.name == g.name for m in j.member_ids()]
         out.append({"group": g.name, "models": len(ids), "complete": sum(m in done for m in ids),
                     "failed": sum(m in failed for m in ids), "to_train": sum(m not in done for m in ids)})
     return out
