@@ -136,8 +136,9 @@ def run_posthoc(meta_output_dir: str | Path, population_root: str, model_ids: li
     out = Path(out_dir) if out_dir is not None else run.output_dir / "posthoc"
     path = out / "embeddings.parquet"
     if path.is_file():  # keep earlier post-hoc models; a re-embedded model's row is replaced
+        replaced = set(new_ids)
         rows = [r for r in store.read_parquet(path, "post-hoc embeddings").to_pylist()
-                if r["model_id"] not in set(new_ids)] + rows
+                if r["model_id"] not in replaced] + rows
     rows.sort(key=lambda r: r["model_id"])
     keys = list(dict.fromkeys(k for r in rows for k in r))
     merged = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
