@@ -7,7 +7,6 @@ integration test on the MNIST-1D report.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -23,6 +22,7 @@ from dynamo_dist.analysis import run_analysis
 from dynamo_dist.config import AnalyzeConfig, GroupSpec, MetaConfig, PopulationConfig
 from dynamo_dist.meta_run import run_meta_local
 from dynamo_dist.population import run_local
+from scripts_util import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = AnalyzeConfig(landscape_grid=3, fixed_point_states=24, fixed_point_iters=40, ssl_steps=15, seed=0)
@@ -47,9 +47,7 @@ def test_to_json_writes_non_finite_numbers_as_null():
 
 
 def test_analyze_job_prints_strict_json(monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("analyze_job", REPO / "jobs" / "analyze.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = load_script("jobs/analyze.py")
     monkeypatch.setattr(job, "run_analysis", lambda *a, **k: {"dynamo.silhouette": float("nan"), "num_models": 4,
                                                               "report": "r.html", "analysis_json": "a.json"})
     assert job.main(["--recipe", "smoke", "--no-log"]) == 0
@@ -137,9 +135,7 @@ def test_analysis_is_logged_to_the_meta_runs_store(analysed):
 
 
 def test_analyze_job_reports_user_errors(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("analyze_job", REPO / "jobs" / "analyze.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = load_script("jobs/analyze.py")
     assert job.main(["--recipe", "smoke", "--meta-dir", str(tmp_path / "missing"), "--no-log"]) == 2
     assert "meta run directory not found" in capsys.readouterr().err
     assert job.main(["--recipe", "smoke", "--set", "analyze.landscape_grid=1", "--meta-dir", str(tmp_path)]) == 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import duckdb
@@ -17,6 +16,7 @@ from safetensors.torch import load_file
 from dynamo_dist import population, store, zoo
 from dynamo_dist.config import GroupSpec, PopulationConfig
 from dynamo_dist.population_ray import run_population
+from scripts_util import load_script
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,6 @@ GROUPS = (
 )
 IDS = [f"g16-s{s:03d}-e{e:03d}" for s in range(2) for e in (1, 2)] + [f"g8-s{s:03d}" for s in range(6)]
 NUM_PROBE, NUM_TEST, T = 64, 64, 40
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(root, **kw) -> PopulationConfig:
@@ -202,10 +201,7 @@ def test_bad_root_fails_before_any_work(tmp_path):
 
 
 def _job_main():
-    spec = importlib.util.spec_from_file_location("train_population", REPO / "jobs" / "train_population.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
+    return load_script("jobs/train_population.py").main
 
 
 def test_job_script_runs_a_config_file(ray_pop, tmp_path, capsys):

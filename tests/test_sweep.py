@@ -8,7 +8,6 @@ sweep of 4 trials with 2 at a time, and read everything back with ``MlflowClient
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -25,6 +24,7 @@ import pytest
 
 from dynamo_dist.config import GroupSpec, MetaConfig, PopulationConfig, SweepConfig
 from dynamo_dist.sweep import markdown_table, rank_trials, run_sweep, silhouette_by, trial_dirname
+from scripts_util import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, EVAL_EVERY = 20, 5
@@ -312,10 +312,7 @@ def test_missing_population_and_unknown_metric(tmp_path):
 
 
 def _job():
-    spec = importlib.util.spec_from_file_location("sweep_meta_job", REPO / "jobs" / "sweep_meta.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("jobs/sweep_meta.py")
 
 
 @pytest.mark.integration
@@ -335,10 +332,7 @@ def test_job_exits_nonzero_with_the_message(population, tmp_path, capsys, sets, 
 
 
 def _screenshot_script():
-    spec = importlib.util.spec_from_file_location("screenshot_mlflow", REPO / "scripts" / "screenshot_mlflow.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/screenshot_mlflow.py")
 
 
 @pytest.mark.integration
