@@ -120,9 +120,9 @@ def run_posthoc(meta_output_dir: str | Path, population_root: str, model_ids: li
     from . import store
     from .meta_run import embeddings_table
 
-    run = load_meta_run(meta_output_dir)
     results = embed_new_models(meta_output_dir, population_root, model_ids, steps=steps, seed=seed, progress=progress)
-    trained = run.embeddings_table().to_pylist()
+    meta_dir = Path(meta_output_dir)  # embed_new_models has loaded and checked the run; only its embeddings are needed
+    trained = store.read_parquet(meta_dir / "embeddings.parquet", "embeddings of the meta run").to_pylist()
     trained_ids = [r["model_id"] for r in trained]
     theta_trained = np.array([r["theta"] for r in trained], dtype=np.float64)
     new_ids = sorted(results)
@@ -133,7 +133,7 @@ def run_posthoc(meta_output_dir: str | Path, population_root: str, model_ids: li
     table = embeddings_table([{"model_id": m, "theta": results[m]["theta"]} for m in new_ids],
                              store.manifest_rows(population_root))
     rows = [{**r, **extra[r["model_id"]]} for r in table.to_pylist()]
-    out = Path(out_dir) if out_dir is not None else run.output_dir / "posthoc"
+    out = Path(out_dir) if out_dir is not None else meta_dir / "posthoc"
     path = out / "embeddings.parquet"
     if path.is_file():  # keep earlier post-hoc models; a re-embedded model's row is replaced
         replaced = set(new_ids)
