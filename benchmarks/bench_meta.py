@@ -48,10 +48,11 @@ from pathlib import Path
 import ray
 import torch
 
-from dynamo_dist import meta_ray, store
+from dynamo_dist.meta import ray_train as meta_ray
+from dynamo_dist.data import store
 from dynamo_dist.config import GroupSpec, MetaConfig, PopulationConfig
-from dynamo_dist.population import run_local
-from dynamo_dist.trainer import DynamoTrainer, load_population
+from dynamo_dist.population.train import run_local
+from dynamo_dist.meta.trainer import DynamoTrainer, load_population
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "meta.json"

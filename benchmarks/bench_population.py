@@ -41,9 +41,12 @@ import numpy as np
 import ray
 import torch
 
-from dynamo_dist import config, data, population, store, zoo
+from dynamo_dist import config, zoo
+from dynamo_dist.data import tasks as data
+from dynamo_dist.population import train as population
+from dynamo_dist.data import store
 from dynamo_dist.config import GroupSpec, PopulationConfig
-from dynamo_dist.population_ray import run_population
+from dynamo_dist.population.actors import run_population
 from dynamo_dist.ray_utils import init_ray
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,7 +21,9 @@ import numpy as np
 import pyarrow.parquet as pq
 from sklearn.metrics import silhouette_score
 
-from dynamo_dist import config, meta_run, population
+from dynamo_dist import config
+from dynamo_dist.meta import outputs as meta_run
+from dynamo_dist.population import train as population
 
 
 def cases(root: Path) -> dict[str, config.PipelineConfig]:

@@ -106,7 +106,7 @@ def _dispatch(args) -> int:
     if args.cmd == "embed":
         return _embed(args, cfg)
     if args.cmd == "population" and args.dry_run:
-        from .population import plan
+        from .population.train import plan
 
         rows = plan(cfg.population)
         print(f"population root {cfg.population.root}")
@@ -119,11 +119,11 @@ def _dispatch(args) -> int:
 
         population_stage(cfg, address=args.address)
     elif args.cmd == "meta":
-        from .meta_ray import run_meta
+        from .meta.ray_train import run_meta
 
         run_meta(cfg.meta, address=args.address)
     elif args.cmd == "sweep":
-        from .sweep import run_sweep
+        from .meta.tune import run_sweep
 
         run_sweep(cfg.meta, cfg.sweep or config_mod.SweepConfig(), cfg.run_dir, address=args.address)
     elif args.cmd == "analyze":
@@ -140,14 +140,15 @@ def _dispatch(args) -> int:
 def _add_models(args, cfg: config_mod.PipelineConfig) -> int:
     from pathlib import Path
 
-    from . import population, store
+    from .population import train, user_models
+    from .data import store
 
     root = args.root or cfg.population.root
     # An existing root keeps its own data/recording settings, so new trajectories match its inputs.
     pop_cfg = None if store.Layout.at(root).info.is_file() else cfg.population.replace(root=root)
-    rows = population.add_model_dir(root, args.directory, args.task, cfg=pop_cfg, group=args.group, progress=True)
+    rows = user_models.add_model_dir(root, args.directory, args.task, cfg=pop_cfg, group=args.group, progress=True)
     print(f"added {len(rows)} model(s) to {Path(root).resolve()}")
-    for g in population.group_summary(rows):
+    for g in train.group_summary(rows):
         print(f"{g['group']}: {g['count']} models, test accuracy {g['mean_accuracy']:.3f} ± {g['std_accuracy']:.3f}")
     return 0
 
@@ -155,7 +156,7 @@ def _add_models(args, cfg: config_mod.PipelineConfig) -> int:
 def _embed(args, cfg: config_mod.PipelineConfig) -> int:
     import pyarrow.parquet as pq
 
-    from .posthoc import run_posthoc
+    from .meta.posthoc import run_posthoc
 
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")

@@ -11,13 +11,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import store
+from .data import store
 from .config import PipelineConfig
 
 
 def run_pipeline(cfg: PipelineConfig, address: str | None = None, progress: bool = True) -> dict:
     """Run every stage; returns a summary with the paths of the results."""
-    from .meta_ray import run_meta
+    from .meta.ray_train import run_meta
 
     t0 = time.perf_counter()
     timings = {}
@@ -34,7 +34,7 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, progress: bool
 
     sweep_trials = None
     if cfg.sweep is not None:
-        from .sweep import run_sweep
+        from .meta.tune import run_sweep
 
         t = time.perf_counter()
         sweep_trials = run_sweep(cfg.meta, cfg.sweep, cfg.run_dir, address=address)
@@ -70,7 +70,7 @@ def population_stage(cfg: PipelineConfig, address: str | None = None, progress: 
 
     A tracking server that does not answer fails here, before any model is trained.
     """
-    from .population_ray import run_population
+    from .population.actors import run_population
     from .tracking import check_reachable, resolve_uri
 
     check_reachable(resolve_uri(cfg.meta.output_dir, cfg.meta.tracking_uri))
@@ -100,7 +100,7 @@ def log_population(cfg: PipelineConfig, rows: list[dict], seconds: float, error:
     import pyarrow.csv
 
     from . import plots, tracking
-    from .population import group_summary
+    from .population.train import group_summary
 
     pop = cfg.population
     all_rows = store.manifest_rows(pop.root, status=None)

@@ -20,7 +20,7 @@ import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from . import store
+from .data import store
 
 
 def resolve_uri(run_dir: str | os.PathLike, tracking_uri: str | None) -> str:

@@ -16,7 +16,7 @@ import sys
 
 from dynamo_dist.cli import add_common_args, load_pipeline
 from dynamo_dist.config import SweepConfig
-from dynamo_dist.sweep import run_sweep
+from dynamo_dist.meta.tune import run_sweep
 
 
 def main(argv: list[str] | None = None) -> int:

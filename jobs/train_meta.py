@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from dynamo_dist.cli import add_common_args, load_pipeline
-from dynamo_dist.meta_ray import run_meta
+from dynamo_dist.meta.ray_train import run_meta
 
 
 def main(argv: list[str] | None = None) -> int:

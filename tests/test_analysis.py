@@ -16,10 +16,10 @@ from dynamo_dist.analysis import (Dynamics, EmbeddingGeometry, FixedPointFinder,
                                   meta_visited_states, num_components_for, svcca_distance, valence_score)
 from dynamo_dist.analysis.evaluate import accuracies
 from dynamo_dist.config import MetaConfig
-from dynamo_dist.data import Split
-from dynamo_dist.meta_model import MetaRNN
-from dynamo_dist.store import Trajectory
-from dynamo_dist.trainer import DynamoTrainer, PopulationData
+from dynamo_dist.data.tasks import Split
+from dynamo_dist.meta.model import MetaRNN
+from dynamo_dist.data.store import Trajectory
+from dynamo_dist.meta.trainer import DynamoTrainer, PopulationData
 
 
 @pytest.fixture(autouse=True, scope="module")

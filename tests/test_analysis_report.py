@@ -20,8 +20,8 @@ import torch
 
 from dynamo_dist.analysis import run_analysis
 from dynamo_dist.config import AnalyzeConfig, GroupSpec, MetaConfig, PopulationConfig
-from dynamo_dist.meta_run import run_meta_local
-from dynamo_dist.population import run_local
+from dynamo_dist.meta.outputs import run_meta_local
+from dynamo_dist.population.train import run_local
 from scripts_util import load_script
 
 REPO = Path(__file__).resolve().parents[1]

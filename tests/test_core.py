@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from dynamo_dist import config, zoo
-from dynamo_dist.meta_model import MetaResNet, MetaRNN, ModelEmbeddings
-from dynamo_dist.objective import Chunk, dynamo_loss, hidden_loss, output_loss, step_mask
-from dynamo_dist.trainer import check_population, cosine_factor
+from dynamo_dist.meta.model import MetaResNet, MetaRNN, ModelEmbeddings
+from dynamo_dist.meta.objective import Chunk, dynamo_loss, hidden_loss, output_loss, step_mask
+from dynamo_dist.meta.trainer import check_population, cosine_factor
 
 SEQ = zoo.ArchSpec(arch="gru", input_kind="sequence", input_shape=(7, 3), num_classes=4, hidden_size=5)
 
@@ -307,7 +307,7 @@ def test_cli_set_indexes_lists(capsys):
 
 
 def test_unknown_dataset_is_an_error():
-    from dynamo_dist.data import load_task
+    from dynamo_dist.data.tasks import load_task
 
     with pytest.raises(ValueError, match="imagenet"):
         load_task("imagenet")

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dynamo_dist import data as D
-from dynamo_dist.data import PAD_ID, UNK_ID, Split, fraction_subset, load_task, token_id
+from dynamo_dist.data import tasks as D
+from dynamo_dist.data.tasks import PAD_ID, UNK_ID, Split, fraction_subset, load_task, token_id
 
 SMALL = {  # keep loads fast; None = the task's natural size is already small
     "mnist1d": 1000,
@@ -373,7 +373,7 @@ def test_cifar10_from_python_format_batches(tmp_path, monkeypatch):
 def test_mnist1d_disk_cache_is_used_and_a_corrupt_one_is_regenerated(tmp_path, monkeypatch):
     import mnist1d.data
 
-    from dynamo_dist import data as data_mod
+    from dynamo_dist.data import tasks as data_mod
 
     monkeypatch.setenv("DYNAMO_DATA_DIR", str(tmp_path))
     data_mod._mnist1d_arrays.cache_clear()

@@ -21,10 +21,11 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from dynamo_dist import meta_ray, store  # noqa: E402
+from dynamo_dist.meta import ray_train as meta_ray  # noqa: E402
+from dynamo_dist.data import store
 from dynamo_dist.config import GroupSpec, MetaConfig, PopulationConfig  # noqa: E402
-from dynamo_dist.population import run_local  # noqa: E402
-from dynamo_dist.trainer import DynamoTrainer, load_population  # noqa: E402
+from dynamo_dist.population.train import run_local  # noqa: E402
+from dynamo_dist.meta.trainer import DynamoTrainer, load_population  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -122,7 +123,7 @@ def test_two_workers_embed_every_model(clean_w2, pop_root):
     assert {"shared.pt", "shard-0.pt", "shard-1.pt", "test_metrics-0.json", "test_metrics-1.json"} <= {
         p.name for p in ckpt.iterdir()}
     # merged output checkpoint holds every shard and loads as a meta run
-    from dynamo_dist.meta_run import load_meta_run
+    from dynamo_dist.meta.outputs import load_meta_run
 
     run = load_meta_run(out)
     assert [r["model_id"] for r in run.rows] == ids

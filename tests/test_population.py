@@ -9,7 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dynamo_dist import config, population, store, zoo
+from dynamo_dist import config, zoo
+from dynamo_dist.population import train as population
+from dynamo_dist.population import user_models
+from dynamo_dist.data import store
 from dynamo_dist.config import GroupSpec, PopulationConfig
 
 GROUPS = (
@@ -198,7 +201,7 @@ def test_add_models_records_users_modules_like_trained_ones(tmp_path):
     torch.manual_seed(0)
     mine = {"mine-1": zoo.build(population.arch_spec(GROUPS[0], task)),
             "mine-2": zoo.build(population.arch_spec(GROUPS[0].replace(hidden_size=6), task))}
-    rows = population.add_models(cfg.root, mine, "mnist1d", cfg=cfg, labels={"mine-2": {"seed": 2}})
+    rows = user_models.add_models(cfg.root, mine, "mnist1d", cfg=cfg, labels={"mine-2": {"seed": 2}})
     assert [r["model_id"] for r in store.manifest_rows(cfg.root)] == ["mine-1", "mine-2"]
     assert rows[1]["seed"] == 2 and rows[0]["group"] == "user"
     x = store.read_inputs(cfg.root, "mnist1d", "probe").x
@@ -214,7 +217,7 @@ def test_model_with_nan_weights_is_refused_without_files(tmp_path):
     with torch.no_grad():
         model.readout.bias.fill_(float("nan"))
     with pytest.raises(ValueError, match="NaN"):
-        population.add_models(cfg.root, {"broken": model}, "mnist1d", cfg=cfg)
+        user_models.add_models(cfg.root, {"broken": model}, "mnist1d", cfg=cfg)
     assert not list(store.Layout.at(cfg.root).root.rglob("*broken*"))
 
 
@@ -236,7 +239,7 @@ def test_add_models_takes_plain_torchvision_resnets(tmp_path):
     cfg = _image_cfg(tmp_path / "root")
     torch.manual_seed(0)
     net = _small_image_resnet18()
-    rows = population.add_models(cfg.root, {"tv-18": net}, "fake_images", cfg=cfg)
+    rows = user_models.add_models(cfg.root, {"tv-18": net}, "fake_images", cfg=cfg)
     assert rows[0]["arch"] == "resnet18" and rows[0]["model_id"] == "tv-18"
     x = store.read_inputs(cfg.root, "fake_images", "probe").x
     with torch.no_grad():
@@ -259,12 +262,12 @@ def test_add_models_refuses_imagenet_layout_and_foreign_modules_before_writing(t
 
     cfg = _image_cfg(tmp_path / "root")
     with pytest.raises(ValueError, match=r"model 'big'.*conv1 \(7, 7\).*small-image layout"):
-        population.add_models(cfg.root, {"ok": _small_image_resnet18(), "big": torchvision.models.resnet18()},
+        user_models.add_models(cfg.root, {"ok": _small_image_resnet18(), "big": torchvision.models.resnet18()},
                               "fake_images", cfg=cfg)
     with pytest.raises(ValueError, match="model 'mlp': Sequential is neither"):
-        population.add_models(cfg.root, {"mlp": torch.nn.Sequential(torch.nn.Linear(3, 3))}, "fake_images", cfg=cfg)
+        user_models.add_models(cfg.root, {"mlp": torch.nn.Sequential(torch.nn.Linear(3, 3))}, "fake_images", cfg=cfg)
     with pytest.raises(ValueError, match=r"model 'five'.*num_classes 5 vs 10"):
-        population.add_models(cfg.root, {"five": _small_image_resnet18(5)}, "fake_images", cfg=cfg)
+        user_models.add_models(cfg.root, {"five": _small_image_resnet18(5)}, "fake_images", cfg=cfg)
     assert not (tmp_path / "root").exists()  # nothing written, not even the root
 
 
@@ -292,7 +295,7 @@ def _user_dir(tmp_path, cfg):
 def test_add_model_dir_records_described_and_self_describing_files(tmp_path):
     cfg = _cfg(tmp_path / "root")
     d, models = _user_dir(tmp_path, cfg)
-    rows = population.add_model_dir(cfg.root, str(d), "mnist1d", cfg=cfg)
+    rows = user_models.add_model_dir(cfg.root, str(d), "mnist1d", cfg=cfg)
     by_id = {r["model_id"]: r for r in store.manifest_rows(cfg.root)}
     assert sorted(by_id) == ["u-1", "u-2", "u-own"] and len(rows) == 3
     assert by_id["u-2"]["seed"] == 2 and by_id["u-2"]["lab"] == "y" and by_id["u-1"]["group"] == "my-grus"
@@ -306,7 +309,7 @@ def test_add_model_dir_records_described_and_self_describing_files(tmp_path):
     # adding the directory again skips every model and rewrites nothing
     layout = store.Layout.at(cfg.root)
     before = {p: p.stat().st_mtime_ns for p in layout.root.rglob("*") if p.is_file()}
-    assert population.add_model_dir(cfg.root, str(d), "mnist1d") == []  # cfg from the root's own spec
+    assert user_models.add_model_dir(cfg.root, str(d), "mnist1d") == []  # cfg from the root's own spec
     assert {p: p.stat().st_mtime_ns for p in layout.root.rglob("*") if p.is_file()} == before
 
 
@@ -315,16 +318,16 @@ def test_add_model_dir_errors_name_the_file_and_write_nothing(tmp_path):
     d, _ = _user_dir(tmp_path, cfg)
     (d / "architecture.json").write_text(json.dumps({"arch": "gru", "hidden_size": 11}))  # wrong size
     with pytest.raises(ValueError, match=r"u-1\.safetensors does not fit gru"):
-        population.add_model_dir(cfg.root, str(d), "mnist1d", cfg=cfg)
+        user_models.add_model_dir(cfg.root, str(d), "mnist1d", cfg=cfg)
     (d / "architecture.json").unlink()
     with pytest.raises(ValueError, match=r"u-1\.safetensors carries no architecture.*architecture\.json"):
-        population.add_model_dir(cfg.root, str(d), "mnist1d", cfg=cfg)
+        user_models.add_model_dir(cfg.root, str(d), "mnist1d", cfg=cfg)
     (d / "architecture.json").write_text(json.dumps({"arch": "gru", "hidden_size": 10}))
     (d / "u-2.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match=r"u-2\.safetensors is not a readable safetensors file"):
-        population.add_model_dir(cfg.root, str(d), "mnist1d", cfg=cfg)
+        user_models.add_model_dir(cfg.root, str(d), "mnist1d", cfg=cfg)
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors files"):
-        population.add_model_dir(cfg.root, str(tmp_path / "empty"), "mnist1d", cfg=cfg)
+        user_models.add_model_dir(cfg.root, str(tmp_path / "empty"), "mnist1d", cfg=cfg)
     assert not (tmp_path / "root").exists()
 
 
@@ -385,7 +388,7 @@ def test_cuda_without_a_gpu_fails_before_any_work(tmp_path):
 
 
 def test_ray_population_with_cuda_needs_gpus_per_actor(tmp_path):
-    from dynamo_dist.population_ray import run_population
+    from dynamo_dist.population.actors import run_population
 
     with pytest.raises(ValueError, match="gpus_per_actor is 0"):
         run_population(_cfg(tmp_path / "root", device="cuda"), progress=False)

@@ -13,9 +13,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from dynamo_dist import population, store, zoo
+from dynamo_dist import zoo
+from dynamo_dist.population import train as population
+from dynamo_dist.data import store
 from dynamo_dist.config import GroupSpec, PopulationConfig
-from dynamo_dist.population_ray import run_population
+from dynamo_dist.population.actors import run_population
 from scripts_util import load_script
 
 pytestmark = pytest.mark.integration

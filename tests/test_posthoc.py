@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dynamo_dist import posthoc
+from dynamo_dist.meta import posthoc
 from dynamo_dist.config import GroupSpec, MetaConfig, PopulationConfig
-from dynamo_dist.meta_run import load_meta_run, run_meta_local
-from dynamo_dist.population import run_local
+from dynamo_dist.meta.outputs import load_meta_run, run_meta_local
+from dynamo_dist.population.train import run_local
 
 GROUPS = (
     GroupSpec(name="gru", task="mnist1d", arch="gru", hidden_size=16, num_seeds=4, epochs=2, lr=1e-2, batch_size=16),
@@ -95,7 +95,8 @@ def test_unknown_model_id_is_a_clear_error(meta_dir):
 
 def test_embed_cli_writes_new_models_with_their_nearest_trained_model(meta_dir, tmp_path, capsys):
     """New models (trained like the run's rnn group, other seeds) land nearest to rnn models; results accumulate."""
-    from dynamo_dist import cli, store
+    from dynamo_dist import cli
+    from dynamo_dist.data import store
 
     root = str(tmp_path / "new")
     new = GroupSpec(name="new-rnn", task="mnist1d", arch="rnn", hidden_size=16, num_seeds=2, seed_offset=10,

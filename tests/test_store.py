@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dynamo_dist import store
-from dynamo_dist.data import Split
+from dynamo_dist.data import store
+from dynamo_dist.data.tasks import Split
 
 N, T, H, C = 12, 7, 5, 3  # examples, steps, hidden units, classes
 

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pytest
 
 from dynamo_dist.config import GroupSpec, MetaConfig, PopulationConfig, SweepConfig
-from dynamo_dist.sweep import markdown_table, rank_trials, run_sweep, silhouette_by, trial_dirname
+from dynamo_dist.meta.tune import markdown_table, rank_trials, run_sweep, silhouette_by, trial_dirname
 from scripts_util import load_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,7 +77,7 @@ def ray_session():
 
 @pytest.fixture(scope="module")
 def population(tmp_path_factory) -> str:
-    from dynamo_dist.population import run_local
+    from dynamo_dist.population.train import run_local
 
     root = tmp_path_factory.mktemp("sweep") / "population"
     groups = tuple(GroupSpec(name=n, task="mnist1d", arch="gru", hidden_size=8, train_fraction=f, num_seeds=2,

@@ -7,9 +7,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dynamo_dist import config, meta_run, population, store
-from dynamo_dist.metrics import evaluate, summarize
-from dynamo_dist.trainer import DynamoTrainer, load_population
+from dynamo_dist import config
+from dynamo_dist.meta import outputs as meta_run
+from dynamo_dist.population import train as population
+from dynamo_dist.data import store
+from dynamo_dist.meta.metrics import evaluate, summarize
+from dynamo_dist.meta.trainer import DynamoTrainer, load_population
 
 GROUPS = (
     config.GroupSpec(name="digit", task="mnist1d", hidden_size=8, num_seeds=2, epochs=1, lr=1e-2, batch_size=64),

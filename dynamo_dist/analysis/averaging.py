@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..data import Split
+from ..data.tasks import Split
 from .evaluate import accuracies
 
 

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..objective import step_mask
+from ..meta.objective import step_mask
 from .geometry import clustering_scores
 
 METHODS = ("svcca", "cka")

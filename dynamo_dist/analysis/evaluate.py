@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data import Split
+from ..data.tasks import Split
 
 
 @torch.no_grad()

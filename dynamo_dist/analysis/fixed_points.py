@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..objective import step_mask
+from ..meta.objective import step_mask
 
 
 @dataclass

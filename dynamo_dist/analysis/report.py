@@ -27,13 +27,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .. import store
-from ..store import to_json  # noqa: F401 -- re-exported: jobs/analyze.py prints with it
+from ..data import store
+from ..data.store import to_json  # noqa: F401 -- re-exported: jobs/analyze.py prints with it
 from ..config import AnalyzeConfig
-from ..data import UNK_ID, Split, load_task, token_id
-from ..meta_run import MetaRun, load_meta_run
-from ..objective import step_mask
-from ..trainer import PopulationData
+from ..data.tasks import UNK_ID, Split, load_task, token_id
+from ..meta.outputs import MetaRun, load_meta_run
+from ..meta.objective import step_mask
+from ..meta.trainer import PopulationData
 from .averaging import ModelAveraging
 from .baseline import RepresentationBaseline, activation_taps
 from .evaluate import accuracies, base_accuracy

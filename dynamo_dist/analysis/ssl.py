@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import Split
+from ..data.tasks import Split
 from .evaluate import accuracies
 
 

@@ -40,12 +40,12 @@ import ray.train
 import torch
 from torch import nn
 
-from . import config as config_mod
-from . import store
-from .config import MetaConfig
-from .meta_run import log_to_mlflow, write_outputs
+from .. import config as config_mod
+from ..data import store
+from ..config import MetaConfig
+from .outputs import log_to_mlflow, write_outputs
 from .metrics import evaluate
-from .ray_utils import init_ray
+from ..ray_utils import init_ray
 from .trainer import DynamoTrainer, check_population, load_population, output_sizes
 
 CHECKPOINT_FORMAT = 1
@@ -287,7 +287,7 @@ def _population_means(per_model: dict[str, dict], keys: tuple[str, ...], prefix:
 
 
 def _start_or_attach_run(cfg: MetaConfig, mlcfg: dict, run_id: str | None, num_models: int):
-    from . import tracking
+    from .. import tracking
 
     if run_id:
         return tracking.Run(tracking.client_for(cfg.output_dir, cfg.tracking_uri), run_id)
@@ -530,7 +530,7 @@ def finalize(cfg: MetaConfig, result, *, log: bool = True, wall_seconds: float |
     if log:
         run_id = shared.get("mlflow_run_id")
         if run_id:
-            from . import tracking
+            from .. import tracking
 
             run = tracking.Run(tracking.client_for(cfg.output_dir, cfg.tracking_uri), run_id)
             try:

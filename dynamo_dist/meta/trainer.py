@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import store
-from .config import MetaConfig
-from .data import Split
-from .meta_model import ModelEmbeddings, build_meta_model
+from ..data import store
+from ..config import MetaConfig
+from ..data.tasks import Split
+from .model import ModelEmbeddings, build_meta_model
 from .objective import Chunk, dynamo_loss
-from .zoo import ArchSpec
+from ..zoo import ArchSpec
 
 VAL_FRACTION = 0.1  # tail of the probe split held out for validation metrics (never trained on)
 

@@ -25,10 +25,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from . import config as config_mod
-from . import store
-from .config import MetaConfig
-from .meta_model import ModelEmbeddings, build_meta_model
+from .. import config as config_mod
+from ..data import store
+from ..config import MetaConfig
+from .model import ModelEmbeddings, build_meta_model
 from .metrics import evaluate, summarize
 from .trainer import DynamoTrainer, PopulationData, load_population, output_sizes, spec_from_row
 
@@ -68,7 +68,7 @@ def write_outputs(cfg: MetaConfig, state: dict, theta_rows: list[dict], per_mode
     summary = {**summarize(per_model), "num_models": len(theta_rows), **(extra_summary or {})}
     store.write_json_atomic(summary, out / "summary.json")
     try:
-        from .plots import embedding_pca_plot
+        from ..plots import embedding_pca_plot
 
         embedding_pca_plot(emb, "group", out / "embedding_pca.png")
     except ImportError:  # matplotlib is optional for the core path
@@ -79,7 +79,7 @@ def write_outputs(cfg: MetaConfig, state: dict, theta_rows: list[dict], per_mode
 def log_to_mlflow(cfg: MetaConfig, summary: dict, per_model: dict, history: list[dict], run_name: str = "meta",
                   parent_run_id: str | None = None, run=None) -> str:
     """Log params, metric histories and artifacts of a finished meta run; returns the run id."""
-    from . import tracking
+    from .. import tracking
 
     own = run is None
     if own:

@@ -1,8 +1,8 @@
 """Population stage on Ray: actors train base models and record their trajectories.
 
-The per-model work is the plain code in ``population.py``; this module only spreads it
+The per-model work is the plain code in ``train.py``; this module only spreads it
 over a Ray cluster. Each ``PopulationWorker`` actor holds ``cpus_per_actor`` CPUs (or a
-GPU fraction) and runs ``population.train_and_record`` for one job per call, writing that
+GPU fraction) and runs ``train.train_and_record`` for one job per call, writing that
 model's weights and trajectory files itself, so no weights travel through the driver.
 
 The driver is the only writer of ``manifest.parquet``. It keeps every actor busy with a
@@ -12,7 +12,7 @@ A model that fails on its own (a ValueError such as a NaN trajectory) is recorde
 status 'failed' and the others go on; more than ``max_failed_models`` failures stop new
 work and fail the stage once the running jobs are in.
 A model enters the manifest only once all its files are in place, so an interrupted run
-re-run with the same spec trains only ``population.pending_jobs``.
+re-run with the same spec trains only ``train.pending_jobs``.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ import ray
 import torch
 from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
 
-from . import population, store
-from .config import PopulationConfig
-from .population import ModelJob
-from .ray_utils import init_ray
+from . import train
+from ..data import store
+from ..config import PopulationConfig
+from .train import ModelJob
+from ..ray_utils import init_ray
 
 QUEUE_PER_ACTOR = 2     # one job running, one waiting: an actor never idles on a driver round trip
 FLUSH_SECONDS = 1.0     # finished rows wait at most this long before the manifest is rewritten
@@ -50,7 +51,7 @@ class PopulationWorker:
 
     def train_and_record(self, job: ModelJob) -> list[dict]:
         """Train ``job``, write its weights + trajectories under the root; return manifest rows."""
-        return population.train_and_record(self._cfg.root, self._cfg, job)
+        return train.train_and_record(self._cfg.root, self._cfg, job)
 
 
 def num_actors_for(cfg: PopulationConfig, num_jobs: int) -> int:
@@ -83,9 +84,9 @@ def run_population(cfg: PopulationConfig, address: str | None = None, progress: 
                          "set gpus_per_actor (e.g. 0.25 for four actors per GPU)")
     root = str(Path(cfg.root).expanduser().resolve())
     cfg = cfg.replace(root=root)
-    population.init_population(cfg)  # validates ids, root and schema version before Ray starts
-    jobs = population.pending_jobs(root, cfg)
-    total = sum(len(j.member_ids()) for j in population.expand(cfg))
+    train.init_population(cfg)  # validates ids, root and schema version before Ray starts
+    jobs = train.pending_jobs(root, cfg)
+    total = sum(len(j.member_ids()) for j in train.expand(cfg))
     todo = sum(len(j.member_ids()) for j in jobs)
     failed: dict[str, str] = {}
     if jobs:
@@ -97,13 +98,13 @@ def run_population(cfg: PopulationConfig, address: str | None = None, progress: 
             failed = _Scheduler(cfg, jobs, max_retries, bar, on_progress).run()
     rows = store.manifest_rows(root)
     if progress:
-        for g in population.group_summary(rows):
+        for g in train.group_summary(rows):
             print(f"{g['group']}: {g['count']} models, test accuracy "
                   f"{g['mean_accuracy']:.3f} ± {g['std_accuracy']:.3f}")
         if failed:
             print(f"failed: {len(failed)} model(s), status 'failed' in the manifest, e.g. "
                   f"{next(iter(failed))}: {next(iter(failed.values()))}")
-    population.check_failures(root, cfg, failed)
+    train.check_failures(root, cfg, failed)
     return rows
 
 
@@ -175,8 +176,8 @@ class _Scheduler:
             return []
         except RayTaskError as err:
             cause = err.cause if isinstance(err.cause, Exception) else err
-            if isinstance(cause, population.MODEL_ERRORS):  # this model's data or numbers (e.g. NaN): record it
-                rows = population.failed_rows(job, str(cause))
+            if isinstance(cause, train.MODEL_ERRORS):  # this model's data or numbers (e.g. NaN): record it
+                rows = train.failed_rows(job, str(cause))
                 self.failed.update({r["model_id"]: r["error"] for r in rows})
                 self.bar.set_postfix(failed=len(self.failed))
                 return rows

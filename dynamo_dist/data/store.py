@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .data import Split
+from .tasks import Split
 
 SCHEMA_VERSION = 1
 MANIFEST_COLUMNS = (

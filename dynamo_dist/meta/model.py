@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .zoo import ArchSpec
+from ..zoo import ArchSpec
 
 
 class MetaRNN(nn.Module):

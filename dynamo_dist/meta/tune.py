@@ -16,7 +16,7 @@ Trials:
 * ``workers_per_trial == 1``: the trial runs ``DynamoTrainer`` in its own process
   (1 CPU) and calls ``tune.report`` every ``eval_every`` steps, so ASHA can stop it.
 * ``workers_per_trial > 1``: the trial is a thin driver (Ray Train V2 / Tune interop)
-  that builds ``meta_ray.build_trainer(..., callbacks=[TuneReportCallback()])`` and fits
+  that builds ``ray_train.build_trainer(..., callbacks=[TuneReportCallback()])`` and fits
   it; the Train workers' reports reach Tune through the callback.
 
 Every report carries ``step``, ``loss`` (mean training loss since the previous report),
@@ -25,7 +25,7 @@ Every report carries ``step``, ``loss`` (mean training loss since the previous r
 ASHA (``sweep.scheduler: asha``) ranks trials on ``sweep.metric`` with ``step`` as time.
 With ASHA a single-worker trial rewrites its outputs before each report, so a trial
 stopped early still leaves the outputs of its last report; a Ray Train trial stopped
-early gets its outputs from its latest checkpoint (``meta_ray.finalize`` in the driver,
+early gets its outputs from its latest checkpoint (``ray_train.finalize`` in the driver,
 test metrics recomputed there). ASHA + Ray Train trials need Ray's State API inside the
 cluster (``_check_state_api``): without it Ray Train cannot release the workers of a
 stopped trial and the sweep stalls, so ``run_sweep`` refuses that combination up front.
@@ -67,9 +67,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import config as config_mod
-from . import store
-from .config import MetaConfig, SweepConfig
+from .. import config as config_mod
+from ..data import store
+from ..config import MetaConfig, SweepConfig
 
 METRIC_MODES = {"val_agreement": "max", "val_hidden_r2": "max", "loss": "min"}
 SEARCH_KEYS = ("output_weight", "embedding_dim", "hidden_distance")
@@ -152,7 +152,7 @@ def validate(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, run_dir: str | Path) 
 
     ValueError / FileNotFoundError name the offending field, URI or path.
     """
-    from . import tracking
+    from .. import tracking
     from .trainer import check_population
 
     # Re-validate: a config built with model_construct() or mutated skips pydantic's checks.
@@ -221,7 +221,7 @@ def _report_local(cfg: MetaConfig, write_every_report: bool) -> None:
     import torch
     from ray import tune
 
-    from .meta_run import write_outputs
+    from .outputs import write_outputs
     from .metrics import evaluate, summarize
     from .trainer import DynamoTrainer, load_population
 
@@ -260,16 +260,16 @@ def _report_ray_train(cfg: MetaConfig, experiment_dir: str) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from . import meta_ray
+    from . import ray_train
 
     trial_id = tune.get_context().get_trial_id()
     run_config = ray.train.RunConfig(name=f"train-{trial_id}", storage_path=experiment_dir,
                                      failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                                      checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                                     logging_config=meta_ray.TRAIN_LOGGING)
-    trainer = meta_ray.build_trainer(cfg, run_config=run_config, callbacks=[TuneReportCallback()],
+                                     logging_config=ray_train.TRAIN_LOGGING)
+    trainer = ray_train.build_trainer(cfg, run_config=run_config, callbacks=[TuneReportCallback()],
                                      log_mlflow=False, progress=False)
-    meta_ray.finalize(cfg, trainer.fit(), log=False)
+    ray_train.finalize(cfg, trainer.fit(), log=False)
 
 
 def _trainable(params: dict, *, base: dict, sweep_dir: str, experiment_dir: str, workers_per_trial: int,
@@ -324,7 +324,7 @@ class _MlflowTrials:
         return trial_config(self.base, trial.config, self.sweep_dir, trial.trial_id, self.sweep_cfg.workers_per_trial)
 
     def on_trial_start(self, trial) -> None:
-        from . import tracking
+        from .. import tracking
 
         if trial.trial_id in self._runs:  # restarted after a failure: keep logging into the same run
             return
@@ -352,16 +352,16 @@ class _MlflowTrials:
             self._checkpoints[trial.trial_id] = result["checkpoint_path"]
 
     def on_trial_end(self, trial, failed: bool) -> None:
-        from .meta_run import log_to_mlflow
+        from .outputs import log_to_mlflow
 
         row, run = self.rows[trial.trial_id], self._runs.pop(trial.trial_id)
         cfg = self._cfg(trial)
         ckpt = self._checkpoints.pop(trial.trial_id, None)
         if not (Path(cfg.output_dir) / "summary.json").is_file() and ckpt and not failed:
             # a Ray Train trial stopped by ASHA before its own finalize: outputs of its last checkpoint
-            from . import meta_ray
+            from . import ray_train
 
-            meta_ray.finalize(cfg, ckpt, log=False)
+            ray_train.finalize(cfg, ckpt, log=False)
         summary, per_model, history, emb = _read_outputs(Path(cfg.output_dir))
         if failed:
             row["status"] = "ERROR"
@@ -438,8 +438,8 @@ def run_sweep(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, run_dir: str, addres
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from . import tracking
-    from .ray_utils import init_ray
+    from .. import tracking
+    from ..ray_utils import init_ray
 
     root = Path(run_dir).resolve()
     meta_cfg = meta_cfg.replace(population_root=_abs(meta_cfg.population_root))

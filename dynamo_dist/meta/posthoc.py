@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .meta_model import ModelEmbeddings
-from .meta_run import load_meta_run
+from .model import ModelEmbeddings
+from .outputs import load_meta_run
 from .metrics import emulation_metrics
 from .objective import Chunk, dynamo_loss
 from .trainer import VAL_FRACTION, cosine_factor, load_population, spec_from_row
@@ -117,8 +117,8 @@ def run_posthoc(meta_output_dir: str | Path, population_root: str, model_ids: li
     """
     import pyarrow as pa
 
-    from . import store
-    from .meta_run import embeddings_table
+    from ..data import store
+    from .outputs import embeddings_table
 
     results = embed_new_models(meta_output_dir, population_root, model_ids, steps=steps, seed=seed, progress=progress)
     meta_dir = Path(meta_output_dir)  # embed_new_models has loaded and checked the run; only its embeddings are needed
@@ -146,7 +146,7 @@ def run_posthoc(meta_output_dir: str | Path, population_root: str, model_ids: li
                                pa.array([r["theta"] for r in rows], pa.list_(pa.float32())))
     store.write_table_atomic(merged, path)
     try:
-        from .plots import posthoc_pca_plot
+        from ..plots import posthoc_pca_plot
 
         posthoc_pca_plot(theta_trained, [group_of[m] for m in trained_ids],
                          np.array([r["theta"] for r in rows], dtype=np.float64), [r["model_id"] for r in rows],

@@ -1,0 +1,1 @@
+"""Offline tasks (tasks.py) and the population root on disk (store.py)."""

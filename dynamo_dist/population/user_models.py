@@ -1,0 +1,167 @@
+"""Users' own pre-trained models, entered at the record step (``dynamo-dist add-models``).
+
+Every model is loaded and checked against the task before anything is written; models
+already complete in the root are skipped, never overwritten. The recording itself is
+``train.record_member``, the same code trained models go through.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .. import zoo
+from ..config import PopulationConfig
+from ..data import store
+from ..data.tasks import TaskData
+from .train import completed_ids, init_population, record_member, task_for
+
+
+def add_models(root: str, models: dict[str, torch.nn.Module], task: str, cfg: PopulationConfig | None = None,
+               labels: dict[str, dict] | None = None, group: str = "user", progress: bool = False) -> list[dict]:
+    """Enter at the record step with users' own pre-trained models (``model_id -> module``).
+
+    Modules are zoo models (GRU/RNN/LSTM classifiers, small-image ResNets) or plain
+    torchvision ResNets in the small-image layout (3x3 stride-1 ``conv1``, no max-pool).
+    Every module is checked against ``task`` before anything is written; models already
+    complete in the manifest are skipped, never overwritten. ``cfg`` gives the data and
+    recording settings (default: the root's own spec, else ``PopulationConfig`` defaults).
+    Returns the manifest rows of the models added by this call.
+    """
+    cfg = _record_cfg(root, cfg)
+    data = task_for(cfg, task)
+    zoo_models = {store.check_model_id(mid): _as_zoo_model(mid, m, data) for mid, m in models.items()}
+    init_population(cfg)
+    done = completed_ids(root)
+    todo = [mid for mid in zoo_models if mid not in done]
+    if progress and len(todo) < len(zoo_models):
+        print(f"skipping {len(zoo_models) - len(todo)} model(s) already complete in {root}")
+    from tqdm.auto import tqdm
+
+    rows = []
+    for mid in tqdm(todo, desc="record", unit="model", disable=not progress):
+        row = record_member(root, cfg, mid, zoo_models[mid], task, {"group": group, **(labels or {}).get(mid, {})})
+        store.upsert_manifest(root, [row])  # one at a time: a failure later keeps what is done
+        rows.append(row)
+    return rows
+
+
+def add_model_dir(root: str, directory: str, task: str, cfg: PopulationConfig | None = None,
+                  group: str | None = None, arch: dict | None = None, progress: bool = False) -> list[dict]:
+    """Add a directory of users' pre-trained models: ``<model_id>.safetensors`` files.
+
+    A file written by dynamo_dist carries its architecture; other files (plain state dicts,
+    e.g. ``safetensors.torch.save_file(model.state_dict(), ...)``) need an architecture
+    description: ``arch`` or ``<directory>/architecture.json`` with ArchSpec fields
+    (``{"arch": "gru", "hidden_size": 32}``; input kind/shape, classes and vocabulary come
+    from ``task``). An optional ``<directory>/labels.csv`` (column ``model_id`` plus any
+    label columns, e.g. ``group``, ``seed``) labels the models. Group defaults to ``group``,
+    else the directory's name. Every file is loaded and checked before anything is written.
+    """
+    base = Path(directory)
+    files = sorted(base.glob("*.safetensors")) if base.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {base}")
+    desc_path = base / "architecture.json"
+    if arch is None and desc_path.is_file():
+        try:
+            arch = json.loads(desc_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{desc_path} is not valid JSON: {err}") from None
+    cfg = _record_cfg(root, cfg)
+    data = task_for(cfg, task)
+    models = {store.check_model_id(f.stem): _load_user_file(f, arch, data, desc_path) for f in files}
+    labels = _read_labels(base / "labels.csv", set(models))
+    return add_models(root, models, task, cfg=cfg, labels=labels, group=group or base.name, progress=progress)
+
+
+def _record_cfg(root: str, cfg: PopulationConfig | None) -> PopulationConfig:
+    """``cfg`` with ``root``; else the spec the root was built with (so new trajectories match the
+    stored inputs), else defaults."""
+    if cfg is not None:
+        return cfg.replace(root=str(root))
+    info = store.Layout.at(root).info
+    spec = json.loads(info.read_text()).get("spec", {}) if info.is_file() else {}
+    if isinstance(spec, dict) and "groups" in spec:
+        return PopulationConfig.model_validate({**spec, "root": str(root)})
+    return PopulationConfig(root=str(root))
+
+
+def _as_zoo_model(model_id: str, module: torch.nn.Module, task: TaskData) -> torch.nn.Module:
+    """The module as a zoo model whose spec fits ``task``; ValueError naming the model otherwise."""
+    spec = getattr(module, "spec", None)
+    if isinstance(spec, zoo.ArchSpec):
+        model = module
+    else:
+        from torchvision.models import ResNet  # noqa: PLC0415 -- only for users' ResNets
+
+        if not isinstance(module, ResNet):
+            raise ValueError(f"model {model_id!r}: {type(module).__name__} is neither a dynamo_dist zoo model nor a "
+                             "torchvision ResNet; build it with dynamo_dist.zoo.build(ArchSpec(...)) and load its weights")
+        try:
+            arch = zoo.resnet_arch_of(module)
+        except ValueError as err:
+            raise ValueError(f"model {model_id!r}: {err}") from None
+        spec = zoo.ArchSpec(arch=arch, input_kind="image", input_shape=tuple(task.input_shape),
+                            num_classes=module.fc.out_features)
+        try:
+            model = zoo.wrap_module(module, spec)
+        except RuntimeError as err:
+            raise ValueError(f"model {model_id!r}: weights do not fit {arch} for task {task.name!r}: {err}") from None
+    want = (task.input_kind, tuple(task.input_shape), task.num_classes, task.vocab_size)
+    have = (spec.input_kind, tuple(spec.input_shape), spec.num_classes, spec.vocab_size)
+    if have != want:
+        names = ("input_kind", "input_shape", "num_classes", "vocab_size")
+        diff = ", ".join(f"{n} {h!r} vs {w!r}" for n, h, w in zip(names, have, want) if h != w)
+        raise ValueError(f"model {model_id!r} does not fit task {task.name!r} (model vs task: {diff})")
+    return model.eval()
+
+
+def _load_user_file(path: Path, arch: dict | None, task: TaskData, desc_path: Path) -> torch.nn.Module:
+    from safetensors import safe_open  # noqa: PLC0415
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"weights file {path} is not a readable safetensors file: {err}") from None
+    if "arch_spec" in meta:
+        return zoo.load(path)
+    if not arch:
+        raise ValueError(f"weights file {path} carries no architecture; describe it in {desc_path} "
+                         '(e.g. {"arch": "gru", "hidden_size": 32})')
+    fields = {"input_kind": task.input_kind, "input_shape": tuple(task.input_shape), "num_classes": task.num_classes,
+              "vocab_size": task.vocab_size, **arch}
+    fields["input_shape"] = tuple(fields["input_shape"])
+    try:
+        spec = zoo.ArchSpec(**fields)
+    except TypeError as err:  # unknown field names
+        raise ValueError(f"architecture description for {path}: {err}") from None
+    return zoo.load_state(path, spec)
+
+
+def _read_labels(path: Path, model_ids: set[str]) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    import pyarrow.csv  # noqa: PLC0415
+
+    try:
+        rows = pyarrow.csv.read_csv(path).to_pylist()
+    except Exception as err:  # pyarrow.lib.ArrowInvalid for malformed CSV
+        raise ValueError(f"labels file {path} is not a readable CSV: {err}") from None
+    if rows and "model_id" not in rows[0]:
+        raise ValueError(f"labels file {path} needs a model_id column")
+    labels = {str(r.pop("model_id")): r for r in rows}
+    unknown = sorted(set(labels) - model_ids)
+    if unknown:
+        raise ValueError(f"labels file {path} names models with no .safetensors file: {unknown[:5]}")
+    reserved = set(store.MANIFEST_COLUMNS) - {"group", "seed", "epoch", "train_fraction"}
+    bad = sorted({k for r in labels.values() for k in r} & reserved)
+    if bad:
+        raise ValueError(f"labels file {path}: column(s) {bad} are manifest fields, not labels")
+    return labels
+
+
+__all__ = ["add_models", "add_model_dir"]
