@@ -34,7 +34,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_meta.py
 
 ui: setup
-	$(BIN)/dynamo-dist ui runs/demo/meta
+	$(BIN)/dynamo-dist ui runs/demo
 
 clean:
 	rm -rf runs .pytest_cache

@@ -48,6 +48,7 @@ from pathlib import Path
 import ray
 import torch
 
+from dynamo_dist.meta import checkpoint
 from dynamo_dist.meta import ray_train as meta_ray
 from dynamo_dist.data import store
 from dynamo_dist.config import GroupSpec, MetaConfig, PopulationConfig
@@ -78,12 +79,12 @@ def _samples(cfg: MetaConfig, workers: int) -> int:
     return cfg.steps * workers * cfg.models_per_step * cfg.batch_size
 
 
-def run_plain(cfg: MetaConfig) -> dict:
+def run_plain(cfg: MetaConfig, root: str) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         load0, t0 = _load(), time.perf_counter()
-        trainer = DynamoTrainer(cfg, load_population(cfg.population_root))
+        trainer = DynamoTrainer(cfg, load_population(root))
         t1, c1 = time.perf_counter(), time.process_time()
         trainer.fit()
         t2, c2 = time.perf_counter(), time.process_time()
@@ -95,14 +96,14 @@ def run_plain(cfg: MetaConfig) -> dict:
             "load_before": load0, "load_after": _load()}
 
 
-def run_ray(cfg: MetaConfig, workers: int) -> dict:
+def run_ray(cfg: MetaConfig, root: str, workers: int) -> dict:
     cfg = cfg.replace(num_workers=workers)
     shutil.rmtree(cfg.output_dir, ignore_errors=True)
     load0, t0 = _load(), time.perf_counter()
-    result = meta_ray.build_trainer(cfg, log_mlflow=False, progress=False).fit()
+    result = meta_ray.build_trainer(cfg, root, progress=False).fit()
     wall = time.perf_counter() - t0
     with result.checkpoint.as_directory() as d:
-        shared, _, _ = meta_ray.read_checkpoint(d)
+        shared, _, _ = checkpoint.read_sharded(d)
     secs, cpu = float(shared["train_seconds"]), float(shared["train_cpu_seconds"])
     return {"train_seconds": secs, "train_cpu_seconds": cpu, "wall_seconds": wall, "samples": _samples(cfg, workers),
             "samples_per_s": _samples(cfg, workers) / secs, "samples_per_cpu_s_per_worker": _samples(cfg, 1) / cpu,
@@ -150,7 +151,7 @@ def _run(args, niceness: int, group_nice: int | None) -> int:
     t = time.perf_counter()
     root = _population(work / "population")
     pop_seconds = time.perf_counter() - t
-    cfg = MetaConfig(population_root=root, output_dir=str(work / "meta"), hidden_size=args.hidden_size,
+    cfg = MetaConfig(output_dir=str(work / "meta"), hidden_size=args.hidden_size,
                      embedding_dim=8, steps=args.steps, batch_size=args.batch_size,
                      models_per_step=args.models_per_step, checkpoint_every=args.steps, eval_every=args.steps)
     t = time.perf_counter()
@@ -161,7 +162,7 @@ def _run(args, niceness: int, group_nice: int | None) -> int:
         for rep in range(args.repeats):
             order = ["plain", "ray_w1", "ray_w2"] if rep % 2 == 0 else ["ray_w2", "ray_w1", "plain"]
             for name in order:
-                rec = run_plain(cfg) if name == "plain" else run_ray(cfg, 1 if name == "ray_w1" else 2)
+                rec = run_plain(cfg, root) if name == "plain" else run_ray(cfg, root, 1 if name == "ray_w1" else 2)
                 rec["repeat"] = rep
                 runs[name].append(rec)
                 print(f"{name:7s} rep {rep}: {rec['samples_per_s']:8.1f} samples/s "

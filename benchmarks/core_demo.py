@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from sklearn.metrics import silhouette_score
 
 from dynamo_dist import config
-from dynamo_dist.meta import outputs as meta_run
+from dynamo_dist.meta.local import run_meta_local
 from dynamo_dist.population import train as population
 
 
@@ -30,7 +30,7 @@ def cases(root: Path) -> dict[str, config.PipelineConfig]:
     demo = config.recipe("demo").model_dump()
     demo["run_dir"] = str(root / "mnist1d")
     for k in ("population", "meta"):
-        for p in ("root", "population_root", "output_dir"):
+        for p in ("root", "output_dir"):
             demo[k].pop(p, None)
     tweet = dict(task="tweets", arch="gru", hidden_size=32, embed_dim=32, num_seeds=4, epochs=4, lr=3e-3,
                  batch_size=64)
@@ -60,7 +60,7 @@ def run_case(cfg: config.PipelineConfig) -> dict:
     rows = population.run_local(cfg.population, progress=False)
     pop_s = time.perf_counter() - t
     t = time.perf_counter()
-    summary = meta_run.run_meta_local(cfg.meta, progress=False, log=False)
+    summary = run_meta_local(cfg.meta, cfg.population.root, progress=False)
     meta_s = time.perf_counter() - t
     emb = pq.read_table(Path(cfg.meta.output_dir) / "embeddings.parquet")
     theta = np.array(emb.column("theta").to_pylist())

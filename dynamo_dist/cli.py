@@ -26,8 +26,10 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def load_pipeline(args) -> config_mod.PipelineConfig:
-    """The pipeline config named by --config / --recipe, with --set overrides applied."""
+    """The pipeline config named by --config / --recipe, with --set (and --tracking-uri) overrides applied."""
     overrides = _overrides(args.set or [])
+    if getattr(args, "tracking_uri", None):
+        overrides["tracking.tracking_uri"] = args.tracking_uri
     if args.config:
         return config_mod.load(args.config, overrides=overrides)
     data = config_mod.apply_overrides(config_mod.recipe_data(args.recipe or "demo"), overrides)
@@ -39,6 +41,8 @@ def add_common_args(p: argparse.ArgumentParser, address: bool = True) -> None:
     p.add_argument("--config", help="pipeline YAML config (see configs/)")
     p.add_argument("--recipe", help="built-in recipe: demo | smoke | paper (default demo)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a dotted config field")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://host:5000 (default: "
+                   "$MLFLOW_TRACKING_URI, else SQLite under run_dir); same as --set tracking.tracking_uri=URI")
     if address:
         p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else in-process Ray)")
 
@@ -58,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     an = sub.add_parser("analyze", help="analyses and HTML report of a meta run")
     add_common_args(an)
     an.add_argument("--meta-dir", help="meta run directory (default: the config's meta.output_dir)")
+    an.add_argument("--out-dir", help="where the report goes (default: <meta-dir>/analysis)")
+    an.add_argument("--no-log", action="store_true", help="do not log the analysis to MLflow")
     ui = sub.add_parser("ui", help="MLflow UI on a run directory's store (127.0.0.1)")
-    ui.add_argument("run_dir", nargs="?", default="runs/demo")
+    ui.add_argument("run_dir", nargs="?", default="runs/demo", help="the pipeline's run_dir (holds mlflow.db)")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     am = sub.add_parser("add-models", help="record users' pre-trained models (a directory of .safetensors files) "
@@ -117,19 +123,27 @@ def _dispatch(args) -> int:
     elif args.cmd == "population":
         from .pipeline import population_stage
 
-        population_stage(cfg, address=args.address)
+        rows = population_stage(cfg, address=args.address)
+        print(f"{len(rows)} complete models in {cfg.population.root}")
     elif args.cmd == "meta":
-        from .meta.ray_train import run_meta
+        from .pipeline import meta_stage
 
-        run_meta(cfg.meta, address=args.address)
+        s = meta_stage(cfg, address=args.address)
+        print(f"embedded {s['num_models']} models with {s['num_workers']} workers: agreement "
+              f"{s.get('mean_agreement', float('nan')):.3f}, hidden R2 {s.get('mean_hidden_r2', float('nan')):.3f} "
+              f"(test split); outputs in {cfg.meta.output_dir}")
     elif args.cmd == "sweep":
-        from .meta.tune import run_sweep
+        from .pipeline import sweep_stage
 
-        run_sweep(cfg.meta, cfg.sweep or config_mod.SweepConfig(), cfg.run_dir, address=args.address)
+        table = sweep_stage(cfg, address=args.address)
+        print(f"{len(table)} trials; best: {table[0]['trial']} ({table[0]['mlflow_run_id']})")
     elif args.cmd == "analyze":
         from .analysis import run_analysis
+        from .data.store import to_json
 
-        run_analysis(args.meta_dir or cfg.meta.output_dir, cfg.analyze)
+        result = run_analysis(args.meta_dir or cfg.meta.output_dir, cfg.analyze, args.out_dir, log=not args.no_log)
+        print(to_json({k: v for k, v in result.items() if k not in ("report", "analysis_json")}, indent=1))
+        print(f"report: {result['report']}")
     elif args.cmd == "run":
         from .pipeline import run_pipeline
 

@@ -95,7 +95,6 @@ class PopulationConfig(_Config):
 class MetaConfig(_Config):
     """Stage 3: the DYNAMO meta-model (Algorithm 1)."""
 
-    population_root: str = Field("runs/demo/population", description="population root written by the population stage")
     output_dir: str = Field("runs/demo/meta", description="where checkpoints, embeddings.parquet and metrics go")
     embedding_dim: int = Field(16, ge=1, description="dimension d of the model embeddings theta_n")
     hidden_size: int = Field(128, ge=1, description="meta-model GRU hidden size (RNN populations)")
@@ -115,7 +114,13 @@ class MetaConfig(_Config):
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
     max_failures: int = Field(2, ge=0, description="Ray Train restarts after a worker dies")
     eval_every: int = Field(250, ge=1, description="steps between validation metrics on held-out probe sequences")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI; None = SQLite store under output_dir")
+
+
+class TrackingConfig(_Config):
+    """Where every stage of a run logs to MLflow: one store and one experiment per pipeline."""
+
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (http://host:port for a server); "
+                                     "None = $MLFLOW_TRACKING_URI, else a SQLite store <run_dir>/mlflow.db")
     experiment: str = Field("dynamo", description="MLflow experiment name")
 
 
@@ -163,10 +168,15 @@ class AnalyzeConfig(_Config):
     seed: int = Field(0, ge=0, description="random_state of the analyses")
 
 
+_MOVED_META_FIELDS = {"population_root": "population.root", "tracking_uri": "tracking.tracking_uri",
+                      "experiment": "tracking.experiment"}
+
+
 class PipelineConfig(_Config):
     """A whole run: population -> meta -> (sweep) -> analyze."""
 
     run_dir: str = Field("runs/demo", description="root of everything this run writes")
+    tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow store and experiment of every stage")
     population: PopulationConfig = Field(PopulationConfig(), description="population stage")
     meta: MetaConfig = Field(MetaConfig(), description="meta-model stage")
     sweep: SweepConfig | None = Field(None, description="optional sweep stage")
@@ -178,22 +188,17 @@ class PipelineConfig(_Config):
         """Stage paths default to <run_dir>/population and <run_dir>/meta: users set one directory."""
         if not isinstance(data, dict):
             return data
+        if isinstance(data.get("population"), BaseModel) or isinstance(data.get("meta"), BaseModel):
+            return data
         run_dir = data.get("run_dir", "runs/demo")
         pop = dict(data.get("population") or {})
         meta = dict(data.get("meta") or {})
-        if isinstance(data.get("population"), BaseModel) or isinstance(data.get("meta"), BaseModel):
-            return data
+        moved = [f"meta.{k} is now {new}" for k, new in _MOVED_META_FIELDS.items() if k in meta]
+        if moved:
+            raise ValueError("; ".join(moved) + " (one field for what every stage shares)")
         pop.setdefault("root", f"{run_dir}/population")
-        meta.setdefault("population_root", pop["root"])
         meta.setdefault("output_dir", f"{run_dir}/meta")
         return {**data, "population": pop, "meta": meta}
-
-    @model_validator(mode="after")
-    def _stages_connect(self):
-        if self.meta.population_root != self.population.root:
-            raise ValueError(f"meta.population_root ({self.meta.population_root}) must equal population.root "
-                             f"({self.population.root}): the meta stage reads what the population stage wrote")
-        return self
 
 
 def _demo() -> dict:

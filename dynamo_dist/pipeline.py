@@ -2,8 +2,8 @@
 
 Each stage reads only what the previous one wrote, and each is resumable: the population
 stage skips completed models, so re-running a pipeline after a crash redoes only the
-missing work. With no Ray address, Ray starts in-process; MLflow defaults to a SQLite
-store under ``run_dir/meta``.
+missing work. With no Ray address, Ray starts in-process. Every stage logs to one MLflow
+store (``tracking_store``): the config's tracking server, else SQLite under ``run_dir``.
 """
 
 from __future__ import annotations
@@ -11,14 +11,34 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .data import store
 from .config import PipelineConfig
+from .data import store
+from .meta import outputs
+
+
+def tracking_store(cfg: PipelineConfig):
+    """The one MLflow store and experiment of every stage of this pipeline (a ``tracking.Store``)."""
+    from . import tracking
+
+    return tracking.Store.at(cfg.run_dir, cfg.tracking)
+
+
+def meta_stage(cfg: PipelineConfig, address: str | None = None, progress: bool = True) -> dict:
+    from .meta.ray_train import run_meta
+
+    return run_meta(cfg.meta, cfg.population.root, address, progress, tracking_store=tracking_store(cfg))
+
+
+def sweep_stage(cfg: PipelineConfig, address: str | None = None) -> list[dict]:
+    from .config import SweepConfig
+    from .meta.tune import run_sweep
+
+    return run_sweep(cfg.meta, cfg.sweep or SweepConfig(), cfg.run_dir, cfg.population.root, address,
+                     tracking_store=tracking_store(cfg))
 
 
 def run_pipeline(cfg: PipelineConfig, address: str | None = None, progress: bool = True) -> dict:
     """Run every stage; returns a summary with the paths of the results."""
-    from .meta.ray_train import run_meta
-
     t0 = time.perf_counter()
     timings = {}
     run_dir = Path(cfg.run_dir)
@@ -29,15 +49,13 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, progress: bool
     timings["population_seconds"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    meta_summary = run_meta(cfg.meta, address=address, progress=progress)
+    meta_summary = meta_stage(cfg, address=address, progress=progress)
     timings["meta_seconds"] = time.perf_counter() - t
 
     sweep_trials = None
     if cfg.sweep is not None:
-        from .meta.tune import run_sweep
-
         t = time.perf_counter()
-        sweep_trials = run_sweep(cfg.meta, cfg.sweep, cfg.run_dir, address=address)
+        sweep_trials = sweep_stage(cfg, address=address)
         timings["sweep_seconds"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -47,17 +65,15 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, progress: bool
     timings["analyze_seconds"] = time.perf_counter() - t
     timings["total_seconds"] = time.perf_counter() - t0
 
-    from .tracking import resolve_uri
-
     summary = {
         "run_dir": str(run_dir.resolve()),
         "num_models": len(rows),
-        "manifest": str(Path(cfg.population.root).resolve() / "manifest.parquet"),
-        "embeddings": str(Path(cfg.meta.output_dir).resolve() / "embeddings.parquet"),
+        "manifest": str(store.Layout.at(store.absolute(cfg.population.root)).manifest),
+        "embeddings": str(Path(store.absolute(cfg.meta.output_dir)) / outputs.EMBEDDINGS_FILE),
         "report": analysis.get("report") if isinstance(analysis, dict) else None,
         "meta": {k: v for k, v in meta_summary.items() if isinstance(v, (int, float, str))},
         "sweep_trials": len(sweep_trials) if sweep_trials is not None else None,
-        "tracking_uri": resolve_uri(cfg.meta.output_dir, cfg.meta.tracking_uri),
+        "tracking_uri": tracking_store(cfg).uri,
         **timings,
     }
     store.write_json_atomic(summary, run_dir / "pipeline_summary.json")
@@ -71,9 +87,8 @@ def population_stage(cfg: PipelineConfig, address: str | None = None, progress: 
     A tracking server that does not answer fails here, before any model is trained.
     """
     from .population.actors import run_population
-    from .tracking import check_reachable, resolve_uri
 
-    check_reachable(resolve_uri(cfg.meta.output_dir, cfg.meta.tracking_uri))
+    tracking_store(cfg).check_reachable()
     t = time.perf_counter()
     try:
         rows = run_population(cfg.population, address=address, progress=progress)
@@ -99,14 +114,15 @@ def log_population(cfg: PipelineConfig, rows: list[dict], seconds: float, error:
     import pyarrow as pa
     import pyarrow.csv
 
-    from . import plots, tracking
+    from . import plots
     from .population.train import group_summary
 
     pop = cfg.population
     all_rows = store.manifest_rows(pop.root, status=None)
-    tags = {"dynamo.population_root": str(Path(pop.root).resolve()), **({"dynamo.error": error[:5000]} if error else {})}
-    run = tracking.start_run(cfg.meta.output_dir, cfg.meta.experiment, "population", cfg.meta.tracking_uri, tags=tags)
-    try:
+    tags = {"dynamo.population_root": store.absolute(pop.root), **({"dynamo.error": error[:5000]} if error else {})}
+    with tracking_store(cfg).run("population", tags=tags) as run:
+        if error:
+            run.end_status = "FAILED"
         run.log_params({"num_models": len(rows), "dtype": pop.dtype, "num_probe": pop.num_probe,
                         "num_test": pop.num_test, "num_examples": pop.num_examples, "data_seed": pop.data_seed,
                         **{f"group.{g.name}": g.model_dump_json(exclude={"name"}) for g in pop.groups}})
@@ -123,10 +139,6 @@ def log_population(cfg: PipelineConfig, rows: list[dict], seconds: float, error:
             if rows:
                 plots.population_accuracy_plot(rows, Path(tmp) / "population_accuracy.png")
             run.log_artifact(tmp, "population")
-    except BaseException:
-        run.end("FAILED")
-        raise
-    run.end("FAILED" if error else "FINISHED")
     return run.run_id
 
 
@@ -141,7 +153,7 @@ def _print_summary(cfg: PipelineConfig, s: dict) -> None:
     if s.get("report"):
         print(f"  analysis report             : {s['report']}")
     print(f"  MLflow store                : {s['tracking_uri']}")
-    if not cfg.meta.tracking_uri:
+    if s["tracking_uri"].startswith("sqlite:"):
         from .tracking import ui_url
 
-        print(f"  MLflow UI                   : dynamo-dist ui {cfg.meta.output_dir}   (then open {ui_url()})")
+        print(f"  MLflow UI                   : dynamo-dist ui {cfg.run_dir}   (then open {ui_url()})")

@@ -1,6 +1,9 @@
-"""MLflow tracking: the only module of dynamo_dist that imports mlflow.
+"""MLflow tracking: the only module of dynamo_dist that imports mlflow, and the one that decides
+what each stage logs (``meta_params``, ``log_meta_results``; population, sweep and analysis
+runs are logged through ``Store.run``).
 
-Embedded default: a SQLite store ``mlflow.db`` (+ ``mlartifacts/``) under the run directory.
+Embedded default: a SQLite store ``mlflow.db`` (+ ``mlartifacts/``) under the pipeline's run
+directory, shared by every stage.
 A ``http(s)://`` URI switches to a tracking server, which is what concurrent writers
 (Tune trials, several jobs) should use: SQLite serialises writers and can time out.
 """
@@ -8,18 +11,21 @@ A ``http(s)://`` URI switches to a tracking server, which is what concurrent wri
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from .config import MetaConfig, TrackingConfig
 from .data import store
 
 
@@ -49,11 +55,11 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         raise ValueError(f"tracking_uri {uri} is unreachable ({err}); start the server or fix the URI") from None
 
 
-def _experiment_id(client: MlflowClient, name: str, run_dir: str | os.PathLike, uri: str) -> str:
+def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    kwargs = {} if uri.startswith(("http://", "https://")) else {"artifact_location": artifact_root(run_dir)}
+    kwargs = {"artifact_location": artifact_location} if artifact_location else {}
     try:
         return client.create_experiment(name, **kwargs)
     except mlflow.exceptions.MlflowException:  # created concurrently by another writer
@@ -67,6 +73,7 @@ class Run:
     def __init__(self, client: MlflowClient, run_id: str):
         self.client = client
         self.run_id = run_id
+        self.end_status = "FINISHED"  # what ``ending`` ends the run with when its body returns
 
     def log_params(self, params: Mapping[str, object]) -> None:
         items = [Param(str(k), str(v)[:6000]) for k, v in params.items()]
@@ -109,33 +116,82 @@ class Run:
         self.client.set_terminated(self.run_id, status=status)
 
 
-def start_run(run_dir: str | os.PathLike, experiment: str, run_name: str, tracking_uri: str | None = None,
-              parent_run_id: str | None = None, tags: Mapping[str, str] | None = None) -> Run:
-    uri = resolve_uri(run_dir, tracking_uri)
-    check_reachable(uri)
-    client = MlflowClient(tracking_uri=uri)
-    exp_id = _experiment_id(client, experiment, run_dir, uri)
-    all_tags = {"mlflow.runName": run_name, **(tags or {})}
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(exp_id, tags=all_tags, run_name=run_name)
-    return Run(client, run.info.run_id)
+@dataclass(frozen=True)
+class Store:
+    """One MLflow store and experiment: where every stage of a run logs.
+
+    ``Store.at(run_dir, cfg)`` resolves a ``TrackingConfig`` once: a tracking server URI, or
+    $MLFLOW_TRACKING_URI, or the embedded default ``sqlite:///<run_dir>/mlflow.db`` with
+    artifacts in ``<run_dir>/mlartifacts``. Plain data, so it travels to Ray workers as a dict.
+    """
+
+    uri: str
+    experiment: str = "dynamo"
+    artifact_root: str | None = None  # local stores only; a tracking server has its own
+
+    @classmethod
+    def at(cls, run_dir: str | os.PathLike, cfg: TrackingConfig | None = None) -> Store:
+        cfg = cfg or TrackingConfig()
+        uri = resolve_uri(run_dir, cfg.tracking_uri)
+        remote = uri.startswith(("http://", "https://"))
+        return cls(uri, cfg.experiment, None if remote else artifact_root(run_dir))
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.uri)
+
+    def check_reachable(self) -> None:
+        check_reachable(self.uri)
+
+    def start_run(self, run_name: str, parent_run_id: str | None = None,
+                  tags: Mapping[str, str] | None = None) -> Run:
+        self.check_reachable()
+        client = self.client()
+        exp_id = _experiment_id(client, self.experiment, self.artifact_root)
+        all_tags = {"mlflow.runName": run_name, **(tags or {})}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = client.create_run(exp_id, tags=all_tags, run_name=run_name)
+        return Run(client, run.info.run_id)
+
+    def attach(self, run_id: str) -> Run:
+        """A handle on an existing run of this store (e.g. one rank 0 created)."""
+        return Run(self.client(), run_id)
+
+    def run(self, run_name: str, parent_run_id: str | None = None,
+            tags: Mapping[str, str] | None = None) -> contextlib.AbstractContextManager[Run]:
+        """``with store.run(name) as run:`` -- a new run, ended by ``ending``."""
+        return ending(self.start_run(run_name, parent_run_id, tags))
 
 
 @contextlib.contextmanager
-def run_context(*args, **kwargs) -> Iterator[Run]:
-    """``start_run`` that ends the run FINISHED, or FAILED when the body raises."""
-    run = start_run(*args, **kwargs)
+def ending(run: Run) -> Iterator[Run]:
+    """End ``run`` when the body is done: FAILED when it raises, else ``run.end_status``
+    (FINISHED unless the body set it, e.g. to FAILED for a stage that records its own failure)."""
     try:
         yield run
     except BaseException:
         run.end("FAILED")
         raise
-    run.end("FINISHED")
+    run.end(run.end_status)
 
 
-def client_for(run_dir: str | os.PathLike, tracking_uri: str | None = None) -> MlflowClient:
-    return MlflowClient(tracking_uri=resolve_uri(run_dir, tracking_uri))
+def meta_params(cfg: MetaConfig, population_root: str, num_models: int) -> dict:
+    """The params of a meta run (the stage, a Ray Train run and a sweep trial log the same)."""
+    return {**cfg.model_dump(mode="json"), "population_root": population_root, "population_size": num_models,
+            "lambda": cfg.output_weight}
+
+
+def log_meta_results(run: Run, summary: dict, per_model: dict[str, dict], history: list[dict],
+                     artifacts: list[tuple[Path, str | None]]) -> None:
+    """What a finished meta run logs: its history, summary metrics, per-model metrics, artifacts."""
+    run.log_history(history)
+    run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    run.log_metrics({f"{m}.{k}": v for m, d in per_model.items() for k, v in d.items()})
+    for path, artifact_path in artifacts:
+        run.log_artifact(path, artifact_path)
 
 
 def ui_command(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 5000,
@@ -159,4 +215,8 @@ def ui_url(host: str = "127.0.0.1", port: int = 5000) -> str:
 
 def serve_ui(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 5000) -> int:
     """Run the MLflow UI in the foreground until interrupted."""
+    db = Path(run_dir) / "mlflow.db"
+    if not os.environ.get("MLFLOW_TRACKING_URI") and not db.is_file():
+        raise FileNotFoundError(f"no MLflow store at {db}: give the pipeline's run_dir (the directory that holds "
+                                "mlflow.db, e.g. runs/demo), or set MLFLOW_TRACKING_URI")
     return subprocess.call(ui_command(run_dir, host, port))

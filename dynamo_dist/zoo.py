@@ -28,6 +28,11 @@ from .config import RESNET_ARCHS, SEQUENCE_ARCHS
 FORMAT_VERSION = 1
 
 
+def family_of(arch: str) -> str:
+    """The one place that says rnn | cnn: ResNets are "cnn", every recurrent arch is "rnn"."""
+    return "cnn" if arch in RESNET_ARCHS else "rnn"
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     """Everything needed to rebuild a base model (stored beside its weights)."""
@@ -52,7 +57,14 @@ class ArchSpec:
 
     @property
     def family(self) -> str:
-        return "cnn" if self.arch in RESNET_ARCHS else "rnn"
+        return family_of(self.arch)
+
+    @classmethod
+    def from_row(cls, row: dict) -> "ArchSpec":
+        """The spec of a manifest row (``data.store.MANIFEST_COLUMNS``)."""
+        return cls(arch=row["arch"], input_kind=row["input_kind"], input_shape=tuple(row["input_shape"]),
+                   num_classes=int(row["num_classes"]), hidden_size=int(row["hidden_size"] or 0) or 64,
+                   vocab_size=row.get("vocab_size"))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

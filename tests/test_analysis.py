@@ -300,7 +300,7 @@ def test_ssl_recovers_theta_of_the_model_that_labelled_the_data(tmp_path):
     rows = [{"model_id": n, "task": "t", "arch": "gru", "input_kind": "sequence", "input_shape": [10, 2],
              "num_classes": 2, "hidden_size": 8, "vocab_size": None} for n in models]
     data = PopulationData(root=str(tmp_path), rows=rows, probe_inputs={"t": probe}, probe=trajs)
-    cfg = MetaConfig(population_root=str(tmp_path), output_dir=str(tmp_path / "meta"), steps=300, hidden_size=16,
+    cfg = MetaConfig(output_dir=str(tmp_path / "meta"), steps=300, hidden_size=16,
                      embedding_dim=2, batch_size=32, models_per_step=2, lr=1e-2, seed=0)
     trainer = DynamoTrainer(cfg, data)
     trainer.fit()

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from dynamo_dist.analysis import run_analysis
-from dynamo_dist.config import AnalyzeConfig, GroupSpec, MetaConfig, PopulationConfig
-from dynamo_dist.meta.outputs import run_meta_local
+from dynamo_dist.config import AnalyzeConfig, GroupSpec, MetaConfig, PopulationConfig, TrackingConfig
+from dynamo_dist.meta.local import run_meta_local
 from dynamo_dist.population.train import run_local
 from scripts_util import load_script
 
@@ -38,7 +38,7 @@ def strict_loads(text: str):
 
 
 def test_to_json_writes_non_finite_numbers_as_null():
-    from dynamo_dist.analysis.report import to_json
+    from dynamo_dist.data.store import to_json
 
     obj = {"nan": float("nan"), "inf": float("-inf"), "np": np.float32("nan"), "ok": np.float64(0.5),
            "n": np.int64(3), "nested": [{"x": float("inf")}, (1.0, True)], "path": Path("a")}
@@ -47,8 +47,10 @@ def test_to_json_writes_non_finite_numbers_as_null():
 
 
 def test_analyze_job_prints_strict_json(monkeypatch, capsys):
-    job = load_script("jobs/analyze.py")
-    monkeypatch.setattr(job, "run_analysis", lambda *a, **k: {"dynamo.silhouette": float("nan"), "num_models": 4,
+    import dynamo_dist.analysis
+
+    job = load_script("jobs/analyze.py")  # a thin call into `dynamo-dist analyze`
+    monkeypatch.setattr(dynamo_dist.analysis, "run_analysis", lambda *a, **k: {"dynamo.silhouette": float("nan"), "num_models": 4,
                                                               "report": "r.html", "analysis_json": "a.json"})
     assert job.main(["--recipe", "smoke", "--no-log"]) == 0
     printed, report_line = capsys.readouterr().out.rsplit("report:", 1)
@@ -65,9 +67,12 @@ def analysed(tmp_path_factory):
               GroupSpec(name="b", task="mnist1d", arch="gru", hidden_size=8, train_fraction=0.25, num_seeds=2, epochs=1))
     pop = PopulationConfig(root=str(root / "population"), groups=groups, num_examples=1000, num_probe=64, num_test=64)
     run_local(pop, progress=False)
-    meta = MetaConfig(population_root=pop.root, output_dir=str(root / "meta"), steps=30, hidden_size=16,
+    meta = MetaConfig(output_dir=str(root / "meta"), steps=30, hidden_size=16,
                       embedding_dim=3, batch_size=16, models_per_step=2, eval_every=30)
-    run_meta_local(meta, progress=False, log=False)
+    from dynamo_dist import tracking
+
+    mlflow_store = tracking.Store.at(root, TrackingConfig(experiment="analysis-e2e"))
+    run_meta_local(meta, pop.root, progress=False, tracking_store=mlflow_store)
     try:
         result = run_analysis(meta.output_dir, CFG, log=True)
     finally:
@@ -123,10 +128,12 @@ def test_analysis_is_logged_to_the_meta_runs_store(analysed):
     from dynamo_dist import tracking
 
     meta_dir, result = analysed
-    client = tracking.client_for(meta_dir)
+    client = tracking.Store.at(meta_dir.parent).client()  # the store the meta run logged to
     run = client.get_run(result["mlflow_run_id"])
     assert run.info.run_name == "analyze" and run.info.status == "FINISHED"
-    assert client.get_experiment(run.info.experiment_id).name == "dynamo"
+    assert client.get_experiment(run.info.experiment_id).name == "analysis-e2e"  # the meta run's experiment
+    meta_run_id = json.loads((meta_dir / "summary.json").read_text())["mlflow_run_id"]
+    assert run.data.tags["mlflow.parentRunId"] == meta_run_id
     assert run.data.metrics["num_models"] == 4
     assert run.data.metrics["dynamo.num_components_95"] == result["dynamo.num_components_95"]
     assert run.data.params["landscape_grid"] == "3"
@@ -157,9 +164,9 @@ def analysed_tweets(tmp_path_factory):
     groups = (GroupSpec(name="full", train_fraction=1.0, **gru), GroupSpec(name="half", train_fraction=0.5, **gru))
     pop = PopulationConfig(root=str(root / "population"), groups=groups, num_examples=600, num_probe=64, num_test=64)
     run_local(pop, progress=False)
-    meta = MetaConfig(population_root=pop.root, output_dir=str(root / "meta"), steps=20, hidden_size=16, embed_dim=8,
+    meta = MetaConfig(output_dir=str(root / "meta"), steps=20, hidden_size=16, embed_dim=8,
                       embedding_dim=2, batch_size=16, models_per_step=2, eval_every=20)
-    run_meta_local(meta, progress=False, log=False)
+    run_meta_local(meta, pop.root, progress=False)
     try:
         result = run_analysis(meta.output_dir, CFG.replace(landscape_grid=2, ssl_steps=5), log=False)
     finally:

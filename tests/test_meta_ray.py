@@ -21,6 +21,8 @@ import torch
 
 ray = pytest.importorskip("ray")
 
+from dynamo_dist import tracking  # noqa: E402
+from dynamo_dist.meta import checkpoint as checkpoint_format  # noqa: E402
 from dynamo_dist.meta import ray_train as meta_ray  # noqa: E402
 from dynamo_dist.data import store
 from dynamo_dist.config import GroupSpec, MetaConfig, PopulationConfig  # noqa: E402
@@ -59,7 +61,7 @@ def pop_root(tmp_path_factory) -> str:
 
 
 def meta_cfg(pop_root: str, out: Path, **kw) -> MetaConfig:
-    base = dict(population_root=pop_root, output_dir=str(out), hidden_size=16, embedding_dim=2, steps=STEPS,
+    base = dict(output_dir=str(out), hidden_size=16, embedding_dim=2, steps=STEPS,
                 batch_size=8, models_per_step=2, checkpoint_every=10, eval_every=5, max_failures=1, seed=0,
                 num_workers=2)
     return MetaConfig(**{**base, **kw})
@@ -67,7 +69,7 @@ def meta_cfg(pop_root: str, out: Path, **kw) -> MetaConfig:
 
 def history_of(checkpoint) -> list[dict]:
     with checkpoint.as_directory() as d:
-        shared, _, _ = meta_ray.read_checkpoint(d)
+        shared, _, _ = checkpoint_format.read_sharded(d)
     return shared["history"]
 
 
@@ -83,9 +85,11 @@ def clean_w2(ray_session, pop_root, tmp_path_factory):
     sums = out.parent / "checksums"
     sums.mkdir()
     cfg = meta_cfg(pop_root, out)
-    result = meta_ray.build_trainer(cfg, progress=False, debug={"checksum_dir": str(sums)}).fit()
-    summary = meta_ray.finalize(cfg, result)
-    return {"cfg": cfg, "result": result, "summary": summary, "out": out, "sums": sums}
+    mlflow_store = tracking.Store.at(out.parent)
+    result = meta_ray.build_trainer(cfg, pop_root, tracking_store=mlflow_store, progress=False,
+                                    debug={"checksum_dir": str(sums)}).fit()
+    summary = meta_ray.finalize(cfg, pop_root, result, tracking_store=mlflow_store)
+    return {"cfg": cfg, "result": result, "summary": summary, "out": out, "sums": sums, "store": mlflow_store}
 
 
 # ---------------------------------------------------------------- unit
@@ -129,9 +133,7 @@ def test_two_workers_embed_every_model(clean_w2, pop_root):
     assert [r["model_id"] for r in run.rows] == ids
     np.testing.assert_allclose(run.theta(), np.array([thetas(out)[m] for m in ids]), rtol=0, atol=1e-7)
     # rank 0 logged the loss history (every step) and val metrics; finalize ended the run
-    from dynamo_dist import tracking
-
-    client = tracking.client_for(out)
+    client = clean_w2["store"].client()
     mlrun = client.get_run(summary["mlflow_run_id"])
     assert mlrun.info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(mlrun.info.run_id, "loss")) == list(range(1, STEPS + 1))
@@ -158,7 +160,7 @@ def test_shared_weights_synchronised_theta_v_not(clean_w2, pop_root):
 
 def test_one_worker_matches_single_process(ray_session, pop_root, tmp_path):
     cfg = meta_cfg(pop_root, tmp_path / "w1", num_workers=1)
-    result = meta_ray.build_trainer(cfg, log_mlflow=False, progress=False).fit()
+    result = meta_ray.build_trainer(cfg, pop_root, progress=False).fit()
     ray_hist = history_of(result.checkpoint)
 
     torch.manual_seed(123)  # the trainer seeds itself; make sure outside state does not matter
@@ -168,7 +170,7 @@ def test_one_worker_matches_single_process(ray_session, pop_root, tmp_path):
     for k in ("loss", "loss_hidden", "loss_output"):
         np.testing.assert_allclose([h[k] for h in ray_hist], [h[k] for h in local.history], rtol=1e-4, atol=1e-6)
     with result.checkpoint.as_directory() as d:
-        _, per_model, _ = meta_ray.read_checkpoint(d)
+        _, per_model, _ = checkpoint_format.read_sharded(d)
     for m, th in zip(local.embeddings.model_ids, local.embeddings.theta_matrix()):
         np.testing.assert_allclose(per_model[m]["theta"].numpy(), th.numpy(), rtol=1e-4, atol=1e-5)
 
@@ -180,10 +182,10 @@ def test_killed_worker_resumes_exactly(clean_w2, pop_root, tmp_path):
     marker = tmp_path / "rank1-died"
     cfg = meta_cfg(pop_root, tmp_path / "fault")
     result = meta_ray.build_trainer(
-        cfg, log_mlflow=False, progress=False,
+        cfg, pop_root, progress=False,
         debug={"fail_rank": 1, "fail_step": 15, "fail_marker": str(marker)}).fit()
     assert marker.exists(), "the injected failure did not happen"
-    summary = meta_ray.finalize(cfg, result, log=False)
+    summary = meta_ray.finalize(cfg, pop_root, result)
     assert summary["num_models"] == 8
     ids = sorted(r["model_id"] for r in store.manifest_rows(pop_root))
     got = thetas(cfg.output_dir)
@@ -201,9 +203,9 @@ def test_killed_worker_resumes_exactly(clean_w2, pop_root, tmp_path):
 
 def test_resume_with_other_worker_count(clean_w2, pop_root, tmp_path):
     cfg = meta_cfg(pop_root, tmp_path / "w1-resumed", num_workers=1, steps=STEPS + 10)
-    result = meta_ray.build_trainer(cfg, log_mlflow=False, progress=False,
+    result = meta_ray.build_trainer(cfg, pop_root, progress=False,
                                     resume_from_checkpoint=clean_w2["result"].checkpoint).fit()
-    summary = meta_ray.finalize(cfg, result, log=False)
+    summary = meta_ray.finalize(cfg, pop_root, result)
     assert summary["num_workers"] == 1 and summary["steps"] == STEPS + 10
     assert sorted(thetas(cfg.output_dir)) == sorted(thetas(clean_w2["out"]))
     hist = history_of(result.checkpoint)
@@ -246,7 +248,7 @@ def _corrupt(kind: str, root: Path) -> str:
         return f"NaN/Inf values \\(model '{mid}'\\)"
     if kind == "missing_root":
         shutil.rmtree(root)
-        return "population_root not found"
+        return "population root not found"
     raise AssertionError(kind)
 
 
@@ -257,7 +259,7 @@ def test_bad_population_fails_before_training(kind, pop_root, tmp_path):
     expect = _corrupt(kind, root)
     cfg = meta_cfg(str(root), tmp_path / "meta")
     with pytest.raises((ValueError, FileNotFoundError), match=expect if kind == "nan" else None) as err:
-        meta_ray.run_meta(cfg, progress=False)
+        meta_ray.run_meta(cfg, str(root), progress=False)
     if kind != "nan":
         assert expect in str(err.value)
     assert not (tmp_path / "meta" / "ray_results").exists(), "training started despite bad input"
@@ -266,7 +268,7 @@ def test_bad_population_fails_before_training(kind, pop_root, tmp_path):
 def test_too_many_workers_fails_before_training(pop_root, tmp_path):
     cfg = meta_cfg(pop_root, tmp_path / "meta", num_workers=9)
     with pytest.raises(ValueError, match=r"num_workers=9 exceeds the number of models \(8\)"):
-        meta_ray.run_meta(cfg, progress=False)
+        meta_ray.run_meta(cfg, pop_root, progress=False)
     assert not (tmp_path / "meta").exists()
 
 
@@ -275,16 +277,16 @@ def test_job_script_reports_bad_input(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "jobs" / "train_meta.py"), "--recipe", "smoke",
          "--set", f"population.root={missing}",
-         "--set", f"meta.population_root={missing}", "--set", f"meta.output_dir={tmp_path / 'meta'}"],
+         "--set", f"meta.output_dir={tmp_path / 'meta'}"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode != 0
-    assert "population_root not found" in proc.stderr and str(missing) in proc.stderr
+    assert "population root not found" in proc.stderr and str(missing) in proc.stderr
 
 
 def test_worker_progress_reaches_the_driver_once(pop_root, tmp_path):
     # Ray Train V2 patches print() in workers to both log and write stdout; progress must not double
     out = tmp_path / "meta"
-    sets = {"population.root": pop_root, "meta.population_root": pop_root, "meta.output_dir": out,
+    sets = {"population.root": pop_root, "meta.output_dir": out,
             "meta.num_workers": 1, "meta.steps": 10, "meta.eval_every": 5, "meta.checkpoint_every": 10,
             "meta.hidden_size": 16, "meta.embedding_dim": 2, "meta.batch_size": 8, "meta.models_per_step": 2}
     argv = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]

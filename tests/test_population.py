@@ -410,7 +410,7 @@ def test_cli_population_dry_run_reports_the_plan_and_writes_nothing(tmp_path, ca
 
     root = tmp_path / "root"
     argv = ["population", "--recipe", "smoke", "--set", f"population.root={root}", "--set", f"run_dir={tmp_path}",
-            "--set", f"meta.population_root={root}", "--dry-run"]
+            "--dry-run"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert not root.exists() and "total: 4 of 4 to train" in out

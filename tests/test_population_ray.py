@@ -219,7 +219,7 @@ def test_job_script_runs_a_config_file(ray_pop, tmp_path, capsys):
     # the stage's MLflow run, in the config's default store (SQLite under meta.output_dir)
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'meta' / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.run_name == "population" and run.data.params["num_models"] == str(len(IDS))
     assert run.data.metrics["g8.count"] == 6 and run.data.metrics["failed_models"] == 0
@@ -261,7 +261,7 @@ def test_a_failed_population_stage_is_a_failed_mlflow_run_with_the_error(tmp_pat
     cfg = config.parse(config.PipelineConfig, {"run_dir": str(tmp_path / "run"), "population": pop.model_dump(mode="json")})
     with pytest.raises(ValueError, match="1 model\\(s\\) failed"):
         population_stage(cfg, progress=False)
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'meta' / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.run_name == "population" and run.info.status == "FAILED"
     assert "bad-s000" in run.data.tags["dynamo.error"] and run.data.metrics["failed_models"] == 1

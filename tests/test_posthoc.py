@@ -16,7 +16,8 @@ import torch
 
 from dynamo_dist.meta import posthoc
 from dynamo_dist.config import GroupSpec, MetaConfig, PopulationConfig
-from dynamo_dist.meta.outputs import load_meta_run, run_meta_local
+from dynamo_dist.meta.local import run_meta_local
+from dynamo_dist.meta.outputs import load_meta_run
 from dynamo_dist.population.train import run_local
 
 GROUPS = (
@@ -35,10 +36,10 @@ def meta_dir(tmp_path_factory) -> Path:
         root = str(base / "population")
         run_local(PopulationConfig(root=root, groups=GROUPS, num_examples=1000, num_probe=128, num_test=64),
                   progress=False)
-        cfg = MetaConfig(population_root=root, output_dir=str(base / "meta"), hidden_size=24, embedding_dim=2,
+        cfg = MetaConfig(output_dir=str(base / "meta"), hidden_size=24, embedding_dim=2,
                          steps=400, batch_size=16, models_per_step=4, lr=1e-2, eval_every=400,
                          checkpoint_every=400)
-        run_meta_local(cfg, progress=False, log=False)
+        run_meta_local(cfg, root, progress=False)
         yield base / "meta"
     finally:
         torch.set_num_threads(threads)
@@ -58,7 +59,7 @@ def test_reembedded_models_land_near_their_trained_theta(meta_dir):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        res = posthoc.embed_new_models(meta_dir, run.cfg.population_root, REEMBED, steps=200, lr=2e-2)
+        res = posthoc.embed_new_models(meta_dir, run.population_root, REEMBED, steps=200, lr=2e-2)
     finally:
         torch.set_num_threads(threads)
 
@@ -83,14 +84,14 @@ def test_meta_model_object_is_not_updated(meta_dir, monkeypatch):
     run = load_meta_run(meta_dir)
     snapshot = {k: v.clone() for k, v in run.meta.state_dict().items()}
     monkeypatch.setattr(posthoc, "load_meta_run", lambda _: run)
-    posthoc.embed_new_models(meta_dir, run.cfg.population_root, ["gru-s001"], steps=20, lr=5e-2)
+    posthoc.embed_new_models(meta_dir, run.population_root, ["gru-s001"], steps=20, lr=5e-2)
     assert all(torch.equal(snapshot[k], v) for k, v in run.meta.state_dict().items())
 
 
 def test_unknown_model_id_is_a_clear_error(meta_dir):
     run = load_meta_run(meta_dir)
     with pytest.raises(ValueError, match="no-such-model"):
-        posthoc.embed_new_models(meta_dir, run.cfg.population_root, ["no-such-model"], steps=1)
+        posthoc.embed_new_models(meta_dir, run.population_root, ["no-such-model"], steps=1)
 
 
 def test_embed_cli_writes_new_models_with_their_nearest_trained_model(meta_dir, tmp_path, capsys):

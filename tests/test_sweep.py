@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from dynamo_dist.config import GroupSpec, MetaConfig, PopulationConfig, SweepConfig
+from dynamo_dist.config import GroupSpec, MetaConfig, PopulationConfig, SweepConfig, TrackingConfig
 from dynamo_dist.meta.tune import markdown_table, rank_trials, run_sweep, silhouette_by, trial_dirname
 from scripts_util import load_script
 
@@ -148,16 +148,21 @@ def mlflow_server(tmp_path_factory):
         log.close()
 
 
-def _meta(population: str, tracking_uri: str | None, experiment: str) -> MetaConfig:
-    return MetaConfig(population_root=population, steps=STEPS, eval_every=EVAL_EVERY, hidden_size=16, batch_size=16,
-                      models_per_step=2, checkpoint_every=STEPS, tracking_uri=tracking_uri, experiment=experiment)
+def _sweep(population: str, tracking_uri: str | None, experiment: str, sweep_cfg: SweepConfig, run_dir: str):
+    """run_sweep of a small meta config, logging to ``tracking_uri`` (None: SQLite under run_dir)."""
+    from dynamo_dist import tracking
+
+    meta = MetaConfig(steps=STEPS, eval_every=EVAL_EVERY, hidden_size=16, batch_size=16, models_per_step=2,
+                      checkpoint_every=STEPS)
+    mlflow_store = tracking.Store.at(run_dir, TrackingConfig(tracking_uri=tracking_uri, experiment=experiment))
+    return run_sweep(meta, sweep_cfg, run_dir, population, tracking_store=mlflow_store)
 
 
 @pytest.fixture(scope="module")
 def sweep(ray_session, population, mlflow_server, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("sweep_run")
     sweep_cfg = SweepConfig(**GRID, max_concurrent_trials=2, metric="val_hidden_r2")
-    table = run_sweep(_meta(population, mlflow_server, "sweep-test"), sweep_cfg, str(run_dir))
+    table = _sweep(population, mlflow_server, "sweep-test", sweep_cfg, str(run_dir))
     return {"table": table, "run_dir": run_dir, "uri": mlflow_server}
 
 
@@ -282,7 +287,7 @@ def test_bad_search_space_fails_before_any_trial(population, tmp_path, grid, mat
     # model_construct skips pydantic: run_sweep must re-validate on its own
     bad = SweepConfig.model_construct(**{**SweepConfig().model_dump(), **grid})
     with pytest.raises(ValueError, match=match):
-        run_sweep(_meta(population, None, "bad"), bad, str(tmp_path / "run"))
+        _sweep(population, None, "bad", bad, str(tmp_path / "run"))
     assert not _sweep_dirs(tmp_path / "run")
 
 
@@ -290,7 +295,7 @@ def test_bad_search_space_fails_before_any_trial(population, tmp_path, grid, mat
 def test_unreachable_tracking_uri_fails_before_any_trial(population, tmp_path):
     uri = f"http://127.0.0.1:{_free_port()}"
     with pytest.raises(ValueError, match=f"tracking_uri {uri} is unreachable"):
-        run_sweep(_meta(population, uri, "bad"), SweepConfig(), str(tmp_path / "run"))
+        _sweep(population, uri, "bad", SweepConfig(), str(tmp_path / "run"))
     assert not _sweep_dirs(tmp_path / "run")
 
 
@@ -298,16 +303,16 @@ def test_unreachable_tracking_uri_fails_before_any_trial(population, tmp_path):
 def test_trials_that_cannot_fit_the_cluster_fail_before_any_trial(ray_session, population, tmp_path):
     # 3 Train workers + the trial's driver need 3.01 CPUs; the module's Ray has 2
     with pytest.raises(ValueError, match=r"workers_per_trial=3: a trial needs 3.01 CPUs .* has 2"):
-        run_sweep(_meta(population, None, "bad"), SweepConfig(workers_per_trial=3), str(tmp_path / "run"))
+        _sweep(population, None, "bad", SweepConfig(workers_per_trial=3), str(tmp_path / "run"))
     assert not _sweep_dirs(tmp_path / "run")
 
 
 @pytest.mark.integration
 def test_missing_population_and_unknown_metric(tmp_path):
     with pytest.raises(FileNotFoundError, match="population root .*nope"):
-        run_sweep(_meta(str(tmp_path / "nope"), None, "bad"), SweepConfig(), str(tmp_path / "run"))
+        _sweep(str(tmp_path / "nope"), None, "bad", SweepConfig(), str(tmp_path / "run"))
     with pytest.raises(ValueError, match="sweep.metric"):
-        run_sweep(_meta(str(tmp_path / "nope"), None, "bad"), SweepConfig(metric="accuracy"), str(tmp_path / "run"))
+        _sweep(str(tmp_path / "nope"), None, "bad", SweepConfig(metric="accuracy"), str(tmp_path / "run"))
     assert not _sweep_dirs(tmp_path / "run")
 
 
@@ -323,7 +328,7 @@ def _job():
 ])
 def test_job_exits_nonzero_with_the_message(population, tmp_path, capsys, sets, extra, match):
     args = ["--recipe", "smoke", "--set", f"run_dir={tmp_path / 'run'}", "--set", f"population.root={population}",
-            "--set", f"meta.population_root={population}"]
+]
     for s in sets:
         args += ["--set", s]
     assert _job().main(args + extra) == 2
@@ -356,3 +361,40 @@ def test_mlflow_ui_shows_the_sweep_trials(sweep, runs, mlflow_server, tmp_path):
     html = dom.read_text()
     for r in sweep["table"]:
         assert r["trial"] in html, f"MLflow UI does not list {r['trial']}"
+
+
+@pytest.mark.integration
+def test_pipeline_with_a_sweep_logs_every_stage_to_one_store(ray_session, population, tmp_path, monkeypatch):
+    """Default SQLite store: population, meta, the sweep (parent + trials) and analyze land in
+    <run_dir>/mlflow.db, the store `dynamo-dist ui <run_dir>` serves; no other store is created."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from dynamo_dist import config, tracking
+    from dynamo_dist.pipeline import run_pipeline
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "run"
+    shutil.copytree(population, run_dir / "population")  # complete: the population stage trains nothing
+    spec = json.loads((run_dir / "population" / "population.json").read_text())["spec"]
+    cfg = config.parse(config.PipelineConfig, {
+        "run_dir": str(run_dir),
+        "population": {k: spec[k] for k in ("groups", "num_examples", "num_probe", "num_test")},
+        "meta": {"steps": 10, "eval_every": 5, "checkpoint_every": 10, "hidden_size": 16, "batch_size": 16,
+                 "models_per_step": 2, "embedding_dim": 2, "num_workers": 1},
+        "sweep": {"output_weight": [1.0], "embedding_dim": [2], "max_concurrent_trials": 1},
+        "analyze": {"baseline": False, "fixed_points": False, "landscape_grid": 2, "ssl_steps": 2},
+    })
+    summary = run_pipeline(cfg, progress=False)
+
+    assert sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("mlflow.db")) == ["mlflow.db"]
+    assert summary["tracking_uri"] == f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
+    ui = tracking.ui_command(run_dir)
+    client = MlflowClient(tracking_uri=ui[ui.index("--backend-store-uri") + 1])
+    exp = client.get_experiment_by_name("dynamo")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    names = sorted(r.info.run_name for r in runs)
+    assert names[:3] == ["analyze", "meta-w1", "population"], names
+    assert sum(n.startswith("sweep-") for n in names) == 1 and sum(n.startswith("trial-") for n in names) == 1
+    assert all(r.info.status == "FINISHED" for r in runs)

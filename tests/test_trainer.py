@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dynamo_dist import config
-from dynamo_dist.meta import outputs as meta_run
+from dynamo_dist.meta import outputs
+from dynamo_dist.meta.local import run_meta_local
 from dynamo_dist.population import train as population
 from dynamo_dist.data import store
 from dynamo_dist.meta.metrics import evaluate, summarize
@@ -30,7 +31,7 @@ def pop_root(tmp_path_factory):
 
 
 def _meta_cfg(root, tmp, **kw):
-    base = dict(population_root=root, output_dir=str(tmp), steps=12, hidden_size=16, embedding_dim=3,
+    base = dict(output_dir=str(tmp), steps=12, hidden_size=16, embedding_dim=3,
                 batch_size=8, models_per_step=2, eval_every=6)
     return config.MetaConfig(**{**base, **kw})
 
@@ -71,7 +72,7 @@ def test_training_reduces_loss_and_checkpoint_resumes_exactly(pop_root, tmp_path
 
 def test_meta_run_outputs_and_reload(pop_root, tmp_path):
     cfg = _meta_cfg(pop_root, tmp_path / "meta", steps=20)
-    summary = meta_run.run_meta_local(cfg, progress=False, log=False)
+    summary = run_meta_local(cfg, pop_root, progress=False)
     assert summary["num_models"] == 4
     for key in ("mean_agreement", "mean_hidden_r2", "mean_meta_accuracy"):
         assert np.isfinite(summary[key])
@@ -79,7 +80,7 @@ def test_meta_run_outputs_and_reload(pop_root, tmp_path):
     assert emb.column("model_id").to_pylist() == ["digit-s000", "digit-s001", "parity-s000", "parity-s001"]
     assert emb.column("group").to_pylist() == ["digit", "digit", "parity", "parity"]
     assert len(emb.column("theta")[0].as_py()) == 3
-    run = meta_run.load_meta_run(tmp_path / "meta")
+    run = outputs.load_meta_run(tmp_path / "meta")
     np.testing.assert_allclose(run.theta(), np.array(emb.column("theta").to_pylist()), rtol=1e-6)
     assert set(run.meta.heads) == {"mnist1d", "mnist1d_parity"}
 

@@ -17,7 +17,6 @@ Shape legend: N models, E embedding dim, K points.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -28,12 +27,12 @@ import pyarrow as pa
 import torch
 
 from ..data import store
-from ..data.store import to_json  # noqa: F401 -- re-exported: jobs/analyze.py prints with it
 from ..config import AnalyzeConfig
 from ..data.tasks import UNK_ID, Split, load_task, token_id
-from ..meta.outputs import MetaRun, load_meta_run
+from ..meta import outputs
 from ..meta.objective import step_mask
-from ..meta.trainer import PopulationData
+from ..meta.outputs import MetaRun, load_meta_run
+from ..meta.trainer import PopulationData, load_population
 from .averaging import ModelAveraging
 from .baseline import RepresentationBaseline, activation_taps
 from .evaluate import accuracies, base_accuracy
@@ -86,19 +85,17 @@ def run_analysis(meta_dir: str, cfg: AnalyzeConfig, out_dir: str | None = None, 
     """
     t0 = time.perf_counter()
     meta_path = Path(meta_dir)
-    if not meta_path.is_dir():
-        raise FileNotFoundError(f"meta run directory not found: {meta_path}")
     run = load_meta_run(meta_path)
-    out = Path(out_dir) if out_dir is not None else meta_path / "analysis"
+    out = Path(out_dir) if out_dir is not None else outputs.analysis_dir(meta_path)
     ctx = _context(run, cfg, out)
     ctx.fig_dir.mkdir(parents=True, exist_ok=True)
     ctx.table_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
-    summary = _read_summary(meta_path)
+    summary = run.summary()
     report = Report(
         title=f"DYNAMO analysis — {meta_path.name}",
-        subtitle=(f"meta run {meta_path} · population {run.cfg.population_root} · {len(ctx.ids)} models · "
+        subtitle=(f"meta run {meta_path} · population {run.population_root} · {len(ctx.ids)} models · "
                   f"family {run.family} · d={run.cfg.embedding_dim} · λ={run.cfg.output_weight} · "
                   f"{run.cfg.steps} steps · hidden distance {run.cfg.hidden_distance}"),
     )
@@ -149,7 +146,7 @@ def _context(run: MetaRun, cfg: AnalyzeConfig, out: Path) -> _Ctx:
     if cfg.color_by not in rows[0]:
         cols = sorted(k for k in rows[0] if not k.endswith("_path"))
         raise ValueError(f"color_by: manifest has no column {cfg.color_by!r}; columns: {cols}")
-    pop = run.population(with_test=True)
+    pop = load_population(run.population_root, run.model_ids, with_test=True)
     ids = [r["model_id"] for r in rows]
     tasks = [r["task"] for r in rows]
     test = {t: pop.test_inputs[t] for t in sorted(set(tasks))}
@@ -160,11 +157,6 @@ def _context(run: MetaRun, cfg: AnalyzeConfig, out: Path) -> _Ctx:
         test[t] = test[t].subset(slice(0, n))
     return _Ctx(run=run, cfg=cfg, out=out, pop=pop, ids=ids, theta=run.theta().astype(np.float64),
                 labels=[r.get(cfg.color_by) for r in rows], tasks=tasks, test=test, base_acc=base_acc)
-
-
-def _read_summary(meta_dir: Path) -> dict:
-    p = meta_dir / "summary.json"
-    return json.loads(p.read_text()) if p.is_file() else {}
 
 
 def _overview(ctx: _Ctx, sec: Section, summary: dict) -> None:
@@ -302,7 +294,7 @@ def _baseline_activations(ctx: _Ctx) -> tuple[list[list[np.ndarray]], str]:
         inputs = ctx.pop.probe_inputs[tasks[0]]
         n = min(len(inputs), 512)
         inputs = inputs.subset(slice(0, n))
-        layout = store.Layout.at(ctx.run.cfg.population_root)
+        layout = store.Layout.at(ctx.run.population_root)
         hiddens = {}
         for r in ctx.run.rows:
             with torch.no_grad():
@@ -416,11 +408,7 @@ def _ssl_labelled(ctx: _Ctx, task: str) -> tuple[Split, str]:
 
 def _population_task(ctx: _Ctx, task: str):
     """The task exactly as the population stage built it, or None when that cannot be reproduced."""
-    info_path = store.Layout.at(ctx.run.cfg.population_root).info
-    try:
-        spec = json.loads(info_path.read_text()).get("spec", {})
-    except (OSError, ValueError):
-        return None
+    spec = store.read_spec(ctx.run.population_root)
     if "data_seed" not in spec:
         return None
     try:
@@ -549,7 +537,7 @@ def _fixed_points(ctx: _Ctx, sec: Section, results: dict) -> dict:
     _write_table(points_rows, ctx.table_dir / "fixed_points_meta_points.parquet")
 
     # base models from the zoo: each in its own hidden space
-    layout = store.Layout.at(ctx.run.cfg.population_root)
+    layout = store.Layout.at(ctx.run.population_root)
     base_rows, base_panels = [], []
     for r in _base_models_for_fp(ctx):
         model = zoo.load(layout.path(r["weights_path"]))
@@ -841,12 +829,12 @@ def _write_table(rows: list[dict], path: Path) -> None:
 
 
 def _log_mlflow(run: MetaRun, meta_dir: Path, cfg: AnalyzeConfig, headline: dict, out: Path, summary: dict) -> str:
-    """A run named "analyze" in the meta run's experiment and store, nested under the meta run when known."""
+    """A run named "analyze" in the meta run's store and experiment, nested under the meta run when known."""
     from .. import tracking
 
-    mrun = tracking.start_run(meta_dir, run.cfg.experiment, "analyze", run.cfg.tracking_uri,
-                              parent_run_id=summary.get("mlflow_run_id"), tags={"dynamo.meta_dir": str(meta_dir)})
-    try:
+    tracking_store = tracking.Store(**run.tracking_store) if run.tracking_store else tracking.Store.at(meta_dir.parent)
+    with tracking_store.run("analyze", parent_run_id=summary.get("mlflow_run_id"),
+                            tags={"dynamo.meta_dir": str(meta_dir)}) as mrun:
         mrun.log_params({**cfg.model_dump(mode="json"), "meta_dir": str(meta_dir)})
         metrics = {}
         for k, v in headline.items():
@@ -856,8 +844,4 @@ def _log_mlflow(run: MetaRun, meta_dir: Path, cfg: AnalyzeConfig, headline: dict
                 metrics[k] = float(v)
         mrun.log_metrics(metrics)
         mrun.log_artifact(out, "analysis")
-    except BaseException:
-        mrun.end("FAILED")
-        raise
-    mrun.end("FINISHED")
     return mrun.run_id

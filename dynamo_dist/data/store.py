@@ -149,6 +149,11 @@ def remove_temp_files(root: str | os.PathLike) -> list[Path]:
     return stale
 
 
+def absolute(path: str | os.PathLike) -> str:
+    """A path as every process sees it (Ray workers run in other directories): absolute, ``~`` expanded."""
+    return str(Path(path).expanduser().resolve())
+
+
 def read_parquet(path: Path, what: str) -> pa.Table:
     """Read a Parquet file; a missing one is FileNotFoundError, an unreadable one ValueError, both naming it."""
     if not path.is_file():
@@ -190,6 +195,16 @@ def check_schema(layout: Layout) -> dict:
             f"schema_version={SCHEMA_VERSION}; write a new population root or convert it"
         )
     return info
+
+
+def read_spec(root: str | os.PathLike) -> dict:
+    """The population spec a root was built with (``population.json``); {} when absent or unreadable."""
+    layout = Layout.at(root)
+    try:
+        spec = json.loads(layout.info.read_text()).get("spec", {})
+    except (OSError, ValueError):
+        return {}
+    return spec if isinstance(spec, dict) else {}
 
 
 # ---------------------------------------------------------------- manifest

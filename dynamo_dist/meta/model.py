@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..zoo import ArchSpec
+from ..zoo import ArchSpec, family_of
 
 
 class MetaRNN(nn.Module):
@@ -122,6 +122,41 @@ class MetaResNet(nn.Module):
             taps.append(z)
         pooled = z.mean(dim=(2, 3))
         return taps, {g: head(pooled)[:, None, :] for g, head in self.heads.items()}
+
+
+def output_sizes(rows: Sequence[Mapping]) -> dict[str, int]:
+    """Output group -> output size. Groups are tasks: models of one task share a head (section 2.2)."""
+    sizes: dict[str, int] = {}
+    for r in rows:
+        prev = sizes.setdefault(r["task"], int(r["num_classes"]))
+        if prev != int(r["num_classes"]):
+            raise ValueError(f"task {r['task']!r} has models with {prev} and {r['num_classes']} outputs")
+    return sizes
+
+
+def tap_widths(family: str, hiddens: Sequence[torch.Tensor]) -> list[int]:
+    """A base model's hidden width per tap, from its recorded states: (B,T,H) RNN, (B,C,H,W) CNN."""
+    return [h.shape[-1] if family == "rnn" else h.shape[1] for h in hiddens]
+
+
+def build(rows: Sequence[Mapping], cfg, model_ids: Sequence[str], base_dims: Sequence[Sequence[int]], *,
+          meta_seed: int | None = None, embeddings_seed: int | None = None) -> tuple[nn.Module, ModelEmbeddings]:
+    """The one construction of a meta-model and the ``ModelEmbeddings`` of ``model_ids``.
+
+    ``rows``: manifest rows of the whole population (they fix the family, the input encoder
+    and the output heads, identical on every worker); ``cfg``: a ``MetaConfig`` (shape
+    fields); ``base_dims[i]``: model i's width per tap (``tap_widths``, or a checkpoint's
+    maps). Seeds, when given, make the initialisation reproducible: the shared weights are
+    seeded alike on every worker, the embeddings per worker.
+    """
+    family = family_of(rows[0]["arch"])
+    if meta_seed is not None:
+        torch.manual_seed(meta_seed)
+    meta = build_meta_model(family, ArchSpec.from_row(rows[0]), output_sizes(rows), embedding_dim=cfg.embedding_dim,
+                            hidden_size=cfg.hidden_size, embed_dim=cfg.embed_dim, resnet_arch=cfg.resnet_arch)
+    if embeddings_seed is not None:
+        torch.manual_seed(embeddings_seed)
+    return meta, ModelEmbeddings(model_ids, cfg.embedding_dim, meta.tap_dims, base_dims, family)
 
 
 def build_meta_model(family: str, input_spec: ArchSpec, output_sizes: Mapping[str, int], *, embedding_dim: int,

@@ -1,9 +1,10 @@
-"""A meta run's outputs on disk, and the single-process meta stage that writes them.
+"""A meta run's directory: the only module that names its files, writing and reading them.
 
 Output directory (the contract later stages read)::
 
     <output_dir>/
       meta_config.yaml          the MetaConfig of the run
+      meta_run.json             where it came from and logs to: population_root, MLflow store
       checkpoint.pt             {"step", "meta": shared state_dict, "opt_meta", "shard": {model_id: theta/V/opt}}
                                 (every worker's shard merged; torch.load(weights_only=True))
       embeddings.parquet        model_id, theta (list<float32>), theta_0..theta_{d-1}, manifest labels
@@ -11,28 +12,52 @@ Output directory (the contract later stages read)::
       history.parquet           step, loss, loss_hidden, loss_output (+ val_* rows where evaluated)
       summary.json              mean metrics, wall time, population size, mlflow run id
       embedding_pca.png         theta in its first two principal components, coloured by group
+      ray_results/              Ray Train's storage (sharded checkpoints) of a Ray run
+      analysis/                 the analysis stage's report (analysis.report)
+      posthoc/                  post-hoc embeddings of new models (posthoc.py)
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from .. import config as config_mod
-from ..data import store
 from ..config import MetaConfig
-from .model import ModelEmbeddings, build_meta_model
-from .metrics import evaluate, summarize
-from .trainer import DynamoTrainer, PopulationData, load_population, output_sizes, spec_from_row
+from ..data import store
+from . import checkpoint
+from .metrics import summarize
+from .model import ModelEmbeddings, build
 
 LABEL_COLUMNS = ("group", "task", "arch", "hidden_size", "train_fraction", "seed", "epoch", "test_accuracy")
+CONFIG_FILE = "meta_config.yaml"
+CONTEXT_FILE = "meta_run.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+EMBEDDINGS_FILE = "embeddings.parquet"
+METRICS_FILE = "model_metrics.parquet"
+HISTORY_FILE = "history.parquet"
+SUMMARY_FILE = "summary.json"
+PCA_FILE = "embedding_pca.png"
+# logged to MLflow in this order; the checkpoint under "meta/"
+_ARTIFACTS = (EMBEDDINGS_FILE, METRICS_FILE, HISTORY_FILE, SUMMARY_FILE, CONFIG_FILE, PCA_FILE, CHECKPOINT_FILE)
+
+
+def ray_storage(output_dir: str | Path) -> Path:
+    """Ray Train's storage path of the run (a re-run with the same output_dir resumes from it)."""
+    return Path(output_dir) / "ray_results"
+
+
+def analysis_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "analysis"
+
+
+def posthoc_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "posthoc"
 
 
 def embeddings_table(theta_rows: list[dict], manifest: list[dict]) -> pa.Table:
@@ -43,92 +68,83 @@ def embeddings_table(theta_rows: list[dict], manifest: list[dict]) -> pa.Table:
         labels = {k: by_id[e["model_id"]].get(k) for k in LABEL_COLUMNS if k in by_id[e["model_id"]]}
         rows.append({"model_id": e["model_id"], "theta": [float(v) for v in e["theta"]],
                      **{f"theta_{i}": float(v) for i, v in enumerate(e["theta"])}, **labels})
-    table = pa.Table.from_pylist(rows)
-    return table.set_column(table.schema.get_field_index("theta"), "theta",
-                            pa.array([r["theta"] for r in rows], pa.list_(pa.float32())))
+    return theta_as_float32_list(pa.Table.from_pylist(rows))
 
 
-def write_outputs(cfg: MetaConfig, state: dict, theta_rows: list[dict], per_model: dict[str, dict],
-                  history: list[dict], manifest: list[dict], extra_summary: dict | None = None) -> dict:
-    """Write every output file of a meta run (each atomically); returns the summary."""
+def theta_as_float32_list(table: pa.Table) -> pa.Table:
+    """The ``theta`` column as list<float32> (pylist round trips give doubles)."""
+    i = table.schema.get_field_index("theta")
+    return table.set_column(i, "theta", pa.array(table.column("theta").to_pylist(), pa.list_(pa.float32())))
+
+
+def write_outputs(cfg: MetaConfig, population_root: str, state: dict, theta_rows: list[dict],
+                  per_model: dict[str, dict], history: list[dict], manifest: list[dict],
+                  extra_summary: dict | None = None, tracking_store: dict | None = None) -> dict:
+    """Write every output file of a meta run (each atomically); returns the summary.
+
+    ``tracking_store``: the MLflow store the run logs to (``tracking.Store`` as a dict), recorded so
+    that later stages (analysis) log beside it.
+    """
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config_mod.dump(cfg, out / "meta_config.yaml")
-    tmp = out / ".checkpoint.pt.tmp"
-    torch.save(state, tmp)
-    tmp.replace(out / "checkpoint.pt")
+    config_mod.dump(cfg, out / CONFIG_FILE)
+    store.write_json_atomic({"population_root": population_root, "tracking": tracking_store}, out / CONTEXT_FILE)
+    checkpoint.save_atomic(state, out / CHECKPOINT_FILE)
     emb = embeddings_table(theta_rows, manifest)
-    store.write_table_atomic(emb, out / "embeddings.parquet")
+    store.write_table_atomic(emb, out / EMBEDDINGS_FILE)
     store.write_table_atomic(pa.Table.from_pylist([{"model_id": m, **v} for m, v in sorted(per_model.items())]),
-                             out / "model_metrics.parquet")
+                             out / METRICS_FILE)
     if history:
         keys = sorted({k for h in history for k in h})
         store.write_table_atomic(pa.Table.from_pylist([{k: h.get(k) for k in keys} for h in history]),
-                                 out / "history.parquet")
+                                 out / HISTORY_FILE)
     summary = {**summarize(per_model), "num_models": len(theta_rows), **(extra_summary or {})}
-    store.write_json_atomic(summary, out / "summary.json")
+    write_summary(out, summary)
     try:
         from ..plots import embedding_pca_plot
 
-        embedding_pca_plot(emb, "group", out / "embedding_pca.png")
+        embedding_pca_plot(emb, "group", out / PCA_FILE)
     except ImportError:  # matplotlib is optional for the core path
         pass
     return summary
 
 
-def log_to_mlflow(cfg: MetaConfig, summary: dict, per_model: dict, history: list[dict], run_name: str = "meta",
-                  parent_run_id: str | None = None, run=None) -> str:
-    """Log params, metric histories and artifacts of a finished meta run; returns the run id."""
-    from .. import tracking
-
-    own = run is None
-    if own:
-        run = tracking.start_run(cfg.output_dir, cfg.experiment, run_name, cfg.tracking_uri, parent_run_id)
-    try:
-        params = cfg.model_dump(mode="json")
-        params["population_size"] = summary.get("num_models")
-        params["lambda"] = cfg.output_weight
-        run.log_params(params)
-        run.log_history(history)
-        run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        run.log_metrics({f"{m}.{k}": v for m, d in per_model.items() for k, v in d.items()})
-        out = Path(cfg.output_dir)
-        for name in ("embeddings.parquet", "model_metrics.parquet", "history.parquet", "summary.json",
-                     "meta_config.yaml", "embedding_pca.png", "checkpoint.pt"):
-            if (out / name).exists():
-                run.log_artifact(out / name, "meta" if name == "checkpoint.pt" else None)
-    except BaseException:
-        if own:
-            run.end("FAILED")
-        raise
-    if own:
-        run.end("FINISHED")
-    return run.run_id
+def write_summary(output_dir: str | Path, summary: dict) -> None:
+    """The one writer of ``summary.json`` (strict JSON: NaN/inf become null)."""
+    store.write_json_atomic(summary, Path(output_dir) / SUMMARY_FILE)
 
 
-def run_meta_local(cfg: MetaConfig, progress: bool = True, log: bool = True) -> dict:
-    """Train the meta-model over the whole population in this process and write the outputs."""
-    t0 = time.perf_counter()
-    data = load_population(cfg.population_root)
-    trainer = DynamoTrainer(cfg, data)
-    val_history: list[dict] = []
+def read_summary(output_dir: str | Path) -> dict:
+    """``summary.json`` of a run; {} when the run has not written one (yet)."""
+    p = Path(output_dir) / SUMMARY_FILE
+    return json.loads(p.read_text()) if p.is_file() else {}
 
-    def on_step(tr, rec):
-        if tr.step % cfg.eval_every == 0 or tr.step == cfg.steps:
-            v = summarize(evaluate(tr, "val"))
-            rec.update({f"val_{k.removeprefix('mean_')}": x for k, x in v.items()})
-            val_history.append(rec)
 
-    trainer.fit(progress=progress, callback=on_step)
-    per_model = evaluate(trainer, "test")
-    wall = time.perf_counter() - t0
-    state = trainer.state_dict()
-    summary = write_outputs(cfg, state, trainer.embedding_rows(), per_model, trainer.history, data.rows,
-                            {"wall_seconds": wall, "num_workers": 1, "steps": trainer.step})
-    if log:
-        summary["mlflow_run_id"] = log_to_mlflow(cfg, summary, per_model, trainer.history)
-        store.write_json_atomic(summary, Path(cfg.output_dir) / "summary.json")
-    return summary
+def has_finished(output_dir: str | Path) -> bool:
+    return (Path(output_dir) / SUMMARY_FILE).is_file()
+
+
+def read_results(output_dir: str | Path) -> tuple[dict, dict[str, dict], list[dict], pa.Table | None]:
+    """(summary, per-model metrics, history, embeddings table) of a run; empty where a file is absent."""
+    out = Path(output_dir)
+    per_model, history, emb = {}, [], None
+    if (out / METRICS_FILE).is_file():
+        per_model = {r.pop("model_id"): r for r in store.read_parquet(out / METRICS_FILE, "model metrics").to_pylist()}
+    if (out / HISTORY_FILE).is_file():
+        history = store.read_parquet(out / HISTORY_FILE, "training history").to_pylist()
+    if (out / EMBEDDINGS_FILE).is_file():
+        emb = read_embeddings(out)
+    return read_summary(out), per_model, history, emb
+
+
+def read_embeddings(output_dir: str | Path) -> pa.Table:
+    return store.read_parquet(Path(output_dir) / EMBEDDINGS_FILE, "embeddings of the meta run")
+
+
+def artifacts(output_dir: str | Path) -> list[tuple[Path, str | None]]:
+    """The run's files worth logging, as (path, MLflow artifact dir)."""
+    out = Path(output_dir)
+    return [(out / n, "meta" if n == CHECKPOINT_FILE else None) for n in _ARTIFACTS if (out / n).exists()]
 
 
 @dataclass
@@ -140,55 +156,52 @@ class MetaRun:
     embeddings: ModelEmbeddings
     rows: list[dict]          # manifest rows, in embeddings order
     output_dir: Path
+    population_root: str
+    tracking_store: dict | None  # the MLflow store the run logged to (tracking.Store fields)
 
     @property
     def family(self) -> str:
         return self.embeddings.family
 
+    @property
+    def model_ids(self) -> list[str]:
+        return [r["model_id"] for r in self.rows]
+
     def theta(self) -> np.ndarray:
         return self.embeddings.theta_matrix().numpy()
 
     def embeddings_table(self) -> pa.Table:
-        return pq.read_table(self.output_dir / "embeddings.parquet")
+        return read_embeddings(self.output_dir)
 
-    def population(self, with_test: bool = True) -> PopulationData:
-        return load_population(self.cfg.population_root, [r["model_id"] for r in self.rows], with_test=with_test)
+    def summary(self) -> dict:
+        return read_summary(self.output_dir)
 
 
 def load_meta_run(output_dir: str | Path) -> MetaRun:
     """Load a meta run's checkpoint (eval mode). FileNotFoundError names a missing file."""
     out = Path(output_dir)
-    cfg = config_mod.load(out / "meta_config.yaml", MetaConfig)
-    ckpt_path = out / "checkpoint.pt"
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"meta run checkpoint not found: {ckpt_path}")
-    state = torch.load(ckpt_path, weights_only=True)
-    all_rows = store.manifest_rows(cfg.population_root)
+    if not out.is_dir():
+        raise FileNotFoundError(f"meta run directory not found: {out}")
+    if not (out / CONTEXT_FILE).is_file():
+        raise FileNotFoundError(f"{out / CONTEXT_FILE} not found: {out} is not a finished meta run "
+                                "(written by dynamo-dist meta)")
+    cfg = config_mod.load(out / CONFIG_FILE, MetaConfig)
+    context = json.loads((out / CONTEXT_FILE).read_text())
+    state = checkpoint.load(out / CHECKPOINT_FILE)
+    root = context["population_root"]
+    all_rows = store.manifest_rows(root)
     by_id = {r["model_id"]: r for r in all_rows}
     ids = sorted(state["shard"])
-    rows = [by_id[m] for m in ids]
-    family = "cnn" if rows[0]["arch"].startswith("resnet") else "rnn"
-    meta = build_meta_model(family, spec_from_row(all_rows[0]), output_sizes(all_rows),
-                            embedding_dim=cfg.embedding_dim, hidden_size=cfg.hidden_size,
-                            embed_dim=cfg.embed_dim, resnet_arch=cfg.resnet_arch)
+    missing = [m for m in ids if m not in by_id]
+    if missing:
+        raise ValueError(f"meta run {out}: models {missing[:5]} are no longer complete in {root}")
+    base_dims = [checkpoint.maps_base_dims(state["shard"][m]["maps"]) for m in ids]
+    meta, emb = build(all_rows, cfg, ids, base_dims)
     meta.load_state_dict(state["meta"])
     meta.eval()
-    base_dims = [[v["weight"].shape[0] for v in _maps_by_tap(state["shard"][m]["maps"])] for m in ids]
-    emb = ModelEmbeddings(ids, cfg.embedding_dim, meta.tap_dims, base_dims, family)
     with torch.no_grad():
         for i, m in enumerate(ids):
             emb.theta[i].copy_(state["shard"][m]["theta"])
             emb.maps[i].load_state_dict(state["shard"][m]["maps"])
-    return MetaRun(cfg=cfg, meta=meta, embeddings=emb, rows=rows, output_dir=out)
-
-
-def _maps_by_tap(maps_state: dict) -> list[dict]:
-    taps: dict[int, dict] = {}
-    for k, v in maps_state.items():
-        i, name = k.split(".", 1)
-        taps.setdefault(int(i), {})[name] = v
-    return [taps[i] for i in sorted(taps)]
-
-
-def read_summary(output_dir: str | Path) -> dict:
-    return json.loads((Path(output_dir) / "summary.json").read_text())
+    return MetaRun(cfg=cfg, meta=meta, embeddings=emb, rows=[by_id[m] for m in ids], output_dir=out,
+                   population_root=root, tracking_store=context.get("tracking"))

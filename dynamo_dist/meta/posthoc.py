@@ -15,23 +15,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .model import ModelEmbeddings
-from .outputs import load_meta_run
+from ..data import store
+from ..zoo import ArchSpec, family_of
+from . import outputs
 from .metrics import emulation_metrics
+from .model import ModelEmbeddings, tap_widths
+from .outputs import load_meta_run
 from .objective import Chunk, dynamo_loss
-from .trainer import VAL_FRACTION, cosine_factor, load_population, spec_from_row
+from .trainer import VAL_FRACTION, cosine_factor, load_population
 
 
 def _check_compatible(run_rows: list[dict], new_rows: list[dict], heads, run_dir: Path, root: str) -> None:
-    ref = spec_from_row(run_rows[0])
+    ref = ArchSpec.from_row(run_rows[0])
     for r in new_rows:
-        spec = spec_from_row(r)
+        spec = ArchSpec.from_row(r)
         if (spec.input_kind, tuple(spec.input_shape), spec.vocab_size) != (ref.input_kind, tuple(ref.input_shape),
                                                                           ref.vocab_size):
             raise ValueError(f"model {r['model_id']!r} in {root} has inputs {spec.input_kind} {list(spec.input_shape)} "
                              f"vocab={spec.vocab_size}; the meta run {run_dir} was trained on {ref.input_kind} "
                              f"{list(ref.input_shape)} vocab={ref.vocab_size}")
-        if (r["arch"].startswith("resnet")) != (run_rows[0]["arch"].startswith("resnet")):
+        if family_of(r["arch"]) != family_of(run_rows[0]["arch"]):
             raise ValueError(f"model {r['model_id']!r} ({r['arch']}) is not of the meta run's family")
         if r["task"] not in heads:
             raise ValueError(f"model {r['model_id']!r} has task {r['task']!r}; the meta run {run_dir} has output "
@@ -62,9 +65,9 @@ def embed_new_models(meta_output_dir: str | Path, population_root: str, model_id
     data = load_population(population_root, model_ids)
     _check_compatible(run.rows, data.rows, meta.heads, run.output_dir, population_root)
     family = run.family
-    base_dims = [[h.shape[-1] if family == "rnn" else h.shape[1] for h in data.probe[m].hiddens]
-                 for m in data.model_ids]
+    base_dims = [tap_widths(family, data.probe[m].hiddens) for m in data.model_ids]
     torch.manual_seed(seed)
+    # only new theta/V: the trained meta-model is the run's (the one construction is model.build)
     emb = ModelEmbeddings(data.model_ids, cfg.embedding_dim, meta.tap_dims, base_dims, family)
     bs = batch_size or cfg.batch_size
     out: dict[str, dict] = {}
@@ -117,12 +120,9 @@ def run_posthoc(meta_output_dir: str | Path, population_root: str, model_ids: li
     """
     import pyarrow as pa
 
-    from ..data import store
-    from .outputs import embeddings_table
-
     results = embed_new_models(meta_output_dir, population_root, model_ids, steps=steps, seed=seed, progress=progress)
     meta_dir = Path(meta_output_dir)  # embed_new_models has loaded and checked the run; only its embeddings are needed
-    trained = store.read_parquet(meta_dir / "embeddings.parquet", "embeddings of the meta run").to_pylist()
+    trained = outputs.read_embeddings(meta_dir).to_pylist()
     trained_ids = [r["model_id"] for r in trained]
     theta_trained = np.array([r["theta"] for r in trained], dtype=np.float64)
     new_ids = sorted(results)
@@ -130,10 +130,10 @@ def run_posthoc(meta_output_dir: str | Path, population_root: str, model_ids: li
     group_of = {r["model_id"]: r.get("group") for r in trained}
     extra = {m: {**{k: v for k, v in results[m].items() if k != "theta"}, "nearest_model": n,
                  "nearest_group": group_of[n], "nearest_distance": dist} for m, (n, dist) in zip(new_ids, near)}
-    table = embeddings_table([{"model_id": m, "theta": results[m]["theta"]} for m in new_ids],
+    table = outputs.embeddings_table([{"model_id": m, "theta": results[m]["theta"]} for m in new_ids],
                              store.manifest_rows(population_root))
     rows = [{**r, **extra[r["model_id"]]} for r in table.to_pylist()]
-    out = Path(out_dir) if out_dir is not None else meta_dir / "posthoc"
+    out = Path(out_dir) if out_dir is not None else outputs.posthoc_dir(meta_dir)
     path = out / "embeddings.parquet"
     if path.is_file():  # keep earlier post-hoc models; a re-embedded model's row is replaced
         replaced = set(new_ids)
@@ -141,9 +141,7 @@ def run_posthoc(meta_output_dir: str | Path, population_root: str, model_ids: li
                 if r["model_id"] not in replaced] + rows
     rows.sort(key=lambda r: r["model_id"])
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    merged = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
-    merged = merged.set_column(merged.schema.get_field_index("theta"), "theta",
-                               pa.array([r["theta"] for r in rows], pa.list_(pa.float32())))
+    merged = outputs.theta_as_float32_list(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows]))
     store.write_table_atomic(merged, path)
     try:
         from ..plots import posthoc_pca_plot

@@ -7,17 +7,10 @@ state. The shared meta-model (F~, G~ heads) is wrapped in ``DistributedDataParal
 never reduced or broadcast. The maths is ``DynamoTrainer.train_step`` unchanged: only
 ``trainer.forward_module`` is swapped for the DDP wrapper.
 
-Checkpoint directory (one per report with a checkpoint; Ray Train merges the files every
-worker uploads under the same directory name, which rank 0 chooses)::
-
-    shared.pt                 rank 0: step, shared weights + optimiser, global loss history,
-                              num_workers, the shard file names, model ids, mlflow run id
-    shard-<rank>.pt           every rank: {model_id: theta, V state, optimiser moments}
-    test_metrics-<rank>.json  final checkpoint only: test-split metrics of the rank's models
-
-Shards are keyed by model_id, so a restarted run (``FailureConfig``) or a run resumed with
-another W re-assigns them. ``finalize`` turns the final checkpoint into the standard meta
-run outputs (``meta_run.write_outputs``).
+Every worker saves its shard of each checkpoint (``checkpoint.py`` has the format); shards
+are keyed by model_id, so a restarted run (``FailureConfig``) or a run resumed with another
+W re-assigns them. ``finalize`` turns the final checkpoint into the standard meta run
+outputs (``outputs.write_outputs``).
 """
 
 from __future__ import annotations
@@ -41,14 +34,14 @@ import torch
 from torch import nn
 
 from .. import config as config_mod
-from ..data import store
 from ..config import MetaConfig
-from .outputs import log_to_mlflow, write_outputs
-from .metrics import evaluate
+from ..data import store
 from ..ray_utils import init_ray
-from .trainer import DynamoTrainer, check_population, load_population, output_sizes
+from . import checkpoint, outputs
+from .metrics import evaluate
+from .model import output_sizes
+from .trainer import DynamoTrainer, check_population, fit_with_reports, load_population
 
-CHECKPOINT_FORMAT = 1
 # Worker progress goes through logging, not print: Ray Train V2 patches print in workers to
 # log through the root logger *and*, because Ray workers' sys.stdout is a wrapper (not
 # sys.__stdout__), also to write to stdout, so every printed line reached the driver twice
@@ -59,9 +52,6 @@ _log = logging.getLogger(__name__)
 # start-up) drown the progress lines on the console; warnings and errors still show, and
 # Ray's system log files keep everything.
 TRAIN_LOGGING = ray.train.LoggingConfig(log_level="WARNING")
-SHARED_FILE = "shared.pt"
-# MetaConfig fields a checkpoint's tensors depend on: a resumed run must not change them.
-_SHAPE_FIELDS = ("embedding_dim", "hidden_size", "embed_dim", "resnet_arch")
 
 
 # ---------------------------------------------------------------- sharding
@@ -87,7 +77,7 @@ def assign_shards(model_ids: list[str], num_workers: int) -> list[list[str]]:
 # ---------------------------------------------------------------- validation
 
 
-def validate_population(cfg: MetaConfig) -> list[dict]:
+def validate_population(cfg: MetaConfig, population_root: str) -> list[dict]:
     """Check a population root before any training starts; returns its complete manifest rows.
 
     Root and schema, manifest, every row's trajectory paths, every trajectory file readable
@@ -95,9 +85,9 @@ def validate_population(cfg: MetaConfig) -> list[dict]:
     inputs, consistent input/output sizes, and ``num_workers`` <= number of models.
     Raises FileNotFoundError / ValueError naming the path, model or field.
     """
-    root = cfg.population_root
-    if "://" not in root and not Path(root).is_dir():
-        raise FileNotFoundError(f"population_root not found: {root}")
+    root = population_root
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"population root not found: {root} (population.root)")
     rows = store.manifest_rows(root)  # checks population.json, schema version, manifest columns
     if not rows:
         raise ValueError(f"population_root {root}: the manifest has no complete models")
@@ -135,63 +125,6 @@ def validate_population(cfg: MetaConfig) -> list[dict]:
                 raise ValueError(f"{split} trajectory of model {mid!r} has {n} rows but the "
                                  f"{split} inputs of task {r['task']!r} have {inputs[r['task'], split]}")
     return rows
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def _shard_file(rank: int) -> str:
-    return f"shard-{rank}.pt"
-
-
-def _metrics_file(rank: int) -> str:
-    return f"test_metrics-{rank}.json"
-
-
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, dict], dict[str, dict] | None]:
-    """Read a merged checkpoint directory -> (shared state, {model_id: shard state}, test metrics).
-
-    Test metrics are None unless every worker of that checkpoint wrote them (final checkpoint).
-    """
-    path = Path(path)
-    if not (path / SHARED_FILE).is_file():
-        raise FileNotFoundError(f"checkpoint {path} has no {SHARED_FILE}; not a dynamo_dist meta checkpoint")
-    shared = torch.load(path / SHARED_FILE, weights_only=True)
-    if shared.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {path}: format {shared.get('format')!r}, this code reads {CHECKPOINT_FORMAT}")
-    per_model: dict[str, dict] = {}
-    for name in shared["shards"]:
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"checkpoint {path} is incomplete: shard file {name} is missing")
-        part = torch.load(path / name, weights_only=True)
-        dup = set(part) & set(per_model)
-        if dup:
-            raise ValueError(f"checkpoint {path}: models {sorted(dup)[:5]} appear in more than one shard")
-        per_model.update(part)
-    missing = sorted(set(shared["model_ids"]) - set(per_model))
-    if missing:
-        raise ValueError(f"checkpoint {path} lacks theta/V of models {missing[:5]}")
-    metrics: dict[str, dict] | None = {}
-    for r in range(len(shared["shards"])):
-        f = path / _metrics_file(r)
-        if not f.is_file():
-            metrics = None
-            break
-        metrics.update(json.loads(f.read_text()))
-    return shared, per_model, metrics
-
-
-def _check_compatible(shared: dict, cfg: MetaConfig, model_ids: list[str], where: str) -> None:
-    old = shared["config"]
-    bad = [f"{k}: checkpoint {old.get(k)!r} vs config {getattr(cfg, k)!r}" for k in _SHAPE_FIELDS
-           if old.get(k) != getattr(cfg, k)]
-    if bad:
-        raise ValueError(f"cannot resume from {where}: " + "; ".join(bad))
-    if sorted(shared["model_ids"]) != sorted(model_ids):
-        extra = sorted(set(model_ids) - set(shared["model_ids"]))
-        gone = sorted(set(shared["model_ids"]) - set(model_ids))
-        raise ValueError(f"cannot resume from {where}: population changed (new models {extra[:5]}, "
-                         f"missing models {gone[:5]})")
 
 
 # ---------------------------------------------------------------- the worker
@@ -286,28 +219,13 @@ def _population_means(per_model: dict[str, dict], keys: tuple[str, ...], prefix:
     return {f"{prefix}_{k}": (tot[i] / n if n else float("nan")) for i, k in enumerate(keys)}
 
 
-def _start_or_attach_run(cfg: MetaConfig, mlcfg: dict, run_id: str | None, num_models: int):
-    from .. import tracking
-
-    if run_id:
-        return tracking.Run(tracking.client_for(cfg.output_dir, cfg.tracking_uri), run_id)
-    run = tracking.start_run(cfg.output_dir, cfg.experiment, mlcfg["run_name"], cfg.tracking_uri,
-                             mlcfg["parent_run_id"])
-    run.log_params(_run_params(cfg, num_models))
-    return run
-
-
-def _run_params(cfg: MetaConfig, num_models: int) -> dict:
-    # the same params meta_run.log_to_mlflow logs at the end
-    return {**cfg.model_dump(mode="json"), "population_size": num_models, "lambda": cfg.output_weight}
-
-
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: one shard of (theta_n, V_n), the shared meta-model under DDP.
 
-    ``config`` is built by ``build_trainer``: ``meta`` (MetaConfig as a dict), ``mlflow``
-    (enabled, run_id, parent_run_id, run_name), ``resume_from`` (a ray.train.Checkpoint or
-    None), ``torch_threads``, ``progress``, ``debug`` (test hooks; empty in real runs).
+    ``config`` is built by ``build_trainer``: ``meta`` (MetaConfig as a dict),
+    ``population_root``, ``mlflow`` (store: a ``tracking.Store`` as a dict or None, run_id,
+    parent_run_id, run_name), ``resume_from`` (a ray.train.Checkpoint or None),
+    ``torch_threads``, ``progress``, ``debug`` (test hooks; empty in real runs).
     Reports at every ``eval_every`` and ``checkpoint_every`` step and at the end:
     ``step``, ``loss`` (population mean over the steps since the last report),
     ``loss_hidden``, ``loss_output``, ``val_agreement``, ``val_hidden_r2`` (population
@@ -317,13 +235,14 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = config_mod.parse(MetaConfig, config["meta"], source="train_loop_config['meta']")
+    root = config["population_root"]
     debug = config["debug"]
     torch.set_num_threads(config["torch_threads"])
 
-    all_rows = store.manifest_rows(cfg.population_root)
+    all_rows = store.manifest_rows(root)
     ids = [r["model_id"] for r in all_rows]
     shard_ids = assign_shards(ids, world)[rank]
-    data = load_population(cfg.population_root, shard_ids)  # this shard's files only
+    data = load_population(root, shard_ids)  # this shard's files only
     trainer = DynamoTrainer(cfg, data, all_rows, rank)
 
     shared = None
@@ -331,8 +250,8 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt = own_ckpt or config["resume_from"]
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            shared, per_model, _ = read_checkpoint(d)
-        _check_compatible(shared, cfg, ids, ckpt.path)
+            shared, per_model, _ = checkpoint.read_sharded(d)
+        checkpoint.check_compatible(shared, cfg, ids, ckpt.path)
         trainer.step = int(shared["step"])
         trainer.meta.load_state_dict(shared["meta"])
         trainer.opt_meta.load_state_dict(shared["opt_meta"])
@@ -340,7 +259,6 @@ def train_loop_per_worker(config: dict) -> None:
     history: list[dict] = list(shared["history"]) if shared else []
     train_seconds = float(shared["train_seconds"]) if shared else 0.0
     train_cpu_seconds = float(shared.get("train_cpu_seconds", 0.0)) if shared else 0.0
-    resumed_done = trainer.step >= cfg.steps
 
     # DDP broadcasts rank 0's (identical) shared state here; theta/V stay outside it.
     trainer.forward_module = _wrap_ddp(trainer)
@@ -349,17 +267,28 @@ def train_loop_per_worker(config: dict) -> None:
     run = None
     # a restart continues its own MLflow run; a run seeded from another run's checkpoint starts one
     run_id = mlcfg["run_id"] or (shared["mlflow_run_id"] if own_ckpt is not None else None)
-    if rank == 0 and mlcfg["enabled"]:
-        run = _start_or_attach_run(cfg, mlcfg, run_id, len(ids))
+    if rank == 0 and mlcfg["store"] is not None:
+        from .. import tracking
+
+        tracking_store = tracking.Store(**mlcfg["store"])
+        if run_id:
+            run = tracking_store.attach(run_id)
+        else:
+            run = tracking_store.start_run(mlcfg["run_name"], mlcfg["parent_run_id"])
+            run.log_params(tracking.meta_params(cfg, root, len(ids)))
         run_id = run.run_id
     token = uuid.uuid4().hex[:8]  # distinct checkpoint dir names per attempt (rank 0's is used)
-
-    pending: list[dict] = []
     t_steps, cpu_steps = time.perf_counter(), time.process_time()
     steps_done = 0
 
-    def report(final: bool) -> None:
-        nonlocal pending, train_seconds, train_cpu_seconds, t_steps, cpu_steps
+    def count_step(tr: DynamoTrainer) -> None:
+        nonlocal steps_done
+        steps_done += 1
+        if debug:
+            _debug_hooks(debug, tr, rank)
+
+    def report(pending: list[dict], final: bool) -> None:
+        nonlocal train_seconds, train_cpu_seconds, t_steps, cpu_steps
         train_seconds += time.perf_counter() - t_steps
         train_cpu_seconds += time.process_time() - cpu_steps
         if pending:
@@ -389,35 +318,21 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics)
         else:
             with tempfile.TemporaryDirectory(prefix="dynamo-ckpt-") as tmp:
+                shared_state = None
                 if rank == 0:
-                    torch.save({
-                        "format": CHECKPOINT_FORMAT, "step": trainer.step, "meta": trainer.meta.state_dict(),
+                    shared_state = {
+                        "step": trainer.step, "meta": trainer.meta.state_dict(),
                         "opt_meta": trainer.opt_meta.state_dict(), "history": history, "num_workers": world,
-                        "shards": [_shard_file(r) for r in range(world)], "model_ids": ids,
+                        "shards": [checkpoint.shard_file(r) for r in range(world)], "model_ids": ids,
                         "mlflow_run_id": run_id, "config": cfg.model_dump(mode="json"),
-                        "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds,
-                    }, Path(tmp, SHARED_FILE))
-                torch.save(trainer.shard_state(), Path(tmp, _shard_file(rank)))
-                if test is not None:
-                    Path(tmp, _metrics_file(rank)).write_text(json.dumps(test))
+                        "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds}
+                checkpoint.write_shard(tmp, rank, trainer.shard_state(), test, shared_state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"checkpoint_{trainer.step:08d}_{token}")
-        pending = []
         t_steps, cpu_steps = time.perf_counter(), time.process_time()
 
-    while trainer.step < cfg.steps:
-        pending.append(trainer.train_step())
-        steps_done += 1
-        if debug:
-            _debug_hooks(debug, trainer, rank)
-        s = trainer.step
-        if s == cfg.steps:
-            report(final=True)
-        elif s % cfg.eval_every == 0 or s % cfg.checkpoint_every == 0:
-            report(final=False)
-    if resumed_done:
-        # resumed at the end (e.g. with another W): re-save so the final checkpoint matches this run
-        report(final=True)
+    # resumed at the end (e.g. with another W), fit re-saves so the final checkpoint matches this run
+    fit_with_reports(trainer, report, also_every=cfg.checkpoint_every, after_step=count_step)
     if rank == 0 and config["progress"]:
         _log.info(f"[meta] worker 0 done: {steps_done} steps in {time.perf_counter() - t_start:.1f}s")
 
@@ -425,36 +340,28 @@ def train_loop_per_worker(config: dict) -> None:
 # ---------------------------------------------------------------- driver side
 
 
-def _absolute(cfg: MetaConfig) -> MetaConfig:
-    """Workers run in other directories (and nodes): pass absolute local paths."""
-    def fix(p: str) -> str:
-        return p if "://" in p else str(Path(p).expanduser().resolve())
-
-    return cfg.replace(population_root=fix(cfg.population_root), output_dir=fix(cfg.output_dir))
-
-
-def build_trainer(cfg: MetaConfig, *, run_config=None, callbacks=None, resume_from_checkpoint=None,
-                  mlflow_run_id: str | None = None, parent_run_id: str | None = None, log_mlflow: bool = True,
-                  progress: bool = True, debug: dict | None = None):
+def build_trainer(cfg: MetaConfig, population_root: str, *, run_config=None, callbacks=None,
+                  resume_from_checkpoint=None, tracking_store=None, mlflow_run_id: str | None = None,
+                  parent_run_id: str | None = None, progress: bool = True, debug: dict | None = None):
     """A ``TorchTrainer`` running ``train_loop_per_worker`` with ``cfg.num_workers`` CPU workers.
 
-    Default RunConfig: storage ``<output_dir>/ray_results``, name ``meta`` (so re-running the
-    same output_dir resumes from its latest checkpoint), ``FailureConfig(cfg.max_failures)``,
+    Default RunConfig: storage ``outputs.ray_storage(output_dir)``, name ``meta`` (so re-running
+    the same output_dir resumes from its latest checkpoint), ``FailureConfig(cfg.max_failures)``,
     ``CheckpointConfig(num_to_keep=2)``. ``callbacks`` (e.g. Tune's ``TuneReportCallback()``)
     are appended to the given or default RunConfig. ``resume_from_checkpoint`` (a
     ``ray.train.Checkpoint`` or a directory path of one) seeds a fresh run; a checkpoint of
-    the run itself (after a worker failure) takes precedence. ``mlflow_run_id`` makes rank 0
-    log into an existing MLflow run (e.g. a sweep's child run); otherwise rank 0 creates one
-    (a child of ``parent_run_id`` if given). ``debug`` holds test hooks only.
+    the run itself (after a worker failure) takes precedence. ``tracking_store`` (a
+    ``tracking.Store``) makes rank 0 log to MLflow: into ``mlflow_run_id`` when given,
+    otherwise into a new run (a child of ``parent_run_id`` if given). ``debug``: test hooks.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    cfg = _absolute(cfg)
+    root, cfg = store.absolute(population_root), cfg.replace(output_dir=store.absolute(cfg.output_dir))
     # fail here, not in every worker of every retry (assign_shards names W and the model count)
-    assign_shards([r["model_id"] for r in store.manifest_rows(cfg.population_root)], cfg.num_workers)
+    assign_shards([r["model_id"] for r in store.manifest_rows(root)], cfg.num_workers)
     if run_config is None:
-        run_config = RunConfig(name="meta", storage_path=str(Path(cfg.output_dir) / "ray_results"),
+        run_config = RunConfig(name="meta", storage_path=str(outputs.ray_storage(cfg.output_dir)),
                                failure_config=FailureConfig(max_failures=cfg.max_failures),
                                checkpoint_config=CheckpointConfig(num_to_keep=2), logging_config=TRAIN_LOGGING)
     if callbacks:
@@ -463,8 +370,9 @@ def build_trainer(cfg: MetaConfig, *, run_config=None, callbacks=None, resume_fr
     resources = {"CPU": 1}
     loop_config = {
         "meta": cfg.model_dump(mode="json"),
-        "mlflow": {"enabled": log_mlflow, "run_id": mlflow_run_id, "parent_run_id": parent_run_id,
-                   "run_name": f"meta-w{cfg.num_workers}"},
+        "population_root": root,
+        "mlflow": {"store": None if tracking_store is None else tracking_store.as_dict(), "run_id": mlflow_run_id,
+                   "parent_run_id": parent_run_id, "run_name": f"meta-w{cfg.num_workers}"},
         "resume_from": resume_from_checkpoint,
         "torch_threads": int(resources["CPU"]),
         "progress": progress,
@@ -486,87 +394,74 @@ def _as_checkpoint(obj):
     return ray.train.Checkpoint.from_directory(os.fspath(obj))
 
 
-class _ParamsOnce:
-    """A tracking.Run whose log_params skips keys already logged (MLflow forbids changing a param,
-    e.g. num_workers after a resume with another W)."""
-
-    def __init__(self, run):
-        self._run = run
-
-    def __getattr__(self, name):
-        return getattr(self._run, name)
-
-    def log_params(self, params):
-        have = self._run.client.get_run(self._run.run_id).data.params
-        self._run.log_params({k: v for k, v in params.items() if str(k) not in have})
-
-
-def finalize(cfg: MetaConfig, result, *, log: bool = True, wall_seconds: float | None = None) -> dict:
+def finalize(cfg: MetaConfig, population_root: str, result, *, tracking_store=None,
+             wall_seconds: float | None = None) -> dict:
     """Merge the final checkpoint's shards and write the standard meta run outputs.
 
     ``result`` is the ``ray.train.Result`` of ``fit()`` (or anything with a ``checkpoint``
     attribute, or a checkpoint directory path). Test metrics come from the workers; if the
-    checkpoint lacks them (not a final one) they are computed here. With ``log``, the summary,
-    per-model metrics and artifacts go to the run rank 0 logged into (ended FINISHED), or to a
-    new run with the full history when training did not log. Returns the summary.
+    checkpoint lacks them (not a final one) they are computed here. With a ``tracking_store``,
+    the summary, per-model metrics and artifacts go to the run rank 0 logged into (ended
+    FINISHED), or to a new run with the full history when training did not log. Returns the summary.
     """
-    cfg = _absolute(cfg)
+    root, cfg = store.absolute(population_root), cfg.replace(output_dir=store.absolute(cfg.output_dir))
     ckpt = _as_checkpoint(result if isinstance(result, (str, os.PathLike)) else getattr(result, "checkpoint", None))
     if ckpt is None:
         raise ValueError("finalize: the training result has no checkpoint (did training report one?)")
     with ckpt.as_directory() as d:
-        shared, per_model_state, test_metrics = read_checkpoint(d)
-    manifest = store.manifest_rows(cfg.population_root)
-    state = {"step": shared["step"], "meta": shared["meta"], "opt_meta": shared["opt_meta"], "shard": per_model_state}
+        shared, per_model_state, test_metrics = checkpoint.read_sharded(d)
+    manifest = store.manifest_rows(root)
+    state = checkpoint.merged_state(shared, per_model_state)
     if test_metrics is None or set(test_metrics) != set(per_model_state):
-        test_metrics = _evaluate_state(cfg, state)
+        test_metrics = _evaluate_state(cfg, root, state)
     theta_rows = [{"model_id": m, "theta": s["theta"].tolist()} for m, s in sorted(per_model_state.items())]
     history = list(shared["history"])
     extra = {"num_workers": shared["num_workers"], "steps": shared["step"], "train_seconds": shared["train_seconds"],
              "ray_checkpoint": ckpt.path}
     if wall_seconds is not None:
         extra["wall_seconds"] = wall_seconds
-    summary = write_outputs(cfg, state, theta_rows, test_metrics, history, manifest, extra)
-    if log:
-        run_id = shared.get("mlflow_run_id")
-        if run_id:
-            from .. import tracking
+    summary = outputs.write_outputs(cfg, root, state, theta_rows, test_metrics, history, manifest, extra,
+                                    tracking_store=None if tracking_store is None else tracking_store.as_dict())
+    if tracking_store is not None:
+        from .. import tracking
 
-            run = tracking.Run(tracking.client_for(cfg.output_dir, cfg.tracking_uri), run_id)
-            try:
-                log_to_mlflow(cfg, summary, test_metrics, [], run=_ParamsOnce(run))  # history logged by rank 0
-            except BaseException:
-                run.end("FAILED")
-                raise
-            run.end("FINISHED")
+        run_id = shared.get("mlflow_run_id")
+        if run_id:  # rank 0's run: params and the history are logged already
+            run, logged = tracking_store.attach(run_id), []
         else:
-            run_id = log_to_mlflow(cfg, summary, test_metrics, history)
-        summary["mlflow_run_id"] = run_id
-        store.write_json_atomic(summary, Path(cfg.output_dir) / "summary.json")
+            run = tracking_store.start_run(f"meta-w{cfg.num_workers}")
+            run.log_params(tracking.meta_params(cfg, root, len(per_model_state)))
+            logged = history
+        with tracking.ending(run):
+            tracking.log_meta_results(run, summary, test_metrics, logged, outputs.artifacts(cfg.output_dir))
+        summary["mlflow_run_id"] = run.run_id
+        outputs.write_summary(cfg.output_dir, summary)
     return summary
 
 
-def _evaluate_state(cfg: MetaConfig, state: dict) -> dict[str, dict]:
+def _evaluate_state(cfg: MetaConfig, population_root: str, state: dict) -> dict[str, dict]:
     """Per-model test metrics of a merged state, in this process (fallback for non-final checkpoints)."""
-    data = load_population(cfg.population_root, sorted(state["shard"]))
-    trainer = DynamoTrainer(cfg, data)
+    trainer = DynamoTrainer(cfg, load_population(population_root, sorted(state["shard"])))
     trainer.load_state_dict(state)
     return evaluate(trainer, "test")
 
 
-def run_meta(cfg: MetaConfig, address: str | None = None, progress: bool = True, *, log: bool = True) -> dict:
+def run_meta(cfg: MetaConfig, population_root: str, address: str | None = None, progress: bool = True, *,
+             tracking_store=None) -> dict:
     """Validate the population, train on Ray Train (``cfg.num_workers`` workers), write the outputs.
 
     Re-running with the same ``output_dir`` resumes from that run's latest checkpoint.
+    ``tracking_store``: the ``tracking.Store`` to log to (None: no MLflow).
     Returns the summary (also ``<output_dir>/summary.json``).
     """
     t0 = time.perf_counter()
-    cfg = _absolute(cfg)
-    validate_population(cfg)
+    root = store.absolute(population_root)
+    validate_population(cfg, root)
+    if tracking_store is not None:
+        tracking_store.check_reachable()
     init_ray(address)
-    result = build_trainer(cfg, log_mlflow=log, progress=progress).fit()
-    return finalize(cfg, result, log=log, wall_seconds=time.perf_counter() - t0)
+    result = build_trainer(cfg, root, tracking_store=tracking_store, progress=progress).fit()
+    return finalize(cfg, root, result, tracking_store=tracking_store, wall_seconds=time.perf_counter() - t0)
 
 
-__all__ = ["assign_shards", "validate_population", "train_loop_per_worker", "build_trainer", "finalize",
-           "run_meta", "read_checkpoint"]
+__all__ = ["assign_shards", "validate_population", "train_loop_per_worker", "build_trainer", "finalize", "run_meta"]

@@ -2,8 +2,9 @@
 
 ``PopulationData`` loads the trajectories of a set of base models (a whole population,
 or one worker's shard) from a population root; ``DynamoTrainer`` owns the shared
-meta-model, the ``ModelEmbeddings`` of those models and their optimisers. The Ray Train
-job wraps the very same trainer (``meta_ray.py``), so one code path defines the maths.
+meta-model, the ``ModelEmbeddings`` of those models and their optimisers; ``fit_with_reports``
+is the one training loop with validation reports, driven alike by the single-process stage
+(``local.py``), a Ray Train worker (``ray_train.py``) and a single-worker Tune trial.
 """
 
 from __future__ import annotations
@@ -16,20 +17,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import store
 from ..config import MetaConfig
+from ..data import store
 from ..data.tasks import Split
-from .model import ModelEmbeddings, build_meta_model
+from ..zoo import family_of
+from . import checkpoint, model
+from .metrics import evaluate, summarize
 from .objective import Chunk, dynamo_loss
-from ..zoo import ArchSpec
 
 VAL_FRACTION = 0.1  # tail of the probe split held out for validation metrics (never trained on)
-
-
-def spec_from_row(row: dict) -> ArchSpec:
-    return ArchSpec(arch=row["arch"], input_kind=row["input_kind"], input_shape=tuple(row["input_shape"]),
-                    num_classes=int(row["num_classes"]), hidden_size=int(row["hidden_size"] or 0) or 64,
-                    vocab_size=row.get("vocab_size"))
 
 
 @dataclass
@@ -49,7 +45,7 @@ class PopulationData:
 
     @property
     def family(self) -> str:
-        return "cnn" if self.rows[0]["arch"].startswith("resnet") else "rnn"
+        return family_of(self.rows[0]["arch"])
 
     def row(self, model_id: str) -> dict:
         return next(r for r in self.rows if r["model_id"] == model_id)
@@ -66,7 +62,7 @@ def check_population(rows: list[dict], root: str) -> None:
             by.setdefault((r["input_kind"], tuple(r["input_shape"]), r.get("vocab_size")), []).append(r["model_id"])
         detail = "; ".join(f"{k[0]} {list(k[1])} vocab={k[2]}: {v[:3]}{'...' if len(v) > 3 else ''}" for k, v in by.items())
         raise ValueError(f"base models have different input sizes (input_kind, input_shape, vocab_size): {detail}")
-    fams = {r["arch"].startswith("resnet") for r in rows}
+    fams = {family_of(r["arch"]) for r in rows}
     if len(fams) > 1:
         raise ValueError("base models mix RNNs and ResNets; embed each family in its own meta run")
 
@@ -100,16 +96,6 @@ def load_population(root: str, model_ids: list[str] | None = None, with_test: bo
     return data
 
 
-def output_sizes(rows: list[dict]) -> dict[str, int]:
-    """Output group -> output size. Groups are tasks: models of one task share a head (section 2.2)."""
-    sizes: dict[str, int] = {}
-    for r in rows:
-        prev = sizes.setdefault(r["task"], int(r["num_classes"]))
-        if prev != int(r["num_classes"]):
-            raise ValueError(f"task {r['task']!r} has models with {prev} and {r['num_classes']} outputs")
-    return sizes
-
-
 def cosine_factor(step: int, total: int) -> float:
     """Table 1's 'cosine with freq. 7/32': lr * cos(7 pi step / (16 total))."""
     return math.cos(7.0 * math.pi * step / (16.0 * max(total, 1)))
@@ -127,15 +113,11 @@ class DynamoTrainer:
         self.data = data
         self.rank = rank
         all_rows = all_rows or data.rows
-        torch.manual_seed(cfg.seed)  # identical shared init on every worker
-        self.meta = build_meta_model(data.family, spec_from_row(all_rows[0]), output_sizes(all_rows),
-                                     embedding_dim=cfg.embedding_dim, hidden_size=cfg.hidden_size,
-                                     embed_dim=cfg.embed_dim, resnet_arch=cfg.resnet_arch)
-        base_dims = [[h.shape[-1] if data.family == "rnn" else h.shape[1] for h in data.probe[m].hiddens]
-                     for m in data.model_ids]
+        base_dims = [model.tap_widths(data.family, data.probe[m].hiddens) for m in data.model_ids]
+        # identical shared init on every worker; each worker's embeddings from its own stream
+        self.meta, self.embeddings = model.build(all_rows, cfg, data.model_ids, base_dims,
+                                                 meta_seed=cfg.seed, embeddings_seed=cfg.seed + 1 + rank)
         self._emb_lr = cfg.embedding_lr or cfg.lr
-        torch.manual_seed(cfg.seed + 1 + rank)
-        self.embeddings = ModelEmbeddings(data.model_ids, cfg.embedding_dim, self.meta.tap_dims, base_dims, data.family)
         self.forward_module: nn.Module = self.meta  # the Ray job swaps in the DDP wrapper
         self.opt_meta = torch.optim.AdamW(self.meta.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         # theta and V: no weight decay (theta starts at 0 and is the quantity under study)
@@ -191,23 +173,11 @@ class DynamoTrainer:
         self.history.append(rec)
         return rec
 
-    def fit(self, steps: int | None = None, progress: bool = False, callback=None) -> list[dict]:
-        """Run until ``steps`` (default cfg.steps) total steps; ``callback(trainer, record)`` after each."""
+    def fit(self, steps: int | None = None) -> list[dict]:
+        """Train until ``steps`` (default cfg.steps) total steps, without reports; the history."""
         target = self.cfg.steps if steps is None else steps
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=target, initial=self.step, desc="meta-model", unit="step")
         while self.step < target:
-            rec = self.train_step()
-            if bar is not None:
-                bar.update(1)
-                if self.step % 10 == 0:
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            if callback is not None:
-                callback(self, rec)
-        if bar is not None:
-            bar.close()
+            self.train_step()
         return self.history
 
     # ---------------------------------------------------------------- state
@@ -251,14 +221,10 @@ class DynamoTrainer:
         self.load_shard_state(state["shard"])
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(self.state_dict(), tmp)
-        tmp.replace(path)
+        checkpoint.save_atomic(self.state_dict(), path)
 
     def restore(self, path: str | Path) -> None:
-        self.load_state_dict(torch.load(path, weights_only=True))
+        self.load_state_dict(checkpoint.load(path))
 
     # ---------------------------------------------------------------- outputs
 
@@ -268,3 +234,46 @@ class DynamoTrainer:
 
     def val_split(self, task: str) -> np.ndarray:
         return self._val_idx[task]
+
+
+# ---------------------------------------------------------------- the one fit loop
+
+
+def validation_means(trainer: DynamoTrainer) -> dict[str, float]:
+    """``val_agreement``, ``val_hidden_r2``: means over this process's models on held-out probe sequences."""
+    return {f"val_{k.removeprefix('mean_')}": v for k, v in summarize(evaluate(trainer, "val")).items()}
+
+
+def fit_with_reports(trainer: DynamoTrainer, report, *, also_every: int | None = None, after_step=None,
+        progress: bool = False) -> None:
+    """Train to ``cfg.steps``, calling ``report(records, final)`` at every ``eval_every`` step (and
+    every ``also_every`` step, e.g. checkpoints) and at the last; ``records`` are the step records
+    since the previous report. A trainer restored at or past the end reports once, final.
+
+    ``report`` decides what a report is: the local stage adds validation metrics to the
+    history, a Tune trial calls ``tune.report``, a Ray Train worker all-reduces, checkpoints
+    and calls ``ray.train.report``. ``after_step(trainer)`` runs after every step.
+    """
+    cfg = trainer.cfg
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=trainer.step, desc="meta-model", unit="step")
+    if trainer.step >= cfg.steps:
+        report([], True)
+    pending: list[dict] = []
+    while trainer.step < cfg.steps:
+        pending.append(trainer.train_step())
+        if after_step is not None:
+            after_step(trainer)
+        if bar is not None:
+            bar.update(1)
+            if trainer.step % 10 == 0:
+                bar.set_postfix(loss=f"{pending[-1]['loss']:.4f}")
+        s = trainer.step
+        if s == cfg.steps or s % cfg.eval_every == 0 or (also_every and s % also_every == 0):
+            report(pending, s == cfg.steps)
+            pending = []
+    if bar is not None:
+        bar.close()

@@ -4,7 +4,7 @@
 root, trial resources vs. the cluster) and only then starts a ``Tuner`` over a grid of
 ``output_weight`` x ``embedding_dim`` x ``hidden_distance`` (``num_samples`` repeats).
 
-Each trial is one meta run and writes the standard meta-run outputs (``meta_run`` module
+Each trial is one meta run and writes the standard meta-run outputs (``outputs`` module
 docstring) into its own directory::
 
     <run_dir>/sweep/<sweep name>/trial-00003-lam1-d8-l2/   checkpoint.pt, embeddings.parquet, ...
@@ -13,8 +13,8 @@ docstring) into its own directory::
 
 Trials:
 
-* ``workers_per_trial == 1``: the trial runs ``DynamoTrainer`` in its own process
-  (1 CPU) and calls ``tune.report`` every ``eval_every`` steps, so ASHA can stop it.
+* ``workers_per_trial == 1``: the trial is the single-process meta stage
+  (``local.run_meta_local``, 1 CPU) calling ``tune.report`` at every report, so ASHA can stop it.
 * ``workers_per_trial > 1``: the trial is a thin driver (Ray Train V2 / Tune interop)
   that builds ``ray_train.build_trainer(..., callbacks=[TuneReportCallback()])`` and fits
   it; the Train workers' reports reach Tune through the callback.
@@ -36,7 +36,7 @@ All MLflow writes of a sweep come from the Tune driver process, through a Tune
 ``Callback`` (``_MlflowTrials``) that the Tune event loop calls one event at a time; the
 trials themselves never talk to MLflow. So concurrent trials never write concurrently,
 and the embedded SQLite store (which serialises writers and times out under contention)
-is as safe as a tracking server (``meta.tracking_uri: http://...``, needed only to share
+is as safe as a tracking server (``tracking.tracking_uri: http://...``, needed only to share
 the store between machines or users). Per run:
 
 * the sweep's parent run (``sweep-<time>``): sweep + base meta params, and at the end the
@@ -49,7 +49,7 @@ the store between machines or users). Per run:
   ``loss_output``) is logged with one ``log_batch`` per 1000 metrics, then the test
   metrics, ``silhouette_group`` and the artifacts (embeddings.parquet, embedding_pca.png,
   model_metrics.parquet, history.parquet, summary.json, meta_config.yaml, meta/checkpoint.pt)
-  via ``meta_run.log_to_mlflow``.
+  via ``tracking.log_meta_results``.
 
 The driver reads each trial's outputs from its directory, so on a multi-node cluster
 ``run_dir`` must be on storage every node sees — as the population root already must be.
@@ -61,15 +61,15 @@ clusters, near 0 when they overlap.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 from typing import Any
 
 from .. import config as config_mod
-from ..data import store
 from ..config import MetaConfig, SweepConfig
+from ..data import store
+from . import outputs
 
 METRIC_MODES = {"val_agreement": "max", "val_hidden_r2": "max", "loss": "min"}
 SEARCH_KEYS = ("output_weight", "embedding_dim", "hidden_distance")
@@ -147,12 +147,12 @@ def rank_trials(rows: list[dict], metric: str) -> list[dict]:
 # ---------------------------------------------------------------- validation
 
 
-def validate(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, run_dir: str | Path) -> tuple[SweepConfig, list[dict]]:
+def validate(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, population_root: str,
+             tracking_store) -> tuple[SweepConfig, list[dict]]:
     """Everything that can be checked before a trial starts; returns (sweep config, manifest rows).
 
     ValueError / FileNotFoundError name the offending field, URI or path.
     """
-    from .. import tracking
     from .trainer import check_population
 
     # Re-validate: a config built with model_construct() or mutated skips pydantic's checks.
@@ -163,9 +163,9 @@ def validate(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, run_dir: str | Path) 
     for name in SEARCH_KEYS:  # the grid must produce valid MetaConfigs too
         for value in getattr(sweep_cfg, name):
             meta_cfg.replace(**{name: value})
-    tracking.check_reachable(tracking.resolve_uri(run_dir, meta_cfg.tracking_uri))
-    rows = store.manifest_rows(meta_cfg.population_root)
-    check_population(rows, meta_cfg.population_root)
+    tracking_store.check_reachable()
+    rows = store.manifest_rows(population_root)
+    check_population(rows, population_root)
     return sweep_cfg, rows
 
 
@@ -216,41 +216,18 @@ def _check_state_api() -> None:
 # ---------------------------------------------------------------- trainables (run inside Ray)
 
 
-def _report_local(cfg: MetaConfig, write_every_report: bool) -> None:
-    """One trial, one process: DynamoTrainer + ``tune.report`` every ``eval_every`` steps."""
+def _report_local(cfg: MetaConfig, population_root: str, write_every_report: bool) -> None:
+    """One trial, one process: the single-process meta stage, each report going to ``tune.report``."""
     import torch
     from ray import tune
 
-    from .outputs import write_outputs
-    from .metrics import evaluate, summarize
-    from .trainer import DynamoTrainer, load_population
+    from .local import run_meta_local
 
     torch.set_num_threads(1)  # the trial holds 1 CPU
-    t0 = time.perf_counter()
-    data = load_population(cfg.population_root)
-    trainer = DynamoTrainer(cfg, data)
-    window: list[float] = []
-
-    def save() -> None:
-        write_outputs(cfg, trainer.state_dict(), trainer.embedding_rows(), evaluate(trainer, "test"),
-                      trainer.history, data.rows,
-                      {"wall_seconds": time.perf_counter() - t0, "num_workers": 1, "steps": trainer.step})
-
-    def on_step(tr: DynamoTrainer, rec: dict) -> None:
-        window.append(rec["loss"])
-        if tr.step % cfg.eval_every and tr.step != cfg.steps:
-            return
-        val = {f"val_{k.removeprefix('mean_')}": v for k, v in summarize(evaluate(tr, "val")).items()}
-        rec.update(val)  # history.parquet keeps the val_* rows, as in run_meta_local
-        if write_every_report or tr.step == cfg.steps:
-            save()
-        tune.report({"step": tr.step, "loss": sum(window) / len(window), **val})
-        window.clear()
-
-    trainer.fit(callback=on_step)
+    run_meta_local(cfg, population_root, progress=False, on_report=tune.report, write_every_report=write_every_report)
 
 
-def _report_ray_train(cfg: MetaConfig, experiment_dir: str) -> None:
+def _report_ray_train(cfg: MetaConfig, population_root: str, experiment_dir: str) -> None:
     """One trial, a Ray Train run: this process only drives the TorchTrainer (Train V2 / Tune interop).
 
     Rank 0's reports reach Tune through ``TuneReportCallback``; the workers do not log to
@@ -267,37 +244,24 @@ def _report_ray_train(cfg: MetaConfig, experiment_dir: str) -> None:
                                      failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                                      checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                                      logging_config=ray_train.TRAIN_LOGGING)
-    trainer = ray_train.build_trainer(cfg, run_config=run_config, callbacks=[TuneReportCallback()],
-                                     log_mlflow=False, progress=False)
-    ray_train.finalize(cfg, trainer.fit(), log=False)
+    trainer = ray_train.build_trainer(cfg, population_root, run_config=run_config,
+                                      callbacks=[TuneReportCallback()], progress=False)
+    ray_train.finalize(cfg, population_root, trainer.fit())
 
 
-def _trainable(params: dict, *, base: dict, sweep_dir: str, experiment_dir: str, workers_per_trial: int,
-               write_every_report: bool) -> None:
+def _trainable(params: dict, *, base: dict, population_root: str, sweep_dir: str, experiment_dir: str,
+               workers_per_trial: int, write_every_report: bool) -> None:
     from ray import tune
 
     cfg = trial_config(MetaConfig.model_validate(base), params, sweep_dir, tune.get_context().get_trial_id(),
                        workers_per_trial)
     if workers_per_trial == 1:
-        _report_local(cfg, write_every_report)
+        _report_local(cfg, population_root, write_every_report)
     else:
-        _report_ray_train(cfg, experiment_dir)
+        _report_ray_train(cfg, population_root, experiment_dir)
 
 
 # ---------------------------------------------------------------- MLflow from the driver
-
-
-def _read_outputs(out: Path) -> tuple[dict, dict, list[dict], Any]:
-    """(summary, per-model metrics, history, embeddings table) of a trial's output dir (empty when absent)."""
-    import pyarrow.parquet as pq
-
-    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
-    per_model = {}
-    if (out / "model_metrics.parquet").is_file():
-        per_model = {r.pop("model_id"): r for r in pq.read_table(out / "model_metrics.parquet").to_pylist()}
-    history = pq.read_table(out / "history.parquet").to_pylist() if (out / "history.parquet").is_file() else []
-    emb = pq.read_table(out / "embeddings.parquet") if (out / "embeddings.parquet").is_file() else None
-    return summary, per_model, history, emb
 
 
 class _MlflowTrials:
@@ -306,9 +270,10 @@ class _MlflowTrials:
     Also builds the trials table. See the module docstring for why the driver logs.
     """
 
-    def __init__(self, base: MetaConfig, sweep_cfg: SweepConfig, run_dir: str, sweep_dir: str,
-                 parent_run_id: str, population_size: int):
-        self.base, self.sweep_cfg, self.run_dir, self.sweep_dir = base, sweep_cfg, run_dir, sweep_dir
+    def __init__(self, base: MetaConfig, sweep_cfg: SweepConfig, population_root: str, tracking_store,
+                 sweep_dir: str, parent_run_id: str, population_size: int):
+        self.base, self.sweep_cfg, self.population_root = base, sweep_cfg, population_root
+        self.tracking_store, self.sweep_dir = tracking_store, sweep_dir
         self.parent_run_id, self.population_size = parent_run_id, population_size
         self.rows: dict[str, dict] = {}
         self._runs: dict[str, Any] = {}
@@ -329,11 +294,9 @@ class _MlflowTrials:
         if trial.trial_id in self._runs:  # restarted after a failure: keep logging into the same run
             return
         cfg = self._cfg(trial)
-        run = tracking.start_run(self.run_dir, cfg.experiment, Path(cfg.output_dir).name, cfg.tracking_uri,
-                                 self.parent_run_id,
-                                 tags={"dynamo.stage": "sweep-trial", "dynamo.trial_id": trial.trial_id})
-        run.log_params({**cfg.model_dump(mode="json"), "lambda": cfg.output_weight,
-                        "population_size": self.population_size})
+        run = self.tracking_store.start_run(Path(cfg.output_dir).name, self.parent_run_id,
+                                            tags={"dynamo.stage": "sweep-trial", "dynamo.trial_id": trial.trial_id})
+        run.log_params(tracking.meta_params(cfg, self.population_root, self.population_size))
         self._runs[trial.trial_id] = run
         self._t0[trial.trial_id] = time.time()
         self.rows[trial.trial_id] = {
@@ -352,23 +315,25 @@ class _MlflowTrials:
             self._checkpoints[trial.trial_id] = result["checkpoint_path"]
 
     def on_trial_end(self, trial, failed: bool) -> None:
-        from .outputs import log_to_mlflow
+        from .. import tracking
 
         row, run = self.rows[trial.trial_id], self._runs.pop(trial.trial_id)
         cfg = self._cfg(trial)
         ckpt = self._checkpoints.pop(trial.trial_id, None)
-        if not (Path(cfg.output_dir) / "summary.json").is_file() and ckpt and not failed:
+        if not outputs.has_finished(cfg.output_dir) and ckpt and not failed:
             # a Ray Train trial stopped by ASHA before its own finalize: outputs of its last checkpoint
             from . import ray_train
 
-            ray_train.finalize(cfg, ckpt, log=False)
-        summary, per_model, history, emb = _read_outputs(Path(cfg.output_dir))
+            ray_train.finalize(cfg, self.population_root, ckpt)
+        summary, per_model, history, emb = outputs.read_results(cfg.output_dir)
         if failed:
             row["status"] = "ERROR"
         else:
             row["status"] = "TERMINATED" if row["steps"] >= cfg.steps else "STOPPED_EARLY"
         row["wall_seconds"] = time.time() - self._t0.pop(trial.trial_id)
-        try:
+        if failed:
+            run.end_status = "FAILED"  # ASHA stops show in the dynamo.trial_status tag
+        with tracking.ending(run):
             if emb is not None:
                 row["silhouette_group"] = silhouette_by(emb, "group")
                 row.update(test_agreement=summary.get("mean_agreement"), test_hidden_r2=summary.get("mean_hidden_r2"),
@@ -376,13 +341,9 @@ class _MlflowTrials:
                 extra = {"silhouette_group": row["silhouette_group"], "num_reports": row["num_reports"]}
                 # val_* were logged per report as they arrived; the history adds the per-step losses.
                 train_history = [{k: v for k, v in h.items() if not k.startswith("val_")} for h in history]
-                log_to_mlflow(cfg, {**summary, **{k: v for k, v in extra.items() if v is not None}},
-                              per_model, train_history, run=run)
+                tracking.log_meta_results(run, {**summary, **{k: v for k, v in extra.items() if v is not None}},
+                                          per_model, train_history, outputs.artifacts(cfg.output_dir))
             run.set_tags({"dynamo.trial_status": row["status"]})
-        except BaseException:
-            run.end("FAILED")
-            raise
-        run.end("FAILED" if failed else "FINISHED")  # ASHA stops show in the dynamo.trial_status tag
 
 
 def _make_callback(*args, **kwargs):
@@ -413,10 +374,6 @@ def _make_callback(*args, **kwargs):
 # ---------------------------------------------------------------- the sweep
 
 
-def _abs(path: str) -> str:
-    return path if "://" in path else str(Path(path).resolve())
-
-
 def _sweep_name(root: Path) -> str:
     name = time.strftime("sweep-%Y%m%d-%H%M%S")
     i = 1
@@ -426,10 +383,12 @@ def _sweep_name(root: Path) -> str:
     return name
 
 
-def run_sweep(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, run_dir: str, address: str | None = None) -> list[dict]:
+def run_sweep(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, run_dir: str, population_root: str,
+              address: str | None = None, tracking_store=None) -> list[dict]:
     """Tune ``meta_cfg`` over the grid of ``sweep_cfg``; returns the trials table, best first.
 
-    Each row: trial, output_weight, embedding_dim, hidden_distance, status (TERMINATED,
+    ``tracking_store``: the pipeline's ``tracking.Store`` (default: the SQLite store under
+    ``run_dir``). Each row: trial, output_weight, embedding_dim, hidden_distance, status (TERMINATED,
     STOPPED_EARLY by ASHA, ERROR), steps, num_reports, the last val_agreement/val_hidden_r2,
     test_agreement/test_hidden_r2/test_meta_accuracy (test split), silhouette_group,
     wall_seconds, output_dir, mlflow_run_id, rank. Raises ValueError/FileNotFoundError
@@ -441,9 +400,10 @@ def run_sweep(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, run_dir: str, addres
     from .. import tracking
     from ..ray_utils import init_ray
 
-    root = Path(run_dir).resolve()
-    meta_cfg = meta_cfg.replace(population_root=_abs(meta_cfg.population_root))
-    sweep_cfg, rows = validate(meta_cfg, sweep_cfg, root)
+    root = Path(store.absolute(run_dir))
+    population_root = store.absolute(population_root)
+    tracking_store = tracking_store or tracking.Store.at(root)
+    sweep_cfg, rows = validate(meta_cfg, sweep_cfg, population_root, tracking_store)
     cluster = init_ray(address)
     resources, concurrency = _trial_resources(sweep_cfg, cluster)
     if sweep_cfg.scheduler == "asha" and sweep_cfg.workers_per_trial > 1:
@@ -456,15 +416,14 @@ def run_sweep(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, run_dir: str, addres
     grid = {k: tune.grid_search(list(getattr(sweep_cfg, k))) for k in SEARCH_KEYS}
     num_trials = sweep_cfg.num_samples * math.prod(len(getattr(sweep_cfg, k)) for k in SEARCH_KEYS)
 
-    parent = tracking.start_run(root, meta_cfg.experiment, name, meta_cfg.tracking_uri,
-                                tags={"dynamo.stage": "sweep", "dynamo.sweep_dir": str(sweep_dir)})
-    try:
+    with tracking_store.run(name, tags={"dynamo.stage": "sweep", "dynamo.sweep_dir": str(sweep_dir)}) as parent:
         parent.log_params({**{f"sweep.{k}": v for k, v in sweep_cfg.model_dump(mode="json").items()},
                            **{f"meta.{k}": v for k, v in meta_cfg.model_dump(mode="json").items()},
-                           "population_root": meta_cfg.population_root, "population_size": len(rows),
+                           "population_root": population_root, "population_size": len(rows),
                            "num_trials": num_trials, "max_concurrent_trials_effective": concurrency,
                            "trial_resources": resources, "tune_experiment": str(experiment_dir / name)})
-        callback = _make_callback(meta_cfg, sweep_cfg, str(root), str(sweep_dir), parent.run_id, len(rows))
+        callback = _make_callback(meta_cfg, sweep_cfg, population_root, tracking_store, str(sweep_dir),
+                                  parent.run_id, len(rows))
         scheduler = None
         if sweep_cfg.scheduler == "asha":
             grace = min(meta_cfg.steps, max(meta_cfg.eval_every, meta_cfg.steps // 4))
@@ -477,8 +436,8 @@ def run_sweep(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, run_dir: str, addres
         # in-process trials). ASHA stops trials mid-report; Train drivers wind down slowly.
         reuse = scheduler is None and sweep_cfg.workers_per_trial == 1
         trainable = tune.with_resources(
-            tune.with_parameters(_trainable, base=meta_cfg.model_dump(mode="json"), sweep_dir=str(sweep_dir),
-                                 experiment_dir=str(experiment_dir / name),
+            tune.with_parameters(_trainable, base=meta_cfg.model_dump(mode="json"), population_root=population_root,
+                                 sweep_dir=str(sweep_dir), experiment_dir=str(experiment_dir / name),
                                  workers_per_trial=sweep_cfg.workers_per_trial,
                                  write_every_report=scheduler is not None),
             resources)
@@ -492,11 +451,9 @@ def run_sweep(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, run_dir: str, addres
         results = tuner.fit()
         table = rank_trials(list(callback.impl.rows.values()), sweep_cfg.metric)
         _log_summary(parent, table, sweep_cfg.metric, sweep_dir)
-    except BaseException:
-        parent.end("FAILED")
-        raise
-    ok = [r for r in table if r["status"] != "ERROR"]
-    parent.end("FINISHED" if ok else "FAILED")
+        ok = [r for r in table if r["status"] != "ERROR"]
+        if not ok:
+            parent.end_status = "FAILED"
     if not ok:
         errors = [str(e) for e in results.errors][:1]
         raise RuntimeError(f"every trial of sweep {name} failed; first error: {errors}")

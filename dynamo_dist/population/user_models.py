@@ -82,9 +82,8 @@ def _record_cfg(root: str, cfg: PopulationConfig | None) -> PopulationConfig:
     stored inputs), else defaults."""
     if cfg is not None:
         return cfg.replace(root=str(root))
-    info = store.Layout.at(root).info
-    spec = json.loads(info.read_text()).get("spec", {}) if info.is_file() else {}
-    if isinstance(spec, dict) and "groups" in spec:
+    spec = store.read_spec(root)
+    if "groups" in spec:
         return PopulationConfig.model_validate({**spec, "root": str(root)})
     return PopulationConfig(root=str(root))
 

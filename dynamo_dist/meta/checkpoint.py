@@ -1,0 +1,125 @@
+"""The meta-model checkpoint formats, plain torch (no Ray): testable and readable anywhere.
+
+Sharded checkpoint directory (what Ray Train workers save at every ``checkpoint_every``
+step; Ray Train merges the files every worker uploads under one directory name)::
+
+    shared.pt                 rank 0: format, step, shared weights + optimiser, global loss history,
+                              num_workers, the shard file names, model ids, mlflow run id, config
+    shard-<rank>.pt           every rank: {model_id: theta, V state, optimiser moments}
+    test_metrics-<rank>.json  final checkpoint only: test-split metrics of the rank's models
+
+Shards are keyed by model_id, so a restarted run or one resumed with another worker count
+re-assigns them. A merged state (``{"step", "meta", "opt_meta", "shard": {model_id: ...}}``)
+is what ``DynamoTrainer.state_dict`` gives and a meta run's ``checkpoint.pt`` holds; all of
+it loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+FORMAT = 1
+SHARED_FILE = "shared.pt"
+# MetaConfig fields a checkpoint's tensors depend on: a resumed run must not change them.
+SHAPE_FIELDS = ("embedding_dim", "hidden_size", "embed_dim", "resnet_arch")
+
+
+def shard_file(rank: int) -> str:
+    return f"shard-{rank}.pt"
+
+
+def metrics_file(rank: int) -> str:
+    return f"test_metrics-{rank}.json"
+
+
+def save_atomic(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary name, renamed into place: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def load(path: str | os.PathLike) -> dict:
+    """A merged state (``checkpoint.pt``); FileNotFoundError names the path."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"meta run checkpoint not found: {path}")
+    return torch.load(path, weights_only=True)
+
+
+def write_shard(directory: str | os.PathLike, rank: int, shard_state: dict,
+                test_metrics: dict[str, dict] | None = None, shared: dict | None = None) -> None:
+    """One worker's files of a sharded checkpoint; rank 0 passes ``shared`` (see module docstring)."""
+    d = Path(directory)
+    if shared is not None:
+        torch.save({"format": FORMAT, **shared}, d / SHARED_FILE)
+    torch.save(shard_state, d / shard_file(rank))
+    if test_metrics is not None:
+        (d / metrics_file(rank)).write_text(json.dumps(test_metrics))
+
+
+def read_sharded(path: str | os.PathLike) -> tuple[dict, dict[str, dict], dict[str, dict] | None]:
+    """Read a merged checkpoint directory -> (shared state, {model_id: shard state}, test metrics).
+
+    Test metrics are None unless every worker of that checkpoint wrote them (final checkpoint).
+    """
+    path = Path(path)
+    if not (path / SHARED_FILE).is_file():
+        raise FileNotFoundError(f"checkpoint {path} has no {SHARED_FILE}; not a dynamo_dist meta checkpoint")
+    shared = torch.load(path / SHARED_FILE, weights_only=True)
+    if shared.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {path}: format {shared.get('format')!r}, this code reads {FORMAT}")
+    per_model: dict[str, dict] = {}
+    for name in shared["shards"]:
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"checkpoint {path} is incomplete: shard file {name} is missing")
+        part = torch.load(path / name, weights_only=True)
+        dup = set(part) & set(per_model)
+        if dup:
+            raise ValueError(f"checkpoint {path}: models {sorted(dup)[:5]} appear in more than one shard")
+        per_model.update(part)
+    missing = sorted(set(shared["model_ids"]) - set(per_model))
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks theta/V of models {missing[:5]}")
+    metrics: dict[str, dict] | None = {}
+    for r in range(len(shared["shards"])):
+        f = path / metrics_file(r)
+        if not f.is_file():
+            metrics = None
+            break
+        metrics.update(json.loads(f.read_text()))
+    return shared, per_model, metrics
+
+
+def merged_state(shared: dict, per_model: dict[str, dict]) -> dict:
+    """The merged state of a sharded checkpoint (the layout of ``DynamoTrainer.state_dict``)."""
+    return {"step": shared["step"], "meta": shared["meta"], "opt_meta": shared["opt_meta"], "shard": per_model}
+
+
+def check_compatible(shared: dict, cfg, model_ids: list[str], where: str) -> None:
+    """A checkpoint resumes only under the same tensor shapes and the same population."""
+    old = shared["config"]
+    bad = [f"{k}: checkpoint {old.get(k)!r} vs config {getattr(cfg, k)!r}" for k in SHAPE_FIELDS
+           if old.get(k) != getattr(cfg, k)]
+    if bad:
+        raise ValueError(f"cannot resume from {where}: " + "; ".join(bad))
+    if sorted(shared["model_ids"]) != sorted(model_ids):
+        extra = sorted(set(model_ids) - set(shared["model_ids"]))
+        gone = sorted(set(shared["model_ids"]) - set(model_ids))
+        raise ValueError(f"cannot resume from {where}: population changed (new models {extra[:5]}, "
+                         f"missing models {gone[:5]})")
+
+
+def maps_base_dims(maps_state: dict) -> list[int]:
+    """A model's width per tap from its saved V maps (``"<tap>.weight"`` rows are base units)."""
+    taps: dict[int, int] = {}
+    for k, v in maps_state.items():
+        i, name = k.split(".", 1)
+        if name == "weight":
+            taps[int(i)] = v.shape[0]
+    return [taps[i] for i in sorted(taps)]

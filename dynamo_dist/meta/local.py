@@ -1,0 +1,65 @@
+"""The meta stage in one process (no Ray): the notebook path, and a single-worker Tune trial.
+
+``run_meta_local`` trains over the whole population with ``trainer.fit_with_reports``,
+writes the meta-run outputs (``outputs.py``) and, with a ``tracking.Store``, logs one
+MLflow run. ``on_report`` (a Tune trial's ``tune.report``) gets every validation report.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..config import MetaConfig
+from .metrics import evaluate
+from .outputs import artifacts, write_outputs, write_summary
+from .trainer import DynamoTrainer, fit_with_reports, load_population, validation_means
+
+
+def run_meta_local(cfg: MetaConfig, population_root: str, *, progress: bool = True, tracking_store=None,
+                   on_report=None, write_every_report: bool = False) -> dict:
+    """Train the meta-model over the whole population in this process and write the outputs.
+
+    ``tracking_store``: a ``tracking.Store`` to log the run to (None: no MLflow). ``on_report(metrics)``
+    is called at every report with ``step``, ``loss`` (mean since the previous report) and
+    ``val_*``; with ``write_every_report`` the outputs are rewritten before each report, so a
+    run stopped early (ASHA) leaves those of its last report. Returns the summary.
+    """
+    t0 = time.perf_counter()
+    root = str(Path(population_root).resolve()) if "://" not in population_root else population_root
+    data = load_population(root)
+    trainer = DynamoTrainer(cfg, data)
+    store_dict = None if tracking_store is None else tracking_store.as_dict()
+
+    summary: dict = {}
+    per_model: dict[str, dict] = {}
+
+    def save() -> None:
+        nonlocal summary, per_model
+        per_model = evaluate(trainer, "test")
+        summary = write_outputs(cfg, root, trainer.state_dict(), trainer.embedding_rows(), per_model,
+                                trainer.history, data.rows,
+                                {"wall_seconds": time.perf_counter() - t0, "num_workers": 1, "steps": trainer.step},
+                                tracking_store=store_dict)
+
+    def report(records: list[dict], final: bool) -> None:
+        val = validation_means(trainer)
+        if records:
+            records[-1].update(val)  # history.parquet keeps the val_* rows
+        if write_every_report or final:
+            save()
+        if on_report is not None:
+            loss = sum(r["loss"] for r in records) / len(records) if records else float("nan")
+            on_report({"step": trainer.step, "loss": loss, **val})
+
+    fit_with_reports(trainer, report, progress=progress)
+    if tracking_store is not None:
+        from .. import tracking
+
+        with tracking_store.run("meta") as run:
+            run.log_params(tracking.meta_params(cfg, root, len(data.rows)))
+            tracking.log_meta_results(run, summary, per_model, trainer.history, artifacts(cfg.output_dir))
+        summary["mlflow_run_id"] = run.run_id
+        write_summary(cfg.output_dir, summary)
+    return summary
+
