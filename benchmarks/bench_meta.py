@@ -4,7 +4,7 @@ One command measures, on one population and one MetaConfig (same steps, same per
 batch: ``models_per_step`` models x ``batch_size`` sequences per worker per step):
 
 * ``plain``: the single-process ``DynamoTrainer.fit`` in this process, 1 torch thread;
-* ``ray_w1``: the Ray Train job (``meta_ray.build_trainer``) with 1 worker;
+* ``ray_w1``: the Ray Train job (``meta.ray_train.build_trainer``) with 1 worker;
 * ``ray_w2``: the Ray Train job with 2 workers (1 CPU and 1 torch thread each, DDP/gloo).
 
 Throughput is meta-model samples (probe sequences through forward + backward) per second

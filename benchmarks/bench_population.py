@@ -4,7 +4,7 @@ Sections (``--sections``, default all; each run updates only its own key of the 
 
 * ``throughput``: the same population (same models, same steps) trained and recorded by
   the plain sequential loop in one process (``population.run_local``, a fresh child
-  process per baseline) and by 2 Ray actors (``population_ray.run_population``, 1 torch
+  process per baseline) and by 2 Ray actors (``population.actors.run_population``, 1 torch
   thread each, workers at the baseline's priority). Baselines: torch's default here
   (2 threads), 2 threads with OMP_WAIT_POLICY=PASSIVE, and 1 thread. Ray's cluster start
   is excluded and reported apart (a cluster is up before a population is submitted);
@@ -159,7 +159,7 @@ def bench_throughput(num_models: int, repeats: int, baselines: list[str], work: 
     medians = {f"median_{k}": statistics.median(r[k] for r in runs) for k in runs[0] if "ratio" in k}
     return {
         "what": "same population trained + recorded: plain sequential loop (population.run_local) in one "
-                "process vs 2 Ray actors (population_ray.run_population), 1 torch thread each",
+                "process vs 2 Ray actors (population.actors.run_population), 1 torch thread each",
         "population": {"num_models": num_models, "arch": "gru", "hidden_size": 32, "epochs": 4, "batch_size": 128,
                        "num_examples": 4000, "num_probe": 500, "num_test": 500,
                        "groups": "train_fraction 1.0 and 0.5, half the models each"},

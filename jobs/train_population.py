@@ -4,8 +4,8 @@
     python jobs/train_population.py --recipe smoke            # Ray starts in-process
 
 Flags: exactly those of ``dynamo-dist population``: --config / --recipe / --set KEY=VALUE / --address.
-The stage's MLflow run goes to the config's store (``meta.tracking_uri``, default SQLite
-under ``meta.output_dir``).
+The stage's MLflow run goes to the pipeline's store (``tracking.tracking_uri``, default SQLite
+``<run_dir>/mlflow.db``, shared by every stage).
 """
 
 import sys

@@ -8,9 +8,9 @@ MLflow run. ``on_report`` (a Tune trial's ``tune.report``) gets every validation
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from ..config import MetaConfig
+from ..data import store
 from .metrics import evaluate
 from .outputs import artifacts, write_outputs, write_summary
 from .trainer import DynamoTrainer, fit_with_reports, load_population, validation_means
@@ -26,7 +26,7 @@ def run_meta_local(cfg: MetaConfig, population_root: str, *, progress: bool = Tr
     run stopped early (ASHA) leaves those of its last report. Returns the summary.
     """
     t0 = time.perf_counter()
-    root = str(Path(population_root).resolve()) if "://" not in population_root else population_root
+    root = store.absolute(population_root)
     data = load_population(root)
     trainer = DynamoTrainer(cfg, data)
     store_dict = None if tracking_store is None else tracking_store.as_dict()
