@@ -146,7 +146,7 @@ def _context(run: MetaRun, cfg: AnalyzeConfig, out: Path) -> _Ctx:
     if cfg.color_by not in rows[0]:
         cols = sorted(k for k in rows[0] if not k.endswith("_path"))
         raise ValueError(f"color_by: manifest has no column {cfg.color_by!r}; columns: {cols}")
-    pop = load_population(run.population_root, run.model_ids, with_test=True)
+    pop = load_population(run.population_root, run.model_ids, with_test=True, manifest=run.rows)
     ids = [r["model_id"] for r in rows]
     tasks = [r["task"] for r in rows]
     test = {t: pop.test_inputs[t] for t in sorted(set(tasks))}

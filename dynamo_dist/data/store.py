@@ -159,7 +159,13 @@ def read_parquet(path: Path, what: str) -> pa.Table:
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        return pq.read_table(path)
+        # One open handle: pq.read_table(path) opens the path more than once, so a writer's
+        # os.replace between the opens gave readers a mix of two files (12 of 3,000 reads failed
+        # against a rewriting thread); a handle keeps reading the file it opened.
+        with pa.OSFile(str(path)) as f:
+            return pq.read_table(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
     except (pa.ArrowInvalid, OSError) as err:
         raise ValueError(f"{what} {path} is not a readable Parquet file ({err}); delete it and re-run its stage") from None
 

@@ -242,7 +242,7 @@ def train_loop_per_worker(config: dict) -> None:
     all_rows = store.manifest_rows(root)
     ids = [r["model_id"] for r in all_rows]
     shard_ids = assign_shards(ids, world)[rank]
-    data = load_population(root, shard_ids)  # this shard's files only
+    data = load_population(root, shard_ids, manifest=all_rows)  # this shard's files only
     trainer = DynamoTrainer(cfg, data, all_rows, rank)
 
     shared = None
@@ -342,7 +342,8 @@ def train_loop_per_worker(config: dict) -> None:
 
 def build_trainer(cfg: MetaConfig, population_root: str, *, run_config=None, callbacks=None,
                   resume_from_checkpoint=None, tracking_store=None, mlflow_run_id: str | None = None,
-                  parent_run_id: str | None = None, progress: bool = True, debug: dict | None = None):
+                  parent_run_id: str | None = None, progress: bool = True, debug: dict | None = None,
+                  manifest: list[dict] | None = None):
     """A ``TorchTrainer`` running ``train_loop_per_worker`` with ``cfg.num_workers`` CPU workers.
 
     Default RunConfig: storage ``outputs.ray_storage(output_dir)``, name ``meta`` (so re-running
@@ -353,13 +354,15 @@ def build_trainer(cfg: MetaConfig, population_root: str, *, run_config=None, cal
     the run itself (after a worker failure) takes precedence. ``tracking_store`` (a
     ``tracking.Store``) makes rank 0 log to MLflow: into ``mlflow_run_id`` when given,
     otherwise into a new run (a child of ``parent_run_id`` if given). ``debug``: test hooks.
+    ``manifest``: the root's complete manifest rows when the caller has read them already.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     root, cfg = store.absolute(population_root), cfg.replace(output_dir=store.absolute(cfg.output_dir))
     # fail here, not in every worker of every retry (assign_shards names W and the model count)
-    assign_shards([r["model_id"] for r in store.manifest_rows(root)], cfg.num_workers)
+    manifest = store.manifest_rows(root) if manifest is None else manifest
+    assign_shards([r["model_id"] for r in manifest], cfg.num_workers)
     if run_config is None:
         run_config = RunConfig(name="meta", storage_path=str(outputs.ray_storage(cfg.output_dir)),
                                failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -395,7 +398,7 @@ def _as_checkpoint(obj):
 
 
 def finalize(cfg: MetaConfig, population_root: str, result, *, tracking_store=None,
-             wall_seconds: float | None = None) -> dict:
+             wall_seconds: float | None = None, manifest: list[dict] | None = None) -> dict:
     """Merge the final checkpoint's shards and write the standard meta run outputs.
 
     ``result`` is the ``ray.train.Result`` of ``fit()`` (or anything with a ``checkpoint``
@@ -410,10 +413,10 @@ def finalize(cfg: MetaConfig, population_root: str, result, *, tracking_store=No
         raise ValueError("finalize: the training result has no checkpoint (did training report one?)")
     with ckpt.as_directory() as d:
         shared, per_model_state, test_metrics = checkpoint.read_sharded(d)
-    manifest = store.manifest_rows(root)
+    manifest = store.manifest_rows(root) if manifest is None else manifest
     state = checkpoint.merged_state(shared, per_model_state)
     if test_metrics is None or set(test_metrics) != set(per_model_state):
-        test_metrics = _evaluate_state(cfg, root, state)
+        test_metrics = _evaluate_state(cfg, root, state, manifest)
     theta_rows = [{"model_id": m, "theta": s["theta"].tolist()} for m, s in sorted(per_model_state.items())]
     history = list(shared["history"])
     extra = {"num_workers": shared["num_workers"], "steps": shared["step"], "train_seconds": shared["train_seconds"],
@@ -439,9 +442,9 @@ def finalize(cfg: MetaConfig, population_root: str, result, *, tracking_store=No
     return summary
 
 
-def _evaluate_state(cfg: MetaConfig, population_root: str, state: dict) -> dict[str, dict]:
+def _evaluate_state(cfg: MetaConfig, population_root: str, state: dict, manifest: list[dict]) -> dict[str, dict]:
     """Per-model test metrics of a merged state, in this process (fallback for non-final checkpoints)."""
-    trainer = DynamoTrainer(cfg, load_population(population_root, sorted(state["shard"])))
+    trainer = DynamoTrainer(cfg, load_population(population_root, sorted(state["shard"]), manifest=manifest))
     trainer.load_state_dict(state)
     return evaluate(trainer, "test")
 
@@ -456,12 +459,13 @@ def run_meta(cfg: MetaConfig, population_root: str, address: str | None = None, 
     """
     t0 = time.perf_counter()
     root = store.absolute(population_root)
-    validate_population(cfg, root)
+    manifest = validate_population(cfg, root)  # read once here, passed down
     if tracking_store is not None:
         tracking_store.check_reachable()
     init_ray(address)
-    result = build_trainer(cfg, root, tracking_store=tracking_store, progress=progress).fit()
-    return finalize(cfg, root, result, tracking_store=tracking_store, wall_seconds=time.perf_counter() - t0)
+    result = build_trainer(cfg, root, tracking_store=tracking_store, progress=progress, manifest=manifest).fit()
+    return finalize(cfg, root, result, tracking_store=tracking_store, wall_seconds=time.perf_counter() - t0,
+                    manifest=manifest)
 
 
 __all__ = ["assign_shards", "validate_population", "train_loop_per_worker", "build_trainer", "finalize", "run_meta"]

@@ -67,9 +67,13 @@ def check_population(rows: list[dict], root: str) -> None:
         raise ValueError("base models mix RNNs and ResNets; embed each family in its own meta run")
 
 
-def load_population(root: str, model_ids: list[str] | None = None, with_test: bool = True) -> PopulationData:
-    """Load the listed models (default: every complete model). Reads only their files."""
-    all_rows = store.manifest_rows(root)
+def load_population(root: str, model_ids: list[str] | None = None, with_test: bool = True,
+                    manifest: list[dict] | None = None) -> PopulationData:
+    """Load the listed models (default: every complete model). Reads only their files.
+
+    ``manifest``: the root's complete manifest rows when the caller has read them already.
+    """
+    all_rows = store.manifest_rows(root) if manifest is None else manifest
     check_population(all_rows, root)
     if model_ids is None:
         rows = all_rows
