@@ -68,6 +68,19 @@ def ray_head(tmp_path_factory):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _submit(client, **kwargs) -> str:
+    """submit_job, waiting out the head's job agent start (it answers list_jobs before it takes jobs:
+    "No available agent to submit job" on a loaded machine)."""
+    deadline = time.time() + 120
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.time() > deadline:
+                raise
+            time.sleep(2)
+
+
 def _wait(client, job_id: str, timeout: float = 900) -> str:
     from ray.job_submission import JobStatus
 
@@ -89,7 +102,8 @@ def test_smoke_pipeline_job_succeeds_and_writes_outputs(ray_head, tmp_path):
     from ray.job_submission import JobStatus
 
     run_dir = tmp_path / "run"
-    job = ray_head.submit_job(
+    job = _submit(
+        ray_head,
         entrypoint=f"{sys.executable} jobs/pipeline.py --config configs/smoke.yaml --set run_dir={run_dir}",
         runtime_env=_runtime_env())
     status = _wait(ray_head, job)
@@ -123,7 +137,8 @@ def test_invalid_config_job_fails_naming_the_field_before_training(ray_head, tmp
     from ray.job_submission import JobStatus
 
     run_dir = tmp_path / "bad"
-    job = ray_head.submit_job(
+    job = _submit(
+        ray_head,
         entrypoint=(f"{sys.executable} jobs/pipeline.py --config configs/smoke.yaml --set run_dir={run_dir} "
                     "--set meta.output_weight=-1"),
         runtime_env=_runtime_env())
