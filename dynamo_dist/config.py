@@ -8,6 +8,7 @@ subclasses it) and name the field and the bad value. Named recipes (``smoke``,
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -25,8 +26,11 @@ class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     def replace(self, **changes: Any):
-        """A validated copy with ``changes`` applied (pydantic's model_copy skips validation)."""
-        return type(self).model_validate({**self.model_dump(), **changes})
+        """A validated copy with ``changes`` applied (pydantic's model_copy skips validation).
+
+        Fields left at their defaults stay unset in the copy, so checks of what the user set
+        (``MetaConfig``'s steps vs updates_per_model) see the same thing."""
+        return type(self).model_validate({**self.model_dump(exclude_unset=True), **changes})
 
 
 class GroupSpec(_Config):
@@ -103,7 +107,9 @@ class MetaConfig(_Config):
     output_weight: float = Field(1.0, ge=0.0, description="lambda, weight of the output loss (eq. 4)")
     hidden_distance: Literal["l2", "l1"] = Field("l2", description="hidden-state distance: squared L2 (eq. 2) or L1")
     output_distance: Literal["kl", "mse"] = Field("kl", description="output distance: KL(base||meta) or MSE of outputs")
-    steps: int = Field(2000, ge=1, description="optimisation steps tau_max")
+    steps: int = Field(2000, ge=1, description="optimisation steps tau_max (or set updates_per_model)")
+    updates_per_model: int | None = Field(None, ge=1, description="average updates of each model's theta/V: "
+                                          "steps = updates_per_model x N / (models_per_step x num_workers)")
     batch_size: int = Field(64, ge=1, description="probe sequences per sampled model per step")
     models_per_step: int = Field(4, ge=1, description="base models sampled per step (per worker)")
     lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate (meta-model, theta and V)")
@@ -114,6 +120,27 @@ class MetaConfig(_Config):
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
     max_failures: int = Field(2, ge=0, description="Ray Train restarts after a worker dies")
     eval_every: int = Field(250, ge=1, description="steps between validation metrics on held-out probe sequences")
+    val_models: int | None = Field(64, ge=1, description="models per worker whose held-out probe sequences give the "
+                                   "val_* metrics of each report (a fixed sample; None = every model)")
+    cache_bytes: int | None = Field(2 * 1024 ** 3, ge=1, description="decoded trajectory bytes each meta worker "
+                                    "keeps in memory (LRU, read on demand); None = keep every trajectory read")
+
+
+    @model_validator(mode="after")
+    def _one_schedule(self):
+        if self.updates_per_model is not None and "steps" in self.model_fields_set:
+            raise ValueError(f"meta.updates_per_model ({self.updates_per_model}) and meta.steps ({self.steps}) are "
+                             "both set: the schedule is one or the other")
+        return self
+
+    def for_population(self, num_models: int) -> MetaConfig:
+        """This config with ``steps`` derived from ``updates_per_model`` for ``num_models`` models
+        (itself when no per-model schedule is set)."""
+        if self.updates_per_model is None:
+            return self
+        per_step = min(self.models_per_step, math.ceil(num_models / self.num_workers)) * self.num_workers
+        steps = math.ceil(self.updates_per_model * num_models / per_step)
+        return self.replace(updates_per_model=None, steps=steps)
 
 
 class TrackingConfig(_Config):
@@ -294,9 +321,18 @@ def load(path: str | Path, cls: type[_Config] = PipelineConfig, overrides: dict[
     if base_name is not None:
         if cls is not PipelineConfig:
             raise ValueError(f"config file {p}: 'recipe' is only valid in pipeline configs")
-        data = _deep_merge(recipe_data(base_name), data)
+        data = _deep_merge(_without_replaced_schedule(recipe_data(base_name), data.get("meta")), data)
     apply_overrides(data, overrides or {})
     return parse(cls, data, source=str(p))
+
+
+def _without_replaced_schedule(base: dict, meta_over: Any) -> dict:
+    """A later ``meta.updates_per_model`` replaces the schedule of what it overrides (a recipe's
+    ``steps``), in place; both set in one place stays an error."""
+    if isinstance(meta_over, dict) and "updates_per_model" in meta_over and "steps" not in meta_over:
+        if isinstance(base.get("meta"), dict):
+            base["meta"].pop("steps", None)
+    return base
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -309,6 +345,8 @@ def _deep_merge(base: dict, over: dict) -> dict:
 def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
     """Apply dotted-key ``overrides`` (``{"meta.steps": 100, "population.groups.0.lr": 0.01}``) to raw
     config ``data`` in place, before validation; returns ``data``."""
+    meta = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("meta.")}
+    _without_replaced_schedule(data, meta)
     for key, value in overrides.items():
         _set_dotted(data, key, value)
     return data

@@ -105,6 +105,11 @@ class Run:
         else:
             self.client.log_artifact(self.run_id, str(p), artifact_path)
 
+    def log_table(self, rows: list[dict], artifact_file: str) -> None:
+        """Rows as an MLflow table (JSON artifact the UI previews; ``mlflow.load_table`` reads it)."""
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        self.client.log_table(self.run_id, {c: [r.get(c) for r in rows] for c in columns}, artifact_file)
+
     def log_dict(self, obj: dict, name: str) -> None:
         self.client.log_text(self.run_id, store.to_json(obj), name)
 
@@ -186,10 +191,13 @@ def meta_params(cfg: MetaConfig, population_root: str, num_models: int) -> dict:
 
 def log_meta_results(run: Run, summary: dict, per_model: dict[str, dict], history: list[dict],
                      artifacts: list[tuple[Path, str | None]]) -> None:
-    """What a finished meta run logs: its history, summary metrics, per-model metrics, artifacts."""
+    """What a finished meta run logs: its history, summary metrics, artifacts, and the per-model
+    metrics as one table (``model_metrics.json``), not one metric key per model (4N keys bury
+    ``loss`` and ``val_agreement`` at scale)."""
     run.log_history(history)
     run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-    run.log_metrics({f"{m}.{k}": v for m, d in per_model.items() for k, v in d.items()})
+    if per_model:
+        run.log_table([{"model_id": m, **d} for m, d in sorted(per_model.items())], "model_metrics.json")
     for path, artifact_path in artifacts:
         run.log_artifact(path, artifact_path)
 

@@ -335,3 +335,21 @@ def test_cli_ui_prints_the_classic_ml_experiments_page(monkeypatch, capsys):
     assert cli.main(["ui", "runs/x", "--port", "5123"]) == 0
     assert served == [("runs/x", "127.0.0.1", 5123)]
     assert "http://127.0.0.1:5123/#/experiments?workflowType=machine_learning" in capsys.readouterr().out
+
+
+def test_updates_per_model_sets_the_steps_and_conflicts_with_steps(tmp_path):
+    cfg = config.MetaConfig(updates_per_model=10, models_per_step=4, num_workers=2)
+    # 1,000 models, 8 sampled per step across 2 workers: 10 updates each -> 1,250 steps
+    assert cfg.for_population(1000).steps == 1250 and cfg.for_population(1000).updates_per_model is None
+    # 3 models on 2 workers: each worker samples its 1-2 models, 4 per step in all
+    assert cfg.for_population(3).steps == 8
+    assert config.MetaConfig(steps=7).for_population(1000).steps == 7
+    with pytest.raises(ValueError, match=r"meta.updates_per_model \(3\) and meta.steps \(4\) are both set"):
+        config.parse(config.PipelineConfig, {"meta": {"updates_per_model": 3, "steps": 4}})
+    # a recipe's steps give way to the user's updates_per_model (file or --set)
+    p = tmp_path / "c.yaml"
+    p.write_text("recipe: demo\nmeta:\n  updates_per_model: 50\n")
+    assert config.load(p).meta.updates_per_model == 50
+    assert config.load(tmp_path / "c.yaml", overrides={}).meta.for_population(12).steps == 75
+    data = config.apply_overrides(config.recipe_data("smoke"), {"meta.updates_per_model": 5})
+    assert config.parse(config.PipelineConfig, data).meta.updates_per_model == 5

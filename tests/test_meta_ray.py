@@ -139,6 +139,12 @@ def test_two_workers_embed_every_model(clean_w2, pop_root):
     assert sorted(m.step for m in client.get_metric_history(mlrun.info.run_id, "loss")) == list(range(1, STEPS + 1))
     assert sorted(m.step for m in client.get_metric_history(mlrun.info.run_id, "val_agreement")) == [5, 10, 15, 20]
     assert mlrun.data.params["num_workers"] == "2" and mlrun.data.params["population_size"] == "8"
+    # per-model metrics: one table artifact, not one metric key per model
+    assert not [k for k in mlrun.data.metrics if any(k.startswith(m + ".") for m in ids)]
+    table = json.loads(Path(client.download_artifacts(mlrun.info.run_id, "model_metrics.json", str(out.parent)))
+                       .read_text())
+    got = dict(zip(table["columns"], zip(*table["data"])))
+    assert sorted(got["model_id"]) == ids and len(got["agreement"]) == 8
 
 
 def test_shared_weights_synchronised_theta_v_not(clean_w2, pop_root):
@@ -263,6 +269,27 @@ def test_bad_population_fails_before_training(kind, pop_root, tmp_path):
     if kind != "nan":
         assert expect in str(err.value)
     assert not (tmp_path / "meta" / "ray_results").exists(), "training started despite bad input"
+
+
+def test_preflight_reads_footers_and_decodes_only_a_file_changed_since_it_was_recorded(pop_root, tmp_path,
+                                                                                        monkeypatch):
+    root = tmp_path / "pop"
+    shutil.copytree(pop_root, root)
+    decoded = []
+    real = store.read_trajectory
+    monkeypatch.setattr(store, "read_trajectory", lambda *a, **k: decoded.append(a[1:]) or real(*a, **k))
+    rows = meta_ray.validate_population(meta_cfg(str(root), tmp_path / "meta"), str(root))
+    assert len(rows) == 8 and decoded == []  # 16 trajectory files checked, none decoded
+    mid = _nan_trajectory(root)
+    with pytest.raises(ValueError, match=f"NaN/Inf values \\(model '{mid}'\\)"):
+        meta_ray.validate_population(meta_cfg(str(root), tmp_path / "meta"), str(root))
+    assert decoded == [(mid, "probe")]
+
+
+def test_a_cache_smaller_than_one_trajectory_fails_before_training(pop_root, tmp_path):
+    with pytest.raises(ValueError, match=r"meta.cache_bytes=1000 is smaller than one model's probe trajectory"):
+        meta_ray.run_meta(meta_cfg(pop_root, tmp_path / "meta", cache_bytes=1000), pop_root, progress=False)
+    assert not (tmp_path / "meta").exists()
 
 
 def test_too_many_workers_fails_before_training(pop_root, tmp_path):

@@ -150,7 +150,7 @@ def _context(run: MetaRun, cfg: AnalyzeConfig, out: Path) -> _Ctx:
     ids = [r["model_id"] for r in rows]
     tasks = [r["task"] for r in rows]
     test = {t: pop.test_inputs[t] for t in sorted(set(tasks))}
-    base_acc = {m: base_accuracy(pop.test[m].outputs, test[t].y) for m, t in zip(ids, tasks)}
+    base_acc = {m: base_accuracy(pop.test[m].outputs.float(), test[t].y) for m, t in zip(ids, tasks)}
     # the recorded test trajectories may cover fewer rows than the stored inputs
     for t in test:
         n = min(pop.test[m].num_examples for m, tt in zip(ids, tasks) if tt == t)
@@ -286,7 +286,7 @@ def _baseline_activations(ctx: _Ctx) -> tuple[list[list[np.ndarray]], str]:
     rng = np.random.default_rng(ctx.cfg.seed)
     if len(tasks) == 1:
         inputs = ctx.pop.probe_inputs[tasks[0]]
-        hiddens = {m: ctx.pop.probe[m].hiddens for m in ctx.ids}
+        hiddens = {m: [h.float() for h in ctx.pop.probe[m].hiddens] for m in ctx.ids}
         source = f"recorded probe trajectories of task {tasks[0]!r}"
     else:
         from .. import zoo

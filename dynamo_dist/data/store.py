@@ -46,7 +46,7 @@ SCHEMA_VERSION = 1
 MANIFEST_COLUMNS = (
     "model_id", "group", "task", "arch", "hidden_size", "train_fraction", "seed", "epoch",
     "num_classes", "input_kind", "input_shape", "vocab_size", "test_accuracy",
-    "weights_path", "probe_path", "test_path", "status", "error",
+    "weights_path", "probe_path", "test_path", "status", "error", "probe_bytes", "test_bytes",
 )
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -163,7 +163,7 @@ def read_parquet(path: Path, what: str) -> pa.Table:
         # os.replace between the opens gave readers a mix of two files (12 of 3,000 reads failed
         # against a rewriting thread); a handle keeps reading the file it opened.
         with pa.OSFile(str(path)) as f:
-            return pq.read_table(f)
+            return pq.ParquetFile(f).read()  # one file: no dataset machinery (a third of a small read)
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} not found: {path}") from None
     except (pa.ArrowInvalid, OSError) as err:
@@ -342,6 +342,8 @@ def write_trajectory(root: str | os.PathLike, model_id: str, split: str, hiddens
         "dynamo.model_id": model_id,
         "dynamo.family": family,
         "dynamo.hidden_shapes": json.dumps(shapes),
+        "dynamo.num_examples": str(n),
+        "dynamo.num_steps": str(t_len),
     })
     # Float lists are neither dictionary-encoded nor given min/max statistics: both cost more
     # than the write itself and help no reader (filters go on sample/step, which keep them).
@@ -358,8 +360,94 @@ def _list_column(values: np.ndarray, sizes: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.ascontiguousarray(values)))
 
 
-def read_trajectory(root: str | os.PathLike, model_id: str, split: str = "probe") -> Trajectory:
-    """Read one model's trajectories; opens only that model's file. NaN -> ValueError naming the file."""
+@dataclass(frozen=True)
+class TrajectoryInfo:
+    """What a trajectory file's footer says, without decoding it."""
+
+    model_id: str
+    split: str
+    path: Path
+    family: str
+    num_examples: int
+    num_steps: int
+    hidden_shapes: list[tuple[int, ...]]  # per tap, per example (RNN: (H,) per step; ResNet: (C, H, W))
+    num_outputs: int
+    dtype: str                            # storage precision: float32 | float16
+    file_bytes: int
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Memory of the decoded trajectory in its storage precision (hidden + output values)."""
+        per_row = sum(math.prod(s) for s in self.hidden_shapes) if self.family == "cnn" else math.prod(
+            self.hidden_shapes[0])
+        rows = self.num_examples * (1 if self.family == "cnn" else self.num_steps)
+        outs = self.num_examples * (1 if self.family == "cnn" else self.num_steps) * self.num_outputs
+        return (rows * per_row + outs) * np.dtype(self.dtype).itemsize
+
+
+def trajectory_info(root: str | os.PathLike, model_id: str, split: str = "probe") -> TrajectoryInfo:
+    """Footer-only facts of one model's trajectory file: sizes, shapes, precision (no values decoded).
+
+    FileNotFoundError / ValueError name the file, as ``read_trajectory``.
+    """
+    layout = Layout.at(root)
+    path = layout.path(layout.trajectory_rel(model_id, split))
+    what = f"trajectory of model {model_id!r} ({split})"
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with pa.OSFile(str(path)) as f:
+            pf = pq.ParquetFile(f)
+            md, schema = pf.metadata, pf.schema_arrow
+            meta = schema.metadata or {}
+            step_max = _footer_max(md, "step")
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ValueError(f"{what} {path} is not a readable Parquet file ({err}); delete it and re-run its stage") from None
+    try:
+        shapes = [tuple(s) for s in json.loads(meta[b"dynamo.hidden_shapes"])]
+        family = meta[b"dynamo.family"].decode()
+    except KeyError as err:
+        raise ValueError(f"trajectory file {path} lacks metadata {err}; not written by dynamo_dist") from None
+    num_steps = int(meta[b"dynamo.num_steps"]) if b"dynamo.num_steps" in meta else (
+        len(shapes) if family == "cnn" else step_max)
+    num_examples = int(meta[b"dynamo.num_examples"]) if b"dynamo.num_examples" in meta else (
+        md.num_rows // max(num_steps, 1))
+    value_type = schema.field("hidden").type.value_type
+    dtype = "float16" if value_type == pa.float16() else "float32"
+    out_sizes = _footer_list_size(md, schema, "output")
+    return TrajectoryInfo(model_id, split, path, family, num_examples, num_steps, shapes, out_sizes, dtype,
+                          path.stat().st_size)
+
+
+def _footer_max(md: pq.FileMetaData, column: str) -> int:
+    """Largest value of an integer column from its row-group statistics (0 when absent)."""
+    best = 0
+    for rg in range(md.num_row_groups):
+        for c in range(md.num_columns):
+            col = md.row_group(rg).column(c)
+            if col.path_in_schema == column and col.statistics is not None and col.statistics.has_min_max:
+                best = max(best, int(col.statistics.max))
+    return best
+
+
+def _footer_list_size(md: pq.FileMetaData, schema: pa.Schema, column: str) -> int:
+    """Values per row of a fixed-size list column: leaf values / rows, from the footer."""
+    values = 0
+    for rg in range(md.num_row_groups):
+        for c in range(md.num_columns):
+            col = md.row_group(rg).column(c)
+            if col.path_in_schema.split(".")[0] == column:
+                values += col.num_values
+    return values // max(md.num_rows, 1)
+
+
+def read_trajectory(root: str | os.PathLike, model_id: str, split: str = "probe",
+                    dtype: str | None = "float32") -> Trajectory:
+    """Read one model's trajectories; opens only that model's file. NaN -> ValueError naming the file.
+
+    ``dtype``: the tensors' precision; None keeps the storage precision (float16 stays float16,
+    half the memory, until a batch is built from it).
+    """
     layout = Layout.at(root)
     path = layout.path(layout.trajectory_rel(model_id, split))
     table = read_parquet(path, f"trajectory of model {model_id!r} ({split})")
@@ -372,8 +460,11 @@ def read_trajectory(root: str | os.PathLike, model_id: str, split: str = "probe"
     step = table.column("step").to_numpy()
     t_len = int(step.max()) if len(step) else 0
     n = table.num_rows // max(t_len, 1)
-    hidden = table.column("hidden").combine_chunks().values.to_numpy(zero_copy_only=False).astype(np.float32)
-    output = table.column("output").combine_chunks().values.to_numpy(zero_copy_only=False).astype(np.float32)
+    hidden = table.column("hidden").combine_chunks().values.to_numpy(zero_copy_only=False)
+    output = table.column("output").combine_chunks().values.to_numpy(zero_copy_only=False)
+    # owned, writable arrays (Arrow's zero-copy views are read-only), in the asked precision
+    hidden = hidden.astype(dtype or hidden.dtype, copy=not hidden.flags.writeable or dtype not in (None, hidden.dtype))
+    output = output.astype(dtype or output.dtype, copy=not output.flags.writeable or dtype not in (None, output.dtype))
     if not (np.isfinite(hidden).all() and np.isfinite(output).all()):
         raise ValueError(f"trajectory file {path} contains NaN/Inf values (model {model_id!r})")
     if family == "rnn":
@@ -387,6 +478,11 @@ def read_trajectory(root: str | os.PathLike, model_id: str, split: str = "probe"
                    for a, b, s in zip(bounds[:-1], bounds[1:], shapes)]
         outputs = torch.from_numpy(output.reshape(n, t_len, -1)[:, :1])
     return Trajectory(model_id=model_id, hiddens=hiddens, outputs=outputs)
+
+
+def file_bytes(root: str | os.PathLike, rel: str) -> int:
+    """Size of a file of the root (recorded in the manifest when it is written, checked on resume)."""
+    return Layout.at(root).path(rel).stat().st_size
 
 
 def read_trajectories(root: str | os.PathLike, model_ids: list[str], split: str = "probe",

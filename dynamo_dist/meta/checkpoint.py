@@ -63,10 +63,14 @@ def write_shard(directory: str | os.PathLike, rank: int, shard_state: dict,
         (d / metrics_file(rank)).write_text(json.dumps(test_metrics))
 
 
-def read_sharded(path: str | os.PathLike) -> tuple[dict, dict[str, dict], dict[str, dict] | None]:
+def read_sharded(path: str | os.PathLike, model_ids: list[str] | None = None,
+                 ) -> tuple[dict, dict[str, dict], dict[str, dict] | None]:
     """Read a merged checkpoint directory -> (shared state, {model_id: shard state}, test metrics).
 
-    Test metrics are None unless every worker of that checkpoint wrote them (final checkpoint).
+    ``model_ids``: only these models' states (a worker's own): shard files are memory-mapped
+    and only the wanted tensors copied, so a worker's memory follows its own models even
+    when the checkpoint was written by another number of workers. Test metrics are None
+    unless every worker of that checkpoint wrote them (final checkpoint).
     """
     path = Path(path)
     if not (path / SHARED_FILE).is_file():
@@ -74,16 +78,23 @@ def read_sharded(path: str | os.PathLike) -> tuple[dict, dict[str, dict], dict[s
     shared = torch.load(path / SHARED_FILE, weights_only=True)
     if shared.get("format") != FORMAT:
         raise ValueError(f"checkpoint {path}: format {shared.get('format')!r}, this code reads {FORMAT}")
+    wanted = None if model_ids is None else set(model_ids)
     per_model: dict[str, dict] = {}
     for name in shared["shards"]:
         if not (path / name).is_file():
             raise FileNotFoundError(f"checkpoint {path} is incomplete: shard file {name} is missing")
-        part = torch.load(path / name, weights_only=True)
+        if wanted is None:
+            part = torch.load(path / name, weights_only=True)
+        else:
+            mapped = torch.load(path / name, weights_only=True, mmap=True)
+            part = {m: _cloned(s) for m, s in mapped.items() if m in wanted}
+            del mapped
         dup = set(part) & set(per_model)
         if dup:
             raise ValueError(f"checkpoint {path}: models {sorted(dup)[:5]} appear in more than one shard")
         per_model.update(part)
-    missing = sorted(set(shared["model_ids"]) - set(per_model))
+    expected = set(shared["model_ids"]) if wanted is None else wanted & set(shared["model_ids"])
+    missing = sorted(expected - set(per_model))
     if missing:
         raise ValueError(f"checkpoint {path} lacks theta/V of models {missing[:5]}")
     metrics: dict[str, dict] | None = {}
@@ -94,6 +105,17 @@ def read_sharded(path: str | os.PathLike) -> tuple[dict, dict[str, dict], dict[s
             break
         metrics.update(json.loads(f.read_text()))
     return shared, per_model, metrics
+
+
+def _cloned(obj):
+    """A copy of a nested state whose tensors no longer reference the memory-mapped file."""
+    if torch.is_tensor(obj):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _cloned(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cloned(v) for v in obj]
+    return obj
 
 
 def merged_state(shared: dict, per_model: dict[str, dict]) -> dict:

@@ -27,7 +27,8 @@ def run_meta_local(cfg: MetaConfig, population_root: str, *, progress: bool = Tr
     """
     t0 = time.perf_counter()
     root = store.absolute(population_root)
-    data = load_population(root)
+    data = load_population(root, cache_bytes=cfg.cache_bytes)
+    cfg = cfg.for_population(len(data.rows))
     trainer = DynamoTrainer(cfg, data)
     store_dict = None if tracking_store is None else tracking_store.as_dict()
 

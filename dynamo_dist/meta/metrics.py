@@ -61,27 +61,30 @@ def emulation_metrics(meta, embeddings, row: int, group: str, family: str, x: to
 
 
 def evaluate(trainer, split: str = "test") -> dict[str, dict[str, float]]:
-    """Per-model metrics on ``test`` (recorded test split) or ``val`` (held-out probe tail)."""
+    """Per-model metrics on ``test`` (recorded test split, every model) or ``val`` (held-out probe
+    tail of the trainer's fixed validation sample of models, ``trainer.val_rows``)."""
+    if split not in ("test", "val"):
+        raise ValueError(f"split: expected 'test' or 'val', got {split!r}")
     data = trainer.data
     results = {}
-    for i, row in enumerate(data.rows):
+    rows = range(len(data.rows)) if split == "test" else trainer.val_rows
+    for i in rows:
+        row = data.rows[i]
         mid, task = row["model_id"], row["task"]
         if split == "test":
             inputs, traj = data.test_inputs[task], data.test[mid]
             idx = torch.arange(traj.num_examples)
             labels = inputs.y[idx]
-        elif split == "val":
+        else:
             traj = data.probe[mid]
             idx = torch.from_numpy(trainer.val_split(task))
             idx = idx[idx < traj.num_examples]
             inputs, labels = data.probe_inputs[task], None  # the probe set is unlabelled
-        else:
-            raise ValueError(f"split: expected 'test' or 'val', got {split!r}")
         if len(idx) == 0:
             continue
         results[mid] = emulation_metrics(
             trainer.meta, trainer.embeddings, i, task, data.family,
-            inputs.x[idx], inputs.lengths[idx], labels, [h[idx] for h in traj.hiddens], traj.outputs[idx])
+            inputs.x[idx], inputs.lengths[idx], labels, [h[idx].float() for h in traj.hiddens], traj.outputs[idx].float())
     return results
 
 

@@ -134,9 +134,9 @@ def output_sizes(rows: Sequence[Mapping]) -> dict[str, int]:
     return sizes
 
 
-def tap_widths(family: str, hiddens: Sequence[torch.Tensor]) -> list[int]:
-    """A base model's hidden width per tap, from its recorded states: (B,T,H) RNN, (B,C,H,W) CNN."""
-    return [h.shape[-1] if family == "rnn" else h.shape[1] for h in hiddens]
+def tap_widths(family: str, hidden_shapes: Sequence[Sequence[int]]) -> list[int]:
+    """A base model's hidden width per tap from its per-example state shapes: (H,) RNN, (C,H,W) CNN."""
+    return [s[-1] if family == "rnn" else s[0] for s in hidden_shapes]
 
 
 def build(rows: Sequence[Mapping], cfg, model_ids: Sequence[str], base_dims: Sequence[Sequence[int]], *,
@@ -190,6 +190,10 @@ class ModelEmbeddings(nn.Module):
         self.maps = nn.ModuleList(
             nn.ModuleList(make(m, b) for m, b in zip(meta_dims, dims)) for dims in base_dims
         )
+
+    def parameters_of(self, row: int) -> list[nn.Parameter]:
+        """theta_n and V_n's parameters of one model (a row of this shard)."""
+        return [self.theta[row], *self.maps[row].parameters()]
 
     def theta_rows(self, rows: Sequence[int]) -> torch.Tensor:
         """(len(rows), E) differentiable stack of the selected embeddings."""

@@ -65,7 +65,7 @@ def embed_new_models(meta_output_dir: str | Path, population_root: str, model_id
     data = load_population(population_root, model_ids)
     _check_compatible(run.rows, data.rows, meta.heads, run.output_dir, population_root)
     family = run.family
-    base_dims = [tap_widths(family, data.probe[m].hiddens) for m in data.model_ids]
+    base_dims = [tap_widths(family, data.hidden_shapes(m)) for m in data.model_ids]
     torch.manual_seed(seed)
     # only new theta/V: the trained meta-model is the run's (the one construction is model.build)
     emb = ModelEmbeddings(data.model_ids, cfg.embedding_dim, meta.tap_dims, base_dims, family)
@@ -87,7 +87,7 @@ def embed_new_models(meta_output_dir: str | Path, population_root: str, model_id
                 g["lr"] = lr * cosine_factor(step, steps)
             idx = torch.from_numpy(rng.choice(pool, size=min(bs, len(pool)), replace=False))
             chunk = Chunk(model_id=mid, row=i, group=task, x=inputs.x[idx], lengths=inputs.lengths[idx],
-                          hiddens=[h[idx] for h in traj.hiddens], outputs=traj.outputs[idx])
+                          hiddens=[h[idx].float() for h in traj.hiddens], outputs=traj.outputs[idx].float())
             loss, _ = dynamo_loss(meta, emb, [chunk], cfg.output_weight, cfg.hidden_distance, cfg.output_distance)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -96,7 +96,7 @@ def embed_new_models(meta_output_dir: str | Path, population_root: str, model_id
         test, test_in = data.test[mid], data.test_inputs[task]
         sel = torch.arange(test.num_examples)
         m = emulation_metrics(meta, emb, i, task, family, test_in.x[sel], test_in.lengths[sel], test_in.y[sel],
-                              test.hiddens, test.outputs)
+                              [h.float() for h in test.hiddens], test.outputs.float())
         out[mid] = {"theta": emb.theta[i].detach().tolist(), **m, "seconds": seconds}
     return out
 

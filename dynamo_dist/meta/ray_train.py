@@ -80,9 +80,11 @@ def assign_shards(model_ids: list[str], num_workers: int) -> list[list[str]]:
 def validate_population(cfg: MetaConfig, population_root: str) -> list[dict]:
     """Check a population root before any training starts; returns its complete manifest rows.
 
-    Root and schema, manifest, every row's trajectory paths, every trajectory file readable
-    and finite (one full read of each: cheap at the scale a driver validates), the task
-    inputs, consistent input/output sizes, and ``num_workers`` <= number of models.
+    Root and schema, manifest, every row's trajectory paths, every trajectory file's footer
+    (readable, row counts within the task inputs), the task inputs, consistent input/output
+    sizes, and ``num_workers`` <= number of models. No values are decoded: the store refuses
+    NaN/Inf when a trajectory is written, and a file whose size differs from the one recorded
+    in the manifest at write time is the one file decoded here (NaN/Inf -> ValueError naming it).
     Raises FileNotFoundError / ValueError naming the path, model or field.
     """
     root = population_root
@@ -110,12 +112,24 @@ def validate_population(cfg: MetaConfig, population_root: str) -> list[dict]:
             if not layout.path(rel).is_file():
                 raise FileNotFoundError(f"{split} trajectory of model {mid!r} not found: {layout.path(rel)} "
                                         f"(manifest field {field})")
-    # Every value is read once here (NaN/Inf or an unreadable file -> ValueError naming it), by
-    # parallel threads (pyarrow decodes without the GIL; the driver is otherwise idle and a few
-    # hundred models are GBs); only row counts are kept, so memory stays at one file per thread.
+    # Footers only, by parallel threads (file opens dominate on network filesystems).
     keys = [(r["model_id"], split) for r in rows for split in ("probe", "test")]
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        counts = dict(zip(keys, pool.map(lambda k: store.read_trajectory(root, *k).num_examples, keys)))
+        infos = dict(zip(keys, pool.map(lambda k: store.trajectory_info(root, *k), keys)))
+    counts = {k: info.num_examples for k, info in infos.items()}
+    largest = max((infos[r["model_id"], "probe"] for r in rows), key=lambda i: i.decoded_bytes)
+    if cfg.cache_bytes is not None and largest.decoded_bytes > cfg.cache_bytes:
+        raise ValueError(f"meta.cache_bytes={cfg.cache_bytes} is smaller than one model's probe trajectory "
+                         f"({largest.decoded_bytes} bytes decoded, model {largest.model_id!r}); raise it to at "
+                         f"least {largest.decoded_bytes}")
+    for r in rows:
+        for split in ("probe", "test"):
+            recorded, info = r.get(f"{split}_bytes"), infos[r["model_id"], split]
+            if recorded is not None and int(recorded) != info.file_bytes:
+                # changed since it was written: decode this one file (NaN/Inf -> ValueError naming it)
+                store.read_trajectory(root, r["model_id"], split)
+                _log.warning(f"{split} trajectory of model {r['model_id']!r} ({info.path}) changed since it was "
+                             f"recorded ({recorded} -> {info.file_bytes} bytes); its values are finite, using it")
     for r in rows:
         for split in ("probe", "test"):
             mid, n = r["model_id"], counts[r["model_id"], split]
@@ -242,7 +256,7 @@ def train_loop_per_worker(config: dict) -> None:
     all_rows = store.manifest_rows(root)
     ids = [r["model_id"] for r in all_rows]
     shard_ids = assign_shards(ids, world)[rank]
-    data = load_population(root, shard_ids, manifest=all_rows)  # this shard's files only
+    data = load_population(root, shard_ids, manifest=all_rows, cache_bytes=cfg.cache_bytes)  # this shard's files only
     trainer = DynamoTrainer(cfg, data, all_rows, rank)
 
     shared = None
@@ -250,7 +264,7 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt = own_ckpt or config["resume_from"]
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            shared, per_model, _ = checkpoint.read_sharded(d)
+            shared, per_model, _ = checkpoint.read_sharded(d, model_ids=shard_ids)  # this worker's models only
         checkpoint.check_compatible(shared, cfg, ids, ckpt.path)
         trainer.step = int(shared["step"])
         trainer.meta.load_state_dict(shared["meta"])
@@ -300,7 +314,7 @@ def train_loop_per_worker(config: dict) -> None:
         val = _population_means(evaluate(trainer, "val"), ("agreement", "hidden_r2"), "val")
         metrics = {"step": trainer.step, **val}
         if recs:
-            recs[-1].update(val)
+            recs[-1].update(val, train_seconds=train_seconds)  # report rows: val metrics, cumulative train time
             for k in ("loss", "loss_hidden", "loss_output"):
                 metrics[k] = float(np.mean([r[k] for r in recs]))
         history.extend(recs)
@@ -363,6 +377,7 @@ def build_trainer(cfg: MetaConfig, population_root: str, *, run_config=None, cal
     # fail here, not in every worker of every retry (assign_shards names W and the model count)
     manifest = store.manifest_rows(root) if manifest is None else manifest
     assign_shards([r["model_id"] for r in manifest], cfg.num_workers)
+    cfg = cfg.for_population(len(manifest))
     if run_config is None:
         run_config = RunConfig(name="meta", storage_path=str(outputs.ray_storage(cfg.output_dir)),
                                failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -444,7 +459,8 @@ def finalize(cfg: MetaConfig, population_root: str, result, *, tracking_store=No
 
 def _evaluate_state(cfg: MetaConfig, population_root: str, state: dict, manifest: list[dict]) -> dict[str, dict]:
     """Per-model test metrics of a merged state, in this process (fallback for non-final checkpoints)."""
-    trainer = DynamoTrainer(cfg, load_population(population_root, sorted(state["shard"]), manifest=manifest))
+    trainer = DynamoTrainer(cfg, load_population(population_root, sorted(state["shard"]), manifest=manifest,
+                                                 cache_bytes=cfg.cache_bytes))
     trainer.load_state_dict(state)
     return evaluate(trainer, "test")
 
@@ -460,6 +476,7 @@ def run_meta(cfg: MetaConfig, population_root: str, address: str | None = None, 
     t0 = time.perf_counter()
     root = store.absolute(population_root)
     manifest = validate_population(cfg, root)  # read once here, passed down
+    cfg = cfg.for_population(len(manifest))
     if tracking_store is not None:
         tracking_store.check_reachable()
     init_ray(address)

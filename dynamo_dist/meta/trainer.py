@@ -10,6 +10,7 @@ is the one training loop with validation reports, driven alike by the single-pro
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from ..config import MetaConfig
 from ..data import store
+from ..data.cache import TrajectoryCache
 from ..data.tasks import Split
 from ..zoo import family_of
 from . import checkpoint, model
@@ -30,14 +32,19 @@ VAL_FRACTION = 0.1  # tail of the probe split held out for validation metrics (n
 
 @dataclass
 class PopulationData:
-    """Inputs + trajectories of ``model_ids`` (probe split for training, test split for metrics)."""
+    """Inputs + trajectories of ``model_ids`` (probe split for training, test split for metrics).
+
+    ``probe``/``test`` map model_id -> Trajectory: from ``load_population`` they are views of a
+    ``TrajectoryCache`` (decoded on demand, in storage precision, under ``meta.cache_bytes``);
+    any mapping works (tests pass dicts).
+    """
 
     root: str
     rows: list[dict]                                   # manifest rows of these models
     probe_inputs: dict[str, Split]                     # task -> probe inputs
-    probe: dict[str, store.Trajectory]                 # model_id -> probe trajectory
+    probe: Mapping[str, store.Trajectory]              # model_id -> probe trajectory
     test_inputs: dict[str, Split] = field(default_factory=dict)
-    test: dict[str, store.Trajectory] = field(default_factory=dict)
+    test: Mapping[str, store.Trajectory] = field(default_factory=dict)
 
     @property
     def model_ids(self) -> list[str]:
@@ -49,6 +56,19 @@ class PopulationData:
 
     def row(self, model_id: str) -> dict:
         return next(r for r in self.rows if r["model_id"] == model_id)
+
+    def hidden_shapes(self, model_id: str) -> list[tuple[int, ...]]:
+        """Per tap, the per-example shape of the model's states ((H,) RNN, (C,H,W) CNN), from the
+        file footer when the probe trajectories come from a cache (nothing decoded)."""
+        info = getattr(self.probe, "info", None)
+        if info is not None:
+            return info(model_id).hidden_shapes
+        hs = self.probe[model_id].hiddens
+        return [tuple(h.shape[2:]) if self.family == "rnn" else tuple(h.shape[1:]) for h in hs]
+
+    def num_examples(self, model_id: str) -> int:
+        info = getattr(self.probe, "info", None)
+        return info(model_id).num_examples if info is not None else self.probe[model_id].num_examples
 
 
 def check_population(rows: list[dict], root: str) -> None:
@@ -68,8 +88,9 @@ def check_population(rows: list[dict], root: str) -> None:
 
 
 def load_population(root: str, model_ids: list[str] | None = None, with_test: bool = True,
-                    manifest: list[dict] | None = None) -> PopulationData:
-    """Load the listed models (default: every complete model). Reads only their files.
+                    manifest: list[dict] | None = None, cache_bytes: int | None = None) -> PopulationData:
+    """The listed models (default: every complete model): their inputs now, their trajectories on
+    demand through one ``TrajectoryCache`` of ``cache_bytes`` (footers are read here, no values).
 
     ``manifest``: the root's complete manifest rows when the caller has read them already.
     """
@@ -84,16 +105,16 @@ def load_population(root: str, model_ids: list[str] | None = None, with_test: bo
             raise ValueError(f"model ids not complete in the manifest of {root}: {missing}")
         rows = [by_id[m] for m in model_ids]
     tasks = sorted({r["task"] for r in rows})
-    data = PopulationData(
-        root=root, rows=rows,
-        probe_inputs={t: store.read_inputs(root, t, "probe") for t in tasks},
-        probe={r["model_id"]: store.read_trajectory(root, r["model_id"], "probe") for r in rows},
-    )
+    ids = [r["model_id"] for r in rows]
+    cache = TrajectoryCache(root, cache_bytes)
+    data = PopulationData(root=root, rows=rows, probe_inputs={t: store.read_inputs(root, t, "probe") for t in tasks},
+                          probe=cache.view("probe", ids))
     if with_test:
         data.test_inputs = {t: store.read_inputs(root, t, "test") for t in tasks}
-        data.test = {r["model_id"]: store.read_trajectory(root, r["model_id"], "test") for r in rows}
+        # under a budget the test split streams through (evaluated once per model, never held)
+        data.test = cache.view("test", ids, keep=cache_bytes is None)
     for r in rows:
-        n_traj, n_in = data.probe[r["model_id"]].num_examples, len(data.probe_inputs[r["task"]])
+        n_traj, n_in = data.num_examples(r["model_id"]), len(data.probe_inputs[r["task"]])
         if n_traj > n_in:
             raise ValueError(f"trajectory of model {r['model_id']!r} has {n_traj} probe rows but inputs of task "
                              f"{r['task']!r} have {n_in}; the population root is inconsistent")
@@ -117,7 +138,7 @@ class DynamoTrainer:
         self.data = data
         self.rank = rank
         all_rows = all_rows or data.rows
-        base_dims = [model.tap_widths(data.family, data.probe[m].hiddens) for m in data.model_ids]
+        base_dims = [model.tap_widths(data.family, data.hidden_shapes(m)) for m in data.model_ids]
         # identical shared init on every worker; each worker's embeddings from its own stream
         self.meta, self.embeddings = model.build(all_rows, cfg, data.model_ids, base_dims,
                                                  meta_seed=cfg.seed, embeddings_seed=cfg.seed + 1 + rank)
@@ -131,15 +152,30 @@ class DynamoTrainer:
         self._train_idx = {t: np.arange(int(len(s) * (1 - VAL_FRACTION)) or len(s))
                            for t, s in data.probe_inputs.items()}
         self._val_idx = {t: np.arange(len(self._train_idx[t]), len(s)) for t, s in data.probe_inputs.items()}
+        # validation reads a fixed sample of models (memory and time of a report stay flat in N)
+        n = len(data.rows)
+        k = n if cfg.val_models is None else min(cfg.val_models, n)
+        self.val_rows = sorted(np.random.default_rng([cfg.seed, rank, 7]).choice(n, size=k, replace=False).tolist())
 
     # ---------------------------------------------------------------- sampling
 
-    def sample(self, step: int) -> list[Chunk]:
-        """Draw models and probe sequences for ``step``: deterministic in (seed, rank, step)."""
+    def _models_of(self, step: int) -> tuple[np.random.Generator, np.ndarray]:
+        """(the step's generator after drawing its models, the sampled rows): deterministic in (seed, rank, step)."""
         rng = np.random.default_rng([self.cfg.seed, self.rank, step])
+        k = min(self.cfg.models_per_step, len(self.data.rows))
+        return rng, rng.choice(len(self.data.rows), size=k, replace=False)
+
+    def sample(self, step: int) -> list[Chunk]:
+        """Draw models and probe sequences for ``step``: deterministic in (seed, rank, step).
+
+        Trajectories stay in storage precision until the batch is cut from them (float32 then).
+        The next step's models are prefetched when the probe trajectories come from a cache.
+        """
+        rng, chosen = self._models_of(step)
         ids = self.data.model_ids
-        k = min(self.cfg.models_per_step, len(ids))
-        chosen = rng.choice(len(ids), size=k, replace=False)
+        prefetch = getattr(self.data.probe, "prefetch", None)
+        if prefetch is not None:
+            prefetch([ids[i] for i in sorted(self._models_of(step + 1)[1])])
         chunks = []
         for i in sorted(chosen):
             mid = ids[i]
@@ -150,7 +186,7 @@ class DynamoTrainer:
             idx = torch.from_numpy(rng.choice(pool, size=min(self.cfg.batch_size, len(pool)), replace=False))
             inputs = self.data.probe_inputs[row["task"]]
             chunks.append(Chunk(model_id=mid, row=i, group=row["task"], x=inputs.x[idx], lengths=inputs.lengths[idx],
-                                hiddens=[h[idx] for h in traj.hiddens], outputs=traj.outputs[idx]))
+                                hiddens=[h[idx].float() for h in traj.hiddens], outputs=traj.outputs[idx].float()))
         return chunks
 
     # ---------------------------------------------------------------- training
@@ -167,11 +203,22 @@ class DynamoTrainer:
         chunks = self.sample(self.step)
         loss, stats = dynamo_loss(self.forward_module, self.embeddings, chunks, self.cfg.output_weight,
                                   self.cfg.hidden_distance, self.cfg.output_distance)
+        # Only the sampled models' theta/V take part in a step (like the rows of a sharded embedding
+        # table): AdamW and zero_grad visit just their parameters, not all N of the shard's (which
+        # cost a Python loop over every model each step). Unsampled ones have grad None and would
+        # be skipped anyway, so the result is the same.
+        sampled = [p for c in chunks for p in self.embeddings.parameters_of(c.row)]
         self.opt_meta.zero_grad(set_to_none=True)
-        self.opt_emb.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_meta.step()
-        self.opt_emb.step()
+        group = self.opt_emb.param_groups[0]
+        all_params, group["params"] = group["params"], sampled
+        try:
+            self.opt_emb.step()
+        finally:
+            group["params"] = all_params
+        for p in sampled:
+            p.grad = None
         self.step += 1
         rec = {"step": self.step, "loss": float(loss.detach()), **stats}
         self.history.append(rec)
@@ -195,7 +242,7 @@ class DynamoTrainer:
         per_model = {}
         pstate = self.opt_emb.state
         for m, i in self.embeddings.index.items():
-            params = [self.embeddings.theta[i], *self.embeddings.maps[i].parameters()]
+            params = self.embeddings.parameters_of(i)
             per_model[m] = {
                 "theta": params[0].detach().clone(),
                 "maps": {k: v.detach().clone() for k, v in self.embeddings.maps[i].state_dict().items()},
@@ -213,7 +260,7 @@ class DynamoTrainer:
             with torch.no_grad():
                 self.embeddings.theta[i].copy_(s["theta"])
             self.embeddings.maps[i].load_state_dict(s["maps"])
-            params = [self.embeddings.theta[i], *self.embeddings.maps[i].parameters()]
+            params = self.embeddings.parameters_of(i)
             for p, st in zip(params, s["opt"]):
                 if st is not None:
                     self.opt_emb.state[p] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}

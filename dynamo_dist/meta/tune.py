@@ -404,6 +404,7 @@ def run_sweep(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, run_dir: str, popula
     population_root = store.absolute(population_root)
     tracking_store = tracking_store or tracking.Store.at(root)
     sweep_cfg, rows = validate(meta_cfg, sweep_cfg, population_root, tracking_store)
+    meta_cfg = meta_cfg.for_population(len(rows))
     cluster = init_ray(address)
     resources, concurrency = _trial_resources(sweep_cfg, cluster)
     if sweep_cfg.scheduler == "asha" and sweep_cfg.workers_per_trial > 1:

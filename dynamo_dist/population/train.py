@@ -149,7 +149,8 @@ def record_member(root: str, cfg: PopulationConfig, model_id: str, model: torch.
         "num_classes": spec.num_classes, "input_kind": spec.input_kind, "input_shape": list(spec.input_shape),
         "vocab_size": spec.vocab_size, "test_accuracy": accuracy(model, task.test.x, task.test.y),
         "weights_path": wrel, "probe_path": paths["probe"], "test_path": paths["test"], "status": "complete",
-        "error": None,
+        "error": None, "probe_bytes": store.file_bytes(root, paths["probe"]),
+        "test_bytes": store.file_bytes(root, paths["test"]),
         **labels,
     }
 

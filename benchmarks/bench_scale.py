@@ -1,0 +1,208 @@
+"""Scale benchmark of the meta stage: memory and time against the population size N.
+
+For each N, a synthetic population is written through the real store API (real Parquet
+trajectory files, manifest, inputs; random float16 values of one small RNN shape), then
+the meta stage runs on Ray Train with ``--workers`` workers exactly as ``dynamo-dist meta``
+runs it (pre-flight, on-demand trajectory reads under ``meta.cache_bytes``, checkpoints).
+Measured, per N:
+
+* ``preflight_seconds``: ``validate_population`` (footers and manifest only);
+* ``worker_peak_rss_mb``: each Train worker's peak resident set (VmHWM from /proc, sampled
+  every 0.2 s while it lives), and ``driver_peak_rss_mb`` (this process, getrusage);
+* ``cold_seconds_per_step`` (first report interval: every model read for the first time)
+  and ``warm_seconds_per_step`` (the rest), from the per-report ``train_seconds`` the
+  workers record in ``history.parquet``;
+* ``resume_seconds``: wall time of a run resumed from the final checkpoint for
+  ``--eval-every`` more steps (Ray Train start, every worker loading its shards, the steps).
+
+Goals (issue 12): at the largest N, worker peak RSS within cache budget + 1 GB and at most
+1.2x its value at the smallest N; seconds per step within 1.3x; pre-flight <= 30 s.
+
+    python benchmarks/bench_scale.py --sizes 100 1000 10000 [--steps 300] [--cache-mb 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from dynamo_dist.config import MetaConfig
+from dynamo_dist.data import store
+from dynamo_dist.data.tasks import Split
+from dynamo_dist.meta import ray_train
+
+RESULTS = Path(__file__).resolve().parent / "results"
+T, D, C = 40, 1, 10  # MNIST-1D-shaped sequences and classes
+
+
+def write_population(root: Path, num_models: int, hidden: int, num_probe: int, num_test: int) -> float:
+    """N synthetic GRU-shaped models through the store API; returns the seconds it took."""
+    t0 = time.perf_counter()
+    store.init_root(root, {"synthetic": True, "num_models": num_models})
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("probe", num_probe), ("test", num_test)):
+        x = torch.randn(n, T, D, generator=g)
+        store.write_inputs(root, "synthetic", split, Split(x, torch.randint(0, C, (n,), generator=g),
+                                                           torch.full((n,), T, dtype=torch.long)))
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(num_models):
+        mid = f"m-{i:05d}"
+        row = {"model_id": mid, "group": f"g{i % 4}", "task": "synthetic", "arch": "gru", "hidden_size": hidden,
+               "train_fraction": 1.0, "seed": i, "epoch": None, "num_classes": C, "input_kind": "sequence",
+               "input_shape": [T, D], "vocab_size": None, "test_accuracy": 0.5, "weights_path": None,
+               "status": "complete", "error": None}
+        for split, n in (("probe", num_probe), ("test", num_test)):
+            h = torch.from_numpy(rng.standard_normal((n, T, hidden), dtype=np.float32))
+            o = torch.from_numpy(rng.standard_normal((n, T, C), dtype=np.float32))
+            rel = store.write_trajectory(root, mid, split, [h], o, "rnn", "float16")
+            row[f"{split}_path"], row[f"{split}_bytes"] = rel, store.file_bytes(root, rel)
+        rows.append(row)
+    store.upsert_manifest(root, rows)
+    return time.perf_counter() - t0
+
+
+class WorkerMemory:
+    """Samples VmHWM of every Ray Train worker process (cmdline 'ray::RayTrainWorker') until stopped."""
+
+    def __init__(self, interval: float = 0.2):
+        self.peak_kb: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.is_set():
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                    if b"RayTrainWorker" not in cmd:
+                        continue
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            kb = int(line.split()[1])
+                            self.peak_kb[int(pid)] = max(self.peak_kb.get(int(pid), 0), kb)
+                except OSError:
+                    continue
+            self._stop.wait(interval)
+
+
+def step_seconds(out: Path, eval_every: int) -> tuple[float, float]:
+    """(cold, warm) seconds per step from the report rows of history.parquet."""
+    hist = pq.read_table(out / "history.parquet").to_pylist()
+    marks = [(h["step"], h["train_seconds"]) for h in hist if h.get("train_seconds") is not None]
+    if not marks:
+        return float("nan"), float("nan")
+    cold = marks[0][1] / marks[0][0]
+    if len(marks) < 2:
+        return cold, float("nan")
+    warm = (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])
+    return cold, warm
+
+
+def run_size(work: Path, n: int, args) -> dict:
+    root, out = work / f"pop-{n}", work / f"meta-{n}"
+    shutil.rmtree(out, ignore_errors=True)
+    write_seconds = write_population(root, n, args.hidden, args.num_probe, args.num_test) if not (
+        root / "manifest.parquet").is_file() else None
+    cfg = MetaConfig(output_dir=str(out), hidden_size=32, embedding_dim=4, steps=args.steps, batch_size=16,
+                     models_per_step=4, num_workers=args.workers, eval_every=args.eval_every,
+                     checkpoint_every=args.steps, cache_bytes=args.cache_mb * 2 ** 20, val_models=args.val_models)
+    t = time.perf_counter()
+    manifest = ray_train.validate_population(cfg, str(root))
+    preflight = time.perf_counter() - t
+    t = time.perf_counter()
+    with WorkerMemory() as mem:
+        result = ray_train.build_trainer(cfg, str(root), progress=False, manifest=manifest).fit()
+        ray_train.finalize(cfg, str(root), result, manifest=manifest)
+    fit_seconds = time.perf_counter() - t
+    cold, warm = step_seconds(out, args.eval_every)
+    resumed = cfg.replace(output_dir=str(work / f"meta-{n}-resumed"), steps=args.steps + args.eval_every)
+    t = time.perf_counter()
+    with WorkerMemory() as mem_resume:
+        ray_train.build_trainer(resumed, str(root), progress=False, manifest=manifest,
+                                resume_from_checkpoint=result.checkpoint).fit()
+    resume_seconds = time.perf_counter() - t
+    disk = sum(p.stat().st_size for p in (root / "trajectories").rglob("*.parquet"))
+    rec = {
+        "num_models": n, "write_seconds": write_seconds, "trajectory_disk_mb": disk / 2 ** 20,
+        "preflight_seconds": preflight, "fit_and_finalize_seconds": fit_seconds,
+        "cold_seconds_per_step": cold, "warm_seconds_per_step": warm, "resume_seconds": resume_seconds,
+        "worker_peak_rss_mb": sorted(kb / 1024 for kb in mem.peak_kb.values()),
+        "resume_worker_peak_rss_mb": sorted(kb / 1024 for kb in mem_resume.peak_kb.values()),
+        "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    print(json.dumps(rec), flush=True)
+    if not args.keep:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(work / f"meta-{n}-resumed", ignore_errors=True)
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--val-models", type=int, default=32)
+    ap.add_argument("--cache-mb", type=int, default=256)
+    ap.add_argument("--hidden", type=int, default=16)
+    ap.add_argument("--num-probe", type=int, default=64)
+    ap.add_argument("--num-test", type=int, default=32)
+    ap.add_argument("--workdir", help="keep populations here between runs (default: a temp dir, removed)")
+    ap.add_argument("--keep", action="store_true", help="keep the meta outputs")
+    ap.add_argument("--out", default=str(RESULTS / "scale.json"))
+    args = ap.parse_args()
+
+    import ray
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    ray.init(num_cpus=args.workers, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        runs = [run_size(work, n, args) for n in args.sizes]
+    finally:
+        ray.shutdown()
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    small, large = runs[0], runs[-1]
+    ratios = {
+        "worker_peak_rss_largest_over_smallest": max(large["worker_peak_rss_mb"]) / max(small["worker_peak_rss_mb"]),
+        "warm_step_largest_over_smallest": large["warm_seconds_per_step"] / small["warm_seconds_per_step"],
+        "cold_step_largest_over_smallest": large["cold_seconds_per_step"] / small["cold_seconds_per_step"],
+    }
+    doc = {"what": "meta stage memory and time against N (synthetic float16 trajectories, real store files)",
+           "command": "python benchmarks/bench_scale.py " + " ".join(
+               f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+               for k, v in vars(args).items() if k not in ("out", "workdir", "keep")),
+           "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+           "cache_mb": args.cache_mb, "runs": runs, "ratios": ratios}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    print(json.dumps(ratios, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""On-demand trajectory reads (data/cache.py, store.trajectory_info): exact values, a budget that holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dynamo_dist.data import store
+from dynamo_dist.data.cache import TrajectoryCache
+
+N, T, H, C = 12, 5, 6, 3
+
+
+@pytest.fixture
+def root(tmp_path):
+    r = tmp_path / "pop"
+    store.init_root(r, {"test": True})
+    g = torch.Generator().manual_seed(0)
+    for i in range(6):
+        store.write_trajectory(r, f"m-{i}", "probe", [torch.randn(N, T, H, generator=g)],
+                               torch.randn(N, T, C, generator=g), "rnn", "float16" if i % 2 else "float32")
+    shapes = [(4, 6, 6), (8, 3, 3)]
+    store.write_trajectory(r, "r-0", "test", [torch.randn((N,) + s, generator=g) for s in shapes],
+                           torch.randn(N, 1, C, generator=g), "cnn", "float16")
+    return str(r)
+
+
+def _bytes(traj: store.Trajectory) -> int:
+    return sum(h.numel() * h.element_size() for h in traj.hiddens) + traj.outputs.numel() * traj.outputs.element_size()
+
+
+def test_footer_info_matches_the_decoded_file(root):
+    for mid, split in [(f"m-{i}", "probe") for i in range(6)] + [("r-0", "test")]:
+        info = store.trajectory_info(root, mid, split)
+        full = store.read_trajectory(root, mid, split, dtype=None)
+        assert info.num_examples == full.num_examples == N
+        assert info.dtype == str(full.outputs.dtype).removeprefix("torch.")
+        assert info.decoded_bytes == _bytes(full)
+        per_example = [tuple(h.shape[2:]) if info.family == "rnn" else tuple(h.shape[1:]) for h in full.hiddens]
+        assert info.hidden_shapes == per_example and info.num_outputs == C
+
+
+def test_on_demand_reads_equal_full_reads_and_keep_storage_precision(root):
+    cache = TrajectoryCache(root, budget_bytes=None)
+    for i in range(6):
+        got, want = cache.get(f"m-{i}"), store.read_trajectory(root, f"m-{i}", dtype=None)
+        assert got.outputs.dtype == (torch.float16 if i % 2 else torch.float32)
+        assert torch.equal(got.hiddens[0], want.hiddens[0]) and torch.equal(got.outputs, want.outputs)
+        # the float32 read of a float16 file is exactly the upcast of what the cache holds
+        torch.testing.assert_close(got.hiddens[0].float(), store.read_trajectory(root, f"m-{i}").hiddens[0],
+                                   rtol=0, atol=0)
+    assert cache.reads == 6 and cache.get("m-0") is cache.get("m-0") and cache.hits == 2
+
+
+def test_the_cache_never_exceeds_its_budget_and_evicts_least_recently_used(root):
+    one = store.trajectory_info(root, "m-0").decoded_bytes  # float32: the largest of the m-* files
+    cache = TrajectoryCache(root, budget_bytes=2 * one)
+    order = ["m-0", "m-2", "m-4", "m-0", "m-1", "m-3", "m-5", "m-2", "m-4"]
+    for mid in order:
+        traj = cache.get(mid)
+        assert torch.equal(traj.hiddens[0], store.read_trajectory(root, mid, dtype=None).hiddens[0])
+        assert cache.nbytes <= 2 * one
+    assert cache.peak_bytes <= 2 * one
+    assert cache.reads > len(set(order))  # it did evict and re-read
+    # least recently used goes first: m-4 and m-2 are the two most recent
+    assert set(k[0] for k in cache._items) == {"m-2", "m-4"}
+
+
+def test_a_budget_smaller_than_one_trajectory_names_the_field(root):
+    cache = TrajectoryCache(root, budget_bytes=100)
+    with pytest.raises(ValueError, match=r"meta.cache_bytes=100 is smaller than one trajectory .*'m-0'"):
+        cache.get("m-0")
+
+
+def test_prefetched_trajectories_are_served_without_a_second_read(root):
+    cache = TrajectoryCache(root, budget_bytes=None)
+    cache.prefetch(["m-1", "m-2"])
+    cache.close()  # waits for the background reads
+    assert cache.reads == 2
+    assert torch.equal(cache.get("m-1").outputs, store.read_trajectory(root, "m-1", dtype=None).outputs)
+    assert cache.reads == 2 and cache.hits == 1
+
+
+def test_a_worker_reads_only_its_models_from_a_checkpoint_written_by_other_workers(tmp_path):
+    from dynamo_dist.meta import checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    states = {f"m{i}": {"theta": torch.randn(3, generator=g), "maps": {"0.weight": torch.randn(4, 2, generator=g)},
+                        "opt": [{"step": torch.tensor(5.0), "exp_avg": torch.randn(3, generator=g)}, None]}
+              for i in range(7)}
+    ids = sorted(states)
+    shards = [ids[r::3] for r in range(3)]  # written by 3 workers
+    for r, own in enumerate(shards):
+        shared = {"step": 5, "meta": {}, "opt_meta": {}, "shards": [checkpoint.shard_file(k) for k in range(3)],
+                  "model_ids": ids} if r == 0 else None
+        checkpoint.write_shard(tmp_path, r, {m: states[m] for m in own}, shared=shared)
+    mine = ids[1::2]  # read back by 2 workers: rank 1's models
+    _, got, _ = checkpoint.read_sharded(tmp_path, model_ids=mine)
+    assert sorted(got) == mine
+    for m in mine:  # values, not ids
+        assert torch.equal(got[m]["theta"], states[m]["theta"])
+        assert torch.equal(got[m]["maps"]["0.weight"], states[m]["maps"]["0.weight"])
+        assert torch.equal(got[m]["opt"][0]["exp_avg"], states[m]["opt"][0]["exp_avg"]) and got[m]["opt"][1] is None
+    _, everything, _ = checkpoint.read_sharded(tmp_path)
+    assert sorted(everything) == ids
+
+
+def test_a_split_read_once_streams_through_without_being_held(root):
+    cache = TrajectoryCache(root, budget_bytes=10 ** 9)
+    got = cache.get("r-0", "test", keep=False)
+    assert cache.nbytes == 0 and cache.reads == 1
+    assert torch.equal(got.hiddens[1], store.read_trajectory(root, "r-0", "test", dtype=None).hiddens[1])
+    cache.get("m-0")
+    assert cache.nbytes == store.trajectory_info(root, "m-0").decoded_bytes
