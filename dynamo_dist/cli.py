@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.cmd in ("population", "meta", "sweep", "run"):
+        from .ray_utils import close_embedded_ray
+
+        close_embedded_ray(args.address)  # before anything imports ray: Ray reads the auth mode once
     try:
         return _dispatch(args)
     except (ValueError, FileNotFoundError) as err:

@@ -1,22 +1,48 @@
-"""Connecting to Ray: the one place that decides between a cluster and an in-process Ray."""
+"""Connecting to Ray: the one place that decides between a cluster and an in-process Ray.
+
+The embedded instance (no address) is this process's own and closed: ``init_ray`` starts it
+with ``address="local"`` (a bare ``ray.init()`` attaches to the last ``ray start`` cluster on
+the machine), and ``close_embedded_ray`` turns Ray's token authentication on with a fresh
+token before Ray is imported. Ray 2.58 binds its GCS and raylet to the host's address even
+when asked for 127.0.0.1, so the token is what keeps a client without it out; Ray reads the
+mode once, at import, which is why the CLI calls ``close_embedded_ray`` first thing.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
+import sys
 
-import ray
+
+def close_embedded_ray(address: str | None = None) -> bool:
+    """Token auth with a fresh token for an embedded Ray this process will start; True when set.
+
+    Leaves everything alone when a cluster is named (``address``/$RAY_ADDRESS), when the user
+    chose a mode ($RAY_AUTH_MODE), or when Ray is imported already (the mode would not apply;
+    from Python, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN before importing ray instead).
+    The embedded Ray's processes inherit the token through the environment.
+    """
+    if address or os.environ.get("RAY_ADDRESS") or "RAY_AUTH_MODE" in os.environ or "ray" in sys.modules:
+        return False
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    return True
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> dict:
-    """Connect to ``address`` / $RAY_ADDRESS, or start Ray in-process bound to 127.0.0.1.
+    """Connect to ``address`` / $RAY_ADDRESS, or start a Ray instance of this process's own
+    (``address="local"``, 127.0.0.1 asked for, no dashboard).
 
     Returns the cluster resources. A no-op when Ray is already initialised (tests share one).
     """
+    import ray
+
     if not ray.is_initialized():
         addr = address or os.environ.get("RAY_ADDRESS")
         if addr:
             ray.init(address=addr, log_to_driver=True)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                      log_to_driver=True, configure_logging=False)
     return ray.cluster_resources()
