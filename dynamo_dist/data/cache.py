@@ -130,6 +130,9 @@ class TrajectoryView(Mapping):
     def __getitem__(self, model_id: str) -> store.Trajectory:
         return self.cache.get(model_id, self.split, self.keep)
 
+    def __contains__(self, model_id: object) -> bool:  # membership without reading the file
+        return model_id in self.model_ids
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.model_ids)
 
