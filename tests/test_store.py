@@ -268,19 +268,6 @@ def test_json_files_are_strict_json_with_non_finite_numbers_as_null(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temp file left
 
 
-def test_read_trajectories_of_a_set_equals_one_by_one_reads(root, three_models):
-    ids = ["m-c", "m-a"]  # order kept as given
-    many = store.read_trajectories(root, ids, "probe", threads=2)
-    assert list(many) == ids
-    for mid in ids:
-        hs, o = three_models[mid]
-        torch.testing.assert_close(many[mid].outputs, o, rtol=0, atol=0)
-        for a, b in zip(many[mid].hiddens, hs, strict=True):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
-    with pytest.raises(FileNotFoundError, match="no-such-model"):
-        store.read_trajectories(root, ids + ["no-such-model"], "probe", threads=2)
-
-
 def test_manifest_reads_racing_a_rewriting_writer_never_fail(root):
     """A reader sees the old or the new manifest, never a mix: os.replace swaps the file between
     the opens pq.read_table(path) makes (12 of 3,000 such reads failed before store read from one handle)."""

@@ -414,7 +414,7 @@ def trajectory_info(root: str | os.PathLike, model_id: str, split: str = "probe"
         md.num_rows // max(num_steps, 1))
     value_type = schema.field("hidden").type.value_type
     dtype = "float16" if value_type == pa.float16() else "float32"
-    out_sizes = _footer_list_size(md, schema, "output")
+    out_sizes = _footer_list_size(md, "output")
     return TrajectoryInfo(model_id, split, path, family, num_examples, num_steps, shapes, out_sizes, dtype,
                           path.stat().st_size)
 
@@ -430,7 +430,7 @@ def _footer_max(md: pq.FileMetaData, column: str) -> int:
     return best
 
 
-def _footer_list_size(md: pq.FileMetaData, schema: pa.Schema, column: str) -> int:
+def _footer_list_size(md: pq.FileMetaData, column: str) -> int:
     """Values per row of a fixed-size list column: leaf values / rows, from the footer."""
     values = 0
     for rg in range(md.num_row_groups):
@@ -483,19 +483,6 @@ def read_trajectory(root: str | os.PathLike, model_id: str, split: str = "probe"
 def file_bytes(root: str | os.PathLike, rel: str) -> int:
     """Size of a file of the root (recorded in the manifest when it is written, checked on resume)."""
     return Layout.at(root).path(rel).stat().st_size
-
-
-def read_trajectories(root: str | os.PathLike, model_ids: list[str], split: str = "probe",
-                      threads: int | None = None) -> dict[str, Trajectory]:
-    """Several models' trajectories (only their files), read by ``threads`` threads (default: one
-    per CPU, at most 8; pyarrow decodes without the GIL). Errors are read_trajectory's."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    threads = threads or min(8, os.cpu_count() or 1)
-    if threads <= 1 or len(model_ids) <= 1:
-        return {m: read_trajectory(root, m, split) for m in model_ids}
-    with ThreadPoolExecutor(threads) as pool:
-        return dict(zip(model_ids, pool.map(lambda m: read_trajectory(root, m, split), model_ids)))
 
 
 def trajectory_glob(root: str | os.PathLike, split: str = "probe") -> str:

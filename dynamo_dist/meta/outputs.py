@@ -170,9 +170,6 @@ class MetaRun:
     def theta(self) -> np.ndarray:
         return self.embeddings.theta_matrix().numpy()
 
-    def embeddings_table(self) -> pa.Table:
-        return read_embeddings(self.output_dir)
-
     def summary(self) -> dict:
         return read_summary(self.output_dir)
 
