@@ -55,18 +55,13 @@ class TrajectoryCache:
         holding it (a split evaluated once per model, e.g. the test split at the end of training)."""
         key = (model_id, split)
         with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                self.hits += 1
-                return self._items[key]
-            pending = self._pending.get(key)
-        if pending is not None:
+            held, pending = self._held(key), self._pending.get(key)
+        if held is None and pending is not None:
             pending.result()  # a prefetch is decoding it: wait for that one read
             with self._lock:
-                if key in self._items:
-                    self._items.move_to_end(key)
-                    self.hits += 1
-                    return self._items[key]
+                held = self._held(key)
+        if held is not None:
+            return held
         traj = store.read_trajectory(self.root, model_id, split, dtype=None)
         if keep:
             self._put(key, traj)
@@ -74,6 +69,14 @@ class TrajectoryCache:
             with self._lock:
                 self.reads += 1
         return traj
+
+    def _held(self, key: tuple[str, str]) -> store.Trajectory | None:
+        """The held trajectory, marked most recently used (caller holds the lock)."""
+        if key not in self._items:
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return self._items[key]
 
     def _put(self, key: tuple[str, str], traj: store.Trajectory) -> None:
         size = sum(h.numel() * h.element_size() for h in traj.hiddens) + traj.outputs.numel() * traj.outputs.element_size()
@@ -126,12 +129,13 @@ class TrajectoryView(Mapping):
     def __init__(self, cache: TrajectoryCache, split: str, model_ids: Iterable[str] = (), keep: bool = True):
         self.cache, self.split, self.keep = cache, split, keep
         self.model_ids = list(model_ids)
+        self._ids = set(self.model_ids)
 
     def __getitem__(self, model_id: str) -> store.Trajectory:
         return self.cache.get(model_id, self.split, self.keep)
 
     def __contains__(self, model_id: object) -> bool:  # membership without reading the file
-        return model_id in self.model_ids
+        return model_id in self._ids
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.model_ids)

@@ -143,6 +143,7 @@ class DynamoTrainer:
         self.meta, self.embeddings = model.build(all_rows, cfg, data.model_ids, base_dims,
                                                  meta_seed=cfg.seed, embeddings_seed=cfg.seed + 1 + rank)
         self._emb_lr = cfg.embedding_lr or cfg.lr
+        self._ids = data.model_ids  # the shard's model ids, in row order (sampled from every step)
         self.forward_module: nn.Module = self.meta  # the Ray job swaps in the DDP wrapper
         self.opt_meta = torch.optim.AdamW(self.meta.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         # theta and V: no weight decay (theta starts at 0 and is the quantity under study)
@@ -172,7 +173,7 @@ class DynamoTrainer:
         The next step's models are prefetched when the probe trajectories come from a cache.
         """
         rng, chosen = self._models_of(step)
-        ids = self.data.model_ids
+        ids = self._ids
         prefetch = getattr(self.data.probe, "prefetch", None)
         if prefetch is not None:
             prefetch([ids[i] for i in sorted(self._models_of(step + 1)[1])])
