@@ -125,7 +125,6 @@ class MetaConfig(_Config):
     cache_bytes: int | None = Field(2 * 1024 ** 3, ge=1, description="decoded trajectory bytes each meta worker "
                                     "keeps in memory (LRU, read on demand); None = keep every trajectory read")
 
-
     @model_validator(mode="after")
     def _one_schedule(self):
         if self.updates_per_model is not None and "steps" in self.model_fields_set:
