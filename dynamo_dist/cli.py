@@ -1,6 +1,6 @@
 """``dynamo-dist`` command line: parse arguments, connect, call one library function.
 
-Subcommands: population, add-models, meta, embed, sweep, analyze, run (whole pipeline), ui, recipes.
+Subcommands: population, add-models, meta, embed, sweep, analyze, run (whole pipeline), repair, ui, recipes.
 Configs are pipeline YAML files (see configs/); ``--recipe NAME`` uses a built-in recipe,
 ``--set key=value`` overrides dotted fields (``--set meta.steps=100``).
 """
@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--models", nargs="+", help="model ids to embed (default: every complete model of --root)")
     em.add_argument("--steps", type=int, default=300, help="optimiser steps of theta/V per model")
     em.add_argument("--out", help="output directory (default: <meta-dir>/posthoc)")
+    rp = sub.add_parser("repair", help="check a population root's manifest against its files: rebuild a lost "
+                                       "manifest, restore lost rows, mark damaged models failed (retrained next run)")
+    add_common_args(rp, address=False)
+    rp.add_argument("--root", help="population root (default: the config's population.root)")
     sub.add_parser("recipes", help="print the built-in recipes as YAML")
     return ap
 
@@ -115,6 +119,11 @@ def _dispatch(args) -> int:
         return _add_models(args, cfg)
     if args.cmd == "embed":
         return _embed(args, cfg)
+    if args.cmd == "repair":
+        from .population.repair import repair
+
+        result = repair(args.root or cfg.population.root)
+        return 0 if not result["unrecoverable"] else 1
     if args.cmd == "population" and args.dry_run:
         from .population.train import plan
 

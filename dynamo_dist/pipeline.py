@@ -87,7 +87,9 @@ def population_stage(cfg: PipelineConfig, address: str | None = None, progress: 
     A tracking server that does not answer fails here, before any model is trained.
     """
     from .population.actors import run_population
+    from .population.train import check_spec
 
+    check_spec(cfg.population)  # bad input fails before a tracking run records a failed stage
     tracking_store(cfg).check_reachable()
     t = time.perf_counter()
     try:

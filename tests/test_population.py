@@ -13,6 +13,7 @@ from dynamo_dist import config, zoo
 from dynamo_dist.population import train as population
 from dynamo_dist.population import user_models
 from dynamo_dist.data import store
+from dynamo_dist.data.lock import LOCK_FILE
 from dynamo_dist.config import GroupSpec, PopulationConfig
 
 GROUPS = (
@@ -180,10 +181,10 @@ def test_incompatible_schema_version_is_refused_and_nothing_overwritten(tmp_path
     layout = store.Layout.at(cfg.root)
     info = json.loads(layout.info.read_text())
     layout.info.write_text(json.dumps({**info, "schema_version": 0}))
-    files = {p: p.stat().st_mtime_ns for p in layout.root.rglob("*") if p.is_file()}
+    files = {p: p.stat().st_mtime_ns for p in layout.root.rglob("*") if p.is_file() and p.name != LOCK_FILE}
     with pytest.raises(ValueError, match="schema_version=0"):
         population.run_local(cfg.replace(groups=(GROUPS[0],)), progress=False)
-    assert {p: p.stat().st_mtime_ns for p in layout.root.rglob("*") if p.is_file()} == files
+    assert {p: p.stat().st_mtime_ns for p in layout.root.rglob("*") if p.is_file() and p.name != LOCK_FILE} == files
 
 
 def test_unwritable_root_is_value_error(tmp_path):
@@ -308,9 +309,9 @@ def test_add_model_dir_records_described_and_self_describing_files(tmp_path):
 
     # adding the directory again skips every model and rewrites nothing
     layout = store.Layout.at(cfg.root)
-    before = {p: p.stat().st_mtime_ns for p in layout.root.rglob("*") if p.is_file()}
+    before = {p: p.stat().st_mtime_ns for p in layout.root.rglob("*") if p.is_file() and p.name != LOCK_FILE}
     assert user_models.add_model_dir(cfg.root, str(d), "mnist1d") == []  # cfg from the root's own spec
-    assert {p: p.stat().st_mtime_ns for p in layout.root.rglob("*") if p.is_file()} == before
+    assert {p: p.stat().st_mtime_ns for p in layout.root.rglob("*") if p.is_file() and p.name != LOCK_FILE} == before
 
 
 def test_add_model_dir_errors_name_the_file_and_write_nothing(tmp_path):

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..data import store
+from ..data import lock, store
 from ..config import AnalyzeConfig
 from ..data.tasks import UNK_ID, Split, load_task, token_id
 from ..meta import outputs
@@ -83,10 +83,16 @@ def run_analysis(meta_dir: str, cfg: AnalyzeConfig, out_dir: str | None = None, 
     (default ``<meta_dir>/analysis``) and, with ``log``, logs them as a run named "analyze"
     to the meta run's MLflow experiment and store.
     """
-    t0 = time.perf_counter()
     meta_path = Path(meta_dir)
-    run = load_meta_run(meta_path)
     out = Path(out_dir) if out_dir is not None else outputs.analysis_dir(meta_path)
+    with lock.hold(meta_path, "analyze", shared=True, what="meta run directory"), \
+            lock.hold(out, "analyze", what="analysis directory"):
+        return _analyze(meta_path, cfg, out, log)
+
+
+def _analyze(meta_path: Path, cfg: AnalyzeConfig, out: Path, log: bool) -> dict:
+    t0 = time.perf_counter()
+    run = load_meta_run(meta_path)
     ctx = _context(run, cfg, out)
     ctx.fig_dir.mkdir(parents=True, exist_ok=True)
     ctx.table_dir.mkdir(parents=True, exist_ok=True)

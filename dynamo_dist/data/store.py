@@ -46,8 +46,10 @@ SCHEMA_VERSION = 1
 MANIFEST_COLUMNS = (
     "model_id", "group", "task", "arch", "hidden_size", "train_fraction", "seed", "epoch",
     "num_classes", "input_kind", "input_shape", "vocab_size", "test_accuracy",
-    "weights_path", "probe_path", "test_path", "status", "error", "probe_bytes", "test_bytes",
+    "weights_path", "probe_path", "test_path", "status", "error", "probe_bytes", "test_bytes", "weights_bytes",
 )
+# the recording settings of population.json every model of a root shares: a run that changes one is refused
+RECORDING_FIELDS = ("data_seed", "num_examples", "num_probe", "num_test", "dtype")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -184,10 +186,24 @@ def init_root(root: str | os.PathLike, spec: dict) -> Layout:
     except OSError as err:
         raise ValueError(f"population root {layout.root} is not writable: {err}") from None
     if layout.info.exists():
-        check_schema(layout)
+        check_recording(layout.root, spec)
     else:
         write_json_atomic({"schema_version": SCHEMA_VERSION, "spec": spec}, layout.info)
     return layout
+
+
+def check_recording(root: str | os.PathLike, spec: dict) -> None:
+    """Refuse ``spec`` for an existing root whose ``population.json`` records other recording
+    settings (``RECORDING_FIELDS``) or another schema version; nothing is written."""
+    layout = Layout.at(root)
+    if not layout.info.is_file():
+        return
+    stored = check_schema(layout).get("spec") or {}
+    changed = [f for f in RECORDING_FIELDS if f in stored and f in spec and stored[f] != spec[f]]
+    if changed:
+        diff = ", ".join(f"population.{f} is {spec[f]!r} here but {stored[f]!r} in {layout.info}" for f in changed)
+        raise ValueError(f"{diff}: every model of a root is recorded with the same settings; use the root's "
+                         "values or a new population.root")
 
 
 def check_schema(layout: Layout) -> dict:
@@ -219,6 +235,9 @@ def read_spec(root: str | os.PathLike) -> dict:
 def read_manifest(root: str | os.PathLike) -> pa.Table:
     layout = Layout.at(root)
     check_schema(layout)
+    if not layout.manifest.is_file():
+        raise FileNotFoundError(f"manifest not found: {layout.manifest}; if the models' files are still there, "
+                                f"`dynamo-dist repair --root {layout.root}` rebuilds it from them")
     table = read_parquet(layout.manifest, "manifest")
     missing = [c for c in ("model_id", "task", "status") if c not in table.column_names]
     if missing:
@@ -478,6 +497,38 @@ def read_trajectory(root: str | os.PathLike, model_id: str, split: str = "probe"
                    for a, b, s in zip(bounds[:-1], bounds[1:], shapes)]
         outputs = torch.from_numpy(output.reshape(n, t_len, -1)[:, :1])
     return Trajectory(model_id=model_id, hiddens=hiddens, outputs=outputs)
+
+
+def damage(root: str | os.PathLike, row: dict) -> str | None:
+    """Why a complete model's files cannot be trusted, or None when they can (cheap: no values decoded).
+
+    Each file must exist with the size recorded when it was written (rows written before sizes
+    were recorded skip that check); trajectory files must have a readable Parquet footer and the
+    weights a readable safetensors header covering the whole file (truncation shows there).
+    """
+    layout = Layout.at(root)
+    for kind in ("weights", "probe", "test"):
+        rel = row.get(f"{kind}_path")
+        if not rel:
+            return f"no {kind}_path in its manifest row"
+        path = layout.path(rel)
+        if not path.is_file():
+            return f"{kind} file {path} is missing"
+        recorded = row.get(f"{kind}_bytes")
+        if recorded is not None and int(recorded) != path.stat().st_size:
+            return f"{kind} file {path} has {path.stat().st_size} bytes, {int(recorded)} when it was written"
+        try:
+            if kind == "weights":
+                from safetensors import safe_open  # noqa: PLC0415
+
+                with safe_open(str(path), framework="pt"):
+                    pass
+            else:
+                with pa.OSFile(str(path)) as f:
+                    pq.ParquetFile(f)
+        except Exception as err:  # noqa: BLE001 -- safetensors and Arrow raise their own error types
+            return f"{kind} file {path} is unreadable ({str(err).splitlines()[0][:200]})"
+    return None
 
 
 def file_bytes(root: str | os.PathLike, rel: str) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from ..config import MetaConfig
-from ..data import store
+from ..data import lock, store
 from .metrics import evaluate
 from .outputs import artifacts, write_outputs, write_summary
 from .trainer import DynamoTrainer, fit_with_reports, load_population, validation_means
@@ -25,8 +25,15 @@ def run_meta_local(cfg: MetaConfig, population_root: str, *, progress: bool = Tr
     ``val_*``; with ``write_every_report`` the outputs are rewritten before each report, so a
     run stopped early (ASHA) leaves those of its last report. Returns the summary.
     """
-    t0 = time.perf_counter()
     root = store.absolute(population_root)
+    with lock.hold(root, "meta", shared=True, what="population root"), \
+            lock.hold(cfg.output_dir, "meta", what="meta output directory"):
+        return _train_and_write(cfg, root, progress, tracking_store, on_report, write_every_report)
+
+
+def _train_and_write(cfg: MetaConfig, root: str, progress: bool, tracking_store, on_report,
+                     write_every_report: bool) -> dict:
+    t0 = time.perf_counter()
     data = load_population(root, cache_bytes=cfg.cache_bytes)
     cfg = cfg.for_population(len(data.rows))
     trainer = DynamoTrainer(cfg, data)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import store
+from ..data import lock, store
 from ..zoo import ArchSpec, family_of
 from . import outputs
 from .metrics import emulation_metrics
@@ -118,6 +118,14 @@ def run_posthoc(meta_output_dir: str | Path, population_root: str, model_ids: li
     rows, and ``embedding_pca.png``: the new models among the trained ones in the trained
     space's PCA plane. Returns the parquet path. The meta run itself is never modified.
     """
+    out = Path(out_dir) if out_dir is not None else outputs.posthoc_dir(meta_output_dir)
+    with lock.hold(meta_output_dir, "embed", shared=True, what="meta run directory"), \
+            lock.hold(out, "embed", what="post-hoc output directory"):
+        return _embed_and_write(meta_output_dir, population_root, model_ids, steps, out, seed, progress)
+
+
+def _embed_and_write(meta_output_dir, population_root: str, model_ids, steps: int, out: Path, seed: int,
+                     progress: bool) -> Path:
     import pyarrow as pa
 
     results = embed_new_models(meta_output_dir, population_root, model_ids, steps=steps, seed=seed, progress=progress)
@@ -133,7 +141,6 @@ def run_posthoc(meta_output_dir: str | Path, population_root: str, model_ids: li
     table = outputs.embeddings_table([{"model_id": m, "theta": results[m]["theta"]} for m in new_ids],
                              store.manifest_rows(population_root))
     rows = [{**r, **extra[r["model_id"]]} for r in table.to_pylist()]
-    out = Path(out_dir) if out_dir is not None else outputs.posthoc_dir(meta_dir)
     path = out / "embeddings.parquet"
     if path.is_file():  # keep earlier post-hoc models; a re-embedded model's row is replaced
         replaced = set(new_ids)

@@ -35,7 +35,7 @@ from torch import nn
 
 from .. import config as config_mod
 from ..config import MetaConfig
-from ..data import store
+from ..data import lock, store
 from ..ray_utils import init_ray
 from . import checkpoint, outputs
 from .metrics import evaluate
@@ -475,14 +475,16 @@ def run_meta(cfg: MetaConfig, population_root: str, address: str | None = None, 
     """
     t0 = time.perf_counter()
     root = store.absolute(population_root)
-    manifest = validate_population(cfg, root)  # read once here, passed down
-    cfg = cfg.for_population(len(manifest))
-    if tracking_store is not None:
-        tracking_store.check_reachable()
-    init_ray(address)
-    result = build_trainer(cfg, root, tracking_store=tracking_store, progress=progress, manifest=manifest).fit()
-    return finalize(cfg, root, result, tracking_store=tracking_store, wall_seconds=time.perf_counter() - t0,
-                    manifest=manifest)
+    with lock.hold(root, "meta", shared=True, what="population root"), \
+            lock.hold(cfg.output_dir, "meta", what="meta output directory"):
+        manifest = validate_population(cfg, root)  # read once here, passed down
+        cfg = cfg.for_population(len(manifest))
+        if tracking_store is not None:
+            tracking_store.check_reachable()
+        init_ray(address)
+        result = build_trainer(cfg, root, tracking_store=tracking_store, progress=progress, manifest=manifest).fit()
+        return finalize(cfg, root, result, tracking_store=tracking_store, wall_seconds=time.perf_counter() - t0,
+                        manifest=manifest)
 
 
 __all__ = ["assign_shards", "validate_population", "train_loop_per_worker", "build_trainer", "finalize", "run_meta"]

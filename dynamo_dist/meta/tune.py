@@ -68,7 +68,7 @@ from typing import Any
 
 from .. import config as config_mod
 from ..config import MetaConfig, SweepConfig
-from ..data import store
+from ..data import lock, store
 from . import outputs
 
 METRIC_MODES = {"val_agreement": "max", "val_hidden_r2": "max", "loss": "min"}
@@ -394,14 +394,19 @@ def run_sweep(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, run_dir: str, popula
     wall_seconds, output_dir, mlflow_run_id, rank. Raises ValueError/FileNotFoundError
     before any trial starts on bad input, RuntimeError when every trial failed.
     """
+    population_root = store.absolute(population_root)
+    with lock.hold(population_root, "sweep", shared=True, what="population root"):
+        return _sweep(meta_cfg, sweep_cfg, Path(store.absolute(run_dir)), population_root, address, tracking_store)
+
+
+def _sweep(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, root: Path, population_root: str, address: str | None,
+           tracking_store) -> list[dict]:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from .. import tracking
     from ..ray_utils import init_ray
 
-    root = Path(store.absolute(run_dir))
-    population_root = store.absolute(population_root)
     tracking_store = tracking_store or tracking.Store.at(root)
     sweep_cfg, rows = validate(meta_cfg, sweep_cfg, population_root, tracking_store)
     meta_cfg = meta_cfg.for_population(len(rows))

@@ -27,7 +27,7 @@ import torch
 from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
 
 from . import train
-from ..data import store
+from ..data import lock, store
 from ..config import PopulationConfig
 from .train import ModelJob
 from ..ray_utils import init_ray
@@ -84,28 +84,29 @@ def run_population(cfg: PopulationConfig, address: str | None = None, progress: 
                          "set gpus_per_actor (e.g. 0.25 for four actors per GPU)")
     root = str(Path(cfg.root).expanduser().resolve())
     cfg = cfg.replace(root=root)
-    train.init_population(cfg)  # validates ids, root and schema version before Ray starts
-    jobs = train.pending_jobs(root, cfg)
-    total = sum(len(j.member_ids()) for j in train.expand(cfg))
-    todo = sum(len(j.member_ids()) for j in jobs)
-    failed: dict[str, str] = {}
-    if jobs:
-        init_ray(address)
-        from tqdm.auto import tqdm
+    with lock.hold(root, "population", what="population root"):
+        train.init_population(cfg)  # validates ids, root and schema version before Ray starts
+        jobs = train.pending_jobs(root, cfg, report=progress)
+        total = sum(len(j.member_ids()) for j in train.expand(cfg))
+        todo = sum(len(j.member_ids()) for j in jobs)
+        failed: dict[str, str] = {}
+        if jobs:
+            init_ray(address)
+            from tqdm.auto import tqdm
 
-        with tqdm(total=total, initial=total - todo, desc="population", unit="model", disable=not progress,
-                  dynamic_ncols=True) as bar:
-            failed = _Scheduler(cfg, jobs, max_retries, bar, on_progress).run()
-    rows = store.manifest_rows(root)
-    if progress:
-        for g in train.group_summary(rows):
-            print(f"{g['group']}: {g['count']} models, test accuracy "
-                  f"{g['mean_accuracy']:.3f} ± {g['std_accuracy']:.3f}")
-        if failed:
-            print(f"failed: {len(failed)} model(s), status 'failed' in the manifest, e.g. "
-                  f"{next(iter(failed))}: {next(iter(failed.values()))}")
-    train.check_failures(root, cfg, failed)
-    return rows
+            with tqdm(total=total, initial=total - todo, desc="population", unit="model", disable=not progress,
+                      dynamic_ncols=True) as bar:
+                failed = _Scheduler(cfg, jobs, max_retries, bar, on_progress).run()
+        rows = store.manifest_rows(root)
+        if progress:
+            for g in train.group_summary(rows):
+                print(f"{g['group']}: {g['count']} models, test accuracy "
+                      f"{g['mean_accuracy']:.3f} ± {g['std_accuracy']:.3f}")
+            if failed:
+                print(f"failed: {len(failed)} model(s), status 'failed' in the manifest, e.g. "
+                      f"{next(iter(failed))}: {next(iter(failed.values()))}")
+        train.check_failures(root, cfg, failed)
+        return rows
 
 
 class _Scheduler:

@@ -9,14 +9,16 @@ a model is complete when its weights and trajectory files exist and its row says
 from __future__ import annotations
 
 import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .. import zoo
-from ..data import store
+from ..data import lock, store
 from ..config import GroupSpec, PopulationConfig
 from ..data.tasks import TaskData, fraction_subset, load_task
 
@@ -143,8 +145,7 @@ def record_member(root: str, cfg: PopulationConfig, model_id: str, model: torch.
         hs, outs = record(model, data.x[:n])
         paths[split] = store.write_trajectory(root, model_id, split, hs, outs, spec.family, cfg.dtype)
     wrel = layout.weights_rel(model_id)
-    zoo.save(model, layout.path(wrel), extra={"model_id": model_id})
-    return {
+    row = {
         "model_id": model_id, "task": task_name, "arch": spec.arch, "hidden_size": spec.hidden_size,
         "num_classes": spec.num_classes, "input_kind": spec.input_kind, "input_shape": list(spec.input_shape),
         "vocab_size": spec.vocab_size, "test_accuracy": accuracy(model, task.test.x, task.test.y),
@@ -153,6 +154,10 @@ def record_member(root: str, cfg: PopulationConfig, model_id: str, model: torch.
         "test_bytes": store.file_bytes(root, paths["test"]),
         **labels,
     }
+    # the row travels in the weights file too: a lost manifest is rebuilt from the files (repair.py)
+    zoo.save(model, layout.path(wrel), extra={"model_id": model_id, ROW_KEY: store.to_json(row, indent=None)})
+    row["weights_bytes"] = store.file_bytes(root, wrel)
+    return row
 
 
 def train_and_record(root: str, cfg: PopulationConfig, job: ModelJob) -> list[dict]:
@@ -176,6 +181,7 @@ def train_and_record(root: str, cfg: PopulationConfig, job: ModelJob) -> list[di
     return rows
 
 
+ROW_KEY = "dynamo.manifest_row"  # weights-file metadata holding the model's manifest row
 MODEL_ERRORS = (ValueError, FileNotFoundError)  # one model's data or numbers: fail that model, not the stage
 
 
@@ -196,21 +202,34 @@ def check_failures(root: str, cfg: PopulationConfig, failed: dict[str, str]) -> 
                          "have status 'failed' in its manifest and are retried by a re-run")
 
 
-def completed_ids(root: str) -> set[str]:
-    """Models whose manifest row is complete and whose files all exist (resume skips them)."""
+def completed_ids(root: str, damaged: dict[str, str] | None = None) -> set[str]:
+    """Models whose manifest row is complete and whose files pass ``store.damage`` (resume skips them).
+
+    ``damaged``: filled with model_id -> what is wrong, for complete rows whose files do not pass.
+    Files are checked by parallel threads (opens dominate on network filesystems).
+    """
     layout = store.Layout.at(root)
     if not layout.manifest.exists():
         return set()
-    done = set()
-    for r in store.manifest_rows(root):
-        if all(layout.path(r[k]).is_file() for k in ("weights_path", "probe_path", "test_path")):
-            done.add(r["model_id"])
-    return done
+    rows = store.manifest_rows(root)
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        problems = list(pool.map(lambda r: store.damage(root, r), rows))
+    if damaged is not None:
+        damaged.update({r["model_id"]: p for r, p in zip(rows, problems) if p})
+    return {r["model_id"] for r, p in zip(rows, problems) if not p}
 
 
-def pending_jobs(root: str, cfg: PopulationConfig) -> list[ModelJob]:
-    done = completed_ids(root)
-    return [j for j in expand(cfg) if not set(j.member_ids()) <= done]
+def pending_jobs(root: str, cfg: PopulationConfig, report: bool = False) -> list[ModelJob]:
+    """Jobs of ``cfg`` with a member not complete in ``root``; ``report`` prints a line per damaged model."""
+    damaged: dict[str, str] = {}
+    done = completed_ids(root, damaged)
+    jobs = [j for j in expand(cfg) if not set(j.member_ids()) <= done]
+    if report:
+        wanted = {m for j in jobs for m in j.member_ids()}
+        for mid, problem in sorted(damaged.items()):
+            print(f"model {mid}: {problem}; " + ("retraining it" if mid in wanted else
+                                                 "not in this spec, left as it is"), flush=True)
+    return jobs
 
 
 def plan(cfg: PopulationConfig) -> list[dict]:
@@ -229,30 +248,44 @@ def plan(cfg: PopulationConfig) -> list[dict]:
     return out
 
 
-def init_population(cfg: PopulationConfig) -> store.Layout:
+def check_spec(cfg: PopulationConfig) -> None:
+    """What can be checked about ``cfg`` against its root before any work, writing nothing:
+    unique ids, the root's schema version and recording settings."""
+    expand(cfg)
+    store.check_recording(cfg.root, cfg.model_dump(mode="json"))
+
+
+def init_population(cfg: PopulationConfig, progress: bool = True) -> store.Layout:
+    """Create or re-open ``cfg.root`` (ids, schema, recording settings checked; a lost manifest
+    rebuilt from the files, ``repair.recover_lost_manifest``). The caller holds the root's lock."""
+    from .repair import recover_lost_manifest  # noqa: PLC0415 -- repair builds on this module
+
     expand(cfg)  # validate ids before touching disk
-    return store.init_root(cfg.root, cfg.model_dump(mode="json"))
+    layout = store.init_root(cfg.root, cfg.model_dump(mode="json"))
+    recover_lost_manifest(cfg.root, progress)
+    return layout
 
 
 def run_local(cfg: PopulationConfig, progress: bool = True) -> list[dict]:
     """Train and record the whole population sequentially in this process (resumable)."""
     resolve_device(cfg.device)  # a GPU asked for but absent fails before any work
-    init_population(cfg)
-    jobs = pending_jobs(cfg.root, cfg)
-    from tqdm.auto import tqdm
+    with lock.hold(cfg.root, "population", what="population root"):
+        init_population(cfg)
+        jobs = pending_jobs(cfg.root, cfg, report=progress)
+        from tqdm.auto import tqdm
 
-    failed: dict[str, str] = {}
-    for job in tqdm(jobs, desc="population", unit="model", disable=not progress):
-        if len(failed) > cfg.max_failed_models:
-            break  # the stage fails anyway: stop training, keep what is done
-        try:
-            rows = train_and_record(cfg.root, cfg, job)
-        except MODEL_ERRORS as err:
-            rows = failed_rows(job, str(err))
-            failed.update({r["model_id"]: r["error"] for r in rows})
-        store.upsert_manifest(cfg.root, rows)
-    check_failures(cfg.root, cfg, failed)
-    return store.manifest_rows(cfg.root)
+        failed: dict[str, str] = {}
+        for job in tqdm(jobs, desc="population", unit="model", disable=not progress):
+            if len(failed) > cfg.max_failed_models:
+                break  # the stage fails anyway: stop training, keep what is done
+            try:
+                rows = train_and_record(cfg.root, cfg, job)
+            except MODEL_ERRORS as err:
+                rows = failed_rows(job, str(err))
+                failed.update({r["model_id"]: r["error"] for r in rows})
+            store.upsert_manifest(cfg.root, rows)
+        check_failures(cfg.root, cfg, failed)
+        return store.manifest_rows(cfg.root)
 
 
 def group_summary(rows: list[dict]) -> list[dict]:

@@ -14,7 +14,7 @@ import torch
 
 from .. import zoo
 from ..config import PopulationConfig
-from ..data import store
+from ..data import lock, store
 from ..data.tasks import TaskData
 from .train import completed_ids, init_population, record_member, task_for
 
@@ -33,19 +33,20 @@ def add_models(root: str, models: dict[str, torch.nn.Module], task: str, cfg: Po
     cfg = _record_cfg(root, cfg)
     data = task_for(cfg, task)
     zoo_models = {store.check_model_id(mid): _as_zoo_model(mid, m, data) for mid, m in models.items()}
-    init_population(cfg)
-    done = completed_ids(root)
-    todo = [mid for mid in zoo_models if mid not in done]
-    if progress and len(todo) < len(zoo_models):
-        print(f"skipping {len(zoo_models) - len(todo)} model(s) already complete in {root}")
-    from tqdm.auto import tqdm
+    with lock.hold(root, "add-models", what="population root"):
+        init_population(cfg)
+        done = completed_ids(root)
+        todo = [mid for mid in zoo_models if mid not in done]
+        if progress and len(todo) < len(zoo_models):
+            print(f"skipping {len(zoo_models) - len(todo)} model(s) already complete in {root}")
+        from tqdm.auto import tqdm
 
-    rows = []
-    for mid in tqdm(todo, desc="record", unit="model", disable=not progress):
-        row = record_member(root, cfg, mid, zoo_models[mid], task, {"group": group, **(labels or {}).get(mid, {})})
-        store.upsert_manifest(root, [row])  # one at a time: a failure later keeps what is done
-        rows.append(row)
-    return rows
+        rows = []
+        for mid in tqdm(todo, desc="record", unit="model", disable=not progress):
+            row = record_member(root, cfg, mid, zoo_models[mid], task, {"group": group, **(labels or {}).get(mid, {})})
+            store.upsert_manifest(root, [row])  # one at a time: a failure later keeps what is done
+            rows.append(row)
+        return rows
 
 
 def add_model_dir(root: str, directory: str, task: str, cfg: PopulationConfig | None = None,
