@@ -33,7 +33,8 @@ def load_pipeline(args) -> config_mod.PipelineConfig:
     if args.config:
         return config_mod.load(args.config, overrides=overrides)
     data = config_mod.apply_overrides(config_mod.recipe_data(args.recipe or "demo"), overrides)
-    return config_mod.parse(config_mod.PipelineConfig, data, source=f"recipe {args.recipe or 'demo'}")
+    return config_mod.parse(config_mod.PipelineConfig, data, source=f"recipe {args.recipe or 'demo'}",
+                            overrides=overrides)
 
 
 def add_common_args(p: argparse.ArgumentParser, address: bool = True) -> None:
@@ -102,6 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"dynamo-dist {args.cmd}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a path the user gave that cannot be written or read (permissions, a file in the way)
+        where = f": {err.filename}" if err.filename else ""
+        print(f"dynamo-dist {args.cmd}: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ndynamo-dist {args.cmd}: interrupted; completed work is kept (every file is written whole), "
+              "re-run the same command to resume", file=sys.stderr)
+        return 130
 
 
 def _dispatch(args) -> int:

@@ -25,6 +25,15 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, v, info):
+        # pydantic's lax mode reads True as 1: ``num_seeds: yes`` would train one model
+        if isinstance(v, bool) and cls.model_fields[info.field_name].annotation is not bool:
+            raise ValueError(f"expected a number or name, got the boolean {v} (YAML reads yes/no/on/off/true/false "
+                             "as booleans)")
+        return v
+
     def replace(self, **changes: Any):
         """A validated copy with ``changes`` applied (pydantic's model_copy skips validation).
 
@@ -50,6 +59,16 @@ class GroupSpec(_Config):
     weight_decay: float = Field(5e-4, ge=0.0, description="AdamW weight decay")
     every_epoch: bool = Field(False, description="each epoch's checkpoint becomes its own population member")
 
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        from .data.tasks import TASKS, USER_PREFIXES  # noqa: PLC0415 -- the registry lives with the loaders
+
+        if v not in TASKS and not v.startswith(USER_PREFIXES):
+            raise ValueError(f"unknown task {v!r}; known tasks: {', '.join(TASKS)}, or csv:/path/file.csv / "
+                             "parquet:/path/file.parquet")
+        return v
+
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
@@ -74,6 +93,8 @@ class PopulationConfig(_Config):
     gpus_per_actor: float = Field(0.0, ge=0.0, description="GPU fraction each population actor holds")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where base models train: auto = cuda when the "
                                                   "process sees a GPU (Ray actors do with gpus_per_actor > 0), else cpu")
+    placement_timeout_s: float = Field(600.0, gt=0.0, description="seconds jobs may wait with no population actor "
+                                       "placed (e.g. after a node died) before the stage fails naming the resources")
     max_failed_models: int = Field(0, ge=0, description="models that may fail (e.g. diverge to NaN) without failing "
                                    "the stage; they are recorded with status 'failed' and left out of later stages")
 
@@ -119,6 +140,8 @@ class MetaConfig(_Config):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (theta/V shards)")
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
     max_failures: int = Field(2, ge=0, description="Ray Train restarts after a worker dies")
+    placement_timeout_s: float = Field(600.0, gt=0.0, description="seconds Ray Train may wait for its workers to be "
+                                       "placed (e.g. after a node died) before the stage fails naming the resources")
     eval_every: int = Field(250, ge=1, description="steps between validation metrics on held-out probe sequences")
     val_models: int | None = Field(64, ge=1, description="models per worker whose held-out probe sequences give the "
                                    "val_* metrics of each report (a fixed sample; None = every model)")
@@ -285,21 +308,25 @@ def recipe(name: str) -> PipelineConfig:
     return parse(PipelineConfig, recipe_data(name), source=f"recipe {name}")
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _format_validation_error(err: ValidationError, source: str, overrides: dict[str, Any] | None = None) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "<root>"
         bad = e.get("input")
-        lines.append(f"  {field}: {e['msg']} (got {bad!r})" if not isinstance(bad, dict) else f"  {field}: {e['msg']}")
+        # a field an override set (or lies under) is blamed on the override, not on the file
+        by = [k for k in overrides or {} if field == k or field.startswith(k + ".")]
+        where = f"{field} (from --set {by[0]}={overrides[by[0]]!r})" if by else field
+        lines.append(f"  {where}: {e['msg']} (got {bad!r})" if not isinstance(bad, dict) else f"  {where}: {e['msg']}")
     return "\n".join(lines)
 
 
-def parse(cls: type[_Config], data: dict[str, Any], source: str = "<dict>"):
-    """Validate ``data`` into ``cls``; raise ValueError naming every bad field."""
+def parse(cls: type[_Config], data: dict[str, Any], source: str = "<dict>", overrides: dict[str, Any] | None = None):
+    """Validate ``data`` into ``cls``; raise ValueError naming every bad field (and the
+    ``overrides`` that set it)."""
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise ValueError(_format_validation_error(err, source)) from None
+        raise ValueError(_format_validation_error(err, source, overrides)) from None
 
 
 def load(path: str | Path, cls: type[_Config] = PipelineConfig, overrides: dict[str, Any] | None = None):
@@ -322,7 +349,7 @@ def load(path: str | Path, cls: type[_Config] = PipelineConfig, overrides: dict[
             raise ValueError(f"config file {p}: 'recipe' is only valid in pipeline configs")
         data = _deep_merge(_without_replaced_schedule(recipe_data(base_name), data.get("meta")), data)
     apply_overrides(data, overrides or {})
-    return parse(cls, data, source=str(p))
+    return parse(cls, data, source=str(p), overrides=overrides)
 
 
 def _without_replaced_schedule(base: dict, meta_over: Any) -> dict:

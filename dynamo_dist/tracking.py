@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import subprocess
 import sys
@@ -35,7 +36,12 @@ def resolve_uri(run_dir: str | os.PathLike, tracking_uri: str | None) -> str:
     if uri:
         return uri
     path = Path(run_dir).resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        in_way = "; a file is in the way" if path.exists() or err.errno == errno.ENOTDIR else ""
+        raise ValueError(f"run_dir {path} (the MLflow store's home) is not writable: cannot create it "
+                         f"({err.strerror}{in_way})") from None
     return f"sqlite:///{path / 'mlflow.db'}"
 
 

@@ -278,9 +278,9 @@ def test_overrides_index_lists(tmp_path):
     cfg = config.load(p, overrides={"population.groups.1.num_seeds": 5})
     assert [g.num_seeds for g in cfg.population.groups] == [2, 5]
     # invalid values and unknown fields reach validation, which names the dotted field
-    with pytest.raises(ValueError, match=r"population\.groups\.0\.num_seeds: Input should be greater"):
+    with pytest.raises(ValueError, match=r"population\.groups\.0\.num_seeds \(from --set population.groups.0.num_seeds=0\): Input should be greater"):
         config.load(p, overrides={"population.groups.0.num_seeds": 0})
-    with pytest.raises(ValueError, match=r"population\.groups\.0\.bogus: Extra inputs"):
+    with pytest.raises(ValueError, match=r"population\.groups\.0\.bogus \(from --set population.groups.0.bogus=1\): Extra inputs"):
         config.load(p, overrides={"population.groups.0.bogus": 1})
     with pytest.raises(ValueError, match=r"population\.groups\.2.*2-element list"):
         config.load(p, overrides={"population.groups.2.lr": 0.1})

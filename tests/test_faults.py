@@ -205,3 +205,128 @@ def test_changed_recording_settings_are_refused(root, tmp_path):
     cfg = _write_config(tmp_path / "c.yaml", root, num_probe=16)
     _battery_case(tmp_path, ["population", "--config", str(cfg)], 2,
                   ["population.num_probe is 16 here but 32 in", str(root / "population.json")])
+
+
+def _smoke_args(run_dir: Path, *sets: str) -> list[str]:
+    return ["--recipe", "smoke", "--set", f"run_dir={run_dir}", *[a for s in sets for a in ("--set", s)]]
+
+
+def test_unknown_task_is_refused_before_any_work(tmp_path):
+    res = _battery_case(tmp_path, ["population", *_smoke_args(tmp_path / "run", "population.groups.0.task=nope")],
+                        2, ["population.groups.0.task (from --set population.groups.0.task='nope')",
+                            "unknown task 'nope'"])
+    assert not (tmp_path / "run").exists() and "recipe smoke" in res.stderr
+
+
+def test_booleans_are_not_numbers(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"recipe": "smoke", "run_dir": str(tmp_path / "run")})
+                   + "population:\n  groups:\n    - {name: a, num_seeds: yes}\n")
+    _battery_case(tmp_path, ["population", "--config", str(cfg)], 2,
+                  [f"invalid config {cfg}", "population.groups.0.num_seeds: Value error, expected a number or name, "
+                                            "got the boolean True"])
+    _battery_case(tmp_path, ["meta", "--config", str(cfg), "--set", "meta.steps=true"], 2,
+                  ["meta.steps (from --set meta.steps=True)"])
+
+
+def test_a_file_where_the_run_dir_should_be(tmp_path):
+    (tmp_path / "run").write_text("not a directory")
+    _battery_case(tmp_path, ["population", *_smoke_args(tmp_path / "run")], 2,
+                  [f"run_dir {tmp_path / 'run'} (the MLflow store's home) is not writable", "a file is in the way"])
+
+
+def test_a_pickle_payload_in_a_checkpoint_is_refused_naming_it(trained, tmp_path):
+    import torch
+
+    from dynamo_dist.config import MetaConfig, dump
+
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    dump(MetaConfig(output_dir=str(meta)), meta / "meta_config.yaml")
+    (meta / "meta_run.json").write_text(json.dumps({"population_root": str(trained)}))
+    torch.save({"step": 1, "payload": Path("x")}, meta / "checkpoint.pt")  # a non-tensor object
+    _battery_case(tmp_path, ["analyze", "--meta-dir", str(meta), "--no-log"], 2,
+                  [f"checkpoint {meta / 'checkpoint.pt'} holds objects other than tensors"], new_files=True)
+
+
+def test_ctrl_c_is_one_line_and_a_rerun_resumes(tmp_path):
+    import signal
+
+    root = tmp_path / "run" / "population"
+    args = ["population", *_smoke_args(tmp_path / "run", "population.groups.0.epochs=30")]
+    proc = subprocess.Popen([sys.executable, "-m", "dynamo_dist.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (root / "inputs").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)  # the first model is being recorded: training is under way
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted; completed work is kept" in err and "Traceback" not in err
+    assert not [p for p in root.rglob("*.tmp")]  # nothing half-written left behind
+
+
+@pytest.fixture(scope="module")
+def meta_run(trained, tmp_path_factory):
+    """A real (2-worker Ray Train) meta run on a copy of the trained root, inside one run_dir."""
+    run_dir = tmp_path_factory.mktemp("metarun") / "run"
+    shutil.copytree(trained, run_dir / "population")
+    args = _smoke_args(run_dir, "meta.steps=10", "meta.checkpoint_every=5", "meta.eval_every=5",
+                       "meta.num_workers=2", "meta.val_models=2")
+    res = _cli("meta", *args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run_dir, args
+
+
+def test_a_resume_with_other_shapes_is_refused_in_the_driver(meta_run, tmp_path):
+    run_dir, args = meta_run
+    t = time.monotonic()
+    res = _cli("meta", *args, "--set", "meta.embedding_dim=3")
+    assert res.returncode == 2, res.stderr
+    assert "embedding_dim: checkpoint 2 vs config 3" in res.stderr and f"meta.output_dir {run_dir / 'meta'}" in res.stderr
+    assert "Traceback" not in res.stderr and time.monotonic() - t < 60  # no Ray Train retries
+
+
+def test_a_moved_run_dir_reads_its_own_population(meta_run, tmp_path):
+    from dynamo_dist.meta.outputs import load_meta_run
+
+    run_dir, _ = meta_run
+    copy = Path(shutil.copytree(run_dir, tmp_path / "moved"))
+    moved = load_meta_run(copy / "meta")
+    assert moved.population_root == str(copy / "population") and moved.cfg.output_dir == str(copy / "meta")
+    # only the meta dir copied: it still reads the population it was trained on
+    alone = Path(shutil.copytree(run_dir / "meta", tmp_path / "alone"))
+    assert load_meta_run(alone).population_root == str(run_dir / "population")
+
+
+@pytest.fixture
+def ray_with_short_starts(monkeypatch):
+    """A local 2-CPU Ray whose Train worker groups give up a start attempt after 5 s (Ray's default: 60 s)."""
+    import ray
+
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "5")  # read by the Train controller actor
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    yield ray
+    ray.shutdown()
+
+
+def test_meta_workers_that_cannot_be_placed_fail_after_the_bound(trained, tmp_path, ray_with_short_starts):
+    from dynamo_dist.config import MetaConfig
+    from dynamo_dist.meta.ray_train import run_meta
+
+    ray = ray_with_short_starts
+
+    @ray.remote(num_cpus=1)
+    class Holder:  # a lost node: one of the two CPUs is gone
+        def ready(self):
+            return True
+
+    holder = Holder.remote()
+    ray.get(holder.ready.remote(), timeout=120)
+    cfg = MetaConfig(output_dir=str(tmp_path / "meta"), num_workers=2, steps=5, hidden_size=8, embedding_dim=2,
+                     batch_size=8, models_per_step=1, placement_timeout_s=10)
+    t = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"meta: 2 Ray Train worker\(s\) of 1 CPU each could not be placed within "
+                                           r"meta.placement_timeout_s=10.0 s; the cluster has \{'CPU': 1.0\} free"):
+        run_meta(cfg, str(trained), progress=False)
+    assert time.monotonic() - t < 120

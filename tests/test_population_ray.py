@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import duckdb
@@ -138,6 +139,63 @@ def test_actor_killed_mid_population_is_replaced_and_run_completes(ray_pop, tmp_
     _assert_complete_and_readable(cfg, rows)
     # the lost jobs were re-run from scratch: same models as the undisturbed run
     assert [r["test_accuracy"] for r in rows] == [r["test_accuracy"] for r in ref_rows]
+
+
+@ray.remote(num_cpus=1)
+class _CpuHolder:
+    """Takes a CPU away from the population, as a lost node would."""
+
+    def ready(self) -> bool:
+        return True
+
+
+def test_a_dead_actors_jobs_go_to_the_live_one_when_its_replacement_cannot_be_placed(ray_pop, tmp_path):
+    ref_cfg, ref_rows = ray_pop
+    cfg = _cfg(tmp_path / "root", num_actors=2, placement_timeout_s=600)
+    holders, completions = [], []
+
+    def kill_one_and_take_its_cpu(rows, actors):
+        completions.extend(r["model_id"] for r in rows)
+        if not holders:
+            ray.kill(actors[0], no_restart=True)
+            holders.append(_CpuHolder.remote())
+            ray.get(holders[0].ready.remote(), timeout=120)  # the freed CPU is gone before a replacement asks
+
+    try:
+        rows = run_population(cfg, progress=False, on_progress=kill_one_and_take_its_cpu)
+    finally:
+        for h in holders:
+            ray.kill(h)
+    _assert_complete_and_readable(cfg, rows)
+    assert sorted(completions) == IDS  # every model exactly once, on the surviving actor
+    assert [r["test_accuracy"] for r in rows] == [r["test_accuracy"] for r in ref_rows]
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU") == 2  # the unplaced replacement was cancelled
+
+
+def test_jobs_with_no_placeable_actor_fail_after_the_bound_naming_the_resources(tmp_path):
+    cfg = _cfg(tmp_path / "root", num_actors=1, cpus_per_actor=2, placement_timeout_s=2)
+    holders = []
+
+    def kill_the_actor_and_take_a_cpu(rows, actors):
+        if not holders:
+            ray.kill(actors[0], no_restart=True)
+            holders.append(_CpuHolder.remote())
+            ray.get(holders[0].ready.remote(), timeout=120)
+
+    t = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match=r"no population actor could be placed for \d+ s \(population\."
+                                               r"placement_timeout_s=2.0\): each needs \{'CPU': 2.0\}; the "
+                                               r"cluster has \{'CPU': 1.0\} free of \{'CPU': 2.0\}"):
+            run_population(cfg, progress=False, on_progress=kill_the_actor_and_take_a_cpu)
+    finally:
+        for h in holders:
+            ray.kill(h)
+    assert time.monotonic() - t < 120
+    assert 1 <= len(store.manifest_rows(cfg.root)) < len(IDS)  # what finished is kept
 
 
 def test_retries_are_bounded_and_the_error_names_the_model(tmp_path):

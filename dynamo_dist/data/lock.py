@@ -66,10 +66,14 @@ def hold(directory: str | os.PathLike, stage: str, *, shared: bool = False, what
     """Hold ``directory`` for ``stage`` (exclusive; ``shared=True`` for a reader) while the block runs.
 
     Raises :class:`LockedError` naming the holder when another process holds it in a conflicting
-    mode. The directory is created for an exclusive lock; a reader of a directory it cannot
-    write (a read-only mount) proceeds without a lock, since no writer can be there through it.
+    mode. The directory is created for an exclusive lock; a reader of a directory that does not
+    exist, or that it cannot write (a read-only mount), proceeds without a lock, since no writer
+    can be there through it.
     """
     d = Path(directory)
+    if shared and not d.is_dir():
+        yield  # nothing to read there: the reader's own checks say so, in their terms
+        return
     if not shared:
         try:
             d.mkdir(parents=True, exist_ok=True)

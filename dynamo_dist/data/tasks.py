@@ -578,7 +578,7 @@ _REGISTRY: dict[str, _Builder] = {
     "fake_images": lambda n, s, d, L, V, k: _load_fake_images(n, s, k),
 }
 TASKS: tuple[str, ...] = tuple(_REGISTRY)
-_USER_PREFIXES = ("csv:", "parquet:")
+USER_PREFIXES = ("csv:", "parquet:")
 _TEXT_TASKS = ("tweets", "tweets3")
 
 
@@ -604,7 +604,7 @@ def load_task(
     num_examples: total examples before splitting (MNIST-1D: generated samples,
         default 5000; fake_images: default 512; others: a seeded subsample).
     """
-    if not isinstance(name, str) or not (name in _REGISTRY or name.startswith(_USER_PREFIXES)):
+    if not isinstance(name, str) or not (name in _REGISTRY or name.startswith(USER_PREFIXES)):
         raise ValueError(
             f"unknown task {name!r}; known tasks: {', '.join(TASKS)}, "
             f"or 'csv:/path/file.csv' / 'parquet:/path/file.parquet' with columns text,label"
@@ -620,12 +620,12 @@ def load_task(
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     # A user file's size and mtime join the cache key so an edited file is re-read.
     file_key: tuple | None = None
-    if name.startswith(_USER_PREFIXES):
+    if name.startswith(USER_PREFIXES):
         p = Path(name.partition(":")[2]).expanduser()
         if p.is_file():
             st = p.stat()
             file_key = (st.st_size, st.st_mtime_ns)
-    if not (name in _TEXT_TASKS or name.startswith(_USER_PREFIXES)):
+    if not (name in _TEXT_TASKS or name.startswith(USER_PREFIXES)):
         max_len, max_vocab = 0, 0  # irrelevant: don't cache the same data under several keys
     return _load_task_cached(name, int(seed), root, max_len, max_vocab, num_examples, file_key)
 
@@ -634,6 +634,6 @@ def load_task(
 def _load_task_cached(
     name: str, seed: int, root: Path, max_len: int, max_vocab: int, num_examples: int | None, file_key: tuple | None
 ) -> TaskData:
-    if name.startswith(_USER_PREFIXES):
+    if name.startswith(USER_PREFIXES):
         return _load_user_text(name, seed, max_len, max_vocab, num_examples)
     return _REGISTRY[name](name, seed, root, max_len, max_vocab, num_examples)

@@ -49,7 +49,22 @@ def load(path: str | os.PathLike) -> dict:
     """A merged state (``checkpoint.pt``); FileNotFoundError names the path."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"meta run checkpoint not found: {path}")
-    return torch.load(path, weights_only=True)
+    return safe_load(path)
+
+
+def safe_load(path: str | os.PathLike):
+    """``torch.load(weights_only=True)`` with errors that name the file: a checkpoint holding
+    other objects than tensors is refused (unpickling it could run code), a damaged one too."""
+    import pickle  # noqa: PLC0415
+
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"checkpoint {path} holds objects other than tensors and plain containers; it was not "
+                         "written by dynamo_dist and is not loaded (unpickling it could run code)") from None
+    except (RuntimeError, EOFError) as err:
+        raise ValueError(f"checkpoint {path} is damaged or not a torch checkpoint "
+                         f"({str(err).splitlines()[0][:200]}); re-run its meta stage") from None
 
 
 def write_shard(directory: str | os.PathLike, rank: int, shard_state: dict,
@@ -75,7 +90,7 @@ def read_sharded(path: str | os.PathLike, model_ids: list[str] | None = None,
     path = Path(path)
     if not (path / SHARED_FILE).is_file():
         raise FileNotFoundError(f"checkpoint {path} has no {SHARED_FILE}; not a dynamo_dist meta checkpoint")
-    shared = torch.load(path / SHARED_FILE, weights_only=True)
+    shared = safe_load(path / SHARED_FILE)
     if shared.get("format") != FORMAT:
         raise ValueError(f"checkpoint {path}: format {shared.get('format')!r}, this code reads {FORMAT}")
     wanted = None if model_ids is None else set(model_ids)

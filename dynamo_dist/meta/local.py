@@ -25,17 +25,17 @@ def run_meta_local(cfg: MetaConfig, population_root: str, *, progress: bool = Tr
     ``val_*``; with ``write_every_report`` the outputs are rewritten before each report, so a
     run stopped early (ASHA) leaves those of its last report. Returns the summary.
     """
-    root = store.absolute(population_root)
-    with lock.hold(root, "meta", shared=True, what="population root"), \
-            lock.hold(cfg.output_dir, "meta", what="meta output directory"):
-        return _train_and_write(cfg, root, progress, tracking_store, on_report, write_every_report)
-
-
-def _train_and_write(cfg: MetaConfig, root: str, progress: bool, tracking_store, on_report,
-                     write_every_report: bool) -> dict:
     t0 = time.perf_counter()
-    data = load_population(root, cache_bytes=cfg.cache_bytes)
-    cfg = cfg.for_population(len(data.rows))
+    root = store.absolute(population_root)
+    with lock.hold(root, "meta", shared=True, what="population root"):
+        data = load_population(root, cache_bytes=cfg.cache_bytes)
+        with lock.hold(cfg.output_dir, "meta", what="meta output directory"):
+            return _train_and_write(cfg.for_population(len(data.rows)), root, data, t0, progress, tracking_store,
+                                    on_report, write_every_report)
+
+
+def _train_and_write(cfg: MetaConfig, root: str, data, t0: float, progress: bool, tracking_store, on_report,
+                     write_every_report: bool) -> dict:
     trainer = DynamoTrainer(cfg, data)
     store_dict = None if tracking_store is None else tracking_store.as_dict()
 

@@ -20,6 +20,7 @@ Output directory (the contract later stages read)::
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +89,9 @@ def write_outputs(cfg: MetaConfig, population_root: str, state: dict, theta_rows
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_mod.dump(cfg, out / CONFIG_FILE)
-    store.write_json_atomic({"population_root": population_root, "tracking": tracking_store}, out / CONTEXT_FILE)
+    store.write_json_atomic({"population_root": population_root, "output_dir": store.absolute(out),
+                             "population_root_relative": os.path.relpath(population_root, store.absolute(out)),
+                             "tracking": tracking_store}, out / CONTEXT_FILE)
     checkpoint.save_atomic(state, out / CHECKPOINT_FILE)
     emb = embeddings_table(theta_rows, manifest)
     store.write_table_atomic(emb, out / EMBEDDINGS_FILE)
@@ -174,6 +177,19 @@ class MetaRun:
         return read_summary(self.output_dir)
 
 
+def population_root_of(output_dir: Path, context: dict) -> str:
+    """The population a meta run reads: when the run directory was moved or copied together with its
+    population (the relative path from it still finds a population root), that copy; else the
+    population it was trained on, where it was."""
+    recorded, rel = context["population_root"], context.get("population_root_relative")
+    moved = context.get("output_dir") not in (None, store.absolute(output_dir))
+    if moved and rel is not None:
+        candidate = Path(store.absolute(output_dir)) / rel
+        if store.Layout.at(candidate).info.is_file():
+            return store.absolute(candidate)
+    return recorded
+
+
 def load_meta_run(output_dir: str | Path) -> MetaRun:
     """Load a meta run's checkpoint (eval mode). FileNotFoundError names a missing file."""
     out = Path(output_dir)
@@ -182,10 +198,11 @@ def load_meta_run(output_dir: str | Path) -> MetaRun:
     if not (out / CONTEXT_FILE).is_file():
         raise FileNotFoundError(f"{out / CONTEXT_FILE} not found: {out} is not a finished meta run "
                                 "(written by dynamo-dist meta)")
-    cfg = config_mod.load(out / CONFIG_FILE, MetaConfig)
+    # the directory as it is now (it may have been moved or copied), not where it was written
+    cfg = config_mod.load(out / CONFIG_FILE, MetaConfig).replace(output_dir=store.absolute(out))
     context = json.loads((out / CONTEXT_FILE).read_text())
     state = checkpoint.load(out / CHECKPOINT_FILE)
-    root = context["population_root"]
+    root = population_root_of(out, context)
     all_rows = store.manifest_rows(root)
     by_id = {r["model_id"]: r for r in all_rows}
     ids = sorted(state["shard"])

@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -139,6 +140,29 @@ def validate_population(cfg: MetaConfig, population_root: str) -> list[dict]:
                 raise ValueError(f"{split} trajectory of model {mid!r} has {n} rows but the "
                                  f"{split} inputs of task {r['task']!r} have {inputs[r['task'], split]}")
     return rows
+
+
+def start_attempts(cfg: MetaConfig) -> int:
+    """Ray Train's worker-group start attempts (each waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S,
+    60 s by default) that fit in ``meta.placement_timeout_s``; Ray's default is to retry forever."""
+    each = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60.0))
+    return max(1, math.ceil(cfg.placement_timeout_s / each))
+
+
+def check_resumable(cfg: MetaConfig, model_ids: list[str]) -> None:
+    """The run's latest checkpoint in ``meta.output_dir`` (which a re-run resumes from) fits ``cfg``
+    and the population: checked here, once, instead of in every Train worker after Ray started
+    (where Ray Train would retry the error ``max_failures`` times)."""
+    run_dir = outputs.ray_storage(cfg.output_dir) / "meta"
+    found = sorted(p.parent for p in run_dir.glob(f"checkpoint_*/{checkpoint.SHARED_FILE}")) if run_dir.is_dir() else []
+    if not found:
+        return
+    shared = checkpoint.safe_load(found[-1] / checkpoint.SHARED_FILE)
+    try:
+        checkpoint.check_compatible(shared, cfg, model_ids, str(found[-1]))
+    except ValueError as err:
+        raise ValueError(f"{err}. meta.output_dir {cfg.output_dir} holds that run and a re-run resumes it: give "
+                         "another meta.output_dir to start a new one") from None
 
 
 # ---------------------------------------------------------------- the worker
@@ -380,7 +404,8 @@ def build_trainer(cfg: MetaConfig, population_root: str, *, run_config=None, cal
     cfg = cfg.for_population(len(manifest))
     if run_config is None:
         run_config = RunConfig(name="meta", storage_path=str(outputs.ray_storage(cfg.output_dir)),
-                               failure_config=FailureConfig(max_failures=cfg.max_failures),
+                               failure_config=FailureConfig(max_failures=cfg.max_failures,
+                                                             controller_failure_limit=start_attempts(cfg)),
                                checkpoint_config=CheckpointConfig(num_to_keep=2), logging_config=TRAIN_LOGGING)
     if callbacks:
         run_config = dataclasses.replace(run_config, callbacks=[*(run_config.callbacks or []), *callbacks])
@@ -475,16 +500,38 @@ def run_meta(cfg: MetaConfig, population_root: str, address: str | None = None, 
     """
     t0 = time.perf_counter()
     root = store.absolute(population_root)
-    with lock.hold(root, "meta", shared=True, what="population root"), \
-            lock.hold(cfg.output_dir, "meta", what="meta output directory"):
+    with lock.hold(root, "meta", shared=True, what="population root"):
         manifest = validate_population(cfg, root)  # read once here, passed down
         cfg = cfg.for_population(len(manifest))
+        check_resumable(cfg, [r["model_id"] for r in manifest])
         if tracking_store is not None:
             tracking_store.check_reachable()
-        init_ray(address)
-        result = build_trainer(cfg, root, tracking_store=tracking_store, progress=progress, manifest=manifest).fit()
-        return finalize(cfg, root, result, tracking_store=tracking_store, wall_seconds=time.perf_counter() - t0,
-                        manifest=manifest)
+        with lock.hold(cfg.output_dir, "meta", what="meta output directory"):
+            init_ray(address)
+            trainer = build_trainer(cfg, root, tracking_store=tracking_store, progress=progress, manifest=manifest)
+            result = fit_bounded(trainer, cfg)
+            return finalize(cfg, root, result, tracking_store=tracking_store, wall_seconds=time.perf_counter() - t0,
+                            manifest=manifest)
+
+
+def fit_bounded(trainer, cfg: MetaConfig):
+    """``trainer.fit()``, with a worker group that cannot be placed (e.g. after a node died) turned
+    into an error naming the resources, after Ray Train's start attempts (``build_trainer``:
+    ``meta.placement_timeout_s``) are used up."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+    from ray.train.v2.api.exceptions import ControllerError
+
+    try:
+        return trainer.fit()
+    except ControllerError as err:
+        if not isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
+            raise
+        free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+        total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        raise RuntimeError(f"meta: {cfg.num_workers} Ray Train worker(s) of 1 CPU each could not be placed within "
+                           f"meta.placement_timeout_s={cfg.placement_timeout_s} s; the cluster has {free} free of "
+                           f"{total}. Add a node or lower meta.num_workers, then re-run: it resumes from the latest "
+                           f"checkpoint in {cfg.output_dir}") from None
 
 
 __all__ = ["assign_shards", "validate_population", "train_loop_per_worker", "build_trainer", "finalize", "run_meta"]

@@ -34,6 +34,7 @@ from ..ray_utils import init_ray
 
 QUEUE_PER_ACTOR = 2     # one job running, one waiting: an actor never idles on a driver round trip
 FLUSH_SECONDS = 1.0     # finished rows wait at most this long before the manifest is rewritten
+WAIT_SECONDS = 5.0      # the driver looks at unplaced actors at least this often
 _ACTOR_LOST = (RayActorError, WorkerCrashedError, OutOfMemoryError)
 
 ProgressHook = Callable[[list[dict], list["ray.actor.ActorHandle"]], None]
@@ -48,6 +49,10 @@ class PopulationWorker:
         # multi-threaded model (tiny RNN steps do not parallelise inside an op).
         torch.set_num_threads(num_threads)
         self._cfg = cfg
+
+    def ready(self) -> bool:
+        """Answers once the actor is placed and constructed (the scheduler gives it jobs from then on)."""
+        return True
 
     def train_and_record(self, job: ModelJob) -> list[dict]:
         """Train ``job``, write its weights + trajectories under the root; return manifest rows."""
@@ -118,7 +123,10 @@ class _Scheduler:
         self.max_retries = max_retries
         self.bar = bar
         self.on_progress = on_progress
-        self.actors: list = []
+        self.actors: list = []  # per slot: an actor handle, or None once released
+        self.ready: set[int] = set()  # slots whose actor is placed and takes jobs
+        self.starting: dict[ray.ObjectRef, int] = {}  # ready() ref -> slot, of actors not yet placed
+        self.started_at: dict[int, float] = {}
         self.inflight: dict[ray.ObjectRef, tuple[int, ModelJob]] = {}  # ref -> (actor slot, job)
         self.retries: collections.Counter[str] = collections.Counter()
         self.finished: list[dict] = []  # rows not yet in the manifest
@@ -128,16 +136,19 @@ class _Scheduler:
     def run(self) -> dict[str, str]:
         """Run every job; returns the failed models (model_id -> error)."""
         try:
-            self.actors = [self._start_actor() for _ in range(num_actors_for(self.cfg, len(self.queue)))]
-            self._fill()
-            while self.inflight:
-                refs = list(self.inflight)
-                ready, rest = ray.wait(refs, num_returns=1)
-                if rest:  # take everything else that is already done, without waiting
+            for slot in range(num_actors_for(self.cfg, len(self.queue))):
+                self.actors.append(None)
+                self._start_actor(slot)
+            while self.inflight or self.queue:
+                refs = list(self.inflight) + list(self.starting)
+                ready, rest = ray.wait(refs, num_returns=1, timeout=WAIT_SECONDS)
+                if ready and rest:  # take everything else that is already done, without waiting
                     ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
                 done_rows: list[dict] = []
                 for ref in ready:
-                    if ref in self.inflight:  # refs of a replaced actor were already re-queued
+                    if ref in self.starting:
+                        self._placed(ref)
+                    elif ref in self.inflight:  # refs of a replaced actor were already re-queued
                         done_rows += self._collect(ref)
                 if done_rows:
                     self.finished += done_rows
@@ -145,28 +156,78 @@ class _Scheduler:
                     if time.monotonic() - self.last_flush >= FLUSH_SECONDS:
                         self._flush()
                     if self.on_progress is not None:
-                        self.on_progress(done_rows, list(self.actors))
+                        self.on_progress(done_rows, [a for a in self.actors if a is not None])
+                if len(self.failed) > self.cfg.max_failed_models and not self.inflight:
+                    break  # the stage fails anyway: what ran is in, start nothing new
                 self._fill()
+                self._release_idle()
+                self._check_placement()
         finally:
             self._flush()
             for actor in self.actors:
-                ray.kill(actor, no_restart=True)
+                if actor is not None:
+                    ray.kill(actor, no_restart=True)
             store.remove_temp_files(self.cfg.root)  # leftovers of actors killed mid-write
         return self.failed
 
-    def _start_actor(self):
+    def _start_actor(self, slot: int) -> None:
+        """A fresh actor in ``slot``; it takes jobs once placed (``_placed``)."""
         opts = {"num_cpus": self.cfg.cpus_per_actor, "num_gpus": self.cfg.gpus_per_actor}
-        return PopulationWorker.options(**opts).remote(self.cfg, max(1, int(self.cfg.cpus_per_actor)))
+        actor = PopulationWorker.options(**opts).remote(self.cfg, max(1, int(self.cfg.cpus_per_actor)))
+        self.actors[slot] = actor
+        self.starting[actor.ready.remote()] = slot
+        self.started_at[slot] = time.monotonic()
+
+    def _placed(self, ref: ray.ObjectRef) -> None:
+        slot = self.starting.pop(ref)
+        try:
+            ray.get(ref)
+        except _ACTOR_LOST:  # died before its first job (e.g. its node went away): try again
+            ray.kill(self.actors[slot], no_restart=True)
+            self._start_actor(slot)
+            return
+        self.ready.add(slot)
 
     def _fill(self) -> None:
+        """Give queued jobs to placed actors (a dead actor's jobs go to whichever live actor has room)."""
         if len(self.failed) > self.cfg.max_failed_models:
             return  # the stage fails anyway: let what runs finish, start nothing new
         load = collections.Counter(slot for slot, _ in self.inflight.values())
-        for slot, actor in enumerate(self.actors):
+        for slot in sorted(self.ready):
             while self.queue and load[slot] < QUEUE_PER_ACTOR:
                 job = self.queue.popleft()
-                self.inflight[actor.train_and_record.remote(job)] = (slot, job)
+                self.inflight[self.actors[slot].train_and_record.remote(job)] = (slot, job)
                 load[slot] += 1
+
+    def _release_idle(self) -> None:
+        """Once the queue is empty, actors with nothing to do give their CPUs back (a replacement
+        waiting for a CPU elsewhere, or another job, can have them); unplaced ones are cancelled."""
+        if self.queue:
+            return
+        busy = {slot for slot, _ in self.inflight.values()}
+        for slot in [s for s in self.ready if s not in busy]:
+            self.ready.discard(slot)
+            ray.kill(self.actors[slot], no_restart=True)
+            self.actors[slot] = None
+        for ref, slot in list(self.starting.items()):
+            del self.starting[ref]
+            ray.kill(self.actors[slot], no_restart=True)
+            self.actors[slot] = None
+
+    def _check_placement(self) -> None:
+        """Jobs are queued but no actor is placed: after ``placement_timeout_s`` fail, naming what is missing."""
+        if not self.queue or self.ready or not self.starting:
+            return
+        waited = time.monotonic() - min(self.started_at[s] for s in self.starting.values())
+        if waited > self.cfg.placement_timeout_s:
+            need = {"CPU": self.cfg.cpus_per_actor, **({"GPU": self.cfg.gpus_per_actor} if self.cfg.gpus_per_actor else {})}
+            free = {k: v for k, v in ray.available_resources().items() if k in need}
+            total = {k: v for k, v in ray.cluster_resources().items() if k in need}
+            raise RuntimeError(
+                f"no population actor could be placed for {waited:.0f} s (population.placement_timeout_s="
+                f"{self.cfg.placement_timeout_s}): each needs {need}; the cluster has {free} free of {total}. "
+                f"{len(self.queue)} model job(s) are still queued; completed models are kept in {self.cfg.root}: "
+                "add a node or lower population.cpus_per_actor / gpus_per_actor, then re-run")
 
     def _collect(self, ref: ray.ObjectRef) -> list[dict]:
         slot, job = self.inflight.pop(ref)
@@ -195,7 +256,8 @@ class _Scheduler:
                 raise RuntimeError(f"model {j.model_id}: lost its population actor {n} time(s) "
                                    f"(max_retries={self.max_retries}); last error: {err}") from err
         ray.kill(self.actors[slot], no_restart=True)
-        self.actors[slot] = self._start_actor()
+        self.ready.discard(slot)
+        self._start_actor(slot)
         self.queue.extendleft(reversed(lost))
 
     def _flush(self) -> None:
