@@ -83,7 +83,7 @@ def run_analysis(meta_dir: str, cfg: AnalyzeConfig, out_dir: str | None = None, 
     (default ``<meta_dir>/analysis``) and, with ``log``, logs them as a run named "analyze"
     to the meta run's MLflow experiment and store.
     """
-    meta_path = Path(meta_dir)
+    meta_path = outputs.check_meta_run(meta_dir)  # before any directory is created for its outputs
     out = Path(out_dir) if out_dir is not None else outputs.analysis_dir(meta_path)
     with lock.hold(meta_path, "analyze", shared=True, what="meta run directory"), \
             lock.hold(out, "analyze", what="analysis directory"):

@@ -190,14 +190,20 @@ def population_root_of(output_dir: Path, context: dict) -> str:
     return recorded
 
 
-def load_meta_run(output_dir: str | Path) -> MetaRun:
-    """Load a meta run's checkpoint (eval mode). FileNotFoundError names a missing file."""
+def check_meta_run(output_dir: str | Path) -> Path:
+    """``output_dir`` as a Path if it holds a finished meta run; FileNotFoundError naming what is missing."""
     out = Path(output_dir)
     if not out.is_dir():
         raise FileNotFoundError(f"meta run directory not found: {out}")
     if not (out / CONTEXT_FILE).is_file():
         raise FileNotFoundError(f"{out / CONTEXT_FILE} not found: {out} is not a finished meta run "
                                 "(written by dynamo-dist meta)")
+    return out
+
+
+def load_meta_run(output_dir: str | Path) -> MetaRun:
+    """Load a meta run's checkpoint (eval mode). FileNotFoundError names a missing file."""
+    out = check_meta_run(output_dir)
     # the directory as it is now (it may have been moved or copied), not where it was written
     cfg = config_mod.load(out / CONFIG_FILE, MetaConfig).replace(output_dir=store.absolute(out))
     context = json.loads((out / CONTEXT_FILE).read_text())

@@ -118,6 +118,7 @@ def run_posthoc(meta_output_dir: str | Path, population_root: str, model_ids: li
     rows, and ``embedding_pca.png``: the new models among the trained ones in the trained
     space's PCA plane. Returns the parquet path. The meta run itself is never modified.
     """
+    outputs.check_meta_run(meta_output_dir)  # before any directory is created for its outputs
     out = Path(out_dir) if out_dir is not None else outputs.posthoc_dir(meta_output_dir)
     with lock.hold(meta_output_dir, "embed", shared=True, what="meta run directory"), \
             lock.hold(out, "embed", what="post-hoc output directory"):
