@@ -46,6 +46,8 @@ def add_common_args(p: argparse.ArgumentParser, address: bool = True) -> None:
                    "$MLFLOW_TRACKING_URI, else SQLite under run_dir); same as --set tracking.tracking_uri=URI")
     if address:
         p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else in-process Ray)")
+    p.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's own logs too (default: only "
+                   "dynamo_dist's lines and progress bars; same as DYNAMO_VERBOSE=1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_console(getattr(args, "verbose", False))
     if args.cmd in ("population", "meta", "sweep", "run"):
         from .ray_utils import close_embedded_ray
 
@@ -111,6 +114,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ndynamo-dist {args.cmd}: interrupted; completed work is kept (every file is written whole), "
               "re-run the same command to resume", file=sys.stderr)
         return 130
+
+
+def quiet_console(verbose: bool) -> None:
+    """Only the project's own lines by default: Ray workers' output stays in Ray's logs
+    (``ray_utils.verbose``), MLflow's INFO lines (database migrations) are not shown.
+    Set before Ray or MLflow is imported (both read these once)."""
+    import os
+
+    if verbose:
+        os.environ["DYNAMO_VERBOSE"] = "1"
+    elif not os.environ.get("DYNAMO_VERBOSE"):
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def _dispatch(args) -> int:
@@ -163,7 +178,8 @@ def _dispatch(args) -> int:
         from .analysis import run_analysis
         from .data.store import to_json
 
-        result = run_analysis(args.meta_dir or cfg.meta.output_dir, cfg.analyze, args.out_dir, log=not args.no_log)
+        result = run_analysis(args.meta_dir or cfg.meta.output_dir, cfg.analyze, args.out_dir, log=not args.no_log,
+                              progress=True)
         print(to_json({k: v for k, v in result.items() if k not in ("report", "analysis_json")}, indent=1))
         print(f"report: {result['report']}")
     elif args.cmd == "run":

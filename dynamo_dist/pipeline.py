@@ -61,7 +61,7 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, progress: bool
     t = time.perf_counter()
     from .analysis import run_analysis
 
-    analysis = run_analysis(cfg.meta.output_dir, cfg.analyze)
+    analysis = run_analysis(cfg.meta.output_dir, cfg.analyze, progress=progress)
     timings["analyze_seconds"] = time.perf_counter() - t
     timings["total_seconds"] = time.perf_counter() - t0
 

@@ -6,6 +6,14 @@ the machine), and ``close_embedded_ray`` turns Ray's token authentication on wit
 token before Ray is imported. Ray 2.58 binds its GCS and raylet to the host's address even
 when asked for 127.0.0.1, so the token is what keeps a client without it out; Ray reads the
 mode once, at import, which is why the CLI calls ``close_embedded_ray`` first thing.
+
+The console is the project's own: Ray workers' output is not streamed to the driver unless
+``DYNAMO_VERBOSE=1`` (``--verbose``). Ray Train 2.58's controller helpers print warnings
+that do not apply here (a PlacementGroupCleaner asking a State API that only exists with the
+dashboard, every few seconds; a PreemptionWatcher's restart caveat), and every stage reports
+its progress from the driver (population: models; meta: steps with live val metrics, sent by
+rank 0 through a queue). Failures still arrive as the exceptions Ray raises in the driver,
+and every worker's log stays in Ray's session directory.
 """
 
 from __future__ import annotations
@@ -13,6 +21,11 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+
+
+def verbose() -> bool:
+    """Whether Ray's own logs should reach the console (``DYNAMO_VERBOSE=1``, the CLI's --verbose)."""
+    return os.environ.get("DYNAMO_VERBOSE", "") not in ("", "0")
 
 
 def close_embedded_ray(address: str | None = None) -> bool:
@@ -41,8 +54,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> dict:
     if not ray.is_initialized():
         addr = address or os.environ.get("RAY_ADDRESS")
         if addr:
-            ray.init(address=addr, log_to_driver=True)
+            ray.init(address=addr, log_to_driver=verbose(), logging_level="INFO" if verbose() else "WARNING")
         else:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                     log_to_driver=True, configure_logging=False)
+                     log_to_driver=verbose(), configure_logging=False)
     return ray.cluster_resources()

@@ -311,13 +311,14 @@ def test_job_script_reports_bad_input(tmp_path):
 
 
 def test_worker_progress_reaches_the_driver_once(pop_root, tmp_path):
-    # Ray Train V2 patches print() in workers to both log and write stdout; progress must not double
+    # with --verbose the workers' own lines are streamed too: Ray Train V2 patches print() in
+    # workers to both log and write stdout; progress must not double
     out = tmp_path / "meta"
     sets = {"population.root": pop_root, "meta.output_dir": out,
             "meta.num_workers": 1, "meta.steps": 10, "meta.eval_every": 5, "meta.checkpoint_every": 10,
             "meta.hidden_size": 16, "meta.embedding_dim": 2, "meta.batch_size": 8, "meta.models_per_step": 2}
     argv = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "train_meta.py"), "--recipe", "smoke", *argv],
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "train_meta.py"), "--recipe", "smoke", "--verbose", *argv],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path,
                           env={**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -76,7 +76,8 @@ class _Ctx:
         return self.out / "tables"
 
 
-def run_analysis(meta_dir: str, cfg: AnalyzeConfig, out_dir: str | None = None, log: bool = True) -> dict:
+def run_analysis(meta_dir: str, cfg: AnalyzeConfig, out_dir: str | None = None, log: bool = True,
+                 progress: bool = False) -> dict:
     """Run every applicable analysis of the meta run in ``meta_dir``; returns headline numbers + ``report``.
 
     Writes figures, Parquet tables, ``analysis.json`` and ``report.html`` under ``out_dir``
@@ -87,10 +88,10 @@ def run_analysis(meta_dir: str, cfg: AnalyzeConfig, out_dir: str | None = None, 
     out = Path(out_dir) if out_dir is not None else outputs.analysis_dir(meta_path)
     with lock.hold(meta_path, "analyze", shared=True, what="meta run directory"), \
             lock.hold(out, "analyze", what="analysis directory"):
-        return _analyze(meta_path, cfg, out, log)
+        return _analyze(meta_path, cfg, out, log, progress)
 
 
-def _analyze(meta_path: Path, cfg: AnalyzeConfig, out: Path, log: bool) -> dict:
+def _analyze(meta_path: Path, cfg: AnalyzeConfig, out: Path, log: bool, progress: bool) -> dict:
     t0 = time.perf_counter()
     run = load_meta_run(meta_path)
     ctx = _context(run, cfg, out)
@@ -119,7 +120,11 @@ def _analyze(meta_path: Path, cfg: AnalyzeConfig, out: Path, log: bool) -> dict:
         ("fixed_points", "Fixed points", _fixed_points),
         ("valence", "Word valence", _valence),
     ]
-    for key, title, fn in steps:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(steps, desc="analyze", unit="section", disable=not progress, dynamic_ncols=True)
+    for key, title, fn in bar:
+        bar.set_postfix_str(title)
         sec = report.section(key, title)
         t = time.perf_counter()
         res = fn(ctx, sec, results)

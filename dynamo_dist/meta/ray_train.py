@@ -37,7 +37,7 @@ from torch import nn
 from .. import config as config_mod
 from ..config import MetaConfig
 from ..data import lock, store
-from ..ray_utils import init_ray
+from ..ray_utils import init_ray, verbose
 from . import checkpoint, outputs
 from .metrics import evaluate
 from .model import output_sizes
@@ -352,6 +352,11 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0 and config["progress"]:
             _log.info(f"[meta] step {trainer.step}/{cfg.steps} " + " ".join(
                 f"{k}={v:.4f}" for k, v in metrics.items() if k != "step"))
+        if rank == 0 and config.get("progress_queue") is not None:
+            try:
+                config["progress_queue"].put_nowait({"step": trainer.step, **metrics})
+            except Exception:  # noqa: BLE001 -- a full or gone queue costs the bar an update, never the run
+                pass
         if not checkpoint_due:
             ray.train.report(metrics)
         else:
@@ -381,7 +386,7 @@ def train_loop_per_worker(config: dict) -> None:
 def build_trainer(cfg: MetaConfig, population_root: str, *, run_config=None, callbacks=None,
                   resume_from_checkpoint=None, tracking_store=None, mlflow_run_id: str | None = None,
                   parent_run_id: str | None = None, progress: bool = True, debug: dict | None = None,
-                  manifest: list[dict] | None = None):
+                  manifest: list[dict] | None = None, progress_queue=None):
     """A ``TorchTrainer`` running ``train_loop_per_worker`` with ``cfg.num_workers`` CPU workers.
 
     Default RunConfig: storage ``outputs.ray_storage(output_dir)``, name ``meta`` (so re-running
@@ -393,6 +398,8 @@ def build_trainer(cfg: MetaConfig, population_root: str, *, run_config=None, cal
     ``tracking.Store``) makes rank 0 log to MLflow: into ``mlflow_run_id`` when given,
     otherwise into a new run (a child of ``parent_run_id`` if given). ``debug``: test hooks.
     ``manifest``: the root's complete manifest rows when the caller has read them already.
+    ``progress_queue``: a ``ray.util.queue.Queue`` rank 0 puts every report's metrics into
+    (``fit_bounded`` shows them as the driver's progress bar).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -419,6 +426,7 @@ def build_trainer(cfg: MetaConfig, population_root: str, *, run_config=None, cal
         "resume_from": resume_from_checkpoint,
         "torch_threads": int(resources["CPU"]),
         "progress": progress,
+        "progress_queue": progress_queue,
         "debug": dict(debug or {}),
     }
     return TorchTrainer(
@@ -508,21 +516,71 @@ def run_meta(cfg: MetaConfig, population_root: str, address: str | None = None, 
             tracking_store.check_reachable()
         with lock.hold(cfg.output_dir, "meta", what="meta output directory"):
             init_ray(address)
-            trainer = build_trainer(cfg, root, tracking_store=tracking_store, progress=progress, manifest=manifest)
-            result = fit_bounded(trainer, cfg)
+            queue = _progress_queue() if progress else None
+            trainer = build_trainer(cfg, root, tracking_store=tracking_store, progress=progress and verbose(),
+                                    manifest=manifest, progress_queue=queue)
+            result = fit_bounded(trainer, cfg, queue)
             return finalize(cfg, root, result, tracking_store=tracking_store, wall_seconds=time.perf_counter() - t0,
                             manifest=manifest)
 
 
-def fit_bounded(trainer, cfg: MetaConfig):
+def _progress_queue():
+    from ray.util.queue import Queue
+
+    return Queue(maxsize=1000, actor_options={"num_cpus": 0})
+
+
+def _show_progress(cfg: MetaConfig, queue, done) -> None:
+    """The driver's meta progress bar: steps, with the latest loss and val metrics, until ``done`` is set."""
+    from ray.util.queue import Empty
+    from tqdm.auto import tqdm
+
+    with tqdm(total=cfg.steps, desc="meta", unit="step", dynamic_ncols=True) as bar:
+        while True:
+            try:
+                m = queue.get(timeout=0.5)
+            except Empty:
+                if done.is_set():
+                    break
+                continue
+            except Exception:  # noqa: BLE001 -- the queue's actor is gone: the run is over
+                break
+            bar.update(max(0, int(m["step"]) - bar.n))
+            bar.set_postfix({k.removeprefix("val_"): f"{m[k]:.3f}" for k in ("loss", "val_agreement",
+                                                                            "val_hidden_r2") if k in m})
+
+
+def fit_bounded(trainer, cfg: MetaConfig, progress_queue=None):
     """``trainer.fit()``, with a worker group that cannot be placed (e.g. after a node died) turned
     into an error naming the resources, after Ray Train's start attempts (``build_trainer``:
-    ``meta.placement_timeout_s``) are used up."""
+    ``meta.placement_timeout_s``) are used up. With ``progress_queue`` (``build_trainer``'s), a
+    progress bar in this process shows rank 0's reports while fit runs in a thread."""
+    import threading
+
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
     from ray.train.v2.api.exceptions import ControllerError
 
     try:
-        return trainer.fit()
+        if progress_queue is None:
+            return trainer.fit()
+        done, out = threading.Event(), {}
+
+        def fit():
+            try:
+                out["result"] = trainer.fit()
+            except BaseException as err:  # noqa: BLE001 -- re-raised in the caller's thread
+                out["error"] = err
+            finally:
+                done.set()
+
+        thread = threading.Thread(target=fit, name="meta-fit", daemon=True)
+        thread.start()
+        _show_progress(cfg, progress_queue, done)  # Ctrl-C here leaves the (daemon) thread to the exit
+        thread.join()
+        progress_queue.shutdown()
+        if "error" in out:
+            raise out["error"]
+        return out["result"]
     except ControllerError as err:
         if not isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
             raise
