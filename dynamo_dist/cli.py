@@ -25,11 +25,18 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
+_STAGE_ROOT = ("population", "meta", "sweep", "run")  # stages whose --root is population.root
+
+
 def load_pipeline(args) -> config_mod.PipelineConfig:
     """The pipeline config named by --config / --recipe, with --set (and --tracking-uri) overrides applied."""
     overrides = _overrides(args.set or [])
     if getattr(args, "tracking_uri", None):
         overrides["tracking.tracking_uri"] = args.tracking_uri
+    if args.cmd in _STAGE_ROOT and getattr(args, "root", None):
+        overrides["population.root"] = args.root
+    if args.cmd == "meta" and getattr(args, "out", None):
+        overrides["meta.output_dir"] = args.out
     if args.config:
         return config_mod.load(args.config, overrides=overrides)
     data = config_mod.apply_overrides(config_mod.recipe_data(args.recipe or "demo"), overrides)
@@ -59,13 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
                         ("run", "the whole pipeline: population -> meta -> (sweep) -> analyze")):
         p = sub.add_parser(name, help=help_)
         add_common_args(p)
+        p.add_argument("--root", help="population root (same as --set population.root=DIR)")
+        if name == "meta":
+            p.add_argument("--out", help="meta output directory (same as --set meta.output_dir=DIR)")
         if name == "population":
             p.add_argument("--dry-run", action="store_true",
                            help="print per group how many models exist, are complete and would be trained; train nothing")
     an = sub.add_parser("analyze", help="analyses and HTML report of a meta run")
     add_common_args(an)
     an.add_argument("--meta-dir", help="meta run directory (default: the config's meta.output_dir)")
-    an.add_argument("--out-dir", help="where the report goes (default: <meta-dir>/analysis)")
+    an.add_argument("--out", "--out-dir", dest="out_dir", help="where the report goes (default: "
+                    "<meta-dir>/analysis; an earlier report there moves to its earlier/ folder)")
     an.add_argument("--no-log", action="store_true", help="do not log the analysis to MLflow")
     ui = sub.add_parser("ui", help="MLflow UI on a run directory's store (127.0.0.1)")
     ui.add_argument("run_dir", nargs="?", default="runs/demo", help="the pipeline's run_dir (holds mlflow.db)")

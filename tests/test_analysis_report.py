@@ -80,17 +80,26 @@ def analysed(tmp_path_factory):
     return Path(meta.output_dir), result
 
 
-def test_report_links_only_existing_pngs(analysed):
+def test_report_embeds_every_figure(analysed):
+    """Self-contained: every image is a data URI holding exactly the PNG file it names, so the report
+    renders the same from disk, copied alone, or from MLflow's artifact viewer."""
+    import base64
+    import io
+
+    from PIL import Image
+
     meta_dir, result = analysed
     report = Path(result["report"])
     assert report == meta_dir / "analysis" / "report.html" and report.is_file()
     html = report.read_text()
-    srcs = re.findall(r'<img src="([^"]+)"', html)
-    assert len(srcs) >= 10
-    for src in srcs:
-        png = report.parent / src
-        assert png.is_file(), src
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", src
+    imgs = re.findall(r'<img src="([^"]+)" title="([^"]+)"', html)
+    assert len(imgs) >= 10 and len(imgs) == html.count("<img ")
+    for src, name in imgs:
+        assert src.startswith("data:image/png;base64,"), name
+        data = base64.b64decode(src.split(",", 1)[1])
+        assert data == (report.parent / name).read_bytes(), name
+        w, h = Image.open(io.BytesIO(data)).size
+        assert w > 100 and h > 100, (name, w, h)
     for section in ("Embedding geometry", "SVCCA / CKA baseline", "Model averaging", "θ landscape",
                     "Semi-supervised θ", "Fixed points", "Word valence", "Paper claims vs this run"):
         assert f">{section}</h2>" in html
@@ -212,3 +221,62 @@ def test_report_screenshot_is_not_blank(analysed, tmp_path):
     assert img.shape == (2400, 1280)
     assert img.std() > 20  # text, tables and plots, not a blank page
     assert (img < 128).mean() > 0.01  # a fair amount of dark ink
+
+
+@pytest.mark.integration
+def test_report_from_mlflows_artifact_endpoint_is_the_self_contained_report(analysed):
+    """A real `mlflow ui` on the run's store serves the logged report.html whole: the UI's artifact viewer
+    shows that text in an iframe of its own URL, where relative image links broke; embedded ones cannot."""
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    from dynamo_dist import tracking
+
+    meta_dir, result = analysed
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store_root = meta_dir.parent  # the fixture's store: tracking.Store.at(root)
+    server = subprocess.Popen(tracking.ui_command(store_root, port=port), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True,
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    url = (f"http://127.0.0.1:{port}/get-artifact?path=analysis/report.html"
+           f"&run_uuid={result['mlflow_run_id']}")
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    served = r.read().decode()
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.5)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    assert served == Path(result["report"]).read_text()  # the whole report, images inside it
+    assert served.count('<img src="data:image/png;base64,') == served.count("<img ") >= 10
+
+
+def test_analyze_again_keeps_the_earlier_report(analysed, tmp_path):
+    """`analyze --out DIR` twice: the second report is written, the first moves to DIR/earlier/<time>/."""
+    import shutil
+
+    from dynamo_dist import cli
+
+    meta_dir, _ = analysed
+    out = tmp_path / "report"
+    shutil.copytree(meta_dir / "analysis", out)  # an earlier analysis in the target directory
+    first = (out / "report.html").read_bytes()
+    rc = cli.main(["analyze", "--recipe", "smoke", "--meta-dir", str(meta_dir), "--out", str(out), "--no-log",
+                   "--set", "analyze.baseline=false", "--set", "analyze.fixed_points=false",
+                   "--set", "analyze.landscape_grid=2", "--set", "analyze.ssl_steps=2"])
+    assert rc == 0
+    (earlier,) = (out / "earlier").iterdir()
+    assert (earlier / "report.html").read_bytes() == first and (earlier / "analysis.json").is_file()
+    assert (out / "report.html").is_file() and (out / "report.html").read_bytes() != first

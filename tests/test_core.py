@@ -353,3 +353,16 @@ def test_updates_per_model_sets_the_steps_and_conflicts_with_steps(tmp_path):
     assert config.load(tmp_path / "c.yaml", overrides={}).meta.for_population(12).steps == 75
     data = config.apply_overrides(config.recipe_data("smoke"), {"meta.updates_per_model": 5})
     assert config.parse(config.PipelineConfig, data).meta.updates_per_model == 5
+
+
+def test_cli_root_and_out_set_the_stage_paths():
+    from dynamo_dist import cli
+
+    args = cli.build_parser().parse_args(["meta", "--recipe", "smoke", "--root", "/data/pop", "--out", "/data/meta"])
+    cfg = cli.load_pipeline(args)
+    assert cfg.population.root == "/data/pop" and cfg.meta.output_dir == "/data/meta"
+    for cmd in ("population", "sweep", "run"):
+        cfg = cli.load_pipeline(cli.build_parser().parse_args([cmd, "--recipe", "smoke", "--root", "/p"]))
+        assert cfg.population.root == "/p" and cfg.meta.output_dir == "runs/smoke/meta"
+    an = cli.build_parser().parse_args(["analyze", "--out", "/r"])
+    assert an.out_dir == "/r"

@@ -343,6 +343,10 @@ def test_cli_add_models(tmp_path, capsys):
     assert rc == 0 and "added 3 model(s)" in out and "mine: 3 models" in out
     assert {r["group"] for r in store.manifest_rows(cfg.root)} == {"mine"}
     assert store.read_trajectory(cfg.root, "u-1").num_examples == 20
+    spec = store.read_spec(cfg.root)  # a fresh root records what the user gave, not the recipe's groups
+    assert spec["groups"] == [] and spec["num_probe"] == 20
+    # adding more later keeps the root's recording settings
+    assert user_models._record_cfg(cfg.root, None).num_probe == 20
     rc = cli.main(["add-models", str(tmp_path / "nowhere"), "--task", "mnist1d", "--root", cfg.root])
     assert rc == 2 and "no *.safetensors files" in capsys.readouterr().err
 

@@ -1,7 +1,13 @@
-"""A small self-contained HTML report: sections of text, tables and PNGs linked relatively."""
+"""A small self-contained HTML report: sections of text, tables and PNGs embedded as data URIs.
+
+Embedded, the report renders the same opened from disk, copied alone, or shown by MLflow's
+artifact viewer (which serves each artifact on its own URL, so relative image links break);
+the PNGs stay beside it as files too.
+"""
 
 from __future__ import annotations
 
+import base64
 import html
 import math
 from dataclasses import dataclass, field
@@ -62,9 +68,11 @@ class Section:
         self.parts.append(f"{cap}<table><tr>{head}</tr>{body}</table>")
 
     def figure(self, path: Path, root: Path, caption: str) -> None:
+        """Embed the PNG at ``path`` (a file under ``root``, named in the image's title)."""
         rel = Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
-        self.parts.append(f'<figure><img src="{html.escape(rel)}" alt="{html.escape(caption)}">'
-                          f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+        self.parts.append(f'<figure><img src="data:image/png;base64,{data}" title="{html.escape(rel)}" '
+                          f'alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>')
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Output directory (default ``<meta_dir>/analysis``)::
 
-    report.html                 the report (PNG figures linked relatively from figures/)
+    report.html                 the report, self-contained (the figures/ PNGs embedded)
     analysis.json               headline numbers, per-section status/notes, paper comparison
     figures/*.png
     tables/*.parquet            embedding coordinates, distances, averaging, landscape grid,
@@ -91,9 +91,27 @@ def run_analysis(meta_dir: str, cfg: AnalyzeConfig, out_dir: str | None = None, 
         return _analyze(meta_path, cfg, out, log, progress)
 
 
+def _keep_earlier(out: Path) -> Path | None:
+    """Move an earlier analysis in ``out`` to ``out/earlier/<its time>/`` (never overwritten); its path."""
+    doc = out / "analysis.json"
+    if not doc.is_file():
+        return None
+    dest = out / "earlier" / time.strftime("%Y%m%d-%H%M%S", time.localtime(doc.stat().st_mtime))
+    while dest.exists():
+        dest = dest.with_name(dest.name + "-1")
+    dest.mkdir(parents=True)
+    for name in ("report.html", "analysis.json", "figures", "tables"):
+        if (out / name).exists():
+            (out / name).rename(dest / name)
+    return dest
+
+
 def _analyze(meta_path: Path, cfg: AnalyzeConfig, out: Path, log: bool, progress: bool) -> dict:
     t0 = time.perf_counter()
     run = load_meta_run(meta_path)
+    earlier = _keep_earlier(out)
+    if earlier is not None and progress:
+        print(f"the earlier analysis in {out} is kept in {earlier}", flush=True)
     ctx = _context(run, cfg, out)
     ctx.fig_dir.mkdir(parents=True, exist_ok=True)
     ctx.table_dir.mkdir(parents=True, exist_ok=True)
@@ -854,5 +872,9 @@ def _log_mlflow(run: MetaRun, meta_dir: Path, cfg: AnalyzeConfig, headline: dict
             elif isinstance(v, (int, float, np.integer, np.floating)) and not math.isnan(float(v)):
                 metrics[k] = float(v)
         mrun.log_metrics(metrics)
-        mrun.log_artifact(out, "analysis")
+        for name in ("report.html", "analysis.json", "figures", "tables"):  # not earlier/ analyses, nor the lock
+            if (out / name).is_file():
+                mrun.log_artifact(out / name, "analysis")
+            elif (out / name).is_dir():
+                mrun.log_artifact(out / name, f"analysis/{name}")
     return mrun.run_id

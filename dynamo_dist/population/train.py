@@ -255,13 +255,19 @@ def check_spec(cfg: PopulationConfig) -> None:
     store.check_recording(cfg.root, cfg.model_dump(mode="json"))
 
 
-def init_population(cfg: PopulationConfig, progress: bool = True) -> store.Layout:
+def init_population(cfg: PopulationConfig, progress: bool = True, with_groups: bool = True) -> store.Layout:
     """Create or re-open ``cfg.root`` (ids, schema, recording settings checked; a lost manifest
-    rebuilt from the files, ``repair.recover_lost_manifest``). The caller holds the root's lock."""
+    rebuilt from the files, ``repair.recover_lost_manifest``). The caller holds the root's lock.
+
+    ``with_groups=False``: a new root's ``population.json`` records the data and recording
+    settings only (add-models: the models are the user's, not a recipe's groups)."""
     from .repair import recover_lost_manifest  # noqa: PLC0415 -- repair builds on this module
 
     expand(cfg)  # validate ids before touching disk
-    layout = store.init_root(cfg.root, cfg.model_dump(mode="json"))
+    spec = cfg.model_dump(mode="json")
+    if not with_groups:
+        spec["groups"] = []
+    layout = store.init_root(cfg.root, spec)
     recover_lost_manifest(cfg.root, progress)
     return layout
 

@@ -34,7 +34,7 @@ def add_models(root: str, models: dict[str, torch.nn.Module], task: str, cfg: Po
     data = task_for(cfg, task)
     zoo_models = {store.check_model_id(mid): _as_zoo_model(mid, m, data) for mid, m in models.items()}
     with lock.hold(root, "add-models", what="population root"):
-        init_population(cfg)
+        init_population(cfg, with_groups=False)
         done = completed_ids(root)
         todo = [mid for mid in zoo_models if mid not in done]
         if progress and len(todo) < len(zoo_models):
@@ -84,9 +84,9 @@ def _record_cfg(root: str, cfg: PopulationConfig | None) -> PopulationConfig:
     if cfg is not None:
         return cfg.replace(root=str(root))
     spec = store.read_spec(root)
-    if "groups" in spec:
+    if spec.get("groups"):
         return PopulationConfig.model_validate({**spec, "root": str(root)})
-    return PopulationConfig(root=str(root))
+    return PopulationConfig(root=str(root), **{f: spec[f] for f in store.RECORDING_FIELDS if f in spec})
 
 
 def _as_zoo_model(model_id: str, module: torch.nn.Module, task: TaskData) -> torch.nn.Module:
