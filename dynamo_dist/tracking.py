@@ -208,6 +208,19 @@ def log_meta_results(run: Run, summary: dict, per_model: dict[str, dict], histor
         run.log_artifact(path, artifact_path)
 
 
+def log_meta_model(run: Run, output_dir: str | os.PathLike, manifest: list[dict]) -> str:
+    """Log the meta run in ``output_dir`` as an MLflow Model (``meta/pyfunc.py``) at artifact path
+    ``meta_model``; returns its URI (``runs:/<run id>/meta_model``) for ``mlflow.pyfunc.load_model``."""
+    import tempfile
+
+    from .meta import pyfunc
+
+    with tempfile.TemporaryDirectory(prefix="dynamo-model-") as tmp:
+        path = pyfunc.save(output_dir, manifest, Path(tmp) / pyfunc.MODEL_DIR)
+        run.log_artifact(path, pyfunc.MODEL_DIR)
+    return f"runs:/{run.run_id}/{pyfunc.MODEL_DIR}"
+
+
 def ui_command(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 5000,
                tracking_uri: str | None = None) -> list[str]:
     """The ``mlflow ui`` command line for a run's store, bound to ``host`` (127.0.0.1 default)."""

@@ -223,10 +223,9 @@ def test_report_screenshot_is_not_blank(analysed, tmp_path):
     assert (img < 128).mean() > 0.01  # a fair amount of dark ink
 
 
-@pytest.mark.integration
-def test_report_from_mlflows_artifact_endpoint_is_the_self_contained_report(analysed):
-    """A real `mlflow ui` on the run's store serves the logged report.html whole: the UI's artifact viewer
-    shows that text in an iframe of its own URL, where relative image links broke; embedded ones cannot."""
+@pytest.fixture(scope="module")
+def served(analysed):
+    """A real `mlflow ui` on the analysed run's store (127.0.0.1), stopped by its process group."""
     import os
     import signal
     import socket
@@ -239,28 +238,79 @@ def test_report_from_mlflows_artifact_endpoint_is_the_self_contained_report(anal
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    store_root = meta_dir.parent  # the fixture's store: tracking.Store.at(root)
-    server = subprocess.Popen(tracking.ui_command(store_root, port=port), stdout=subprocess.DEVNULL,
+    server = subprocess.Popen(tracking.ui_command(meta_dir.parent, port=port), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True,
                               env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    url = (f"http://127.0.0.1:{port}/get-artifact?path=analysis/report.html"
-           f"&run_uuid={result['mlflow_run_id']}")
+    uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
         while True:
             try:
-                with urllib.request.urlopen(url, timeout=5) as r:
-                    served = r.read().decode()
-                break
+                with urllib.request.urlopen(uri + "/health", timeout=5):
+                    break
             except OSError:
                 if time.time() > deadline or server.poll() is not None:
                     raise
                 time.sleep(0.5)
+        yield uri
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
-    assert served == Path(result["report"]).read_text()  # the whole report, images inside it
-    assert served.count('<img src="data:image/png;base64,') == served.count("<img ") >= 10
+
+
+@pytest.mark.integration
+def test_report_from_mlflows_artifact_endpoint_is_the_self_contained_report(analysed, served):
+    """The server hands out the logged report.html whole: the UI's artifact viewer shows that text in a
+    frame of its own URL, where relative image links broke; embedded ones cannot."""
+    import urllib.request
+
+    _, result = analysed
+    url = f"{served}/get-artifact?path=analysis/report.html&run_uuid={result['mlflow_run_id']}"
+    with urllib.request.urlopen(url, timeout=30) as r:
+        text = r.read().decode()
+    assert text == Path(result["report"]).read_text()  # the whole report, images inside it
+    assert text.count('<img src="data:image/png;base64,') == text.count("<img ") >= 10
+
+
+@pytest.mark.integration
+def test_meta_model_loads_as_an_mlflow_pyfunc_in_a_fresh_process(analysed, served, tmp_path):
+    """mlflow.pyfunc.load_model from the tracking server, in a new process, reproduces the meta-model's
+    outputs at a model's own theta and at a theta given in the input."""
+    import pandas as pd
+
+    from dynamo_dist.data import store
+    from dynamo_dist.meta.outputs import load_meta_run, read_summary
+
+    meta_dir, _ = analysed
+    uri = read_summary(meta_dir)["mlflow_model_uri"]
+    run = load_meta_run(meta_dir)
+    mid, row = run.model_ids[1], 1
+    x = store.read_inputs(run.population_root, "mnist1d", "test").x[:5]
+    theta = [0.5] * run.cfg.embedding_dim
+    df = pd.DataFrame({"model_id": [mid] * 6, "x": [v.reshape(-1).tolist() for v in x] + [x[0].reshape(-1).tolist()],
+                       "theta": [None] * 5 + [theta]})
+    df.to_json(tmp_path / "in.json", orient="records")
+    code = ("import sys, json, mlflow, pandas as pd; mlflow.set_tracking_uri(sys.argv[1]); "
+            "m = mlflow.pyfunc.load_model(sys.argv[2]); "
+            "df = pd.read_json(sys.argv[3], orient='records'); "
+            "df['theta'] = [t if isinstance(t, list) else None for t in df['theta']]; "
+            "print(m.predict(df).to_json(orient='records'))")
+    proc = subprocess.run([sys.executable, "-c", code, served, uri, str(tmp_path / "in.json")], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    with torch.no_grad():
+        th = run.embeddings.theta[row].detach()[None].expand(5, -1)
+        hs, outs = run.meta(x, th)
+        want_logits = outs["mnist1d"][:, -1]
+        want_hidden = run.embeddings.apply_maps(row, hs)[0][:, -1]
+        _, outs_t = run.meta(x[:1], torch.tensor([theta]))
+    for j in range(5):
+        np.testing.assert_allclose(got[j]["logits"], want_logits[j].numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got[j]["hidden"], want_hidden[j].numpy(), rtol=1e-5, atol=1e-5)
+        assert got[j]["prediction"] == int(want_logits[j].argmax())
+    np.testing.assert_allclose(got[5]["logits"], outs_t["mnist1d"][0, -1].numpy(), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got[5]["logits"], got[0]["logits"])  # the given theta is what was used
 
 
 def test_analyze_again_keeps_the_earlier_report(analysed, tmp_path):

@@ -67,6 +67,7 @@ def _train_and_write(cfg: MetaConfig, root: str, data, t0: float, progress: bool
         with tracking_store.run("meta") as run:
             run.log_params(tracking.meta_params(cfg, root, len(data.rows)))
             tracking.log_meta_results(run, summary, per_model, trainer.history, artifacts(cfg.output_dir))
+            summary["mlflow_model_uri"] = tracking.log_meta_model(run, cfg.output_dir, data.rows)
         summary["mlflow_run_id"] = run.run_id
         write_summary(cfg.output_dir, summary)
     return summary

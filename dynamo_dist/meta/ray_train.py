@@ -485,6 +485,7 @@ def finalize(cfg: MetaConfig, population_root: str, result, *, tracking_store=No
             logged = history
         with tracking.ending(run):
             tracking.log_meta_results(run, summary, test_metrics, logged, outputs.artifacts(cfg.output_dir))
+            summary["mlflow_model_uri"] = tracking.log_meta_model(run, cfg.output_dir, manifest)
         summary["mlflow_run_id"] = run.run_id
         outputs.write_summary(cfg.output_dir, summary)
     return summary
