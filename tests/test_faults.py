@@ -310,9 +310,13 @@ def ray_with_short_starts(monkeypatch):
     ray.shutdown()
 
 
-def test_meta_workers_that_cannot_be_placed_fail_after_the_bound(trained, tmp_path, ray_with_short_starts):
+def test_meta_workers_that_cannot_be_placed_fail_after_the_bound(trained, tmp_path, ray_with_short_starts,
+                                                                  monkeypatch, capsys):
     from dynamo_dist.config import MetaConfig
+    from dynamo_dist.meta import ray_train
     from dynamo_dist.meta.ray_train import run_meta
+
+    monkeypatch.setattr(ray_train, "WAIT_NOTICE_S", 3.0)
 
     ray = ray_with_short_starts
 
@@ -328,5 +332,7 @@ def test_meta_workers_that_cannot_be_placed_fail_after_the_bound(trained, tmp_pa
     t = time.monotonic()
     with pytest.raises(RuntimeError, match=r"meta: 2 Ray Train worker\(s\) of 1 CPU each could not be placed within "
                                            r"meta.placement_timeout_s=10.0 s; the cluster has \{'CPU': 1.0\} free"):
-        run_meta(cfg, str(trained), progress=False)
+        run_meta(cfg, str(trained), progress=True)
     assert time.monotonic() - t < 120
+    out = capsys.readouterr()
+    assert "waiting for 2 Ray Train worker(s) of 1 CPU each to start (free now: {'CPU': 1.0}" in out.out + out.err

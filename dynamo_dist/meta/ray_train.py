@@ -525,6 +525,9 @@ def run_meta(cfg: MetaConfig, population_root: str, address: str | None = None, 
                             manifest=manifest)
 
 
+WAIT_NOTICE_S = 60.0  # a meta run with no report for this long says what it waits for, again every period
+
+
 def _progress_queue():
     from ray.util.queue import Queue
 
@@ -536,6 +539,7 @@ def _show_progress(cfg: MetaConfig, queue, done) -> None:
     from ray.util.queue import Empty
     from tqdm.auto import tqdm
 
+    started, said = time.monotonic(), 0.0
     with tqdm(total=cfg.steps, desc="meta", unit="step", dynamic_ncols=True) as bar:
         while True:
             try:
@@ -543,6 +547,13 @@ def _show_progress(cfg: MetaConfig, queue, done) -> None:
             except Empty:
                 if done.is_set():
                     break
+                waited = time.monotonic() - started
+                if bar.n == 0 and waited - said >= WAIT_NOTICE_S:  # no report yet: say what it waits for
+                    said = waited
+                    free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+                    bar.write(f"meta: no report after {waited:.0f} s; waiting for {cfg.num_workers} Ray Train "
+                              f"worker(s) of 1 CPU each to start (free now: {free}; the stage fails after "
+                              f"meta.placement_timeout_s={cfg.placement_timeout_s:.0f} s without them)")
                 continue
             except Exception:  # noqa: BLE001 -- the queue's actor is gone: the run is over
                 break
