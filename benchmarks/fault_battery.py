@@ -109,10 +109,14 @@ class Battery:
         deadline = time.monotonic() + 120
         while not (root / "inputs").exists() and time.monotonic() < deadline:
             time.sleep(0.2)
-        before = _digests(d)
         res, s = self.cli("population", "--config", str(cfg))
         first.communicate(timeout=600)
-        return self.record(d, res, s, before, first_exit=first.returncode)
+        rows = subprocess.run([sys.executable, "-c", "import sys; from dynamo_dist.data import store; "
+                               "print(len(store.manifest_rows(sys.argv[1])))", str(root)], capture_output=True,
+                              text=True, env=self.env, cwd=self.work).stdout.strip()
+        # the first run keeps writing while the second runs: "unchanged" does not apply here
+        return {**self.record(d, res, s, {}), "files_unchanged": None, "first_exit": first.returncode,
+                "complete_models": rows}
 
     def _damaged(self, name: str, rel: str):
         d = self.fresh(name)
