@@ -84,14 +84,15 @@ class Battery:
             d.mkdir()
         return d
 
-    def training(self, d: Path, cfg: Path) -> tuple[subprocess.Popen, Path]:
-        """A population stage started in the background, returned once its first model is being recorded."""
+    def training(self, d: Path, cfg: Path, marker: str = "population.json") -> tuple[subprocess.Popen, Path]:
+        """A population stage started in the background, returned once ``marker`` exists in its root:
+        ``population.json`` (the root is open, Ray starting), ``inputs`` (a first model recorded)."""
         proc = subprocess.Popen([sys.executable, "-m", "dynamo_dist.cli", "population", "--config", str(cfg)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=self.env,
                                 cwd=self.work)
         root = d / "run" / "population"
         deadline = time.monotonic() + 120
-        while not (root / "inputs").exists() and time.monotonic() < deadline:
+        while not (root / marker).exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         return proc, root
 
@@ -112,7 +113,7 @@ class Battery:
 
     def case_second_population_on_a_root_in_use(self):
         d = self.fresh("concurrent", trained=False)
-        cfg = self.config(d, population={"groups": [{**POP["groups"][0], "epochs": 20}]})
+        cfg = self.config(d, population={"groups": [{**POP["groups"][0], "epochs": 60}]})
         first, root = self.training(d, cfg)
         res, s = self.cli("population", "--config", str(cfg))
         first.communicate(timeout=600)
@@ -204,7 +205,7 @@ class Battery:
         d = self.fresh("ctrl_c", trained=False)
         cfg = self.config(d, population={"groups": [{**POP["groups"][0], "epochs": 30}]})
         t = time.perf_counter()
-        proc, root = self.training(d, cfg)
+        proc, root = self.training(d, cfg, marker="inputs")  # training under way
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=300)
         res = subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
