@@ -59,8 +59,8 @@ class DynamoMetaModel(mlflow.pyfunc.PythonModel):
                 self.emb.theta[i].copy_(state["shard"][m]["theta"])
                 self.emb.maps[i].load_state_dict(state["shard"][m]["maps"])
         self.meta.eval()
-        self.rows = by_id
-        self.spec = ArchSpec.from_row(rows[0])
+        self.rows = {m: by_id[m] for m in ids}
+        self.spec = ArchSpec.from_row(self.rows[ids[0]])
         return self
 
     @torch.no_grad()
@@ -115,12 +115,12 @@ def save(output_dir: str | Path, manifest: list[dict], dest: str | Path) -> Path
         staged.mkdir()
         for name in (outputs.CONFIG_FILE, outputs.CHECKPOINT_FILE):
             shutil.copy2(out / name, staged / name)
-        state_ids = set(torch.load(out / outputs.CHECKPOINT_FILE, weights_only=True, mmap=True)["shard"])
-        rows = [{k: r.get(k) for k in _ROW_KEYS} for r in manifest if r["model_id"] in state_ids]
+        # the rows of the run's population; load() takes those of the models the checkpoint embeds
+        rows = [{k: r.get(k) for k in _ROW_KEYS} for r in manifest]
         (staged / ROWS_FILE).write_text(json.dumps(rows))
         model = DynamoMetaModel().load(staged)
         size, dim = int(np.prod(model.spec.input_shape)), model.emb.theta[0].numel()
-        example = pd.DataFrame({"model_id": [rows[0]["model_id"]] * 2, "x": [[0.0] * size, [0.1] * size],
+        example = pd.DataFrame({"model_id": [model.emb.model_ids[0]] * 2, "x": [[0.0] * size, [0.1] * size],
                                 "theta": [[0.0] * dim, [0.1] * dim]})
         with _quiet_mlflow():
             signature = _optional_theta(infer_signature(example, model.predict(None, example)))
