@@ -93,6 +93,9 @@ class PopulationConfig(_Config):
     gpus_per_actor: float = Field(0.0, ge=0.0, description="GPU fraction each population actor holds")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where base models train: auto = cuda when the "
                                                   "process sees a GPU (Ray actors do with gpus_per_actor > 0), else cpu")
+    models_per_actor: int = Field(1, ge=1, description="K: base models one actor call trains together, stacked "
+                                  "(one batched recurrence; GRU/RNN/LSTM groups of one task, arch, hidden_size, "
+                                  "embed_dim, batch_size and epochs; ResNets train alone). Pays most on a GPU")
     placement_timeout_s: float = Field(600.0, gt=0.0, description="seconds jobs may wait with no population actor "
                                        "placed (e.g. after a node died) before the stage fails naming the resources")
     max_failed_models: int = Field(0, ge=0, description="models that may fail (e.g. diverge to NaN) without failing "

@@ -141,6 +141,29 @@ def test_actor_killed_mid_population_is_replaced_and_run_completes(ray_pop, tmp_
     assert [r["test_accuracy"] for r in rows] == [r["test_accuracy"] for r in ref_rows]
 
 
+def test_stacked_units_on_actors_survive_a_killed_actor_and_equal_models_trained_alone(ray_pop, tmp_path):
+    ref_cfg, ref_rows = ray_pop
+    cfg = _cfg(tmp_path / "root", models_per_actor=2)
+    assert [len(u) for u in population.work_units(cfg, population.expand(cfg))] == [2, 2, 2, 2]  # all 4 in flight
+    completions, killed, later = [], [], []
+
+    def kill_an_actor_once(rows, actors):
+        if not killed:  # both actors still hold a unit: the killed one's is re-run elsewhere
+            killed.append(actors[0]._actor_id.hex())
+            ray.kill(actors[0], no_restart=True)
+        else:
+            later.append({a._actor_id.hex() for a in actors})
+        completions.extend(r["model_id"] for r in rows)
+
+    rows = run_population(cfg, progress=False, on_progress=kill_an_actor_once)
+    assert later and killed[0] not in later[-1]
+    _assert_complete_and_readable(cfg, rows)
+    assert sorted(completions) == IDS  # every model exactly once
+    for r, ref in zip(rows, ref_rows):
+        a, b = load_file(str(Path(cfg.root) / r["weights_path"])), load_file(str(Path(ref_cfg.root) / ref["weights_path"]))
+        assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in b), r["model_id"]
+
+
 @ray.remote(num_cpus=1)
 class _CpuHolder:
     """Takes a CPU away from the population, as a lost node would."""

@@ -150,12 +150,17 @@ def fraction_subset(split: Split, fraction: float, seed: int) -> Split:
     populations trained on growing data fractions differ only by the added data.
     Rows keep their original order.
     """
+    return split.subset(fraction_indices(len(split), fraction, seed))
+
+
+def fraction_indices(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Sorted row indices of ``fraction_subset`` of an ``n``-row split (stacked training gathers
+    every model's batch from the one shared split with them)."""
     if not isinstance(fraction, (int, float)) or not (0.0 < fraction <= 1.0):  # also rejects NaN
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-    n = len(split)
     num_keep = max(1, int(round(fraction * n)))
     perm = _rng(seed, _STREAM_FRACTION).permutation(n)
-    return split.subset(np.sort(perm[:num_keep]))
+    return np.sort(perm[:num_keep])
 
 
 def token_id(task: TaskData, word: str) -> int:

@@ -2,8 +2,9 @@
 
 The per-model work is the plain code in ``train.py``; this module only spreads it
 over a Ray cluster. Each ``PopulationWorker`` actor holds ``cpus_per_actor`` CPUs (or a
-GPU fraction) and runs ``train.train_and_record`` for one job per call, writing that
-model's weights and trajectory files itself, so no weights travel through the driver.
+GPU fraction) and runs ``train.run_unit`` for one work unit per call (one job, or up to
+``models_per_actor`` jobs trained stacked), writing its models' weights and trajectory files
+itself, so no weights travel through the driver.
 
 The driver is the only writer of ``manifest.parquet``. It keeps every actor busy with a
 short queue, collects results with ``ray.wait``, upserts finished rows in batches, and
@@ -54,13 +55,15 @@ class PopulationWorker:
         """Answers once the actor is placed and constructed (the scheduler gives it jobs from then on)."""
         return True
 
-    def train_and_record(self, job: ModelJob) -> list[dict]:
-        """Train ``job``, write its weights + trajectories under the root; return manifest rows."""
-        return train.train_and_record(self._cfg.root, self._cfg, job)
+    def train_and_record(self, unit: tuple[ModelJob, ...]) -> list[dict]:
+        """Train a work unit (one job, or up to ``models_per_actor`` stacked), write its weights +
+        trajectories under the root; return manifest rows (``train.run_unit``)."""
+        return train.run_unit(self._cfg.root, self._cfg, unit)
 
 
 def num_actors_for(cfg: PopulationConfig, num_jobs: int) -> int:
-    """``cfg.num_actors``, else as many as the cluster's free CPUs (and GPUs) hold; never more than jobs."""
+    """``cfg.num_actors``, else as many as the cluster's free CPUs (and GPUs) hold; never more than
+    ``num_jobs`` (work units)."""
     if cfg.num_actors is not None:
         n = cfg.num_actors
     else:
@@ -101,7 +104,7 @@ def run_population(cfg: PopulationConfig, address: str | None = None, progress: 
 
             with tqdm(total=total, initial=total - todo, desc="population", unit="model", disable=not progress,
                       dynamic_ncols=True) as bar:
-                failed = _Scheduler(cfg, jobs, max_retries, bar, on_progress).run()
+                failed = _Scheduler(cfg, train.work_units(cfg, jobs), max_retries, bar, on_progress).run()
         rows = store.manifest_rows(root)
         if progress:
             for g in train.group_summary(rows):
@@ -117,9 +120,9 @@ def run_population(cfg: PopulationConfig, address: str | None = None, progress: 
 class _Scheduler:
     """The driver loop: submit with a bounded queue per actor, collect with ray.wait, replace dead actors."""
 
-    def __init__(self, cfg: PopulationConfig, jobs: list[ModelJob], max_retries: int, bar, on_progress):
+    def __init__(self, cfg: PopulationConfig, units: list[tuple[ModelJob, ...]], max_retries: int, bar, on_progress):
         self.cfg = cfg
-        self.queue: collections.deque[ModelJob] = collections.deque(jobs)
+        self.queue: collections.deque[tuple[ModelJob, ...]] = collections.deque(units)
         self.max_retries = max_retries
         self.bar = bar
         self.on_progress = on_progress
@@ -127,7 +130,7 @@ class _Scheduler:
         self.ready: set[int] = set()  # slots whose actor is placed and takes jobs
         self.starting: dict[ray.ObjectRef, int] = {}  # ready() ref -> slot, of actors not yet placed
         self.started_at: dict[int, float] = {}
-        self.inflight: dict[ray.ObjectRef, tuple[int, ModelJob]] = {}  # ref -> (actor slot, job)
+        self.inflight: dict[ray.ObjectRef, tuple[int, tuple[ModelJob, ...]]] = {}  # ref -> (actor slot, unit)
         self.retries: collections.Counter[str] = collections.Counter()
         self.finished: list[dict] = []  # rows not yet in the manifest
         self.failed: dict[str, str] = {}  # model_id -> error, of models that failed on their own data/numbers
@@ -195,8 +198,8 @@ class _Scheduler:
         load = collections.Counter(slot for slot, _ in self.inflight.values())
         for slot in sorted(self.ready):
             while self.queue and load[slot] < QUEUE_PER_ACTOR:
-                job = self.queue.popleft()
-                self.inflight[self.actors[slot].train_and_record.remote(job)] = (slot, job)
+                unit = self.queue.popleft()
+                self.inflight[self.actors[slot].train_and_record.remote(unit)] = (slot, unit)
                 load[slot] += 1
 
     def _release_idle(self) -> None:
@@ -226,30 +229,32 @@ class _Scheduler:
             raise RuntimeError(
                 f"no population actor could be placed for {waited:.0f} s (population.placement_timeout_s="
                 f"{self.cfg.placement_timeout_s}): each needs {need}; the cluster has {free} free of {total}. "
-                f"{len(self.queue)} model job(s) are still queued; completed models are kept in {self.cfg.root}: "
+                f"{sum(len(u) for u in self.queue)} model job(s) are still queued; completed models are kept in {self.cfg.root}: "
                 "add a node or lower population.cpus_per_actor / gpus_per_actor, then re-run")
 
     def _collect(self, ref: ray.ObjectRef) -> list[dict]:
-        slot, job = self.inflight.pop(ref)
+        slot, unit = self.inflight.pop(ref)
         try:
-            return ray.get(ref)
+            rows = ray.get(ref)
         except _ACTOR_LOST as err:
-            self._replace_actor(slot, job, err)
+            self._replace_actor(slot, unit, err)
             return []
         except RayTaskError as err:
             cause = err.cause if isinstance(err.cause, Exception) else err
-            if isinstance(cause, train.MODEL_ERRORS):  # this model's data or numbers (e.g. NaN): record it
-                rows = train.failed_rows(job, str(cause))
-                self.failed.update({r["model_id"]: r["error"] for r in rows})
-                self.bar.set_postfix(failed=len(self.failed))
-                return rows
-            raise RuntimeError(f"model {job.model_id} failed in its population actor: {cause!r}") from err
+            if not isinstance(cause, train.MODEL_ERRORS):
+                raise RuntimeError(f"model {unit[0].model_id} failed in its population actor: {cause!r}") from err
+            rows = [r for job in unit for r in train.failed_rows(job, str(cause))]  # its data or numbers (e.g. NaN)
+        failed = {r["model_id"]: r["error"] for r in rows if r["status"] == "failed"}
+        if failed:
+            self.failed.update(failed)
+            self.bar.set_postfix(failed=len(self.failed))
+        return rows
 
-    def _replace_actor(self, slot: int, job: ModelJob, err: Exception) -> None:
-        """Start a fresh actor in ``slot`` and re-queue every job the dead one held."""
+    def _replace_actor(self, slot: int, unit: tuple[ModelJob, ...], err: Exception) -> None:
+        """Start a fresh actor in ``slot`` and re-queue every unit the dead one held."""
         held = [r for r, (s, _) in self.inflight.items() if s == slot]
-        lost = [job] + [self.inflight.pop(r)[1] for r in held]
-        for j in lost:
+        lost = [unit] + [self.inflight.pop(r)[1] for r in held]
+        for j in (j for u in lost for j in u):
             self.retries[j.model_id] += 1
             n = self.retries[j.model_id]
             if n > self.max_retries:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import zoo
+from . import stacked
 from ..data import lock, store
 from ..config import GroupSpec, PopulationConfig
 from ..data.tasks import TaskData, fraction_subset, load_task
@@ -134,21 +135,36 @@ def record_member(root: str, cfg: PopulationConfig, model_id: str, model: torch.
                   labels: dict) -> dict:
     """Save weights, record probe/test trajectories, return the member's manifest row."""
     task = task_for(cfg, task_name)
+    recorded = {split: record(model, data.x[:n]) for split, data, n in recorded_splits(cfg, task)}
+    return write_member(root, cfg, model_id, model, task_name, labels, recorded,
+                        accuracy(model, task.test.x, task.test.y))
+
+
+def recorded_splits(cfg: PopulationConfig, task: TaskData) -> list[tuple[str, object, int]]:
+    """(split, data, examples recorded) of the probe and test splits under ``cfg``'s recording settings."""
+    n_probe = len(task.probe) if cfg.num_probe is None else min(cfg.num_probe, len(task.probe))
+    n_test = len(task.test) if cfg.num_test is None else min(cfg.num_test, len(task.test))
+    return [("probe", task.probe, n_probe), ("test", task.test, n_test)]
+
+
+def write_member(root: str, cfg: PopulationConfig, model_id: str, model: torch.nn.Module, task_name: str,
+                 labels: dict, recorded: dict[str, tuple[list[torch.Tensor], torch.Tensor]],
+                 test_accuracy: float) -> dict:
+    """Write a member's trajectories (``recorded``: split -> (hiddens, outputs)) and weights; its manifest row.
+
+    The weights file is written last, carrying the row: a model is on disk once it is."""
+    task = task_for(cfg, task_name)
     layout = store.Layout.at(root)
     spec = model.spec
     store.write_inputs(root, task_name, "probe", task.probe, cfg.num_probe)
     store.write_inputs(root, task_name, "test", task.test, cfg.num_test)
-    n_probe = len(task.probe) if cfg.num_probe is None else min(cfg.num_probe, len(task.probe))
-    n_test = len(task.test) if cfg.num_test is None else min(cfg.num_test, len(task.test))
-    paths = {}
-    for split, data, n in (("probe", task.probe, n_probe), ("test", task.test, n_test)):
-        hs, outs = record(model, data.x[:n])
-        paths[split] = store.write_trajectory(root, model_id, split, hs, outs, spec.family, cfg.dtype)
+    paths = {split: store.write_trajectory(root, model_id, split, hs, outs, spec.family, cfg.dtype)
+             for split, (hs, outs) in recorded.items()}
     wrel = layout.weights_rel(model_id)
     row = {
         "model_id": model_id, "task": task_name, "arch": spec.arch, "hidden_size": spec.hidden_size,
         "num_classes": spec.num_classes, "input_kind": spec.input_kind, "input_shape": list(spec.input_shape),
-        "vocab_size": spec.vocab_size, "test_accuracy": accuracy(model, task.test.x, task.test.y),
+        "vocab_size": spec.vocab_size, "test_accuracy": test_accuracy,
         "weights_path": wrel, "probe_path": paths["probe"], "test_path": paths["test"], "status": "complete",
         "error": None, "probe_bytes": store.file_bytes(root, paths["probe"]),
         "test_bytes": store.file_bytes(root, paths["test"]),
@@ -179,6 +195,109 @@ def train_and_record(root: str, cfg: PopulationConfig, job: ModelJob) -> list[di
     for r in rows:
         r["train_seconds"] = time.perf_counter() - t0
     return rows
+
+
+def work_units(cfg: PopulationConfig, jobs: list[ModelJob]) -> list[tuple[ModelJob, ...]]:
+    """Jobs as what one call trains: up to ``cfg.models_per_actor`` jobs that stack
+    (``stacked.stack_key``) trained together, every other job alone. Order follows ``jobs``."""
+    k = cfg.models_per_actor
+    units: list[list[ModelJob]] = []
+    open_unit: dict[tuple, list[ModelJob]] = {}  # stack key -> the unit still filling
+    for job in jobs:
+        key = stacked.stack_key(job.group) if k > 1 else None
+        if key is None:
+            units.append([job])
+            continue
+        unit = open_unit.get(key)
+        if unit is None or len(unit) == k:
+            unit = open_unit[key] = []
+            units.append(unit)
+        unit.append(job)
+    return [tuple(u) for u in units]
+
+
+def run_unit(root: str, cfg: PopulationConfig, unit: tuple[ModelJob, ...]) -> list[dict]:
+    """Train and record one work unit; a lone job's model error raises (``MODEL_ERRORS``), a
+    stack's failed members come back as rows with status 'failed' (the others are kept)."""
+    if len(unit) == 1:
+        return train_and_record(root, cfg, unit[0])
+    return train_and_record_stack(root, cfg, list(unit))
+
+
+RECORD_CHUNK_BYTES = 256 * 1024 ** 2  # trajectories of a stack held at once while its writes run
+
+
+def train_and_record_stack(root: str, cfg: PopulationConfig, jobs: list[ModelJob], timings: dict | None = None
+                           ) -> list[dict]:
+    """Train ``jobs`` as one stack (``stacked.train_stack``) and record every member they yield.
+
+    Trajectories are computed on the training thread (batched over the stack) and encoded and
+    written by a writer thread, so training the next epoch overlaps the previous one's writes.
+    A member whose files cannot be written (e.g. NaN) gets a failed row; the others are kept.
+    ``timings`` (optional) receives seconds spent training, computing trajectories and waiting on writes.
+    """
+    task = task_for(cfg, jobs[0].group.task)
+    device = resolve_device(cfg.device)
+    t0 = time.perf_counter()
+    clock = {"train_s": 0.0, "record_s": 0.0, "write_wait_s": 0.0}
+    futures: list = []  # (job, model_id, future) in submission order
+    with ThreadPoolExecutor(1, thread_name_prefix="trajectory-writer") as writer:
+
+        def snapshot(stack: stacked.StackedRNN, epoch: int) -> None:
+            t = time.perf_counter()
+            splits = recorded_splits(cfg, task)
+            accs = stack.accuracy(task.test.x, task.test.y)
+            per_model = sum(n * (stack.spec.hidden_size + task.num_classes) for _, _, n in splits) * 4 * task.input_shape[0]
+            chunk = max(1, RECORD_CHUNK_BYTES // max(per_model, 1))
+            for k0 in range(0, len(stack), chunk):
+                models = slice(k0, min(k0 + chunk, len(stack)))
+                recorded = {split: stack.trajectories(data.x[:n], models) for split, data, n in splits}
+                for i, k in enumerate(range(models.start, models.stop)):
+                    job = jobs[k]
+                    g = job.group
+                    mid = epoch_model_id(g.name, job.seed, epoch) if g.every_epoch else job.model_id
+                    labels = {"group": g.name, "train_fraction": g.train_fraction, "seed": job.seed, "epoch": epoch}
+                    member = {split: ([hs[i]], outs[i]) for split, (hs, outs) in recorded.items()}
+                    futures.append((job, mid, writer.submit(_write_stacked_member, root, cfg, mid, stack.spec,
+                                                            stack.state(k), g.task, labels, member, accs[k])))
+                w = time.perf_counter()
+                _wait_all(futures[:-chunk])  # at most two chunks of trajectories held at once
+                clock["write_wait_s"] += time.perf_counter() - w
+            clock["record_s"] += time.perf_counter() - t
+
+        def on_epoch(epoch, stack):
+            if jobs[0].group.every_epoch:
+                snapshot(stack, epoch)
+
+        stack = stacked.train_stack([j.group for j in jobs], task, [j.seed for j in jobs], device, on_epoch=on_epoch)
+        if not jobs[0].group.every_epoch:
+            snapshot(stack, jobs[0].group.epochs)
+        clock["train_s"] = time.perf_counter() - t0 - clock["record_s"]
+        w = time.perf_counter()
+        _wait_all(futures)
+        clock["write_wait_s"] += time.perf_counter() - w
+    rows = []
+    for job, mid, fut in futures:
+        try:
+            row = fut.result()
+        except MODEL_ERRORS as err:
+            row = {**failed_rows(job, str(err))[0], "model_id": mid}
+        row["train_seconds"] = time.perf_counter() - t0
+        rows.append(row)
+    if timings is not None:
+        timings.update(clock)
+    return rows
+
+
+def _write_stacked_member(root, cfg, model_id, spec, state, task_name, labels, recorded, test_accuracy) -> dict:
+    model = zoo.build(spec)
+    model.load_state_dict(state)
+    return write_member(root, cfg, model_id, model.eval(), task_name, labels, recorded, test_accuracy)
+
+
+def _wait_all(futures: list) -> None:
+    for _, _, fut in futures:
+        fut.exception()  # waits; errors are collected per member afterwards
 
 
 ROW_KEY = "dynamo.manifest_row"  # weights-file metadata holding the model's manifest row
@@ -281,15 +400,18 @@ def run_local(cfg: PopulationConfig, progress: bool = True) -> list[dict]:
         from tqdm.auto import tqdm
 
         failed: dict[str, str] = {}
-        for job in tqdm(jobs, desc="population", unit="model", disable=not progress):
-            if len(failed) > cfg.max_failed_models:
-                break  # the stage fails anyway: stop training, keep what is done
-            try:
-                rows = train_and_record(cfg.root, cfg, job)
-            except MODEL_ERRORS as err:
-                rows = failed_rows(job, str(err))
-                failed.update({r["model_id"]: r["error"] for r in rows})
-            store.upsert_manifest(cfg.root, rows)
+        with tqdm(total=sum(len(j.member_ids()) for j in jobs), desc="population", unit="model",
+                  disable=not progress) as bar:
+            for unit in work_units(cfg, jobs):
+                if len(failed) > cfg.max_failed_models:
+                    break  # the stage fails anyway: stop training, keep what is done
+                try:
+                    rows = run_unit(cfg.root, cfg, unit)
+                except MODEL_ERRORS as err:
+                    rows = failed_rows(unit[0], str(err))
+                failed.update({r["model_id"]: r["error"] for r in rows if r["status"] == "failed"})
+                store.upsert_manifest(cfg.root, rows)
+                bar.update(len(rows))
         check_failures(cfg.root, cfg, failed)
         return store.manifest_rows(cfg.root)
 
