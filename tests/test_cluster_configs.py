@@ -315,10 +315,15 @@ def test_kuberay_manifest_is_complete_and_secure(path, project_version):
 
 
 def test_rayjob_runs_the_pipeline():
+    """The entrypoint names files the image has (the repository is copied to /app) and a command
+    line the pipeline's CLI accepts, loading that config (tests/test_core.py runs the CLI parse)."""
     job = _load_yaml(CLUSTER_DIR / "kuberay" / "rayjob-pipeline.yaml")
     argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[0] == "python" and argv[1].endswith("jobs/pipeline.py")
-    assert argv[2] == "--config" and argv[3].endswith("configs/demo.yaml")
+    assert argv[0] == "python" and argv[1] == "/app/jobs/pipeline.py"
+    assert re.search(r"^COPY (--\S+ )*\. /app$", (REPO / "Dockerfile").read_text(), re.M), "the image must hold the repo at /app"
+    for path in (argv[1], argv[3]):
+        assert (REPO / path.removeprefix("/app/")).is_file(), path
+    assert argv[2] == "--config"
 
 
 def _set_head_param(m, key, value):

@@ -227,11 +227,17 @@ def test_meta_resnet_shares_w_across_blocks_of_equal_width():
     assert blocks[0].theta_proj is blocks[1].theta_proj is meta.theta_proj["64"]
     n_params = sum(p.numel() for p in meta.parameters())
     assert n_params == sum(p.numel() for p in {id(p): p for p in meta.parameters()}.values())
-    taps, outs = meta(torch.randn(2, 1, 8, 8), torch.zeros(2, 4))
+    x = torch.randn(2, 1, 8, 8)
+    taps, outs = meta(x, torch.zeros(2, 4))
     assert [t.shape[1] for t in taps] == [64, 128, 256, 512]
     assert outs["digits"].shape == (2, 1, 10)
-    taps2, _ = meta(torch.randn(2, 1, 8, 8), torch.ones(2, 4))
+    taps2, _ = meta(x, torch.ones(2, 4))  # same input, another theta: theta reaches the first stage
     assert not torch.allclose(taps[0], taps2[0])
+    with torch.no_grad():  # the control: with theta's projection zeroed, theta no longer matters
+        for proj in meta.theta_proj.values():
+            for p in proj.parameters():
+                p.zero_()
+    assert torch.allclose(meta(x, torch.zeros(2, 4))[0][0], meta(x, torch.ones(2, 4))[0][0])
 
 
 def test_cosine_schedule_is_table1_7_over_32():
@@ -304,6 +310,31 @@ def test_cli_set_indexes_lists(capsys):
     assert "population.groups.0.num_seeds" in capsys.readouterr().err
     args = cli.build_parser().parse_args(["population", "--recipe", "smoke", "--set", "population.groups.0.lr=0.5"])
     assert cli.load_pipeline(args).population.groups[0].lr == 0.5
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")))
+def test_every_shipped_config_parses_and_its_population_expands(name):
+    cfg = config.load(Path(__file__).resolve().parents[1] / "configs" / name)
+    from dynamo_dist.population import train
+
+    jobs = train.expand(cfg.population)
+    assert jobs and len(train.work_units(cfg.population, jobs)) <= len(jobs)
+
+
+def test_rayjob_entrypoint_is_a_pipeline_command_line_the_cli_accepts():
+    import shlex
+
+    import yaml
+
+    from dynamo_dist import cli
+
+    repo = Path(__file__).resolve().parents[1]
+    job = yaml.safe_load((repo / "cluster" / "kuberay" / "rayjob-pipeline.yaml").read_text())
+    argv = [a.replace("/app/", f"{repo}/") for a in shlex.split(job["spec"]["entrypoint"])]
+    assert "main([\"run\", *sys.argv[1:]])" in (repo / "jobs" / "pipeline.py").read_text()
+    args = cli.build_parser().parse_args(["run", *argv[2:]])
+    cfg = cli.load_pipeline(args)
+    assert cfg.population.groups and cfg.meta.steps > 0
 
 
 def test_unknown_dataset_is_an_error():
