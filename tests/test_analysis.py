@@ -61,6 +61,18 @@ def test_linear_rnn_fixed_point_is_solve_and_jacobian_eigenvalues_are_W():
     assert far.num_outliers_ == 32 and not far.converged_ and len(far.fixed_points_) == 0
 
 
+def test_a_search_that_never_converges_reports_zero_fixed_points_and_its_slow_points():
+    # h -> h + 1 (a translation) has no fixed point; q = 1/2 everywhere, so no candidate meets q_tol
+    shift = Dynamics(step=lambda h: h + 1.0, readout=None, state_dim=3)
+    f = FixedPointFinder(num_initial=8, max_iter=5, outlier_scale=None, random_state=0).fit(shift, torch.randn(20, 3))
+    assert not f.converged_ and len(f.fixed_points_) >= 1  # the slowest states, kept for the plots
+    assert f.stats_["num_fixed_points"] == 0 and f.stats_["num_slow_points"] == len(f.fixed_points_)
+    assert f.stats_["converged"] is False
+    ok = FixedPointFinder(num_initial=8, outlier_scale=None, random_state=0).fit(_linear(0.5 * np.eye(3), np.ones(3)),
+                                                                                  torch.randn(20, 3))
+    assert ok.converged_ and ok.stats_["num_fixed_points"] == ok.stats_["num_slow_points"] == 1  # the control
+
+
 def test_line_attractor_statistics_of_a_linear_integrator():
     # W has eigenvalue 1 along v and 0.3/0.5 elsewhere; b has no component that drives v,
     # so the fixed points form the line {h0 + s v}: PC1 carries all their variance and

@@ -134,7 +134,11 @@ def test_headline_numbers_and_tables(analysed):
     path = pq.read_table(out / "tables" / "ssl_path_mnist1d.parquet").to_pandas()
     assert len(path) == CFG.ssl_steps + 1 and np.allclose(path.theta.iloc[0], 0.0)
     fp = pq.read_table(out / "tables" / "fixed_points_meta.parquet").to_pandas()
-    assert {"centroid a", "centroid b"} <= set(fp.theta) and (fp.num_fixed_points >= 1).all()
+    assert {"centroid a", "centroid b"} <= set(fp.theta) and (fp.num_slow_points >= 1).all()
+    assert (fp.num_fixed_points == np.where(fp.converged, fp.num_slow_points, 0)).all()  # none claimed unconverged
+    land = pq.read_table(out / "tables" / "landscape.parquet").to_pandas()
+    best = land.accuracy.max()
+    assert result["landscape.mnist1d.best_beats_best_base"] == (best > result["landscape.mnist1d.best_base_accuracy"])
     emb = pq.read_table(out / "tables" / "embedding_pca.parquet").to_pandas()
     assert sorted(emb.model_id) == ["a-s000", "a-s001", "b-s000", "b-s001"]
 

@@ -180,7 +180,8 @@ class FixedPointFinder:
     candidates_ (K,S), final_states_ (K,S), final_speeds_ (K,): every search's start, end and q;
     num_evaluations_ : evaluations of F (times batch) spent; num_outliers_ : searches that ran off (dropped);
     fixed_points_ (P,S), speeds_ (P,): de-duplicated fixed points (slowest first);
-    converged_ : bool -- False when no candidate met ``q_tol`` (then the slowest points are kept);
+    converged_ : bool -- False when no candidate met ``q_tol`` (then the slowest points are kept,
+        ``fixed_points_`` holds those slow points and ``stats_["num_fixed_points"]`` is 0);
     jacobians_ (P',S,S), eigenvalues_ (P',S) complex (sorted by decreasing modulus);
     readouts_ (P,C) readout at the fixed points (if the dynamics have one);
     stats_ : dict of :func:`line_attractor_stats`.
@@ -252,6 +253,10 @@ class FixedPointFinder:
         order = np.argsort(-np.abs(eig), axis=1)
         self.eigenvalues_ = np.take_along_axis(eig, order, axis=1)
         self.stats_ = line_attractor_stats(self.fixed_points_, self.eigenvalues_, self.unit_tol)
+        # no candidate met q_tol: what is kept are slow points, and a count of fixed points is 0
+        self.stats_["num_slow_points"] = self.stats_["num_fixed_points"]
+        if not self.converged_:
+            self.stats_["num_fixed_points"] = 0
         self.stats_["converged"] = self.converged_
         return self
 

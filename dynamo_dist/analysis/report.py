@@ -390,12 +390,18 @@ def _landscape(ctx: _Ctx, sec: Section, results: dict) -> dict:
         p = figures.landscape(land.axis_a_, land.axis_b_, land.scores_ / max(best_base, 1e-12), land.base_coords_,
                               ctx.labels, land.best_coords_, ctx.fig_dir / f"landscape_{_safe(task)}.png",
                               f"meta test accuracy / best base ({task})")
+        gain = land.best_score_ > best_base  # only then is "the best θ lies outside the hull" a finding
+        where = "inside" if land.best_inside_hull_ else "outside"
+        verdict = (f"{where} the hull, above the best base model ({land.best_score_:.3f} vs {best_base:.3f})" if gain else
+                   f"{where} the hull, but no better than the best base model ({land.best_score_:.3f} vs "
+                   f"{best_base:.3f}): no gain from moving in θ, and its place on the grid says nothing")
         sec.figure(p, ctx.out, f"Relative test accuracy over the θ plane, task {task}; × marks the best grid point "
-                               f"({'inside' if land.best_inside_hull_ else 'outside'} the hull).")
+                               f"({verdict}).")
         rows.append({"task": task, "best_grid_accuracy": land.best_score_, "best_base_accuracy": best_base,
                      "relative": land.best_score_ / max(best_base, 1e-12),
                      "best_meta_at_base_theta": float(land.base_scores_[[t == task for t in ctx.tasks]].max()),
-                     "best_inside_hull": land.best_inside_hull_, "best_pc1": float(land.best_coords_[0]),
+                     "best_inside_hull": land.best_inside_hull_, "best_beats_best_base": gain,
+                     "best_pc1": float(land.best_coords_[0]),
                      "best_pc2": float(land.best_coords_[1])})
         for (b, a), s in np.ndenumerate(land.scores_):
             grid_rows.append({"task": task, "pc1": float(land.axis_a_[a]), "pc2": float(land.axis_b_[b]),
@@ -404,7 +410,7 @@ def _landscape(ctx: _Ctx, sec: Section, results: dict) -> dict:
         key = f"landscape.{_key(task)}"
         head.update({f"{key}.best_accuracy": land.best_score_, f"{key}.best_base_accuracy": best_base,
                      f"{key}.best_relative": land.best_score_ / max(best_base, 1e-12),
-                     f"{key}.best_inside_hull": land.best_inside_hull_})
+                     f"{key}.best_inside_hull": land.best_inside_hull_, f"{key}.best_beats_best_base": gain})
     sec.table(rows)
     _write_table(grid_rows, ctx.table_dir / "landscape.parquet")
     return {"fits": fits, "headline": head}
@@ -559,8 +565,14 @@ def _fixed_points(ctx: _Ctx, sec: Section, results: dict) -> dict:
     p = figures.eigenvalue_panels([(n, f.eigenvalues_) for n, _, _, f, _ in fits], ctx.fig_dir / "fixed_points_eigenvalues.png",
                                   "Jacobian eigenvalues at the fixed points")
     sec.figure(p, ctx.out, "Eigenvalues of dF̃/dh at the fixed points; dotted: unit circle.")
-    cols = ["theta", "task", "num_fixed_points", "converged", "pc1_variance_ratio", "pc1_variance", "pc1_extent",
-            "mean_num_near_unit", "mean_max_abs_eigenvalue", "min_q"]
+    cols = ["theta", "task", "num_fixed_points", "converged", "num_slow_points", "pc1_variance_ratio", "pc1_variance",
+            "pc1_extent", "mean_num_near_unit", "mean_max_abs_eigenvalue", "min_q"]
+    unconverged = [row["theta"] for row in table if not row["converged"]]
+    if unconverged:
+        sec.text(f"No candidate reached q ≤ 1e-6 for {len(unconverged)} of {len(table)} θ ({', '.join(unconverged[:6])}"
+                 f"{', …' if len(unconverged) > 6 else ''}): they have 0 fixed points found; what is plotted and "
+                 "described for them are the slowest states the search reached (slow points, min_q in the table), "
+                 "not fixed points. More iterations (analyze.fixed_point_iters) may find some.")
     sec.table(table, cols, caption="Meta-model")
     _write_table(table, ctx.table_dir / "fixed_points_meta.parquet")
     _write_table(points_rows, ctx.table_dir / "fixed_points_meta_points.parquet")
@@ -582,13 +594,14 @@ def _fixed_points(ctx: _Ctx, sec: Section, results: dict) -> dict:
         p = figures.fixed_point_panels(base_panels, ctx.fig_dir / "fixed_points_base.png",
                                        "base-model fixed points at x* (each in its own PCA)")
         sec.figure(p, ctx.out, "Fixed points of a few base models, for comparison with the meta-model at their θ_n.")
-        sec.table(base_rows, ["model_id", "arch", ctx.cfg.color_by, "num_fixed_points", "converged", "pc1_variance_ratio",
+        sec.table(base_rows, ["model_id", "arch", ctx.cfg.color_by, "num_fixed_points", "converged", "num_slow_points",
+                              "pc1_variance_ratio",
                               "pc1_extent", "mean_num_near_unit", "mean_max_abs_eigenvalue"], caption="Base models")
         _write_table(base_rows, ctx.table_dir / "fixed_points_base.parquet")
     head = {}
     for row in table:
         key = f"fixed_points.{_key(row['theta'])}"
-        head.update({f"{key}.num_fixed_points": row["num_fixed_points"],
+        head.update({f"{key}.num_fixed_points": row["num_fixed_points"], f"{key}.converged": row["converged"],
                      f"{key}.pc1_variance_ratio": row["pc1_variance_ratio"],
                      f"{key}.mean_num_near_unit": row["mean_num_near_unit"]})
     return {"table": table, "base": base_rows, "headline": head}
@@ -810,7 +823,8 @@ def _paper_comparison(ctx: _Ctx, results: dict) -> list[dict]:
         rows.append({"claim": f"Best θ on the accuracy landscape lies outside the base hull ({task})",
                      "paper": "outside the convex hull (Fig. 6)",
                      "measured": f"{'inside' if land.best_inside_hull_ else 'outside'}; best {_f(land.best_score_)} "
-                                 f"vs best base {_f(best_base)}"})
+                                 f"vs best base {_f(best_base)}" + ("" if land.best_score_ > best_base else
+                                                                    " (no better than the best base: not supported)")})
     for task, fit in results.get("ssl", {}).get("fits", {}).items():
         acc = h.get(f"ssl.{_key(task)}.test_accuracy")
         rows.append({"claim": f"SSL in θ beats the best base model ({task})",
@@ -824,7 +838,9 @@ def _paper_comparison(ctx: _Ctx, results: dict) -> list[dict]:
                      "paper": "line attractors, elongated with more training data (Fig. 8)",
                      "measured": "; ".join(f"{r['theta']}: {r['num_fixed_points']} fp, PC1 share "
                                            f"{_f(r['pc1_variance_ratio'])}, |λ|≈1 {_f(r['mean_num_near_unit'])}"
-                                           for r in cen)})
+                                           if r["converged"] else
+                                           f"{r['theta']}: no fixed point found ({r['num_slow_points']} slow points, "
+                                           f"min q {_f(r['min_q'])})" for r in cen)})
     for key, val in h.items():
         if key.endswith("score_accuracy_correlation"):
             rows.append({"claim": "Word-valence score highest near the best θ", "paper": "noisy but discernible trend (Fig. 11)",
