@@ -108,7 +108,7 @@ def test_a_stacked_population_records_what_a_sequential_one_does(tmp_path):
     rows = population.train_and_record_stack(stk_cfg.root, stk_cfg, list(units[0]), timings=timings)
     store.upsert_manifest(stk_cfg.root, rows)
     stk = population.run_local(stk_cfg, progress=False)  # the rest (b), through the same entry point
-    assert set(timings) == {"train_s", "record_s", "write_wait_s"} and timings["train_s"] > 0
+    assert set(timings) == {"train_s", "record_s", "final_wait_s"} and timings["train_s"] > 0
     assert [r["model_id"] for r in stk] == [r["model_id"] for r in seq] == ["a-s000", "a-s001", "b-s000-e001",
                                                                            "b-s000-e002"]
     for r_seq, r_stk in zip(seq, stk):
