@@ -58,6 +58,8 @@ class GroupSpec(_Config):
     lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate")
     weight_decay: float = Field(5e-4, ge=0.0, description="AdamW weight decay")
     every_epoch: bool = Field(False, description="each epoch's checkpoint becomes its own population member")
+    first_recorded_epoch: int = Field(1, ge=1, description="every_epoch: the first epoch that becomes a member "
+                                      "(earlier epochs are trained, not recorded; e.g. skip the chance-level start)")
 
     @field_validator("task")
     @classmethod
@@ -75,6 +77,16 @@ class GroupSpec(_Config):
         if not _ID_RE.match(v):
             raise ValueError(f"group name {v!r} must match {_ID_RE.pattern} (it becomes part of file names)")
         return v
+
+    @model_validator(mode="after")
+    def _recorded_epochs(self):
+        if self.first_recorded_epoch > 1 and not self.every_epoch:
+            raise ValueError(f"first_recorded_epoch={self.first_recorded_epoch} needs every_epoch: true (without it "
+                             "only the last epoch is recorded)")
+        if self.first_recorded_epoch > self.epochs:
+            raise ValueError(f"first_recorded_epoch={self.first_recorded_epoch} is after the last epoch "
+                             f"(epochs={self.epochs})")
+        return self
 
 
 class PopulationConfig(_Config):
@@ -150,6 +162,12 @@ class MetaConfig(_Config):
                                    "val_* metrics of each report (a fixed sample; None = every model)")
     cache_bytes: int | None = Field(2 * 1024 ** 3, ge=1, description="decoded trajectory bytes each meta worker "
                                     "keeps in memory (LRU, read on demand); None = keep every trajectory read")
+    device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="where the meta-model trains; auto = cuda "
+                                                   "when each worker/process sees a GPU; on Ray, cuda makes Ray Train "
+                                                   "give each worker one GPU (and NCCL)")
+    precision: Literal["float32", "bf16"] = Field("float32", description="bf16 = bfloat16 autocast of the forward "
+                                                  "pass and loss (cuda, or cpu); weights, theta/V and optimiser "
+                                                  "state stay float32")
 
     @model_validator(mode="after")
     def _one_schedule(self):

@@ -208,14 +208,27 @@ def test_killed_worker_resumes_exactly(clean_w2, pop_root, tmp_path):
 
 
 def test_resume_with_other_worker_count(clean_w2, pop_root, tmp_path):
-    cfg = meta_cfg(pop_root, tmp_path / "w1-resumed", num_workers=1, steps=STEPS + 10)
+    more = 2
+    cfg = meta_cfg(pop_root, tmp_path / "w1-resumed", num_workers=1, steps=STEPS + more)
     result = meta_ray.build_trainer(cfg, pop_root, progress=False,
                                     resume_from_checkpoint=clean_w2["result"].checkpoint).fit()
     summary = meta_ray.finalize(cfg, pop_root, result)
-    assert summary["num_workers"] == 1 and summary["steps"] == STEPS + 10
-    assert sorted(thetas(cfg.output_dir)) == sorted(thetas(clean_w2["out"]))
+    assert summary["num_workers"] == 1 and summary["steps"] == STEPS + more
+    resumed, clean_theta = thetas(cfg.output_dir), thetas(clean_w2["out"])
+    assert sorted(resumed) == sorted(clean_theta)
+    # values, not ids: the models no step after the resume sampled keep the W=2 run's theta
+    # exactly (one worker now: its rows are the sorted ids, sampled as DynamoTrainer._models_of does)
+    ids = sorted(clean_theta)
+    sampled = {ids[i] for step in range(STEPS, STEPS + more)
+               for i in np.random.default_rng([cfg.seed, 0, step]).choice(len(ids), size=cfg.models_per_step,
+                                                                          replace=False)}
+    untouched = [m for m in ids if m not in sampled]
+    assert len(untouched) >= len(ids) - more * cfg.models_per_step > 0
+    for m in untouched:
+        assert np.array_equal(resumed[m], clean_theta[m]), m
+    assert any(not np.array_equal(resumed[m], clean_theta[m]) for m in sampled)  # the control: they trained on
     hist = history_of(result.checkpoint)
-    assert [h["step"] for h in hist] == list(range(1, STEPS + 11))
+    assert [h["step"] for h in hist] == list(range(1, STEPS + more + 1))
     clean = history_of(clean_w2["result"].checkpoint)
     assert [h["loss"] for h in hist[:STEPS]] == [h["loss"] for h in clean]
 
@@ -290,6 +303,16 @@ def test_a_cache_smaller_than_one_trajectory_fails_before_training(pop_root, tmp
     with pytest.raises(ValueError, match=r"meta.cache_bytes=1000 is smaller than one model's probe trajectory"):
         meta_ray.run_meta(meta_cfg(pop_root, tmp_path / "meta", cache_bytes=1000), pop_root, progress=False)
     assert not (tmp_path / "meta").exists()
+
+
+def test_cuda_on_a_cluster_without_gpus_fails_before_anything_is_written(ray_session, pop_root, tmp_path):
+    if ray.cluster_resources().get("GPU"):
+        pytest.skip("this Ray cluster has GPUs")
+    cfg = meta_cfg(pop_root, tmp_path / "meta", device="cuda")
+    with pytest.raises(ValueError, match=r"meta.device='cuda' needs one GPU per Ray Train worker "
+                                         r"\(meta.num_workers=2\) but the Ray cluster has 0 GPU"):
+        meta_ray.run_meta(cfg, pop_root, progress=False)
+    assert not (tmp_path / "meta").exists()  # not even the output directory's lock
 
 
 def test_too_many_workers_fails_before_training(pop_root, tmp_path):

@@ -138,6 +138,22 @@ def test_every_epoch_group_yields_one_member_per_epoch_and_last_equals_plain_tra
         torch.testing.assert_close(weights[2][k], v, rtol=0, atol=0)
 
 
+def test_first_recorded_epoch_skips_early_members_and_records_the_same_later_ones(pop, tmp_path):
+    cfg, rows = pop
+    ref = {r["model_id"]: r for r in rows}
+    g = GROUPS[1].replace(first_recorded_epoch=2, num_seeds=2)
+    new = population.run_local(_cfg(tmp_path / "root", groups=(g,), models_per_actor=2), progress=False)  # stacked
+    assert [r["model_id"] for r in new] == ["b-s000-e002", "b-s000-e003", "b-s001-e002", "b-s001-e003"]
+    for r in new[:2]:  # seed 0: the same models as the members of the run that recorded every epoch
+        a = load_file(str(store.Layout.at(cfg.root).path(ref[r["model_id"]]["weights_path"])))
+        b = load_file(str(store.Layout.at(tmp_path / "root").path(r["weights_path"])))
+        assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a)
+    with pytest.raises(ValueError, match="first_recorded_epoch=2 needs every_epoch"):
+        GroupSpec(first_recorded_epoch=2)
+    with pytest.raises(ValueError, match=r"first_recorded_epoch=4 is after the last epoch \(epochs=3\)"):
+        GroupSpec(every_epoch=True, epochs=3, first_recorded_epoch=4)
+
+
 def test_no_temp_files_are_left(pop):
     cfg, _ = pop
     assert not [p for p in store.Layout.at(cfg.root).root.rglob("*") if p.name.endswith(".tmp")]

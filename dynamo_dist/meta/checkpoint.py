@@ -11,7 +11,9 @@ step; Ray Train merges the files every worker uploads under one directory name):
 Shards are keyed by model_id, so a restarted run or one resumed with another worker count
 re-assigns them. A merged state (``{"step", "meta", "opt_meta", "shard": {model_id: ...}}``)
 is what ``DynamoTrainer.state_dict`` gives and a meta run's ``checkpoint.pt`` holds; all of
-it loads with ``torch.load(weights_only=True)``.
+it loads with ``torch.load(weights_only=True)``. Every tensor is a CPU tensor whatever the
+device of the run (``to_cpu``), and is loaded onto the CPU: a run trained on GPUs resumes
+on CPUs and the other way round.
 """
 
 from __future__ import annotations
@@ -36,6 +38,21 @@ def metrics_file(rank: int) -> str:
     return f"test_metrics-{rank}.json"
 
 
+def to_cpu(obj):
+    """A nested state with every tensor on the CPU; CPU tensors are kept, not copied, and a module
+    state_dict keeps its ``_metadata`` (per-module versions ``load_state_dict`` reads)."""
+    if torch.is_tensor(obj):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        out = type(obj)((k, to_cpu(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def save_atomic(obj, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary name, renamed into place: readers never see half a file."""
     path = Path(path)
@@ -58,7 +75,7 @@ def safe_load(path: str | os.PathLike):
     import pickle  # noqa: PLC0415
 
     try:
-        return torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError:
         raise ValueError(f"checkpoint {path} holds objects other than tensors and plain containers; it was not "
                          "written by dynamo_dist and is not loaded (unpickling it could run code)") from None
@@ -99,9 +116,9 @@ def read_sharded(path: str | os.PathLike, model_ids: list[str] | None = None,
         if not (path / name).is_file():
             raise FileNotFoundError(f"checkpoint {path} is incomplete: shard file {name} is missing")
         if wanted is None:
-            part = torch.load(path / name, weights_only=True)
+            part = torch.load(path / name, weights_only=True, map_location="cpu")
         else:
-            mapped = torch.load(path / name, weights_only=True, mmap=True)
+            mapped = torch.load(path / name, weights_only=True, mmap=True, map_location="cpu")
             part = {m: _cloned(s) for m, s in mapped.items() if m in wanted}
             del mapped
         dup = set(part) & set(per_model)

@@ -13,7 +13,7 @@ from ..config import MetaConfig
 from ..data import lock, store
 from .metrics import evaluate
 from .outputs import artifacts, write_outputs, write_summary
-from .trainer import DynamoTrainer, fit_with_reports, load_population, validation_means
+from .trainer import DynamoTrainer, fit_with_reports, load_population, resolve_device, validation_means
 
 
 def run_meta_local(cfg: MetaConfig, population_root: str, *, progress: bool = True, tracking_store=None,
@@ -26,17 +26,18 @@ def run_meta_local(cfg: MetaConfig, population_root: str, *, progress: bool = Tr
     run stopped early (ASHA) leaves those of its last report. Returns the summary.
     """
     t0 = time.perf_counter()
+    device = resolve_device(cfg)  # a GPU asked for and missing: fail before reading or writing anything
     root = store.absolute(population_root)
     with lock.hold(root, "meta", shared=True, what="population root"):
         data = load_population(root, cache_bytes=cfg.cache_bytes)
         with lock.hold(cfg.output_dir, "meta", what="meta output directory"):
-            return _train_and_write(cfg.for_population(len(data.rows)), root, data, t0, progress, tracking_store,
-                                    on_report, write_every_report)
+            return _train_and_write(cfg.for_population(len(data.rows)), root, data, device, t0, progress,
+                                    tracking_store, on_report, write_every_report)
 
 
-def _train_and_write(cfg: MetaConfig, root: str, data, t0: float, progress: bool, tracking_store, on_report,
+def _train_and_write(cfg: MetaConfig, root: str, data, device, t0: float, progress: bool, tracking_store, on_report,
                      write_every_report: bool) -> dict:
-    trainer = DynamoTrainer(cfg, data)
+    trainer = DynamoTrainer(cfg, data, device=device)
     store_dict = None if tracking_store is None else tracking_store.as_dict()
 
     summary: dict = {}

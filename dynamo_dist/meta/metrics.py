@@ -19,7 +19,11 @@ from .objective import step_mask
 def emulation_metrics(meta, embeddings, row: int, group: str, family: str, x: torch.Tensor, lengths: torch.Tensor,
                       labels: torch.Tensor | None, base_hiddens: list[torch.Tensor], base_outputs: torch.Tensor,
                       batch_size: int = 512) -> dict[str, float]:
-    """Metrics of one model on one split (inputs aligned with its trajectories)."""
+    """Metrics of one model on one split (inputs aligned with its trajectories).
+
+    Inputs and trajectories stay on the host; each batch goes to the device of the embeddings,
+    and only scalars come back (float32 throughout, whatever ``meta.precision`` trained with).
+    """
     meta.eval()
     n = base_outputs.shape[0]
     sse = np.zeros(len(base_hiddens))
@@ -28,13 +32,14 @@ def emulation_metrics(meta, embeddings, row: int, group: str, family: str, x: to
     counts = np.zeros(len(base_hiddens))
     agree = correct_meta = correct_base = 0
     theta = embeddings.theta[row].detach()
+    device = theta.device
     for s in range(0, n, batch_size):
         sl = slice(s, min(s + batch_size, n))
-        xb, lb = x[sl], lengths[sl]
+        xb, lb = x[sl].to(device), lengths[sl].to(device)
         hs, outs = meta(xb, theta[None].expand(xb.shape[0], -1))
         mapped = embeddings.apply_maps(row, hs)
         for t, (p, b) in enumerate(zip(mapped, base_hiddens)):
-            b = b[sl]
+            b = b[sl].to(device)
             if family == "rnn":
                 m = step_mask(lb, b.shape[1])
                 p, b = p[m], b[m]  # (valid steps, H)
@@ -45,7 +50,7 @@ def emulation_metrics(meta, embeddings, row: int, group: str, family: str, x: to
             sums[t] = b.sum(0) if sums[t] is None else sums[t] + b.sum(0)
             sumsq[t] += float(b.pow(2).sum())
             counts[t] += b.shape[0]
-        pred = outs[group][:, -1].argmax(-1)
+        pred = outs[group][:, -1].argmax(-1).cpu()
         base = base_outputs[sl, -1].argmax(-1)
         agree += int((pred == base).sum())
         if labels is not None:

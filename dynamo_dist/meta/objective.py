@@ -6,7 +6,7 @@ C outputs. ``mask_BT`` marks valid (non-padding) steps; None means all valid.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +73,18 @@ class Chunk:
     lengths: torch.Tensor       # (B,)
     hiddens: list[torch.Tensor]  # base hidden states per tap
     outputs: torch.Tensor       # base outputs (B, T, C)
+
+    def to(self, device: torch.device) -> Chunk:
+        """This chunk on ``device`` (itself on the CPU). Batches are cut on the host; a GPU gets them
+        through pinned memory with asynchronous copies, so the transfer overlaps the host's work."""
+        if device.type == "cpu":
+            return self
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.pin_memory().to(device, non_blocking=True)
+
+        return replace(self, x=move(self.x), lengths=move(self.lengths), hiddens=[move(h) for h in self.hiddens],
+                       outputs=move(self.outputs))
 
 
 def dynamo_loss(meta, embeddings, chunks: list[Chunk], output_weight: float, hidden_distance: str = "l2",

@@ -3,9 +3,10 @@
 Each of W workers owns a disjoint, stable subset of the base models (``assign_shards``),
 reads only their trajectories and holds only their ``ModelEmbeddings`` with its AdamW
 state. The shared meta-model (F~, G~ heads) is wrapped in ``DistributedDataParallel``
-(gloo on CPU) and all-reduced every step; the embeddings sit beside it, never wrapped,
-never reduced or broadcast. The maths is ``DynamoTrainer.train_step`` unchanged: only
-``trainer.forward_module`` is swapped for the DDP wrapper.
+(gloo on CPU; NCCL with one GPU per worker, ``meta.device``) and all-reduced every step;
+the embeddings sit beside it, never wrapped, never reduced or broadcast. The maths is
+``DynamoTrainer.train_step`` unchanged: only ``trainer.forward_module`` is swapped for
+the DDP wrapper.
 
 Every worker saves its shard of each checkpoint (``checkpoint.py`` has the format); shards
 are keyed by model_id, so a restarted run (``FailureConfig``) or a run resumed with another
@@ -142,6 +143,27 @@ def validate_population(cfg: MetaConfig, population_root: str) -> list[dict]:
     return rows
 
 
+def for_cluster(cfg: MetaConfig, cluster: dict) -> MetaConfig:
+    """``cfg`` with ``meta.device`` decided for a Ray cluster of resources ``cluster``
+    (``ray.cluster_resources()``): cuda needs one GPU per Train worker, so it fails here, in the
+    driver, naming what is missing; auto becomes cuda when there are that many GPUs, else cpu."""
+    if cfg.device == "cpu":
+        return cfg
+    gpus = float(cluster.get("GPU", 0.0))
+    if gpus >= cfg.num_workers:
+        return cfg if cfg.device == "cuda" else cfg.replace(device="cuda")
+    if cfg.device == "auto":
+        return cfg.replace(device="cpu")
+    raise ValueError(f"meta.device='cuda' needs one GPU per Ray Train worker (meta.num_workers={cfg.num_workers}) "
+                     f"but the Ray cluster has {gpus:g} GPU(s) (ray.cluster_resources()); add GPU nodes, lower "
+                     "meta.num_workers, or set meta.device to 'cpu' or 'auto'")
+
+
+def worker_resources_text(cfg: MetaConfig) -> str:
+    """What one Train worker asks Ray for, in words (placement messages)."""
+    return "1 CPU and 1 GPU" if cfg.device == "cuda" else "1 CPU"
+
+
 def start_attempts(cfg: MetaConfig) -> int:
     """Ray Train's worker-group start attempts (each waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S,
     60 s by default) that fit in ``meta.placement_timeout_s``; Ray's default is to retry forever."""
@@ -223,7 +245,7 @@ def _wrap_ddp(trainer: DynamoTrainer) -> nn.Module:
 def _sha(tensors) -> str:
     h = hashlib.sha256()
     for t in tensors:
-        h.update(t.detach().contiguous().numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -244,7 +266,9 @@ def _debug_hooks(debug: dict, trainer: DynamoTrainer, rank: int) -> None:
 def _all_reduce(values: list[float]) -> list[float]:
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64)
+    # NCCL reduces GPU tensors only (Ray Train has set this worker's current device)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
 
@@ -281,7 +305,14 @@ def train_loop_per_worker(config: dict) -> None:
     ids = [r["model_id"] for r in all_rows]
     shard_ids = assign_shards(ids, world)[rank]
     data = load_population(root, shard_ids, manifest=all_rows, cache_bytes=cfg.cache_bytes)  # this shard's files only
-    trainer = DynamoTrainer(cfg, data, all_rows, rank)
+    # build_trainer decided meta.device for the cluster: cuda means Ray Train gave this worker a GPU
+    if cfg.device == "cuda":
+        from ray.train.torch import get_device
+
+        device = get_device()
+    else:
+        device = torch.device("cpu")
+    trainer = DynamoTrainer(cfg, data, all_rows, rank, device=device)
 
     shared = None
     own_ckpt = ray.train.get_checkpoint()  # this run's latest, after a worker failure or a re-run
@@ -364,8 +395,7 @@ def train_loop_per_worker(config: dict) -> None:
                 shared_state = None
                 if rank == 0:
                     shared_state = {
-                        "step": trainer.step, "meta": trainer.meta.state_dict(),
-                        "opt_meta": trainer.opt_meta.state_dict(), "history": history, "num_workers": world,
+                        **trainer.shared_state(), "history": history, "num_workers": world,
                         "shards": [checkpoint.shard_file(r) for r in range(world)], "model_ids": ids,
                         "mlflow_run_id": run_id, "config": cfg.model_dump(mode="json"),
                         "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds}
@@ -387,7 +417,8 @@ def build_trainer(cfg: MetaConfig, population_root: str, *, run_config=None, cal
                   resume_from_checkpoint=None, tracking_store=None, mlflow_run_id: str | None = None,
                   parent_run_id: str | None = None, progress: bool = True, debug: dict | None = None,
                   manifest: list[dict] | None = None, progress_queue=None):
-    """A ``TorchTrainer`` running ``train_loop_per_worker`` with ``cfg.num_workers`` CPU workers.
+    """A ``TorchTrainer`` running ``train_loop_per_worker`` with ``cfg.num_workers`` workers of 1 CPU
+    (and 1 GPU each, NCCL, when ``meta.device`` is cuda, or auto on a cluster with enough GPUs).
 
     Default RunConfig: storage ``outputs.ray_storage(output_dir)``, name ``meta`` (so re-running
     the same output_dir resumes from its latest checkpoint), ``FailureConfig(cfg.max_failures)``,
@@ -409,6 +440,8 @@ def build_trainer(cfg: MetaConfig, population_root: str, *, run_config=None, cal
     manifest = store.manifest_rows(root) if manifest is None else manifest
     assign_shards([r["model_id"] for r in manifest], cfg.num_workers)
     cfg = cfg.for_population(len(manifest))
+    if cfg.device != "cpu":
+        cfg = for_cluster(cfg, ray.cluster_resources())
     if run_config is None:
         run_config = RunConfig(name="meta", storage_path=str(outputs.ray_storage(cfg.output_dir)),
                                failure_config=FailureConfig(max_failures=cfg.max_failures,
@@ -417,7 +450,8 @@ def build_trainer(cfg: MetaConfig, population_root: str, *, run_config=None, cal
     if callbacks:
         run_config = dataclasses.replace(run_config, callbacks=[*(run_config.callbacks or []), *callbacks])
     resume_from_checkpoint = _as_checkpoint(resume_from_checkpoint)
-    resources = {"CPU": 1}
+    resources = {"CPU": 1}  # with use_gpu, ScalingConfig adds {"GPU": 1}
+    use_gpu = cfg.device == "cuda"
     loop_config = {
         "meta": cfg.model_dump(mode="json"),
         "population_root": root,
@@ -432,8 +466,8 @@ def build_trainer(cfg: MetaConfig, population_root: str, *, run_config=None, cal
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=False, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=run_config,
     )
 
@@ -493,8 +527,9 @@ def finalize(cfg: MetaConfig, population_root: str, result, *, tracking_store=No
 
 def _evaluate_state(cfg: MetaConfig, population_root: str, state: dict, manifest: list[dict]) -> dict[str, dict]:
     """Per-model test metrics of a merged state, in this process (fallback for non-final checkpoints)."""
+    # on the driver's CPU: the driver need not have the workers' GPUs, and the state is on the CPU
     trainer = DynamoTrainer(cfg, load_population(population_root, sorted(state["shard"]), manifest=manifest,
-                                                 cache_bytes=cfg.cache_bytes))
+                                                 cache_bytes=cfg.cache_bytes), device="cpu")
     trainer.load_state_dict(state)
     return evaluate(trainer, "test")
 
@@ -515,6 +550,8 @@ def run_meta(cfg: MetaConfig, population_root: str, address: str | None = None, 
         check_resumable(cfg, [r["model_id"] for r in manifest])
         if tracking_store is not None:
             tracking_store.check_reachable()
+        if cfg.device != "cpu":  # the cluster's GPUs decide; a missing one fails before the output
+            cfg = for_cluster(cfg, init_ray(address))  # directory is created (its lock) or written
         with lock.hold(cfg.output_dir, "meta", what="meta output directory"):
             init_ray(address)
             queue = _progress_queue() if progress else None
@@ -552,8 +589,9 @@ def _show_progress(cfg: MetaConfig, queue, done) -> None:
                     said = waited
                     free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
                     bar.write(f"meta: no report after {waited:.0f} s; waiting for {cfg.num_workers} Ray Train "
-                              f"worker(s) of 1 CPU each to start (free now: {free}; the stage fails after "
-                              f"meta.placement_timeout_s={cfg.placement_timeout_s:.0f} s without them)")
+                              f"worker(s) of {worker_resources_text(cfg)} each to start (free now: {free}; the "
+                              f"stage fails after meta.placement_timeout_s={cfg.placement_timeout_s:.0f} s "
+                              "without them)")
                 continue
             except Exception:  # noqa: BLE001 -- the queue's actor is gone: the run is over
                 break
@@ -598,10 +636,12 @@ def fit_bounded(trainer, cfg: MetaConfig, progress_queue=None):
             raise
         free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
         total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-        raise RuntimeError(f"meta: {cfg.num_workers} Ray Train worker(s) of 1 CPU each could not be placed within "
+        raise RuntimeError(f"meta: {cfg.num_workers} Ray Train worker(s) of {worker_resources_text(cfg)} each could "
+                           "not be placed within "
                            f"meta.placement_timeout_s={cfg.placement_timeout_s} s; the cluster has {free} free of "
                            f"{total}. Add a node or lower meta.num_workers, then re-run: it resumes from the latest "
                            f"checkpoint in {cfg.output_dir}") from None
 
 
-__all__ = ["assign_shards", "validate_population", "train_loop_per_worker", "build_trainer", "finalize", "run_meta"]
+__all__ = ["assign_shards", "validate_population", "for_cluster", "train_loop_per_worker", "build_trainer", "finalize",
+           "run_meta"]

@@ -9,6 +9,7 @@ is the one training loop with validation reports, driven alike by the single-pro
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -121,6 +122,19 @@ def load_population(root: str, model_ids: list[str] | None = None, with_test: bo
     return data
 
 
+def resolve_device(cfg: MetaConfig) -> torch.device:
+    """Where this process trains (``meta.device``). A GPU asked for where none is visible fails here,
+    before any work: the single-process stage calls this first, Ray workers get theirs from Ray Train."""
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        why = (f"torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None
+               else "no CUDA device is visible to this process (CUDA_VISIBLE_DEVICES, the driver)")
+        raise ValueError(f"meta.device='cuda' but torch.cuda.is_available() is False: {why}; run on a machine with "
+                         "a CUDA GPU, or set meta.device to 'cpu' or 'auto'")
+    return torch.device("cuda")
+
+
 def cosine_factor(step: int, total: int) -> float:
     """Table 1's 'cosine with freq. 7/32': lr * cos(7 pi step / (16 total))."""
     return math.cos(7.0 * math.pi * step / (16.0 * max(total, 1)))
@@ -131,17 +145,23 @@ class DynamoTrainer:
 
     ``all_rows`` are the manifest rows of the whole population (they fix the heads and the
     input encoder, identical on every worker); ``data`` holds only this shard's models.
+    ``device``: where the meta-model, theta and V live (default ``resolve_device(cfg)``); data
+    stay on the host, each step's batch is moved there once. ``state_dict`` is on the CPU always.
     """
 
-    def __init__(self, cfg: MetaConfig, data: PopulationData, all_rows: list[dict] | None = None, rank: int = 0):
+    def __init__(self, cfg: MetaConfig, data: PopulationData, all_rows: list[dict] | None = None, rank: int = 0,
+                 device: torch.device | str | None = None):
         self.cfg = cfg
         self.data = data
         self.rank = rank
+        self.device = resolve_device(cfg) if device is None else torch.device(device)
         all_rows = all_rows or data.rows
         base_dims = [model.tap_widths(data.family, data.hidden_shapes(m)) for m in data.model_ids]
         # identical shared init on every worker; each worker's embeddings from its own stream
-        self.meta, self.embeddings = model.build(all_rows, cfg, data.model_ids, base_dims,
-                                                 meta_seed=cfg.seed, embeddings_seed=cfg.seed + 1 + rank)
+        # (initialised on the CPU, then moved: the same initial weights on every device)
+        meta, embeddings = model.build(all_rows, cfg, data.model_ids, base_dims,
+                                       meta_seed=cfg.seed, embeddings_seed=cfg.seed + 1 + rank)
+        self.meta, self.embeddings = meta.to(self.device), embeddings.to(self.device)
         self._emb_lr = cfg.embedding_lr or cfg.lr
         self._ids = data.model_ids  # the shard's model ids, in row order (sampled from every step)
         self.forward_module: nn.Module = self.meta  # the Ray job swaps in the DDP wrapper
@@ -198,12 +218,20 @@ class DynamoTrainer:
             for g in opt.param_groups:
                 g["lr"] = lr * f
 
+    def autocast(self):
+        """``meta.precision``: bf16 autocast of the forward pass and the loss (parameters stay float32,
+        so no loss scaling is needed); float32 enters nothing."""
+        if self.cfg.precision == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
     def train_step(self) -> dict:
         self.meta.train()
         self._set_lr()
-        chunks = self.sample(self.step)
-        loss, stats = dynamo_loss(self.forward_module, self.embeddings, chunks, self.cfg.output_weight,
-                                  self.cfg.hidden_distance, self.cfg.output_distance)
+        chunks = [c.to(self.device) for c in self.sample(self.step)]
+        with self.autocast():
+            loss, stats = dynamo_loss(self.forward_module, self.embeddings, chunks, self.cfg.output_weight,
+                                      self.cfg.hidden_distance, self.cfg.output_distance)
         # Only the sampled models' theta/V take part in a step (like the rows of a sharded embedding
         # table): AdamW and zero_grad visit just their parameters, not all N of the shard's (which
         # cost a Python loop over every model each step). Unsampled ones have grad None and would
@@ -235,19 +263,24 @@ class DynamoTrainer:
     # ---------------------------------------------------------------- state
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "meta": self.meta.state_dict(), "opt_meta": self.opt_meta.state_dict(),
-                "shard": self.shard_state()}
+        """The merged checkpoint state (``checkpoint`` module docstring), CPU tensors whatever the device."""
+        return {**self.shared_state(), "shard": self.shard_state()}
+
+    def shared_state(self) -> dict:
+        """Step, shared weights and their optimiser state, on the CPU."""
+        return {"step": self.step, "meta": checkpoint.to_cpu(self.meta.state_dict()),
+                "opt_meta": checkpoint.to_cpu(self.opt_meta.state_dict())}
 
     def shard_state(self) -> dict:
-        """This worker's theta/V and their optimiser state, keyed by model_id (re-shardable)."""
+        """This worker's theta/V and their optimiser state, keyed by model_id (re-shardable), on the CPU."""
         per_model = {}
         pstate = self.opt_emb.state
         for m, i in self.embeddings.index.items():
             params = self.embeddings.parameters_of(i)
             per_model[m] = {
-                "theta": params[0].detach().clone(),
-                "maps": {k: v.detach().clone() for k, v in self.embeddings.maps[i].state_dict().items()},
-                "opt": [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in pstate[p].items()}
+                "theta": _host_copy(params[0]),
+                "maps": {k: _host_copy(v) for k, v in self.embeddings.maps[i].state_dict().items()},
+                "opt": [{k: (_host_copy(v) if torch.is_tensor(v) else v) for k, v in pstate[p].items()}
                         if p in pstate else None for p in params],
             }
         return per_model
@@ -264,7 +297,9 @@ class DynamoTrainer:
             params = self.embeddings.parameters_of(i)
             for p, st in zip(params, s["opt"]):
                 if st is not None:
-                    self.opt_emb.state[p] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+                    # moments beside their parameter; AdamW keeps "step" on the CPU (not capturable/fused)
+                    self.opt_emb.state[p] = {k: (v.to(p.device if k != "step" else "cpu", copy=True)
+                                                 if torch.is_tensor(v) else v) for k, v in st.items()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
@@ -281,11 +316,17 @@ class DynamoTrainer:
     # ---------------------------------------------------------------- outputs
 
     def embedding_rows(self) -> list[dict]:
-        th = self.embeddings.theta_matrix().numpy()
+        th = self.embeddings.theta_matrix().cpu().numpy()
         return [{"model_id": m, "theta": th[i].tolist()} for i, m in enumerate(self.embeddings.model_ids)]
 
     def val_split(self, task: str) -> np.ndarray:
         return self._val_idx[task]
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A detached CPU copy of ``t`` (one copy, also from a GPU)."""
+    t = t.detach()
+    return t.clone() if t.device.type == "cpu" else t.cpu()
 
 
 # ---------------------------------------------------------------- the one fit loop

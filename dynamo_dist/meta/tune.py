@@ -14,7 +14,8 @@ docstring) into its own directory::
 Trials:
 
 * ``workers_per_trial == 1``: the trial is the single-process meta stage
-  (``local.run_meta_local``, 1 CPU) calling ``tune.report`` at every report, so ASHA can stop it.
+  (``local.run_meta_local``, 1 CPU, and 1 GPU when ``meta.device`` is cuda) calling
+  ``tune.report`` at every report, so ASHA can stop it.
 * ``workers_per_trial > 1``: the trial is a thin driver (Ray Train V2 / Tune interop)
   that builds ``ray_train.build_trainer(..., callbacks=[TuneReportCallback()])`` and fits
   it; the Train workers' reports reach Tune through the callback.
@@ -169,12 +170,13 @@ def validate(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, population_root: str,
     return sweep_cfg, rows
 
 
-def _trial_resources(sweep_cfg: SweepConfig, cluster: dict) -> tuple[dict, int]:
+def _trial_resources(sweep_cfg: SweepConfig, cluster: dict, device: str = "cpu") -> tuple[dict, int]:
     """Per-trial resource request and the number of trials that fit at once.
 
-    One worker: the trial itself trains, 1 CPU. More: the trial is a Train driver (0.01 CPU:
-    Ray Tune needs a non-empty bundle) and its Train workers take 1 CPU each, in their own
-    placement group, so a trial needs ``w + 0.01`` CPUs.
+    One worker: the trial itself trains, 1 CPU (and 1 GPU when ``device`` is cuda). More: the
+    trial is a Train driver (0.01 CPU: Ray Tune needs a non-empty bundle) and its Train workers
+    take 1 CPU (and 1 GPU) each, in their own placement group, so a trial needs ``w + 0.01`` CPUs.
+    ``device``: the trials' ``meta.device``, decided for the cluster (``ray_train.for_cluster``).
     """
     cpus = float(cluster.get("CPU", 0.0))
     w = sweep_cfg.workers_per_trial
@@ -184,6 +186,10 @@ def _trial_resources(sweep_cfg: SweepConfig, cluster: dict) -> tuple[dict, int]:
                          f"{cpus:g}; lower workers_per_trial or connect to a larger cluster (--address)")
     resources = {"cpu": 1.0} if w == 1 else {"cpu": 0.01}
     fit = max(1, int(cpus // need))
+    if device == "cuda":
+        if w == 1:
+            resources["gpu"] = 1.0
+        fit = min(fit, max(1, int(float(cluster.get("GPU", 0.0)) // w)))
     return resources, min(sweep_cfg.max_concurrent_trials, fit)
 
 
@@ -411,7 +417,12 @@ def _sweep(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, root: Path, population_
     sweep_cfg, rows = validate(meta_cfg, sweep_cfg, population_root, tracking_store)
     meta_cfg = meta_cfg.for_population(len(rows))
     cluster = init_ray(address)
-    resources, concurrency = _trial_resources(sweep_cfg, cluster)
+    if meta_cfg.device != "cpu":  # every trial trains where the cluster allows (cuda: a GPU per Train worker)
+        from .ray_train import for_cluster
+
+        trial_device = for_cluster(meta_cfg.replace(num_workers=sweep_cfg.workers_per_trial), cluster).device
+        meta_cfg = meta_cfg.replace(device=trial_device)
+    resources, concurrency = _trial_resources(sweep_cfg, cluster, meta_cfg.device)
     if sweep_cfg.scheduler == "asha" and sweep_cfg.workers_per_trial > 1:
         _check_state_api()
 

@@ -66,7 +66,7 @@ def _spec_jobs(root: str) -> tuple[dict[str, tuple[train.ModelJob, int]], Popula
         return {}, None
     out = {}
     for job in train.expand(cfg):
-        for e, mid in enumerate(job.member_ids(), start=1):
+        for e, mid in enumerate(job.member_ids(), start=job.group.first_recorded_epoch):
             out[mid] = (job, e if job.group.every_epoch else job.group.epochs)
     return out, cfg
 

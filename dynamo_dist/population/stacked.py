@@ -43,7 +43,7 @@ def stack_key(group: GroupSpec) -> tuple | None:
     if group.arch not in STACKABLE:
         return None
     return (group.task, group.arch, group.hidden_size, group.embed_dim, group.batch_size, group.epochs,
-            group.every_epoch)
+            group.every_epoch, group.first_recorded_epoch)
 
 
 class StackedRNN(torch.nn.Module):

@@ -35,7 +35,8 @@ class ModelJob:
     def member_ids(self) -> list[str]:
         """Population members this job produces."""
         if self.group.every_epoch:
-            return [epoch_model_id(self.group.name, self.seed, e) for e in range(1, self.group.epochs + 1)]
+            return [epoch_model_id(self.group.name, self.seed, e)
+                    for e in range(self.group.first_recorded_epoch, self.group.epochs + 1)]
         return [self.model_id]
 
 
@@ -185,7 +186,7 @@ def train_and_record(root: str, cfg: PopulationConfig, job: ModelJob) -> list[di
     t0 = time.perf_counter()
 
     def on_epoch(epoch, model):
-        if g.every_epoch:
+        if g.every_epoch and epoch >= g.first_recorded_epoch:
             rows.append(record_member(root, cfg, epoch_model_id(g.name, job.seed, epoch), model, g.task,
                                       {**labels, "epoch": epoch}))
 
@@ -266,7 +267,7 @@ def train_and_record_stack(root: str, cfg: PopulationConfig, jobs: list[ModelJob
             clock["record_s"] += time.perf_counter() - t
 
         def on_epoch(epoch, stack):
-            if jobs[0].group.every_epoch:
+            if jobs[0].group.every_epoch and epoch >= jobs[0].group.first_recorded_epoch:
                 snapshot(stack, epoch)
 
         stack = stacked.train_stack([j.group for j in jobs], task, [j.seed for j in jobs], device, on_epoch=on_epoch)
