@@ -57,6 +57,17 @@ def add_common_args(p: argparse.ArgumentParser, address: bool = True) -> None:
                    "dynamo_dist's lines and progress bars; same as DYNAMO_VERBOSE=1)")
 
 
+def _settings_epilog(stage: str, cls) -> str:
+    """The stage's config fields with their defaults and descriptions (the config class is their one source)."""
+    import textwrap
+
+    lines = [f"settings (--set {stage}.FIELD=VALUE, or the config's {stage}: section):"]
+    for name, f in cls.model_fields.items():
+        lines += textwrap.wrap(f"{name} (default {f.default!r}): {f.description}", width=100,
+                               initial_indent="  ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dynamo-dist", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -69,10 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--root", help="population root (same as --set population.root=DIR)")
         if name == "meta":
             p.add_argument("--out", help="meta output directory (same as --set meta.output_dir=DIR)")
+        if name in ("meta", "run"):
+            p.add_argument("--register-model", metavar="NAME", help="register the meta run's MLflow Model in the "
+                           "store's Model Registry under NAME (a new version each time)")
         if name == "population":
             p.add_argument("--dry-run", action="store_true",
                            help="print per group how many models exist, are complete and would be trained; train nothing")
-    an = sub.add_parser("analyze", help="analyses and HTML report of a meta run")
+    an = sub.add_parser("analyze", help="analyses and HTML report of a meta run",
+                        epilog=_settings_epilog("analyze", config_mod.AnalyzeConfig),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(an)
     an.add_argument("--meta-dir", help="meta run directory (default: the config's meta.output_dir)")
     an.add_argument("--out", "--out-dir", dest="out_dir", help="where the report goes (default: "
@@ -176,10 +192,12 @@ def _dispatch(args) -> int:
     elif args.cmd == "meta":
         from .pipeline import meta_stage
 
-        s = meta_stage(cfg, address=args.address)
+        s = meta_stage(cfg, address=args.address, register_model=args.register_model)
         print(f"embedded {s['num_models']} models with {s['num_workers']} workers: agreement "
               f"{s.get('mean_agreement', float('nan')):.3f}, hidden R2 {s.get('mean_hidden_r2', float('nan')):.3f} "
               f"(test split); outputs in {cfg.meta.output_dir}")
+        if s.get("registered_model"):
+            print(f"registered the meta-model as {s['registered_model']}")
     elif args.cmd == "sweep":
         from .pipeline import sweep_stage
 
@@ -196,7 +214,7 @@ def _dispatch(args) -> int:
     elif args.cmd == "run":
         from .pipeline import run_pipeline
 
-        run_pipeline(cfg, address=args.address)
+        run_pipeline(cfg, address=args.address, register_model=args.register_model)
     return 0
 
 

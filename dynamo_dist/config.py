@@ -227,8 +227,17 @@ class SweepConfig(_Config):
 class AnalyzeConfig(_Config):
     """Stage 5: analyses of a meta run."""
 
-    color_by: str = Field("group", description="manifest column used to colour embedding plots")
+    color_by: str = Field("group", description="manifest column of the model groups: colours the plots, and is "
+                                               "the grouping that silhouettes, k-means ARI and 1-NN accuracy score")
     baseline: bool = Field(True, description="compute the SVCCA/CKA + MDS baseline")
+    baseline_models: int | None = Field(200, ge=3, description="models compared pairwise (SVCCA, CKA, raw weights) "
+                                        "and in the method comparison: a sample stratified by color_by; null = "
+                                        "all (the pairwise cost grows as N^2)")
+    baseline_rows: int | None = Field(2048, ge=10, description="activation rows per model compared by SVCCA/CKA, "
+                                      "the same random ones for every model: (probe example, valid step) pairs "
+                                      "of RNNs, probe examples of CNNs; null = all (memory: models x rows x H)")
+    bootstrap: int = Field(200, ge=0, description="bootstrap resamples of the models (within each color_by "
+                                                  "group) behind the method comparison's 95% intervals; 0 = none")
     landscape_grid: int = Field(9, ge=2, description="grid points per axis of the theta landscape")
     ssl_fraction: float = Field(0.01, gt=0.0, le=1.0, description="labelled fraction of the training pool for semi-supervised theta")
     fixed_points: bool = Field(True, description="run the fixed-point analysis (RNN meta-models)")

@@ -4,6 +4,9 @@ Each stage reads only what the previous one wrote, and each is resumable: the po
 stage skips completed models, so re-running a pipeline after a crash redoes only the
 missing work. With no Ray address, Ray starts in-process. Every stage logs to one MLflow
 store (``tracking_store``): the config's tracking server, else SQLite under ``run_dir``.
+A pipeline is one MLflow run, ``pipeline``, with each stage's run nested under it (the sweep's
+trials under the sweep's run); a stage run alone (``dynamo-dist meta``) is a top-level run.
+Each stage's run starts when the stage does (``tracking.Store.for_stage``).
 """
 
 from __future__ import annotations
@@ -23,94 +26,161 @@ def tracking_store(cfg: PipelineConfig):
     return tracking.Store.at(cfg.run_dir, cfg.tracking)
 
 
-def meta_stage(cfg: PipelineConfig, address: str | None = None, progress: bool = True) -> dict:
+def note(stage: str, cfg: PipelineConfig) -> str:
+    """The MLflow note of a stage's run: what it does, on what."""
+    pop, m = cfg.population, cfg.meta
+    root = store.absolute(pop.root)
+    if stage == "population":
+        return f"population stage: train and record the groups {', '.join(g.name for g in pop.groups)} into {root}"
+    if stage == "meta":
+        return (f"meta stage: DYNAMO meta-model (d={m.embedding_dim}, lambda={m.output_weight}, {m.hidden_distance} "
+                f"hidden distance, {m.num_workers} Ray Train workers) on population {root}")
+    if stage == "sweep":
+        sw = cfg.sweep
+        grid = "default grid" if sw is None else (f"lambda {list(sw.output_weight)} x d {list(sw.embedding_dim)} "
+                                                  f"x {list(sw.hidden_distance)}")
+        return f"sweep stage: Ray Tune over {grid} on population {root}"
+    if stage == "analyze":
+        return f"analyze stage: analyses and report of the meta run {store.absolute(m.output_dir)}"
+    stages = "population -> meta -> " + ("sweep -> " if cfg.sweep is not None else "") + "analyze"
+    return f"pipeline {stages} in {Path(cfg.run_dir).resolve()} (population {root})"
+
+
+def meta_stage(cfg: PipelineConfig, address: str | None = None, progress: bool = True, *,
+               parent_run_id: str | None = None, register_model: str | None = None) -> dict:
+    """The meta stage on Ray Train; its run is nested under ``parent_run_id`` when given.
+    ``register_model``: register the run's MLflow Model under this name (summary key
+    ``registered_model``: ``models:/<name>/<version>``)."""
+    from . import tracking
     from .meta.ray_train import run_meta
 
-    return run_meta(cfg.meta, cfg.population.root, address, progress, tracking_store=tracking_store(cfg))
+    started = time.time()
+    if register_model is not None:
+        tracking.check_model_name(register_model)  # before any work
+    mlflow_store = tracking_store(cfg).for_stage(note("meta", cfg), parent_run_id, started)
+    summary = run_meta(cfg.meta, cfg.population.root, address, progress, tracking_store=mlflow_store)
+    if register_model is not None:
+        summary["registered_model"] = tracking.register_meta_model(mlflow_store, summary, register_model)
+    return summary
 
 
-def sweep_stage(cfg: PipelineConfig, address: str | None = None) -> list[dict]:
+def sweep_stage(cfg: PipelineConfig, address: str | None = None, *, parent_run_id: str | None = None) -> list[dict]:
     from .config import SweepConfig
     from .meta.tune import run_sweep
 
     return run_sweep(cfg.meta, cfg.sweep or SweepConfig(), cfg.run_dir, cfg.population.root, address,
-                     tracking_store=tracking_store(cfg))
+                     tracking_store=tracking_store(cfg).for_stage(note("sweep", cfg), parent_run_id))
 
 
-def run_pipeline(cfg: PipelineConfig, address: str | None = None, progress: bool = True) -> dict:
-    """Run every stage; returns a summary with the paths of the results."""
-    t0 = time.perf_counter()
-    timings = {}
+def run_pipeline(cfg: PipelineConfig, address: str | None = None, progress: bool = True,
+                 register_model: str | None = None) -> dict:
+    """Run every stage under one MLflow run ``pipeline`` (FAILED with the error when a stage
+    fails); returns a summary with the paths of the results (also ``pipeline_summary.json``,
+    logged to that run). ``register_model``: register the meta run's MLflow Model under this name."""
+    from . import tracking
+    from .population.train import check_spec
+
+    check_spec(cfg.population)  # bad input fails before the pipeline's run is recorded
+    if register_model is not None:
+        tracking.check_model_name(register_model)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    mlflow_store = tracking_store(cfg)
+    with mlflow_store.for_stage(note("pipeline", cfg)).run("pipeline", tags={"dynamo.stage": "pipeline"}) as parent:
+        parent.log_params({"run_dir": str(run_dir.resolve()), "population_root": store.absolute(cfg.population.root),
+                           "meta_output_dir": store.absolute(cfg.meta.output_dir), "sweep": cfg.sweep is not None,
+                           **({"register_model": register_model} if register_model else {})})
+        parent.log_dict(cfg.model_dump(mode="json"), "pipeline_config.json")
+        summary = _run_stages(cfg, address, progress, register_model, parent.run_id, mlflow_store)
+        summary["mlflow_run_id"] = parent.run_id
+        store.write_json_atomic(summary, run_dir / "pipeline_summary.json")
+        parent.log_metrics({k: v for k, v in summary.items() if k.endswith("_seconds") or k == "num_models"})
+        parent.log_artifact(run_dir / "pipeline_summary.json")
+    _print_summary(cfg, summary)
+    return summary
+
+
+def _run_stages(cfg: PipelineConfig, address: str | None, progress: bool, register_model: str | None,
+                parent_run_id: str, mlflow_store) -> dict:
+    t0 = time.perf_counter()
+    timings = {}
 
     t = time.perf_counter()
-    rows = population_stage(cfg, address=address, progress=progress)
+    rows = population_stage(cfg, address=address, progress=progress, parent_run_id=parent_run_id)
     timings["population_seconds"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    meta_summary = meta_stage(cfg, address=address, progress=progress)
+    meta_summary = meta_stage(cfg, address=address, progress=progress, parent_run_id=parent_run_id,
+                              register_model=register_model)
     timings["meta_seconds"] = time.perf_counter() - t
 
     sweep_trials = None
     if cfg.sweep is not None:
         t = time.perf_counter()
-        sweep_trials = sweep_stage(cfg, address=address)
+        sweep_trials = sweep_stage(cfg, address=address, parent_run_id=parent_run_id)
         timings["sweep_seconds"] = time.perf_counter() - t
 
     t = time.perf_counter()
     from .analysis import run_analysis
 
     analysis = run_analysis(cfg.meta.output_dir, cfg.analyze, progress=progress)
+    if isinstance(analysis, dict) and analysis.get("mlflow_run_id"):
+        # the analysis logs its own run under the meta run; in a pipeline it is a stage like the others
+        mlflow_store.adopt(analysis["mlflow_run_id"], parent_run_id, note("analyze", cfg),
+                           tags={"dynamo.meta_run_id": meta_summary.get("mlflow_run_id", "")})
     timings["analyze_seconds"] = time.perf_counter() - t
     timings["total_seconds"] = time.perf_counter() - t0
 
-    summary = {
-        "run_dir": str(run_dir.resolve()),
+    return {
+        "run_dir": str(Path(cfg.run_dir).resolve()),
         "num_models": len(rows),
         "manifest": str(store.Layout.at(store.absolute(cfg.population.root)).manifest),
         "embeddings": str(Path(store.absolute(cfg.meta.output_dir)) / outputs.EMBEDDINGS_FILE),
         "report": analysis.get("report") if isinstance(analysis, dict) else None,
         "meta": {k: v for k, v in meta_summary.items() if isinstance(v, (int, float, str))},
         "sweep_trials": len(sweep_trials) if sweep_trials is not None else None,
-        "tracking_uri": tracking_store(cfg).uri,
+        "tracking_uri": mlflow_store.uri,
         **timings,
     }
-    store.write_json_atomic(summary, run_dir / "pipeline_summary.json")
-    _print_summary(cfg, summary)
-    return summary
 
 
-def population_stage(cfg: PipelineConfig, address: str | None = None, progress: bool = True) -> list[dict]:
-    """The population stage on Ray, then its MLflow run (``log_population``) in the pipeline's store.
+def population_stage(cfg: PipelineConfig, address: str | None = None, progress: bool = True, *,
+                     parent_run_id: str | None = None) -> list[dict]:
+    """The population stage on Ray, then its MLflow run (``log_population``) in the pipeline's store,
+    nested under ``parent_run_id`` when given.
 
     A tracking server that does not answer fails here, before any model is trained.
     """
     from .population.actors import run_population
     from .population.train import check_spec
 
-    check_spec(cfg.population)  # bad input fails before a tracking run records a failed stage
-    tracking_store(cfg).check_reachable()
+    started = time.time()
+    check_spec(cfg.population)  # bad input fails before run_dir (the store's home) or a failed run is made
+    mlflow_store = tracking_store(cfg).for_stage(note("population", cfg), parent_run_id, started)
+    mlflow_store.check_reachable()
     t = time.perf_counter()
     try:
         rows = run_population(cfg.population, address=address, progress=progress)
     except ValueError as err:  # e.g. more failed models than allowed: what was done is in the manifest
         if store.Layout.at(cfg.population.root).manifest.is_file():
             try:
-                log_population(cfg, store.manifest_rows(cfg.population.root), time.perf_counter() - t, error=str(err))
+                log_population(cfg, store.manifest_rows(cfg.population.root), time.perf_counter() - t,
+                               mlflow_store, error=str(err))
             except Exception as log_err:  # noqa: BLE001 -- never hide the stage's own error behind a logging one
                 print(f"warning: could not log the failed population stage to MLflow: {log_err}")
         raise
-    log_population(cfg, rows, time.perf_counter() - t)
+    log_population(cfg, rows, time.perf_counter() - t, mlflow_store)
     return rows
 
 
-def log_population(cfg: PipelineConfig, rows: list[dict], seconds: float, error: str | None = None) -> str:
+def log_population(cfg: PipelineConfig, rows: list[dict], seconds: float, mlflow_store,
+                   error: str | None = None) -> str:
     """A run named "population" in the pipeline's MLflow experiment: the spec, per-group
     accuracy, the manifest as CSV and a per-group accuracy plot. Returns the run id.
 
     ``error``: the stage failed with this message; the run ends FAILED with it as tag
-    ``dynamo.error`` (``rows`` are then the models completed before the failure)."""
+    ``dynamo.error`` (``rows`` are then the models completed before the failure).
+    ``mlflow_store``: the stage's ``tracking.Store`` (``for_stage``: the run starts when the stage did)."""
     import tempfile
 
     import pyarrow as pa
@@ -122,7 +192,7 @@ def log_population(cfg: PipelineConfig, rows: list[dict], seconds: float, error:
     pop = cfg.population
     all_rows = store.manifest_rows(pop.root, status=None)
     tags = {"dynamo.population_root": store.absolute(pop.root), **({"dynamo.error": error[:5000]} if error else {})}
-    with tracking_store(cfg).run("population", tags=tags) as run:
+    with mlflow_store.run("population", tags=tags) as run:
         if error:
             run.end_status = "FAILED"
         run.log_params({"num_models": len(rows), "dtype": pop.dtype, "num_probe": pop.num_probe,
@@ -152,6 +222,8 @@ def _print_summary(cfg: PipelineConfig, s: dict) -> None:
         print(f"  meta-model emulation (test) : agreement {m['mean_agreement']:.3f}, hidden R^2 "
               f"{m.get('mean_hidden_r2', float('nan')):.3f}, meta accuracy {m.get('mean_meta_accuracy', float('nan')):.3f}")
     print(f"  model embeddings            : {s['embeddings']}")
+    if m.get("registered_model"):
+        print(f"  registered MLflow model     : {m['registered_model']}")
     if s.get("report"):
         print(f"  analysis report             : {s['report']}")
     print(f"  MLflow store                : {s['tracking_uri']}")

@@ -2,6 +2,11 @@
 what each stage logs (``meta_params``, ``log_meta_results``; population, sweep and analysis
 runs are logged through ``Store.run``).
 
+Every run carries where it came from (``source_tags``: the entry point, the git commit of the
+working directory, the user) and a note saying what it is. A stage's run spans the stage:
+``Store.for_stage`` fixes its start when the stage starts, and in a pipeline its parent (the
+``pipeline`` run), so the run's duration is the stage's, not that of the logging at its end.
+
 Embedded default: a SQLite store ``mlflow.db`` (+ ``mlartifacts/``) under the pipeline's run
 directory, shared by every stage.
 A ``http(s)://`` URI switches to a tracking server, which is what concurrent writers
@@ -13,17 +18,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
+import math
 import os
+import shlex
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from .config import MetaConfig, TrackingConfig
@@ -61,6 +70,37 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         raise ValueError(f"tracking_uri {uri} is unreachable ({err}); start the server or fix the URI") from None
 
 
+@functools.cache
+def source_tags() -> dict[str, str]:
+    """MLflow's source tags of this process: ``mlflow.source.name`` (the entry point, e.g.
+    ``dynamo-dist`` or ``pipeline.py``), the whole command line (``dynamo.command``), the user,
+    and ``mlflow.source.git.commit``/``.dirty`` when the working directory is a git checkout
+    (no git, or no checkout: no git tags)."""
+    import getpass
+
+    argv = sys.argv or [""]
+    tags = {"mlflow.source.name": Path(argv[0]).name or "python", "mlflow.source.type": "LOCAL",
+            "dynamo.command": shlex.join([Path(argv[0]).name, *argv[1:]])[:5000]}
+    with contextlib.suppress(Exception):  # no user name in some containers
+        tags["mlflow.user"] = getpass.getuser()
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
+        if dirty is not None:
+            tags["mlflow.source.git.dirty"] = str(bool(dirty)).lower()
+    return tags
+
+
+def _git(*args: str) -> str | None:
+    """``git <args>`` in the working directory: its output, or None without git or a checkout."""
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
 def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -87,8 +127,6 @@ class Run:
             self.client.log_batch(self.run_id, params=items[s:s + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        import time
-
         ts = int(time.time() * 1000)
         items = [Metric(str(k), float(v), ts, int(step or 0)) for k, v in metrics.items() if v is not None]
         for s in range(0, len(items), 1000):  # batch logging: one request per 1000 metrics
@@ -96,8 +134,6 @@ class Run:
 
     def log_history(self, history: list[dict], step_key: str = "step") -> None:
         """Log a list of per-step dicts as full metric histories in few requests."""
-        import time
-
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, int(rec[step_key])) for rec in history for k, v in rec.items()
                  if k != step_key and isinstance(v, (int, float))]
@@ -120,11 +156,11 @@ class Run:
         self.client.log_text(self.run_id, store.to_json(obj), name)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        self.client.log_batch(self.run_id, tags=[RunTag(str(k), str(v)[:5000]) for k, v in tags.items()])
 
     def end(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        # rounded up, as the start is rounded down: the run spans at least what it measured
+        self.client.set_terminated(self.run_id, status=status, end_time=math.ceil(time.time() * 1000))
 
 
 @dataclass(frozen=True)
@@ -134,11 +170,22 @@ class Store:
     ``Store.at(run_dir, cfg)`` resolves a ``TrackingConfig`` once: a tracking server URI, or
     $MLFLOW_TRACKING_URI, or the embedded default ``sqlite:///<run_dir>/mlflow.db`` with
     artifacts in ``<run_dir>/mlartifacts``. Plain data, so it travels to Ray workers as a dict.
+
+    A store handed to a stage (``for_stage``) also says how that stage's run starts: the run
+    started through it without an explicit parent (the stage's own run, wherever it is created:
+    rank 0 of Ray Train, the Tune driver) starts at ``started_ms``, under ``parent_run_id``
+    (the pipeline's run; None: a top-level run), with the note ``description``. Runs nested
+    explicitly (sweep trials) start when they are created. ``source``: the stage's process's
+    ``source_tags``, which runs created in Ray workers carry instead of the workers' own.
     """
 
     uri: str
     experiment: str = "dynamo"
     artifact_root: str | None = None  # local stores only; a tracking server has its own
+    parent_run_id: str | None = None
+    started_ms: int | None = None  # ms since the epoch
+    description: str | None = None
+    source: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def at(cls, run_dir: str | os.PathLike, cfg: TrackingConfig | None = None) -> Store:
@@ -147,44 +194,75 @@ class Store:
         remote = uri.startswith(("http://", "https://"))
         return cls(uri, cfg.experiment, None if remote else artifact_root(run_dir))
 
+    def for_stage(self, description: str, parent_run_id: str | None = None, started: float | None = None) -> Store:
+        """This store for a stage (class docstring) that started at ``started`` (``time.time()``;
+        default now): its run starts then, under ``parent_run_id``, with ``description`` as its note."""
+        started_ms = math.floor((time.time() if started is None else started) * 1000)
+        return dataclasses.replace(self, parent_run_id=parent_run_id, started_ms=started_ms, description=description,
+                                   source=dict(source_tags()))
+
+    def location(self) -> Store:
+        """Only where this store logs (no stage): what a meta run records for later stages."""
+        return type(self)(self.uri, self.experiment, self.artifact_root)
+
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def client(self) -> MlflowClient:
-        return MlflowClient(tracking_uri=self.uri)
+        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
     def check_reachable(self) -> None:
         check_reachable(self.uri)
 
     def start_run(self, run_name: str, parent_run_id: str | None = None,
-                  tags: Mapping[str, str] | None = None) -> Run:
+                  tags: Mapping[str, str] | None = None, description: str | None = None) -> Run:
+        """A new run; without ``parent_run_id``, the stage's run (class docstring). ``description``
+        (default: the stage's, else one made of the name and the ``dynamo.*`` tags) is its note."""
         self.check_reachable()
         client = self.client()
         exp_id = _experiment_id(client, self.experiment, self.artifact_root)
-        all_tags = {"mlflow.runName": run_name, **(tags or {})}
+        stage_run = parent_run_id is None
+        parent_run_id = parent_run_id or self.parent_run_id
+        tags = dict(tags or {})
+        note = description or (self.description if stage_run else None) or " ".join(
+            [run_name, *(f"{k.removeprefix('dynamo.')}={v}" for k, v in tags.items() if k.startswith("dynamo."))])
+        all_tags = {**(self.source or source_tags()), "mlflow.runName": run_name, "mlflow.note.content": note, **tags}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = client.create_run(exp_id, tags=all_tags, run_name=run_name)
+        run = client.create_run(exp_id, start_time=self.started_ms if stage_run else None, tags=all_tags,
+                                run_name=run_name)
         return Run(client, run.info.run_id)
 
     def attach(self, run_id: str) -> Run:
         """A handle on an existing run of this store (e.g. one rank 0 created)."""
         return Run(self.client(), run_id)
 
-    def run(self, run_name: str, parent_run_id: str | None = None,
-            tags: Mapping[str, str] | None = None) -> contextlib.AbstractContextManager[Run]:
+    def run(self, run_name: str, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
+            description: str | None = None) -> contextlib.AbstractContextManager[Run]:
         """``with store.run(name) as run:`` -- a new run, ended by ``ending``."""
-        return ending(self.start_run(run_name, parent_run_id, tags))
+        return ending(self.start_run(run_name, parent_run_id, tags, description))
+
+    def adopt(self, run_id: str, parent_run_id: str, description: str | None = None,
+              tags: Mapping[str, str] | None = None) -> None:
+        """Nest an existing run (one a library call started on its own: the analysis) under
+        ``parent_run_id``, with ``description`` as its note and ``tags`` added."""
+        note = {"mlflow.note.content": description} if description else {}
+        self.attach(run_id).set_tags({"mlflow.parentRunId": parent_run_id, **note, **(tags or {})})
 
 
 @contextlib.contextmanager
 def ending(run: Run) -> Iterator[Run]:
-    """End ``run`` when the body is done: FAILED when it raises, else ``run.end_status``
-    (FINISHED unless the body set it, e.g. to FAILED for a stage that records its own failure)."""
+    """End ``run`` when the body is done: FAILED when it raises (the error as tag ``dynamo.error``),
+    else ``run.end_status`` (FINISHED unless the body set it, e.g. to FAILED for a stage that
+    records its own failure)."""
     try:
         yield run
-    except BaseException:
-        run.end("FAILED")
+    except BaseException as err:
+        try:
+            run.set_tags({"dynamo.error": f"{type(err).__name__}: {err}"})
+            run.end("FAILED")
+        except Exception as log_err:  # noqa: BLE001 -- never hide the body's error behind a logging one
+            print(f"warning: could not mark MLflow run {run.run_id} FAILED: {log_err}", file=sys.stderr)
         raise
     run.end(run.end_status)
 
@@ -195,13 +273,21 @@ def meta_params(cfg: MetaConfig, population_root: str, num_models: int) -> dict:
             "lambda": cfg.output_weight}
 
 
+def meta_metrics(summary: dict) -> dict[str, float]:
+    """The numbers of a meta run's summary as MLflow metrics, named by their split: the summary's
+    ``mean_*`` (population means on the test split) become ``test_*`` (``test_agreement``), as
+    the Ray Train reports, the sweep table and ``val_*`` name them."""
+    return {(f"test_{k[len('mean_'):]}" if k.startswith("mean_") else k): v for k, v in summary.items()
+            if isinstance(v, (int, float))}
+
+
 def log_meta_results(run: Run, summary: dict, per_model: dict[str, dict], history: list[dict],
                      artifacts: list[tuple[Path, str | None]]) -> None:
-    """What a finished meta run logs: its history, summary metrics, artifacts, and the per-model
-    metrics as one table (``model_metrics.json``), not one metric key per model (4N keys bury
-    ``loss`` and ``val_agreement`` at scale)."""
+    """What a finished meta run logs: its history, summary metrics (``meta_metrics``), artifacts,
+    and the per-model metrics as one table (``model_metrics.json``), not one metric key per model
+    (4N keys bury ``loss`` and ``val_agreement`` at scale)."""
     run.log_history(history)
-    run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    run.log_metrics(meta_metrics(summary))
     if per_model:
         run.log_table([{"model_id": m, **d} for m, d in sorted(per_model.items())], "model_metrics.json")
     for path, artifact_path in artifacts:
@@ -219,6 +305,37 @@ def log_meta_model(run: Run, output_dir: str | os.PathLike, manifest: list[dict]
         path = pyfunc.save(output_dir, manifest, Path(tmp) / pyfunc.MODEL_DIR)
         run.log_artifact(path, pyfunc.MODEL_DIR)
     return f"runs:/{run.run_id}/{pyfunc.MODEL_DIR}"
+
+
+def check_model_name(name: str) -> str:
+    """``name`` if the Model Registry can hold it (MLflow's rule: not blank, no '/' or ':'), checked
+    before any work; ValueError naming it otherwise."""
+    if not name or not name.strip() or any(c in name for c in "/:"):
+        raise ValueError(f"--register-model {name!r}: a registered model name must be non-blank, "
+                         "without '/' or ':'")
+    return name
+
+
+def register_meta_model(store: Store | None, summary: dict, name: str) -> str:
+    """Register the MLflow Model a meta run logged (``summary["mlflow_model_uri"]``) in the store's
+    Model Registry under ``name`` (created when new; each call adds a version). Returns
+    ``models:/<name>/<version>``. ValueError when the run was not logged to MLflow."""
+    check_model_name(name)
+    if store is None or not summary.get("mlflow_model_uri"):
+        raise ValueError(f"--register-model {name}: the meta run was not logged to MLflow (tracking is off), "
+                         "so there is no model to register; run it with a tracking store")
+    client = store.client()
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException as err:
+        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    run_id, model_path = summary["mlflow_model_uri"].removeprefix("runs:/").split("/", 1)
+    # the artifact location itself (file:// or mlflow-artifacts:/), as mlflow.register_model resolves runs:/ URIs
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{model_path}"
+    version = client.create_model_version(name, source, run_id=run_id, await_creation_for=0,
+                                          description=f"DYNAMO meta-model of run {run_id}")
+    return f"models:/{name}/{version.version}"
 
 
 def ui_command(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 5000,

@@ -2,6 +2,9 @@
 
     ray job submit --working-dir . -- python jobs/pipeline.py --config configs/demo.yaml
     python jobs/pipeline.py --recipe smoke            # locally, in-process Ray
+
+Flags: exactly those of ``dynamo-dist run`` (--register-model NAME included). The MLflow run
+``pipeline`` holds every stage's run.
 """
 
 import sys

@@ -4,7 +4,8 @@
         --set meta.num_workers=4
     python jobs/train_meta.py --recipe smoke            # Ray starts in-process
 
-Flags: exactly those of ``dynamo-dist meta``: --config / --recipe / --set KEY=VALUE / --address.
+Flags: exactly those of ``dynamo-dist meta``: --config / --recipe / --set KEY=VALUE / --address /
+--register-model NAME (register the logged meta-model in the MLflow Model Registry).
 Re-running with the same meta.output_dir resumes from that run's latest checkpoint.
 """
 

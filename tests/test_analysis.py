@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,11 @@ from dynamo_dist.analysis import (Dynamics, EmbeddingGeometry, FixedPointFinder,
                                   base_dynamics, base_visited_states, centroids, cka_distance, clustering_scores,
                                   in_convex_hull, line_attractor_stats, mds_embedding, meta_dynamics,
                                   meta_visited_states, num_components_for, svcca_distance, valence_score)
+from dynamo_dist.analysis.baseline import pairwise_distances
+from dynamo_dist.analysis.comparison import (METRICS, MethodComparison, adjusted_rand, euclidean_distances, lloyd,
+                                             nn_accuracy, silhouette)
 from dynamo_dist.analysis.evaluate import accuracies
+from dynamo_dist.analysis.geometry import stratified_sample
 from dynamo_dist.config import MetaConfig
 from dynamo_dist.data.tasks import Split
 from dynamo_dist.meta.model import MetaRNN
@@ -220,6 +226,120 @@ def test_baseline_mds_recovers_planar_distances_and_groups():
     fit = RepresentationBaseline(method="svcca", random_state=0).fit(taps, [i % 2 for i in range(6)])
     assert fit.distances_.shape == (6, 6) and np.allclose(fit.distances_, fit.distances_.T)
     assert fit.scores_["silhouette"] > 0.8 and fit.scores_["adjusted_rand"] == pytest.approx(1.0)
+
+
+def _reference_distances(taps, distance) -> np.ndarray:
+    """The per-pair functions, pair by pair: the reference the batched matrix must equal."""
+    n = len(taps)
+    ref = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                ref[i, j] = np.mean([distance(taps[i][t], taps[j][t]) for t in range(len(taps[i]))])
+    return ref
+
+
+def test_batched_pairwise_distances_equal_the_per_pair_functions():
+    rng = np.random.default_rng(0)
+    shared = rng.standard_normal((300, 5))
+    taps = []  # two taps (ResNet stages) of different widths; some models near-copies, some unrelated
+    for i in range(7):
+        width = int(rng.integers(3, 10))
+        first = shared @ rng.standard_normal((5, width)) + (0.02 if i < 3 else 0.5) * rng.standard_normal((300, width))
+        taps.append([first, rng.standard_normal((300, 4))])
+    taps.append([np.ones((300, 3)), rng.standard_normal((300, 4))])  # a constant tap: SVCCA keeps no direction
+    for method, distance in (("svcca", svcca_distance), ("cka", cka_distance)):
+        fast = pairwise_distances(taps, method)
+        ref = _reference_distances(taps, distance)
+        np.testing.assert_allclose(fast, ref, atol=1e-6, rtol=0)
+        assert np.ptp(ref[np.triu_indices(8, 1)]) > 0.1  # varied distances: equality is not about constants
+
+
+def test_stratified_sample_keeps_group_shares_and_is_seeded():
+    labels = ["a"] * 60 + ["b"] * 30 + ["c"] * 10
+    idx = stratified_sample(labels, 20, random_state=0)
+    assert len(idx) == 20 and len(set(idx.tolist())) == 20 and (np.diff(idx) > 0).all()
+    assert Counter(labels[i] for i in idx) == {"a": 12, "b": 6, "c": 2}
+    np.testing.assert_array_equal(idx, stratified_sample(labels, 20, random_state=0))
+    assert not np.array_equal(idx, stratified_sample(labels, 20, random_state=1))
+    np.testing.assert_array_equal(stratified_sample(labels, 100, random_state=0), np.arange(100))
+    np.testing.assert_array_equal(stratified_sample(labels, None), np.arange(100))
+    # a group of 3 in 100 would get 0.3 of 10: it keeps two models so that it can still be scored
+    rare = Counter(["a" if i < 97 else "b" for i in stratified_sample(["a"] * 97 + ["b"] * 3, 10, 0)])
+    assert rare == {"a": 8, "b": 2}
+
+
+def _groups(num_per_group: int = 12, num_groups: int = 3, spread: float = 0.3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = 4.0 * np.eye(num_groups, 5)
+    pts = np.concatenate([c + spread * rng.standard_normal((num_per_group, 5)) for c in centres])
+    return pts, np.repeat(np.arange(num_groups), num_per_group)
+
+
+def test_scores_of_the_comparison_match_scikit_learn_and_ignore_bootstrap_copies():
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, silhouette_score
+
+    pts, codes = _groups(spread=1.5)
+    d = euclidean_distances(pts)
+    assert silhouette(d, codes) == pytest.approx(silhouette_score(d, codes, metric="precomputed"), abs=1e-12)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a, b = rng.integers(0, 3, 30), rng.integers(0, 4, 30)
+        assert adjusted_rand(a, b) == pytest.approx(adjusted_rand_score(a, b), abs=1e-12)
+    init = pts[[0, 12, 24]] + 1.0
+    np.testing.assert_array_equal(lloyd(pts, init), KMeans(3, init=init, n_init=1).fit(pts).labels_)
+    near = np.array([[0, 1, 5], [1, 0, 2], [5, 2, 0]], dtype=float)
+    assert nn_accuracy(near, np.array([0, 0, 1])) == pytest.approx(2 / 3)  # the third model's neighbour is in group 0
+    # every model twice, as a resample may hold it: the copies are not each other's neighbours
+    twice = np.repeat(np.arange(len(codes)), 2)
+    d2, c2 = d[np.ix_(twice, twice)], codes[twice]
+    assert silhouette(d2, c2, origin=twice) == pytest.approx(silhouette(d, codes), abs=1e-12)
+    assert nn_accuracy(d2, c2, origin=twice) == pytest.approx(nn_accuracy(d, codes))
+    assert silhouette(d2, c2) > silhouette(d, codes) + 0.02  # the control: copies counted as neighbours inflate it
+    assert nn_accuracy(d2, c2) == 1.0 > nn_accuracy(d, codes)
+
+
+def test_method_comparison_scores_separated_groups_high_and_shuffled_labels_low():
+    pts, codes = _groups()
+    noise = np.random.default_rng(1).standard_normal(pts.shape)
+    distances = {"points": euclidean_distances(pts), "noise": euclidean_distances(noise)}
+    cmp = MethodComparison(num_dims=5, num_bootstrap=60, random_state=0).fit(distances, [f"g{c}" for c in codes])
+    sep = cmp.scores_["points"]
+    assert sep["silhouette_full"] > 0.8 and sep["silhouette_2d"] > 0.8
+    assert sep["ari_full"] == sep["ari_2d"] == sep["nn_accuracy"] == 1.0
+    assert cmp.scores_["noise"]["silhouette_full"] < 0.1 and cmp.scores_["noise"]["ari_full"] < 0.3
+    for method in distances:
+        for metric in METRICS:
+            lo, hi = cmp.intervals_[method][metric]
+            assert lo <= cmp.scores_[method][metric] <= hi, (method, metric)
+    assert cmp.intervals_["noise"]["silhouette_full"][1] > cmp.intervals_["noise"]["silhouette_full"][0]
+    # classical MDS of Euclidean distances is the points themselves, up to a rotation
+    np.testing.assert_allclose(euclidean_distances(cmp.embeddings_["points"]), distances["points"], atol=1e-8)
+    assert [r["method"] for r in cmp.table_] == ["points", "noise"]
+    assert {"num_models", *METRICS, *(f"{m}_{end}" for m in METRICS for end in ("low", "high"))} <= set(cmp.table_[0])
+    shuffled = list(np.random.default_rng(2).permutation(codes))
+    ctrl = MethodComparison(num_dims=5, num_bootstrap=0, random_state=0).fit(distances, shuffled).scores_["points"]
+    assert ctrl["silhouette_full"] < 0.1 and ctrl["ari_full"] < 0.3 and ctrl["nn_accuracy"] < 0.6
+    assert np.isnan(MethodComparison(num_bootstrap=0).fit(distances, shuffled).intervals_["points"]["ari_full"][0])
+
+
+def test_scatter_of_thousands_of_models_names_groups_not_models():
+    import matplotlib.pyplot as plt
+
+    from dynamo_dist.analysis import figures
+
+    coords = np.random.default_rng(0).standard_normal((1000, 2))
+    labels = [f"g{i % 4}" for i in range(1000)]
+    for n in (40, 1000):
+        fig, ax = plt.subplots()
+        figures._scatter_groups(ax, coords[:n], labels[:n], "group")
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["g0", "g1", "g2", "g3"]
+        drawn = [c for c in ax.collections if len(c.get_offsets())]
+        assert sum(len(c.get_offsets()) for c in drawn) == n and not ax.texts
+        sizes = np.concatenate([c.get_sizes() for c in drawn])
+        assert (sizes < 10).all() if n == 1000 else (sizes == 30).all()  # small markers only past MANY_POINTS
+        plt.close(fig)
 
 
 # ---------------------------------------------------------------- averaging, landscape

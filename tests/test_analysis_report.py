@@ -25,7 +25,7 @@ from dynamo_dist.population.train import run_local
 from scripts_util import load_script
 
 REPO = Path(__file__).resolve().parents[1]
-CFG = AnalyzeConfig(landscape_grid=3, fixed_point_states=24, fixed_point_iters=40, ssl_steps=15, seed=0)
+CFG = AnalyzeConfig(landscape_grid=3, fixed_point_states=24, fixed_point_iters=40, ssl_steps=15, bootstrap=50, seed=0)
 
 
 def _reject(token):
@@ -100,10 +100,12 @@ def test_report_embeds_every_figure(analysed):
         assert data == (report.parent / name).read_bytes(), name
         w, h = Image.open(io.BytesIO(data)).size
         assert w > 100 and h > 100, (name, w, h)
-    for section in ("Embedding geometry", "SVCCA / CKA baseline", "Model averaging", "θ landscape",
+    for section in ("Embedding geometry", "SVCCA / CKA baseline", "Methods compared like for like", "Model averaging",
+                    "θ landscape",
                     "Semi-supervised θ", "Fixed points", "Word valence", "Paper claims vs this run"):
         assert f">{section}</h2>" in html
     assert "Word valence needs token inputs" in html  # MNIST-1D: skipped with a note
+    assert "Raw weights: not compared: the models&#x27; parameter shapes differ" in html  # hidden sizes 12 and 8
 
 
 def test_headline_numbers_and_tables(analysed):
@@ -111,14 +113,25 @@ def test_headline_numbers_and_tables(analysed):
     out = meta_dir / "analysis"
     doc = strict_loads((out / "analysis.json").read_text())  # NaN written as null
     assert doc["sections"]["valence"]["status"] == "skipped"
-    assert all(doc["sections"][k]["status"] == "ok" for k in ("geometry", "baseline", "averaging", "landscape", "ssl",
-                                                               "fixed_points"))
+    assert all(doc["sections"][k]["status"] == "ok" for k in ("geometry", "baseline", "comparison", "averaging",
+                                                               "landscape", "ssl", "fixed_points"))
     assert result["num_models"] == 4 and result["embedding_dim"] == 3
     assert 1 <= result["dynamo.num_components_95"] <= 3
     for key in ("dynamo.silhouette", "svcca.silhouette", "cka.silhouette", "averaging.a.centroid_accuracy",
                 "landscape.mnist1d.best_accuracy", "ssl.mnist1d.test_accuracy", "ssl.mnist1d.best_base_accuracy"):
         assert key in result, key
     assert 0.0 <= result["ssl.mnist1d.test_accuracy"] <= 1.0
+    # four models, fewer than analyze.baseline_models: every model is compared, in one like-for-like table
+    assert result["baseline.num_models"] == result["comparison.num_models"] == 4
+    assert doc["headline"]["comparison.num_bootstrap"] == CFG.bootstrap
+    table = pq.read_table(out / "tables" / "method_comparison.parquet").to_pandas().set_index("method")
+    assert list(table.index) == ["dynamo", "svcca", "cka"]  # no raw weights: the groups' shapes differ
+    for metric in ("silhouette_full", "silhouette_2d", "ari_full", "ari_2d", "nn_accuracy"):
+        assert (table[f"{metric}_low"] <= table[metric] + 1e-12).all() and (table[metric] <= table[f"{metric}_high"] + 1e-12).all()
+        assert result[f"comparison.svcca.{metric}"] == pytest.approx(table.loc["svcca", metric], nan_ok=True)
+    assert table.loc["svcca", "silhouette_full"] == pytest.approx(result["svcca.silhouette"])  # the same distances
+    assert table.loc["svcca", "ari_2d"] == pytest.approx(result["svcca.adjusted_rand"])  # k-means on the same MDS-2
+    assert table.loc["dynamo", "silhouette_full"] == pytest.approx(result["dynamo.silhouette"])  # θ, all 4 models
     assert isinstance(result["landscape.mnist1d.best_inside_hull"], bool)
     assert result["ssl.mnist1d.num_labelled"] == 10  # 1% of an 800-example pool, at least one per class
     dist = pq.read_table(out / "tables" / "baseline_distances.parquet").to_pandas()
@@ -166,6 +179,17 @@ def test_analyze_job_reports_user_errors(tmp_path, capsys):
     assert "meta run directory not found" in capsys.readouterr().err
     assert job.main(["--recipe", "smoke", "--set", "analyze.landscape_grid=1", "--meta-dir", str(tmp_path)]) == 2
     assert "landscape_grid" in capsys.readouterr().err
+
+
+def test_analyze_help_lists_the_analysis_settings(capsys):
+    from dynamo_dist.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["analyze", "--help"])
+    text = capsys.readouterr().out
+    for name in ("color_by", "baseline_models", "baseline_rows", "bootstrap"):
+        assert f"\n  {name} (default " in text, name
+    assert "--set analyze.FIELD=VALUE" in text
 
 
 def test_unknown_color_by_names_the_field(analysed):
@@ -321,6 +345,22 @@ def test_meta_model_loads_as_an_mlflow_pyfunc_in_a_fresh_process(analysed, serve
         assert got[j]["prediction"] == int(want_logits[j].argmax())
     np.testing.assert_allclose(got[5]["logits"], outs_t["mnist1d"][0, -1].numpy(), rtol=1e-5, atol=1e-5)
     assert not np.allclose(got[5]["logits"], got[0]["logits"])  # the given theta is what was used
+
+
+@pytest.mark.integration
+def test_meta_model_registers_through_a_tracking_server(analysed, served):
+    """--register-model against a server: each registration is a new version of the run's MLflow Model."""
+    from dynamo_dist import tracking
+    from dynamo_dist.meta.outputs import read_summary
+
+    meta_dir, _ = analysed
+    summary = read_summary(meta_dir)
+    server = tracking.Store(served, "analysis-e2e")
+    assert tracking.register_meta_model(server, summary, "dynamo-served") == "models:/dynamo-served/1"
+    assert tracking.register_meta_model(server, summary, "dynamo-served") == "models:/dynamo-served/2"
+    version = server.client().get_model_version("dynamo-served", "2")
+    assert version.run_id == summary["mlflow_run_id"] and version.status == "READY"
+    assert version.source.endswith(f"{summary['mlflow_run_id']}/artifacts/meta_model")
 
 
 def test_analyze_again_keeps_the_earlier_report(analysed, tmp_path):

@@ -368,6 +368,18 @@ def test_cli_ui_prints_the_classic_ml_experiments_page(monkeypatch, capsys):
     assert "http://127.0.0.1:5123/#/experiments?workflowType=machine_learning" in capsys.readouterr().out
 
 
+def test_register_model_flag_and_its_errors():
+    from dynamo_dist import cli, tracking
+
+    for cmd in ("meta", "run"):
+        assert cli.build_parser().parse_args([cmd, "--register-model", "dyn"]).register_model == "dyn"
+    for bad in ("", " ", "a/b", "a:b"):
+        with pytest.raises(ValueError, match="a registered model name must be non-blank"):
+            tracking.check_model_name(bad)
+    with pytest.raises(ValueError, match="--register-model dyn: the meta run was not logged to MLflow"):
+        tracking.register_meta_model(None, {"num_models": 4}, "dyn")
+
+
 def test_updates_per_model_sets_the_steps_and_conflicts_with_steps(tmp_path):
     cfg = config.MetaConfig(updates_per_model=10, models_per_step=4, num_workers=2)
     # 1,000 models, 8 sampled per step across 2 workers: 10 updates each -> 1,250 steps

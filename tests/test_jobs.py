@@ -131,6 +131,11 @@ def test_smoke_pipeline_job_succeeds_and_writes_outputs(ray_head, tmp_path):
         assert pop.data.metrics[f"{g}.test_accuracy_mean"] == pytest.approx(sum(acc) / len(acc))
     artifacts = {a.path for a in client.list_artifacts(pop.info.run_id, "population")}
     assert artifacts == {"population/manifest.csv", "population/population_accuracy.png"}
+    # one run for the job, every stage nested under it; the job's working_dir is no git checkout
+    (pipe,) = [r for r in runs if r.info.run_name == "pipeline"]
+    assert pipe.info.status == "FINISHED" and pipe.data.tags["mlflow.source.name"] == "pipeline.py"
+    assert {r.data.tags.get("mlflow.parentRunId") for r in runs if r is not pipe} == {pipe.info.run_id}
+    assert not [r for r in runs if "mlflow.source.git.commit" in r.data.tags]
 
 
 def test_invalid_config_job_fails_naming_the_field_before_training(ray_head, tmp_path):

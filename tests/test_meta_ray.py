@@ -139,6 +139,8 @@ def test_two_workers_embed_every_model(clean_w2, pop_root):
     assert sorted(m.step for m in client.get_metric_history(mlrun.info.run_id, "loss")) == list(range(1, STEPS + 1))
     assert sorted(m.step for m in client.get_metric_history(mlrun.info.run_id, "val_agreement")) == [5, 10, 15, 20]
     assert mlrun.data.params["num_workers"] == "2" and mlrun.data.params["population_size"] == "8"
+    assert mlrun.data.metrics["test_agreement"] == summary["mean_agreement"]  # MLflow names the split
+    assert mlrun.data.tags["mlflow.source.name"] and mlrun.data.tags["mlflow.note.content"]
     # per-model metrics: one table artifact, not one metric key per model
     assert not [k for k in mlrun.data.metrics if any(k.startswith(m + ".") for m in ids)]
     table = json.loads(Path(client.download_artifacts(mlrun.info.run_id, "model_metrics.json", str(out.parent)))

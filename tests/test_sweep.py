@@ -233,8 +233,10 @@ def test_full_metric_histories(sweep, runs):
         loss = client.get_metric_history(rid, "loss")
         assert sorted(m.step for m in loss) == list(range(1, STEPS + 1))  # every training step, none lost
         assert len(client.get_metric_history(rid, "loss_hidden")) == STEPS
-        for key in ("mean_agreement", "mean_hidden_r2", "silhouette_group"):
+        for key in ("test_agreement", "test_hidden_r2", "silhouette_group"):  # named by their split
             assert key in c.data.metrics
+        assert not [k for k in c.data.metrics if k.startswith("mean_")]
+        assert c.data.tags["mlflow.note.content"].startswith("sweep trial: lambda=")
 
 
 @pytest.mark.integration
@@ -246,7 +248,7 @@ def test_artifacts_logged_and_consistent(sweep, runs, tmp_path):
         rid = c.info.run_id
         names = {a.path for a in client.list_artifacts(rid)}
         assert {"embeddings.parquet", "embedding_pca.png", "summary.json", "history.parquet"} <= names
-        assert {a.path for a in client.list_artifacts(rid, "meta")} == {"meta/checkpoint.pt"}
+        assert "meta" not in names  # the checkpoint stays in the trial's directory, not logged twice
         emb = pq.read_table(client.download_artifacts(rid, "embeddings.parquet", str(tmp_path)))
         assert emb.num_rows == 4
         assert len(emb.column("theta")[0].as_py()) == int(c.data.params["embedding_dim"])
@@ -363,30 +365,44 @@ def test_mlflow_ui_shows_the_sweep_trials(sweep, runs, mlflow_server, tmp_path):
         assert r["trial"] in html, f"MLflow UI does not list {r['trial']}"
 
 
+def _pipeline_cfg(population: str, run_dir: Path, **meta):
+    import shutil
+
+    from dynamo_dist import config
+
+    shutil.copytree(population, run_dir / "population")  # complete: the population stage trains nothing
+    spec = json.loads((run_dir / "population" / "population.json").read_text())["spec"]
+    return config.parse(config.PipelineConfig, {
+        "run_dir": str(run_dir),
+        "population": {k: spec[k] for k in ("groups", "num_examples", "num_probe", "num_test")},
+        "meta": {"steps": 10, "eval_every": 5, "checkpoint_every": 10, "hidden_size": 16, "batch_size": 16,
+                 "models_per_step": 2, "embedding_dim": 2, "num_workers": 1, **meta},
+        "sweep": {"output_weight": [1.0], "embedding_dim": [2], "max_concurrent_trials": 1},
+        "analyze": {"baseline": False, "fixed_points": False, "landscape_grid": 2, "ssl_steps": 2},
+    })
+
+
+def _git_commit() -> str | None:
+    res = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
 @pytest.mark.integration
 def test_pipeline_with_a_sweep_logs_every_stage_to_one_store(ray_session, population, tmp_path, monkeypatch):
     """Default SQLite store: population, meta, the sweep (parent + trials) and analyze land in
-    <run_dir>/mlflow.db, the store `dynamo-dist ui <run_dir>` serves; no other store is created."""
-    import shutil
+    <run_dir>/mlflow.db, the store `dynamo-dist ui <run_dir>` serves; no other store is created.
+    They are nested under one run "pipeline", each spans its stage, carries its source and a note,
+    and the meta-model is registered when asked."""
+    from urllib.parse import urlparse
 
     from mlflow.tracking import MlflowClient
 
-    from dynamo_dist import config, tracking
+    from dynamo_dist import tracking
     from dynamo_dist.pipeline import run_pipeline
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_dir = tmp_path / "run"
-    shutil.copytree(population, run_dir / "population")  # complete: the population stage trains nothing
-    spec = json.loads((run_dir / "population" / "population.json").read_text())["spec"]
-    cfg = config.parse(config.PipelineConfig, {
-        "run_dir": str(run_dir),
-        "population": {k: spec[k] for k in ("groups", "num_examples", "num_probe", "num_test")},
-        "meta": {"steps": 10, "eval_every": 5, "checkpoint_every": 10, "hidden_size": 16, "batch_size": 16,
-                 "models_per_step": 2, "embedding_dim": 2, "num_workers": 1},
-        "sweep": {"output_weight": [1.0], "embedding_dim": [2], "max_concurrent_trials": 1},
-        "analyze": {"baseline": False, "fixed_points": False, "landscape_grid": 2, "ssl_steps": 2},
-    })
-    summary = run_pipeline(cfg, progress=False)
+    summary = run_pipeline(_pipeline_cfg(population, run_dir), progress=False, register_model="dynamo-pipeline")
 
     assert sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("mlflow.db")) == ["mlflow.db"]
     assert summary["tracking_uri"] == f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
@@ -395,6 +411,69 @@ def test_pipeline_with_a_sweep_logs_every_stage_to_one_store(ray_session, popula
     exp = client.get_experiment_by_name("dynamo")
     runs = client.search_runs([exp.experiment_id], max_results=100)
     names = sorted(r.info.run_name for r in runs)
-    assert names[:3] == ["analyze", "meta-w1", "population"], names
+    assert names[:4] == ["analyze", "meta-w1", "pipeline", "population"], names
     assert sum(n.startswith("sweep-") for n in names) == 1 and sum(n.startswith("trial-") for n in names) == 1
     assert all(r.info.status == "FINISHED" for r in runs)
+    by_name = {r.info.run_name.split("-")[0]: r for r in runs}  # analyze, meta, pipeline, population, sweep, trial
+    pipe, meta, sweep = by_name["pipeline"], by_name["meta"], by_name["sweep"]
+
+    # one parent: every stage under it, the trial under the sweep, the analysis naming its meta run
+    assert "mlflow.parentRunId" not in pipe.data.tags and summary["mlflow_run_id"] == pipe.info.run_id
+    for stage in ("population", "meta", "sweep", "analyze"):
+        assert by_name[stage].data.tags["mlflow.parentRunId"] == pipe.info.run_id, stage
+    assert by_name["trial"].data.tags["mlflow.parentRunId"] == sweep.info.run_id
+    assert by_name["analyze"].data.tags["dynamo.meta_run_id"] == meta.info.run_id
+
+    # durations: each run spans what its stage measured (the pipeline's clock stops after a stage's
+    # run has ended: summary writes, lock release, the model registration -- hence the slack)
+    def ms(r):
+        return r.info.end_time - r.info.start_time
+
+    assert ms(pipe) >= 1000 * summary["total_seconds"]
+    assert ms(meta) >= 1000 * meta.data.metrics["wall_seconds"]
+    assert ms(by_name["population"]) >= 1000 * by_name["population"].data.metrics["population_seconds"]
+    for run, key in ((by_name["population"], "population_seconds"), (meta, "meta_seconds"), (sweep, "sweep_seconds")):
+        assert ms(run) >= 1000 * (summary[key] - 1.0), (key, ms(run), summary[key])
+    assert all(pipe.info.start_time <= r.info.start_time and r.info.end_time <= pipe.info.end_time for r in runs)
+
+    # metadata on every run
+    commit = _git_commit()
+    for r in runs:
+        assert r.data.tags["mlflow.source.name"] and r.data.tags["mlflow.note.content"], r.info.run_name
+        assert r.data.tags.get("mlflow.source.git.commit") == commit, r.info.run_name
+    assert meta.data.tags["mlflow.note.content"].startswith("meta stage: DYNAMO meta-model (d=2")
+    assert by_name["analyze"].data.tags["mlflow.note.content"].startswith("analyze stage:")
+
+    # test metrics say their split; the checkpoint is logged once, inside the MLflow Model
+    assert meta.data.metrics["test_agreement"] == summary["meta"]["mean_agreement"]
+    assert {"test_hidden_r2", "test_meta_accuracy", "val_agreement"} <= set(meta.data.metrics)
+    assert not [k for k in meta.data.metrics if k.startswith("mean_")]
+    top = {a.path for a in client.list_artifacts(meta.info.run_id)}
+    assert "meta_model" in top and "meta" not in top
+    assert "checkpoint.pt" in {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(meta.info.run_id,
+                                                                                          "meta_model/artifacts/meta_run")}
+
+    # --register-model: a version of the logged model, from the meta run
+    assert summary["meta"]["registered_model"] == "models:/dynamo-pipeline/1"
+    version = client.get_model_version("dynamo-pipeline", "1")
+    assert version.run_id == meta.info.run_id
+    assert (Path(urlparse(version.source).path) / "MLmodel").is_file()
+
+
+@pytest.mark.integration
+def test_a_failing_stage_fails_the_pipeline_run_with_its_error(ray_session, population, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from dynamo_dist.pipeline import run_pipeline
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"num_workers=5 exceeds the number of models \(4\)"):
+        run_pipeline(_pipeline_cfg(population, run_dir, num_workers=5), progress=False)
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.resolve() / 'mlflow.db'}")
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("dynamo").experiment_id])}
+    assert sorted(runs) == ["pipeline", "population"]  # the meta stage failed before its run started
+    pipe = runs["pipeline"]
+    assert pipe.info.status == "FAILED" and "num_workers=5 exceeds" in pipe.data.tags["dynamo.error"]
+    assert runs["population"].info.status == "FINISHED"
+    assert runs["population"].data.tags["mlflow.parentRunId"] == pipe.info.run_id

@@ -1,6 +1,9 @@
 """Figures of the analyses (matplotlib, Agg backend; imported only by the report).
 
-Every function draws one PNG and returns its path.
+Every function draws one PNG and returns its path. Scatter plots stay readable with thousands
+of models: past ``MANY_POINTS`` points the markers shrink, lose their edges and turn
+translucent, and are drawn in one shuffled layer so that no group hides another; legends
+name groups, never models. (PNG only, so rasterising the scatters would change nothing.)
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 DPI = 110
+MANY_POINTS = 300   # past this many points a scatter switches to small translucent markers
+MAX_LEGEND = 20     # groups named in a legend; more are summarised in its title
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -26,25 +31,53 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
+def point_style(n: int, size: float = 30.0) -> dict:
+    """Marker size, alpha and edges for a scatter of ``n`` points (``size`` up to MANY_POINTS)."""
+    if n <= MANY_POINTS:
+        return {"s": size, "alpha": 0.85, "edgecolors": "k", "linewidths": 0.3}
+    return {"s": max(2.0, size * MANY_POINTS / n), "alpha": max(0.15, 0.85 * np.sqrt(MANY_POINTS / n)),
+            "linewidths": 0.0}
+
+
 def _scatter_groups(ax, coords: np.ndarray, labels: Sequence, legend_title: str | None = None, s: int = 30):
     keys = [str(v) for v in labels]
+    style = point_style(len(keys), s)
     numeric = all(_is_number(v) for v in labels) and len(set(keys)) > 6
     if numeric:  # e.g. epoch or test accuracy: a colour scale instead of a legend
-        sc = ax.scatter(coords[:, 0], coords[:, 1], c=[float(v) for v in labels], cmap="viridis", s=s,
-                        edgecolors="k", linewidths=0.3)
+        sc = ax.scatter(coords[:, 0], coords[:, 1], c=[float(v) for v in labels], cmap="viridis", **style)
         plt.colorbar(sc, ax=ax, label=legend_title)
         return
-    for key in sorted(set(keys), key=_sort_key):
-        m = np.array([k == key for k in keys])
-        ax.scatter(coords[m, 0], coords[m, 1], s=s, label=key, alpha=0.85, edgecolors="k", linewidths=0.3)
-    ax.legend(title=legend_title, fontsize=7, title_fontsize=7, frameon=False)
+    groups = sorted(set(keys), key=sort_key)
+    colours = _group_colours(len(groups))
+    if len(keys) <= MANY_POINTS:
+        for key, colour in zip(groups, colours):
+            m = np.array([k == key for k in keys])
+            ax.scatter(coords[m, 0], coords[m, 1], label=key, color=colour, **style)
+    else:  # one layer in random order: the group drawn last would otherwise cover the others
+        code = {g: i for i, g in enumerate(groups)}
+        order = np.random.default_rng(0).permutation(len(keys))
+        ax.scatter(coords[order, 0], coords[order, 1], c=[colours[code[keys[i]]] for i in order], **style)
+        for key, colour in zip(groups[:MAX_LEGEND], colours):  # legend entries at a readable size
+            ax.scatter([], [], s=30, color=colour, label=key)
+    title = legend_title if len(groups) <= MAX_LEGEND else f"{legend_title} (first {MAX_LEGEND} of {len(groups)})"
+    ax.legend(title=title, fontsize=7, title_fontsize=7, frameon=False)
+
+
+def _group_colours(num_groups: int) -> list:
+    """matplotlib's default cycle up to 10 groups, then tab20, then evenly spaced hues."""
+    if num_groups <= 10:
+        return [f"C{i}" for i in range(num_groups)]
+    if num_groups <= 20:
+        return list(plt.get_cmap("tab20").colors[:num_groups])
+    return [plt.get_cmap("hsv")(i / num_groups) for i in range(num_groups)]
 
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
-def _sort_key(k: str):
+def sort_key(k: str):
+    """Group labels in numeric order where they are numbers (8 < 12), else alphabetical."""
     try:
         return (0, float(k), k)
     except ValueError:
@@ -81,27 +114,38 @@ def spectrum(explained_variance_ratio: np.ndarray, num_components: int, threshol
     return _save(fig, path)
 
 
-def side_by_side(panels: list[tuple[str, np.ndarray, dict]], labels: Sequence, color_by: str, path) -> Path:
-    """DYNAMO PCA next to the SVCCA/CKA MDS embeddings, each titled with its clustering scores."""
+def side_by_side(panels: list[tuple[str, np.ndarray]], labels: Sequence, color_by: str, path) -> Path:
+    """2-D pictures of the same models (DYNAMO's PCA, the baselines' MDS, ...), one panel per (title, coords)."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
-    for ax, (name, coords, scores) in zip(axes[0], panels):
+    for ax, (title, coords) in zip(axes[0], panels):
         _scatter_groups(ax, coords, labels, color_by)
-        sil, ari = scores.get("silhouette", float("nan")), scores.get("adjusted_rand", float("nan"))
-        ax.set_title(f"{name}\nsilhouette {sil:.2f}, k-means ARI {ari:.2f}", fontsize=9)
+        ax.set_title(title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     return _save(fig, path)
 
 
-def distance_matrix(dist_NN: np.ndarray, names: Sequence[str], title: str, path) -> Path:
+def distance_matrix(dist_NN: np.ndarray, names: Sequence[str], title: str, path,
+                    groups: Sequence[str] | None = None) -> Path:
+    """Heat map of a distance matrix; past 30 models the axes name the ``groups`` (runs of equal labels, the
+    models sorted by them), with lines between them, instead of the models."""
     n = len(names)
     size = min(8.0, 2.5 + 0.25 * n)
     fig, ax = plt.subplots(figsize=(size + 1, size))
-    im = ax.imshow(dist_NN, cmap="magma")
+    im = ax.imshow(dist_NN, cmap="magma", interpolation="nearest")
     plt.colorbar(im, ax=ax, fraction=0.046)
     if n <= 30:
         ax.set_xticks(range(n), names, rotation=90, fontsize=6)
         ax.set_yticks(range(n), names, fontsize=6)
+    elif groups is not None:
+        starts = [0] + [i for i in range(1, n) if groups[i] != groups[i - 1]] + [n]
+        for b in starts[1:-1]:
+            ax.axhline(b - 0.5, color="w", lw=0.5)
+            ax.axvline(b - 0.5, color="w", lw=0.5)
+        runs = list(zip(starts[:-1], starts[1:]))
+        named = runs if len(runs) <= MAX_LEGEND else []
+        ax.set_xticks([(a + b - 1) / 2 for a, b in named], [groups[a] for a, _ in named], rotation=90, fontsize=6)
+        ax.set_yticks([(a + b - 1) / 2 for a, b in named], [groups[a] for a, _ in named], fontsize=6)
     else:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -159,10 +203,12 @@ def landscape(axis_a: np.ndarray, axis_b: np.ndarray, scores_GG: np.ndarray, bas
     _hull_polygon(ax, base_N2)
     keys = [str(v) for v in labels]
     markers = "osD^v<>p*h"
-    for i, key in enumerate(sorted(set(keys), key=_sort_key)):
+    style = ({"s": 32, "edgecolors": "k", "linewidths": 0.8} if len(keys) <= MANY_POINTS
+             else {**point_style(len(keys), 32), "edgecolors": "none"})
+    for i, key in enumerate(sorted(set(keys), key=sort_key)):
         m = np.array([k == key for k in keys])
-        ax.scatter(base_N2[m, 0], base_N2[m, 1], s=32, marker=markers[i % len(markers)], facecolors="white",
-                   edgecolors="k", linewidths=0.8, label=key, zorder=3)
+        ax.scatter(base_N2[m, 0], base_N2[m, 1], marker=markers[i % len(markers)], facecolors="white",
+                   label=key if i < MAX_LEGEND else None, zorder=3, **style)
     if path_S2 is not None:
         ax.plot(path_S2[:, 0], path_S2[:, 1], "-", color="red", lw=1.5, label="SSL iterates", zorder=4)
         ax.scatter(path_S2[-1, 0], path_S2[-1, 1], marker="*", s=120, color="red", edgecolors="k", zorder=5,

@@ -3,7 +3,8 @@
 PCA of the embeddings theta_n, the eigen-spectrum of their covariance with the number
 of components that explain a variance threshold (95% in the paper), and clustering
 scores against known groups: silhouette (how separated the labelled groups are) and the
-adjusted Rand index of k-means (k = number of groups) against those labels.
+adjusted Rand index of k-means (k = number of groups) against those labels; and the
+stratified sample of models that the pairwise analyses compare at scale.
 
 Shape legend: N models, E embedding dimension.
 """
@@ -29,6 +30,35 @@ def encode_labels(labels: Sequence) -> np.ndarray:
     keys = [str(v) for v in labels]
     uniq = sorted(set(keys))
     return np.array([uniq.index(k) for k in keys], dtype=np.int64)
+
+
+def stratified_sample(labels: Sequence, size: int | None, random_state: int | None = None) -> np.ndarray:
+    """Sorted indices of at most ``size`` models, each group in proportion to its share of ``labels``.
+
+    All models when ``size`` is None or at least their number. Otherwise every group gets its
+    proportional quota rounded by the largest remainders, but at least two models (one when
+    ``size`` < 2 x groups; never more than it has), so that every group can be scored; the
+    members are drawn at random without replacement, seeded by ``random_state``.
+    """
+    codes = encode_labels(labels)
+    n = len(codes)
+    if size is None or size >= n:
+        return np.arange(n)
+    if size < 1:
+        raise ValueError(f"size: expected at least 1 model, got {size}")
+    counts = np.bincount(codes)
+    quota = size * counts / n
+    floor = 2 if size >= 2 * len(counts) else 1 if size >= len(counts) else 0
+    take = np.maximum(np.floor(quota).astype(np.int64), np.minimum(counts, floor))
+    while take.sum() > size:  # the floors overshot: take from the group furthest above its quota
+        over = np.where(take > np.minimum(counts, floor), take - quota, -np.inf)
+        take[int(np.argmax(over))] -= 1
+    while take.sum() < size:  # largest remainders first
+        under = np.where(take < counts, quota - take, -np.inf)
+        take[int(np.argmax(under))] += 1
+    rng = np.random.default_rng(random_state)
+    picked = [rng.choice(np.flatnonzero(codes == g), size=int(k), replace=False) for g, k in enumerate(take)]
+    return np.sort(np.concatenate(picked))
 
 
 def clustering_scores(labels: Sequence, points: np.ndarray | None = None, distances: np.ndarray | None = None,

@@ -12,6 +12,10 @@ Analyses that do not apply are skipped with a note: the SVCCA/CKA baseline with 
 than 3 models, fixed points and word valence for ResNet (CNN) populations, word valence
 for non-token or non-sentiment tasks.
 
+At scale, everything that compares models pairwise (SVCCA, CKA, raw weights, the method
+comparison) runs on ``analyze.baseline_models`` models drawn stratified by
+``analyze.color_by`` (all of them when there are no more); embedding geometry uses all models.
+
 Shape legend: N models, E embedding dim, K points.
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,21 +40,23 @@ from ..meta.outputs import MetaRun, load_meta_run
 from ..meta.trainer import PopulationData, load_population
 from .averaging import ModelAveraging
 from .baseline import RepresentationBaseline, activation_taps
+from .comparison import METRICS, MethodComparison, euclidean_distances
 from .evaluate import accuracies, base_accuracy
 from .fixed_points import FixedPointFinder, base_dynamics, base_visited_states, meta_dynamics, meta_visited_states
-from .geometry import EmbeddingGeometry
+from .geometry import EmbeddingGeometry, stratified_sample
 from .html import Report, Section
 from .landscape import ThetaLandscape
 from .ssl import SemiSupervisedTheta
 from .valence import NEGATIVE_WORDS, NEUTRAL_WORDS, POSITIVE_WORDS, WordValence
 
 LABEL_CANDIDATES = ("group", "task", "arch", "hidden_size", "train_fraction", "epoch")  # extra PCA colourings
-MAX_BASELINE_ROWS = 2048      # activation rows per model compared by SVCCA/CKA (memory: N x rows x H)
 NUM_FP_PROBE = 64             # probe sequences whose visited states seed fixed-point searches
 MAX_META_FP_THETAS = 8        # meta-model thetas analysed for fixed points (Fig. 8)
 MAX_BASE_FP_MODELS = 4        # base models analysed for fixed points
+RAW_WEIGHT_BYTES = 512 * 2**20  # flattened float32 weights held for the method comparison's raw-weight distances
 VALENCE_GRID = 5              # grid points per axis of the word-valence map (a fixed-point search each)
 NEUTRAL_TOL = 0.25            # |G(h*)| (logit difference) below which the chosen fixed point counts as neutral
+_METHOD_NAMES = {"dynamo": "DYNAMO θ", "svcca": "SVCCA", "cka": "CKA", "raw_weights": "raw weights"}
 
 
 @dataclass
@@ -66,6 +73,7 @@ class _Ctx:
     tasks: list[str]
     test: dict[str, Split]
     base_acc: dict[str, float]
+    sample: np.ndarray  # indices of the models compared pairwise (analyze.baseline_models, stratified)
 
     @property
     def fig_dir(self) -> Path:
@@ -132,6 +140,7 @@ def _analyze(meta_path: Path, cfg: AnalyzeConfig, out: Path, log: bool, progress
     steps = [
         ("geometry", "Embedding geometry", _geometry),
         ("baseline", "SVCCA / CKA baseline", _baseline),
+        ("comparison", "Methods compared like for like", _comparison),
         ("averaging", "Model averaging", _averaging),
         ("landscape", "θ landscape", _landscape),
         ("ssl", "Semi-supervised θ", _ssl),
@@ -184,8 +193,10 @@ def _context(run: MetaRun, cfg: AnalyzeConfig, out: Path) -> _Ctx:
     for t in test:
         n = min(pop.test[m].num_examples for m, tt in zip(ids, tasks) if tt == t)
         test[t] = test[t].subset(slice(0, n))
+    labels = [r.get(cfg.color_by) for r in rows]
     return _Ctx(run=run, cfg=cfg, out=out, pop=pop, ids=ids, theta=run.theta().astype(np.float64),
-                labels=[r.get(cfg.color_by) for r in rows], tasks=tasks, test=test, base_acc=base_acc)
+                labels=labels, tasks=tasks, test=test, base_acc=base_acc,
+                sample=stratified_sample(labels, cfg.baseline_models, cfg.seed))
 
 
 def _overview(ctx: _Ctx, sec: Section, summary: dict) -> None:
@@ -260,62 +271,70 @@ def _baseline(ctx: _Ctx, sec: Section, results: dict) -> dict:
     if len(ctx.ids) < 3:
         sec.skip("The pairwise baseline needs at least 3 models.")
         return {"status": "skipped", "note": "fewer than 3 models"}
+    ids = [ctx.ids[i] for i in ctx.sample]
+    labels = [ctx.labels[i] for i in ctx.sample]
     taps, source = _baseline_activations(ctx)
-    sec.text(f"Activations: {source}. SVCCA keeps the singular directions holding 99% of each model's variance "
-             "(at most rows/10), and reports sqrt(mean 2(1-ρ_i)), the RMS L2 distance between matched unit-variance "
-             "canonical variates; CKA distance is 1 - linear CKA. Both are embedded in 2-D with metric MDS "
-             "(precomputed dissimilarities). Silhouettes use the full distance matrix; k-means runs on the MDS "
-             "coordinates (the paper's Fig. 5 representation) for the baselines and on θ for DYNAMO.")
-    fits = {}
-    for method in ("svcca", "cka"):
-        fits[method] = RepresentationBaseline(method=method, max_rows=MAX_BASELINE_ROWS,
-                                              random_state=ctx.cfg.seed).fit(taps, ctx.labels)
-    geo = results.get("geometry", {}).get("geometry")
-    panels = []
-    if geo is not None:
-        panels.append(("DYNAMO (PCA of θ)", geo.coords_, geo.scores_))
-    panels += [("SVCCA distance + MDS", fits["svcca"].embedding_, fits["svcca"].scores_),
-               ("CKA distance + MDS", fits["cka"].embedding_, fits["cka"].scores_)]
-    p = figures.side_by_side(panels, ctx.labels, ctx.cfg.color_by, ctx.fig_dir / "baseline_side_by_side.png")
-    sec.figure(p, ctx.out, "DYNAMO next to the pairwise baselines (Fig. 3 vs Fig. 5). MDS axes carry no meaning.")
+    fits = {method: RepresentationBaseline(method=method, max_rows=ctx.cfg.baseline_rows,
+                                           random_state=ctx.cfg.seed).fit(taps, labels)
+            for method in ("svcca", "cka")}
+    num_rows = fits["svcca"].num_rows_
+    sec.text(f"Compared: {_sample_text(ctx)}. Activations: {source}; {num_rows} rows per model, the same for every "
+             "model (analyze.baseline_rows). SVCCA keeps the singular directions holding 99% of each model's "
+             "variance (at most rows/10), and reports sqrt(mean 2(1-ρ_i)), the RMS L2 distance between matched "
+             "unit-variance canonical variates; CKA distance is 1 - linear CKA. Both are embedded in 2-D with metric "
+             "MDS (precomputed dissimilarities). DYNAMO and every baseline are scored the same way in the next section.")
+    order = sorted(range(len(ids)), key=lambda k: (figures.sort_key(str(labels[k])), ids[k]))
     for method, f in fits.items():
-        p = figures.distance_matrix(f.distances_, ctx.ids, f"{method.upper()} distances",
-                                    ctx.fig_dir / f"baseline_{method}_distances.png")
-        sec.figure(p, ctx.out, f"Pairwise {method.upper()} distances (models sorted by id).")
-    rows = [{"method": "DYNAMO", **_scores(geo.scores_ if geo is not None else {})}]
-    rows += [{"method": m.upper(), **_scores(f.scores_), "mds_stress": f.stress_} for m, f in fits.items()]
-    sec.table(rows, ["method", "silhouette", "adjusted_rand", "mds_stress"],
-              caption=f"Clustering of {ctx.cfg.color_by}: DYNAMO vs baselines")
-    long = [{"model_a": ctx.ids[i], "model_b": ctx.ids[j], "svcca": float(fits["svcca"].distances_[i, j]),
-             "cka": float(fits["cka"].distances_[i, j])} for i in range(len(ctx.ids)) for j in range(len(ctx.ids))]
-    _write_table(long, ctx.table_dir / "baseline_distances.parquet")
-    _write_table([{"model_id": m, "svcca_mds_1": float(a[0]), "svcca_mds_2": float(a[1]), "cka_mds_1": float(b[0]),
-                   "cka_mds_2": float(b[1])} for m, a, b in zip(ctx.ids, fits["svcca"].embedding_, fits["cka"].embedding_)],
+        p = figures.distance_matrix(f.distances_[np.ix_(order, order)], [ids[k] for k in order],
+                                    f"{method.upper()} distances", ctx.fig_dir / f"baseline_{method}_distances.png",
+                                    groups=[str(labels[k]) for k in order])
+        sec.figure(p, ctx.out, f"Pairwise {method.upper()} distances, models grouped by {ctx.cfg.color_by}.")
+    sec.table([{"method": m.upper(), "mds_stress": f.stress_, "silhouette (distances)": f.scores_.get("silhouette"),
+                "k-means ARI (MDS-2)": f.scores_.get("adjusted_rand")} for m, f in fits.items()],
+              caption=f"MDS stress, and the scores kept as the headline keys svcca.silhouette / svcca.adjusted_rand "
+                      f"(cka.* alike): silhouette of {ctx.cfg.color_by} on the distance matrix, k-means ARI on the "
+                      "2-D MDS coordinates")
+    n = len(ids)
+    store.write_table_atomic(pa.table({"model_a": np.repeat(ids, n), "model_b": np.tile(ids, n),
+                                       "svcca": fits["svcca"].distances_.ravel(), "cka": fits["cka"].distances_.ravel()}),
+                             ctx.table_dir / "baseline_distances.parquet")
+    _write_table([{"model_id": m, ctx.cfg.color_by: str(lab), "svcca_mds_1": float(a[0]), "svcca_mds_2": float(a[1]),
+                   "cka_mds_1": float(b[0]), "cka_mds_2": float(b[1])}
+                  for m, lab, a, b in zip(ids, labels, fits["svcca"].embedding_, fits["cka"].embedding_)],
                  ctx.table_dir / "baseline_mds.parquet")
-    head = {}
+    head = {"baseline.num_models": n, "baseline.num_rows": num_rows}
     for m, f in fits.items():
         head[f"{m}.silhouette"] = f.scores_.get("silhouette", float("nan"))
         head[f"{m}.adjusted_rand"] = f.scores_.get("adjusted_rand", float("nan"))
     return {"fits": fits, "headline": head}
 
 
-def _scores(s: dict) -> dict:
-    return {"silhouette": s.get("silhouette", float("nan")), "adjusted_rand": s.get("adjusted_rand", float("nan"))}
+def _sample_text(ctx: _Ctx) -> str:
+    """How many models the pairwise analyses compare, and how they were drawn."""
+    n, total = len(ctx.sample), len(ctx.ids)
+    if n == total:
+        return f"all {total} models"
+    counts = Counter(str(ctx.labels[i]) for i in ctx.sample)
+    per = (", ".join(f"{g}: {c}" for g, c in sorted(counts.items())) if len(counts) <= 12 else
+           f"{min(counts.values())} to {max(counts.values())} per group")
+    return (f"{n} of {total} models, drawn at random within each {ctx.cfg.color_by} group in proportion to its "
+            f"size (analyze.baseline_models = {ctx.cfg.baseline_models}, seed {ctx.cfg.seed}; {per})")
 
 
 def _baseline_activations(ctx: _Ctx) -> tuple[list[list[np.ndarray]], str]:
-    """Every model's hidden activations on the same probe inputs.
+    """The sampled models' hidden activations on the same probe inputs (``ctx.sample`` order).
 
     One task: the recorded probe trajectories. Several tasks (different probe sets): the
     models are re-run from their weights on the first task's probe inputs (DYNAMO requires
     a common input structure, so every model accepts them).
     """
     family = ctx.run.family
-    tasks = sorted(set(ctx.tasks))
+    ids = [ctx.ids[i] for i in ctx.sample]
+    tasks = sorted({ctx.tasks[i] for i in ctx.sample})
     rng = np.random.default_rng(ctx.cfg.seed)
     if len(tasks) == 1:
         inputs = ctx.pop.probe_inputs[tasks[0]]
-        hiddens = {m: [h.float() for h in ctx.pop.probe[m].hiddens] for m in ctx.ids}
+        hiddens = {m: [h.float() for h in ctx.pop.probe[m].hiddens] for m in ids}
         source = f"recorded probe trajectories of task {tasks[0]!r}"
     else:
         from .. import zoo
@@ -325,21 +344,114 @@ def _baseline_activations(ctx: _Ctx) -> tuple[list[list[np.ndarray]], str]:
         inputs = inputs.subset(slice(0, n))
         layout = store.Layout.at(ctx.run.population_root)
         hiddens = {}
-        for r in ctx.run.rows:
+        for i in ctx.sample:
+            r = ctx.run.rows[i]
             with torch.no_grad():
                 hiddens[r["model_id"]] = zoo.load(layout.path(r["weights_path"])).trajectories(inputs.x)[0]
         source = (f"every model re-run from its weights on the probe inputs of task {tasks[0]!r} "
-                  f"({n} examples; the population spans tasks {tasks})")
+                  f"({n} examples; the models span tasks {tasks})")
     n = min(h[0].shape[0] for h in hiddens.values())
     if family == "rnn":
         t_len = next(iter(hiddens.values()))[0].shape[1]
         mask = step_mask(inputs.lengths[:n], t_len)
         num_rows = int(mask.sum())
-        select = np.sort(rng.choice(num_rows, size=min(num_rows, MAX_BASELINE_ROWS), replace=False))
-        taps = [[h[0][:n][mask][select].float().numpy()] for h in (hiddens[m] for m in ctx.ids)]
+        keep = num_rows if ctx.cfg.baseline_rows is None else min(num_rows, ctx.cfg.baseline_rows)
+        select = np.sort(rng.choice(num_rows, size=keep, replace=False))
+        taps = [[h[0][:n][mask][select].float().numpy()] for h in (hiddens[m] for m in ids)]
     else:
-        taps = [activation_taps([x[:n] for x in hiddens[m]], family) for m in ctx.ids]
+        taps = [activation_taps([x[:n] for x in hiddens[m]], family) for m in ids]
     return taps, source
+
+
+def _comparison(ctx: _Ctx, sec: Section, results: dict) -> dict:
+    from . import figures
+
+    geo = results.get("geometry", {}).get("geometry")
+    if geo is None or len(ctx.ids) < 3:
+        sec.skip("The method comparison needs at least 3 models.")
+        return {"status": "skipped", "note": "fewer than 3 models"}
+    idx = ctx.sample
+    labels = [ctx.labels[i] for i in idx]
+    d = ctx.run.cfg.embedding_dim
+    distances = {"dynamo": euclidean_distances(ctx.theta[idx])}
+    coords = {"dynamo": geo.coords_[idx]}
+    shown = {"dynamo": (f"θ (d={d}), Euclidean", "PCA")}  # (distances, 2-D picture)
+    for m, f in results.get("baseline", {}).get("fits", {}).items():
+        distances[m], coords[m] = f.distances_, f.embedding_
+        shown[m] = ("SVCCA distance" if m == "svcca" else "1 − linear CKA", "metric MDS")
+    if "svcca" not in distances:
+        sec.note(f"No SVCCA/CKA rows: the baseline section was skipped ({results.get('baseline', {}).get('note')}).")
+    weights, why = _raw_weights(ctx)
+    if weights is not None:
+        distances["raw_weights"] = euclidean_distances(weights)
+        shown["raw_weights"] = (f"{weights.shape[1]} flattened parameters, Euclidean", "PCA")
+    else:
+        sec.note(f"Raw weights: not compared: {why}.")
+    cmp = MethodComparison(num_dims=d, num_bootstrap=ctx.cfg.bootstrap, random_state=ctx.cfg.seed).fit(
+        distances, labels, coords)
+    sec.text(f"Every method scored the same way against {ctx.cfg.color_by} ({cmp.num_groups_} groups) on the same "
+             f"models: {_sample_text(ctx)}. Full: the method's distance matrix — silhouette on it, leave-one-out "
+             f"1-nearest-neighbour accuracy on it, and k-means (k = {cmp.num_groups_}) on its classical MDS in "
+             f"min(d, N−1) = {min(d, len(idx) - 1)} dimensions (for θ that is θ itself up to a rotation; the baselines "
+             "get as many dimensions as DYNAMO). 2-D: the plotted coordinates — silhouette and k-means on them. "
+             + (f"Brackets: {cmp.confidence:.0%} percentile bootstrap intervals over {ctx.cfg.bootstrap} resamples "
+                f"of the models within each group (seed {ctx.cfg.seed}); k-means on a resample restarts from the "
+                "centres found on all models." if ctx.cfg.bootstrap else "No intervals (analyze.bootstrap = 0)."))
+    sec.text("The headline keys dynamo.silhouette / dynamo.adjusted_rand (θ, all models) and svcca.silhouette / "
+             "svcca.adjusted_rand (distance matrix / MDS-2, as before) keep their meaning; the like-for-like numbers "
+             "are comparison.<method>.<metric>.")
+
+    def cell(m: str, metric: str) -> str:
+        v, (lo, hi) = cmp.scores_[m][metric], cmp.intervals_[m][metric]
+        return _f(v) if math.isnan(lo) else f"{_f(v)} [{_f(lo)}, {_f(hi)}]"
+
+    heads = {"silhouette_full": "silhouette (full)", "silhouette_2d": "silhouette (2-D)",
+             "ari_full": "k-means ARI (full)", "ari_2d": "k-means ARI (2-D)", "nn_accuracy": "1-NN accuracy"}
+    described = {m: f"{full}; 2-D: {flat}" for m, (full, flat) in shown.items()}
+    sec.table([{"method": _METHOD_NAMES[m], "representation": described[m], **{heads[k]: cell(m, k) for k in METRICS}}
+               for m in cmp.scores_], caption=f"Recovering {ctx.cfg.color_by}: every method on the same terms")
+    panels = [(f"{_METHOD_NAMES[m]} ({shown[m][1]})\nsilhouette {_f(cmp.scores_[m]['silhouette_2d'])}, "
+               f"k-means ARI {_f(cmp.scores_[m]['ari_2d'])}", cmp.coords_2d_[m]) for m in cmp.scores_]
+    p = figures.side_by_side(panels, labels, ctx.cfg.color_by, ctx.fig_dir / "baseline_side_by_side.png")
+    sec.figure(p, ctx.out, "Each method's 2-D picture of the same models, titled with its 2-D scores (DYNAMO's PCA: "
+                           "Fig. 3; SVCCA + MDS: Fig. 5). MDS axes carry no meaning.")
+    _write_table([{"method": row["method"], "representation": described[row["method"]], **row,
+                   "num_bootstrap": ctx.cfg.bootstrap} for row in cmp.table_], ctx.table_dir / "method_comparison.parquet")
+    head = {"comparison.num_models": len(idx), "comparison.num_bootstrap": ctx.cfg.bootstrap,
+            "comparison.num_dims": min(d, len(idx) - 1)}
+    for m in cmp.scores_:
+        for metric in METRICS:
+            key = f"comparison.{m}.{metric}"
+            head[key] = cmp.scores_[m][metric]
+            head[f"{key}.low"], head[f"{key}.high"] = cmp.intervals_[m][metric]
+    return {"comparison": cmp, "headline": head}
+
+
+def _raw_weights(ctx: _Ctx) -> tuple[np.ndarray | None, str]:
+    """(N, P) flattened parameters of the sampled models, or None and why they cannot be compared."""
+    from .. import zoo
+
+    layout = store.Layout.at(ctx.run.population_root)
+    first_shapes, first_row, vectors = None, None, []
+    for i in ctx.sample:
+        r = ctx.run.rows[i]
+        params = list(zoo.load(layout.path(r["weights_path"])).named_parameters())
+        shapes = [(k, tuple(p.shape)) for k, p in params]
+        if first_shapes is None:
+            first_shapes, first_row = shapes, r
+            size = sum(p.numel() for _, p in params) * len(ctx.sample) * 4
+            if size > RAW_WEIGHT_BYTES:
+                return None, (f"{len(ctx.sample)} models' weights take {size / 2**20:.0f} MiB, over the "
+                              f"{RAW_WEIGHT_BYTES / 2**20:.0f} MiB held for them (lower analyze.baseline_models)")
+        elif shapes != first_shapes:
+            return None, (f"the models' parameter shapes differ ({_arch(first_row)} vs {_arch(r)}); flattened "
+                          "weights are comparable only between models of one shape")
+        vectors.append(torch.cat([p.detach().reshape(-1) for _, p in params]).float().numpy())
+    return np.stack(vectors), ""
+
+
+def _arch(row: dict) -> str:
+    return f"{row['model_id']}: {row.get('arch')}, hidden size {row.get('hidden_size')}"
 
 
 def _averaging(ctx: _Ctx, sec: Section, results: dict) -> dict:
@@ -800,12 +912,16 @@ def _paper_comparison(ctx: _Ctx, results: dict) -> list[dict]:
         h.update(r.get("headline", {}))
     rows = []
     if "dynamo.silhouette" in h:
-        measured = f"silhouette DYNAMO {_f(h['dynamo.silhouette'])}"
-        if "svcca.silhouette" in h:
-            measured += f" vs SVCCA-MDS {_f(h['svcca.silhouette'])} (CKA {_f(h['cka.silhouette'])})"
-        measured += f"; k-means ARI DYNAMO {_f(h['dynamo.adjusted_rand'])}"
-        if "svcca.adjusted_rand" in h:
-            measured += f" vs SVCCA {_f(h['svcca.adjusted_rand'])}"
+        if "comparison.dynamo.silhouette_full" in h:  # like for like: every method's full distances
+            methods = [m for m in _METHOD_NAMES if f"comparison.{m}.silhouette_full" in h]
+            measured = "; ".join(f"{title} " + ", ".join(f"{_METHOD_NAMES[m]} {_f(h[f'comparison.{m}.{metric}'])}"
+                                                         for m in methods)
+                                 for metric, title in (("silhouette_full", "silhouette"), ("ari_full", "k-means ARI"),
+                                                       ("nn_accuracy", "1-NN accuracy")))
+            measured += f" (the same {h['comparison.num_models']} models, full representations)"
+        else:
+            measured = (f"silhouette DYNAMO {_f(h['dynamo.silhouette'])}; "
+                        f"k-means ARI DYNAMO {_f(h['dynamo.adjusted_rand'])}")
         rows.append({"claim": f"Embeddings separate the groups ({ctx.cfg.color_by}); clearer than SVCCA + MDS",
                      "paper": "clear clusters in DYNAMO's PCA (Fig. 3); less apparent with SVCCA-MDS (Fig. 5)",
                      "measured": measured})

@@ -44,8 +44,8 @@ METRICS_FILE = "model_metrics.parquet"
 HISTORY_FILE = "history.parquet"
 SUMMARY_FILE = "summary.json"
 PCA_FILE = "embedding_pca.png"
-# logged to MLflow in this order; the checkpoint under "meta/"
-_ARTIFACTS = (EMBEDDINGS_FILE, METRICS_FILE, HISTORY_FILE, SUMMARY_FILE, CONFIG_FILE, PCA_FILE, CHECKPOINT_FILE)
+# logged to MLflow in this order; not the checkpoint: the run's MLflow Model (meta/pyfunc.py) holds it
+_ARTIFACTS = (EMBEDDINGS_FILE, METRICS_FILE, HISTORY_FILE, SUMMARY_FILE, CONFIG_FILE, PCA_FILE)
 
 
 def ray_storage(output_dir: str | Path) -> Path:
@@ -147,7 +147,7 @@ def read_embeddings(output_dir: str | Path) -> pa.Table:
 def artifacts(output_dir: str | Path) -> list[tuple[Path, str | None]]:
     """The run's files worth logging, as (path, MLflow artifact dir)."""
     out = Path(output_dir)
-    return [(out / n, "meta" if n == CHECKPOINT_FILE else None) for n in _ARTIFACTS if (out / n).exists()]
+    return [(out / n, None) for n in _ARTIFACTS if (out / n).exists()]
 
 
 @dataclass

@@ -350,11 +350,22 @@ def train_loop_per_worker(config: dict) -> None:
     t_steps, cpu_steps = time.perf_counter(), time.process_time()
     steps_done = 0
 
+    queue = config.get("progress_queue") if rank == 0 else None
+    tick = max(1, cfg.eval_every // 25)  # the bar moves between reports too (step count only)
+
+    def tell(update: dict) -> None:
+        try:
+            queue.put_nowait(update)
+        except Exception:  # noqa: BLE001 -- a full or gone queue costs the bar an update, never the run
+            pass
+
     def count_step(tr: DynamoTrainer) -> None:
         nonlocal steps_done
         steps_done += 1
         if debug:
             _debug_hooks(debug, tr, rank)
+        if queue is not None and tr.step % tick == 0:
+            tell({"step": tr.step})
 
     def report(pending: list[dict], final: bool) -> None:
         nonlocal train_seconds, train_cpu_seconds, t_steps, cpu_steps
@@ -383,11 +394,8 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0 and config["progress"]:
             _log.info(f"[meta] step {trainer.step}/{cfg.steps} " + " ".join(
                 f"{k}={v:.4f}" for k, v in metrics.items() if k != "step"))
-        if rank == 0 and config.get("progress_queue") is not None:
-            try:
-                config["progress_queue"].put_nowait({"step": trainer.step, **metrics})
-            except Exception:  # noqa: BLE001 -- a full or gone queue costs the bar an update, never the run
-                pass
+        if queue is not None:
+            tell({"step": trainer.step, **metrics})
         if not checkpoint_due:
             ray.train.report(metrics)
         else:
@@ -404,6 +412,8 @@ def train_loop_per_worker(config: dict) -> None:
                                  checkpoint_dir_name=f"checkpoint_{trainer.step:08d}_{token}")
         t_steps, cpu_steps = time.perf_counter(), time.process_time()
 
+    if queue is not None:  # the workers are up and training: the driver stops waiting for them
+        tell({"step": trainer.step, "started": True})
     # resumed at the end (e.g. with another W), fit re-saves so the final checkpoint matches this run
     fit_with_reports(trainer, report, also_every=cfg.checkpoint_every, after_step=count_step)
     if rank == 0 and config["progress"]:
@@ -506,7 +516,8 @@ def finalize(cfg: MetaConfig, population_root: str, result, *, tracking_store=No
     if wall_seconds is not None:
         extra["wall_seconds"] = wall_seconds
     summary = outputs.write_outputs(cfg, root, state, theta_rows, test_metrics, history, manifest, extra,
-                                    tracking_store=None if tracking_store is None else tracking_store.as_dict())
+                                    tracking_store=None if tracking_store is None
+                                    else tracking_store.location().as_dict())
     if tracking_store is not None:
         from .. import tracking
 
@@ -576,7 +587,7 @@ def _show_progress(cfg: MetaConfig, queue, done) -> None:
     from ray.util.queue import Empty
     from tqdm.auto import tqdm
 
-    started, said = time.monotonic(), 0.0
+    started, said, training = time.monotonic(), 0.0, False
     with tqdm(total=cfg.steps, desc="meta", unit="step", dynamic_ncols=True) as bar:
         while True:
             try:
@@ -585,7 +596,7 @@ def _show_progress(cfg: MetaConfig, queue, done) -> None:
                 if done.is_set():
                     break
                 waited = time.monotonic() - started
-                if bar.n == 0 and waited - said >= WAIT_NOTICE_S:  # no report yet: say what it waits for
+                if not training and waited - said >= WAIT_NOTICE_S:  # no worker training yet: say what it waits for
                     said = waited
                     free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
                     bar.write(f"meta: no report after {waited:.0f} s; waiting for {cfg.num_workers} Ray Train "
@@ -595,6 +606,7 @@ def _show_progress(cfg: MetaConfig, queue, done) -> None:
                 continue
             except Exception:  # noqa: BLE001 -- the queue's actor is gone: the run is over
                 break
+            training = True
             bar.update(max(0, int(m["step"]) - bar.n))
             bar.set_postfix({k.removeprefix("val_"): f"{m[k]:.3f}" for k in ("loss", "val_agreement",
                                                                             "val_hidden_r2") if k in m})

@@ -48,9 +48,9 @@ the store between machines or users). Per run:
   arrives (``val_agreement``, ``val_hidden_r2`` at ``step``: one entry per report); when
   the trial ends, the per-step training history (``loss``, ``loss_hidden``,
   ``loss_output``) is logged with one ``log_batch`` per 1000 metrics, then the test
-  metrics, ``silhouette_group`` and the artifacts (embeddings.parquet, embedding_pca.png,
-  model_metrics.parquet, history.parquet, summary.json, meta_config.yaml, meta/checkpoint.pt)
-  via ``tracking.log_meta_results``.
+  metrics (``test_*``), ``silhouette_group`` and the artifacts (embeddings.parquet,
+  embedding_pca.png, model_metrics.parquet, history.parquet, summary.json, meta_config.yaml;
+  the checkpoint stays in the trial's directory) via ``tracking.log_meta_results``.
 
 The driver reads each trial's outputs from its directory, so on a multi-node cluster
 ``run_dir`` must be on storage every node sees — as the population root already must be.
@@ -301,7 +301,10 @@ class _MlflowTrials:
             return
         cfg = self._cfg(trial)
         run = self.tracking_store.start_run(Path(cfg.output_dir).name, self.parent_run_id,
-                                            tags={"dynamo.stage": "sweep-trial", "dynamo.trial_id": trial.trial_id})
+                                            tags={"dynamo.stage": "sweep-trial", "dynamo.trial_id": trial.trial_id},
+                                            description=f"sweep trial: lambda={cfg.output_weight}, "
+                                            f"d={cfg.embedding_dim}, {cfg.hidden_distance} hidden distance, "
+                                            f"{cfg.steps} steps on population {self.population_root}")
         run.log_params(tracking.meta_params(cfg, self.population_root, self.population_size))
         self._runs[trial.trial_id] = run
         self._t0[trial.trial_id] = time.time()
