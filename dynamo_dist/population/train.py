@@ -261,8 +261,8 @@ def train_and_record_stack(root: str, cfg: PopulationConfig, jobs: list[ModelJob
                     mid = epoch_model_id(g.name, job.seed, epoch) if g.every_epoch else job.model_id
                     labels = {"group": g.name, "train_fraction": g.train_fraction, "seed": job.seed, "epoch": epoch}
                     member = {split: ([hs[i]], outs[i]) for split, (hs, outs) in recorded.items()}
-                    futures.append((job, mid, writer.submit(_write_stacked_member, root, cfg, mid, stack.spec,
-                                                            stack.state(k), g.task, labels, member, accs[k])))
+                    futures.append((job, mid, writer.submit(write_member, root, cfg, mid, stack.model(k), g.task,
+                                                            labels, member, accs[k])))  # model(k): a CPU copy
                 _wait_all(futures[:-chunk])  # at most two chunks of trajectories held at once
             clock["record_s"] += time.perf_counter() - t
 
@@ -288,12 +288,6 @@ def train_and_record_stack(root: str, cfg: PopulationConfig, jobs: list[ModelJob
     if timings is not None:
         timings.update(clock)
     return rows
-
-
-def _write_stacked_member(root, cfg, model_id, spec, state, task_name, labels, recorded, test_accuracy) -> dict:
-    model = zoo.build(spec)
-    model.load_state_dict(state)
-    return write_member(root, cfg, model_id, model.eval(), task_name, labels, recorded, test_accuracy)
 
 
 def _wait_all(futures: list) -> None:
