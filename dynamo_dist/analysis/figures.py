@@ -1,14 +1,14 @@
 """Figures of the analyses (matplotlib, Agg backend; imported only by the report).
 
-Every function draws one PNG and returns its path. Scatter plots stay readable with thousands
-of models: past ``MANY_POINTS`` points the markers shrink, lose their edges and turn
-translucent, and are drawn in one shuffled layer so that no group hides another; legends
-name groups, never models. (PNG only, so rasterising the scatters would change nothing.)
+Every function draws one PNG and returns its path. Colours, marker styles, stacks of coinciding
+points and legends follow the conventions of :mod:`dynamo_dist.plots` (its docstring): a group has
+one colour in every figure (``colours=``: the report's mapping of all its groups, where a figure
+shows only some of them), and scatters stay readable with thousands of models.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -17,77 +17,18 @@ matplotlib.use("Agg")  # files only; no display on clusters
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-DPI = 110
-MANY_POINTS = 300   # past this many points a scatter switches to small translucent markers
-MAX_LEGEND = 20     # groups named in a legend; more are summarised in its title
+from ..plots import (MANY_POINTS, MAX_LEGEND, annotate_stacks, colours_for, point_style, save,  # noqa: E402
+                     scatter_groups as _scatter_groups, sort_key)
 
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
-
-
-def point_style(n: int, size: float = 30.0) -> dict:
-    """Marker size, alpha and edges for a scatter of ``n`` points (``size`` up to MANY_POINTS)."""
-    if n <= MANY_POINTS:
-        return {"s": size, "alpha": 0.85, "edgecolors": "k", "linewidths": 0.3}
-    return {"s": max(2.0, size * MANY_POINTS / n), "alpha": max(0.15, 0.85 * np.sqrt(MANY_POINTS / n)),
-            "linewidths": 0.0}
-
-
-def _scatter_groups(ax, coords: np.ndarray, labels: Sequence, legend_title: str | None = None, s: int = 30):
-    keys = [str(v) for v in labels]
-    style = point_style(len(keys), s)
-    numeric = all(_is_number(v) for v in labels) and len(set(keys)) > 6
-    if numeric:  # e.g. epoch or test accuracy: a colour scale instead of a legend
-        sc = ax.scatter(coords[:, 0], coords[:, 1], c=[float(v) for v in labels], cmap="viridis", **style)
-        plt.colorbar(sc, ax=ax, label=legend_title)
-        return
-    groups = sorted(set(keys), key=sort_key)
-    colours = _group_colours(len(groups))
-    if len(keys) <= MANY_POINTS:
-        for key, colour in zip(groups, colours):
-            m = np.array([k == key for k in keys])
-            ax.scatter(coords[m, 0], coords[m, 1], label=key, color=colour, **style)
-    else:  # one layer in random order: the group drawn last would otherwise cover the others
-        code = {g: i for i, g in enumerate(groups)}
-        order = np.random.default_rng(0).permutation(len(keys))
-        ax.scatter(coords[order, 0], coords[order, 1], c=[colours[code[keys[i]]] for i in order], **style)
-        for key, colour in zip(groups[:MAX_LEGEND], colours):  # legend entries at a readable size
-            ax.scatter([], [], s=30, color=colour, label=key)
-    title = legend_title if len(groups) <= MAX_LEGEND else f"{legend_title} (first {MAX_LEGEND} of {len(groups)})"
-    ax.legend(title=title, fontsize=7, title_fontsize=7, frameon=False)
-
-
-def _group_colours(num_groups: int) -> list:
-    """matplotlib's default cycle up to 10 groups, then tab20, then evenly spaced hues."""
-    if num_groups <= 10:
-        return [f"C{i}" for i in range(num_groups)]
-    if num_groups <= 20:
-        return list(plt.get_cmap("tab20").colors[:num_groups])
-    return [plt.get_cmap("hsv")(i / num_groups) for i in range(num_groups)]
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-
-def sort_key(k: str):
-    """Group labels in numeric order where they are numbers (8 < 12), else alphabetical."""
-    try:
-        return (0, float(k), k)
-    except ValueError:
-        return (1, 0.0, k)
+MIN_TICK_SPACING = 0.14  # inches between vertical tick labels of 7-pt text (8.4-pt lines); closer ones are thinned
+MAX_WIDTH = 16.0         # inches: wider figures are scaled down in the report until their text is unreadable
 
 
 def embedding_scatter(coords_N2: np.ndarray, labels: Sequence, path, title: str, color_by: str,
-                      ratio: np.ndarray | None = None, xlabel: str = "PC1", ylabel: str = "PC2") -> Path:
+                      ratio: np.ndarray | None = None, xlabel: str = "PC1", ylabel: str = "PC2",
+                      colours: Mapping | None = None) -> Path:
     fig, ax = plt.subplots(figsize=(5, 4))
-    _scatter_groups(ax, coords_N2, labels, color_by)
+    _scatter_groups(ax, coords_N2, labels, color_by, colours=colours)
     if ratio is not None and len(ratio):
         xlabel = f"{xlabel} ({ratio[0]:.0%})"
         if len(ratio) > 1:
@@ -95,7 +36,7 @@ def embedding_scatter(coords_N2: np.ndarray, labels: Sequence, path, title: str,
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def spectrum(explained_variance_ratio: np.ndarray, num_components: int, threshold: float, path) -> Path:
@@ -111,18 +52,20 @@ def spectrum(explained_variance_ratio: np.ndarray, num_components: int, threshol
     ax.set_xticks(k if len(k) <= 20 else k[:: max(1, len(k) // 10)])
     ax.legend(fontsize=7, frameon=False)
     ax.set_title("spectrum of the model embeddings", fontsize=10)
-    return _save(fig, path)
+    return save(fig, path)
 
 
-def side_by_side(panels: list[tuple[str, np.ndarray]], labels: Sequence, color_by: str, path) -> Path:
+def side_by_side(panels: list[tuple[str, np.ndarray]], labels: Sequence, color_by: str, path,
+                 colours: Mapping | None = None) -> Path:
     """2-D pictures of the same models (DYNAMO's PCA, the baselines' MDS, ...), one panel per (title, coords)."""
+    colours = colours_for([str(v) for v in labels], colours)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
     for ax, (title, coords) in zip(axes[0], panels):
-        _scatter_groups(ax, coords, labels, color_by)
+        _scatter_groups(ax, coords, labels, color_by, colours=colours)
         ax.set_title(title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def distance_matrix(dist_NN: np.ndarray, names: Sequence[str], title: str, path,
@@ -150,24 +93,36 @@ def distance_matrix(dist_NN: np.ndarray, names: Sequence[str], title: str, path,
         ax.set_xticks([])
         ax.set_yticks([])
     ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def averaging_bars(rows: list[dict], path) -> Path:
-    """Meta accuracy at centroids/midpoints vs the members' base and meta accuracies."""
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(rows) + 2) + 2.6, 3.8))
+    """Meta accuracy at centroids/midpoints vs the members' base and meta accuracies.
+
+    Tick labels are vertical, and thinned to every k-th where even those would touch (the figure
+    grows with the rows only up to MAX_WIDTH inches).
+    """
+    width = min(MAX_WIDTH, max(5.0, 0.45 * len(rows) + 2) + 2.6)
+    fig, ax = plt.subplots(figsize=(width, 5.0))
     x = np.arange(len(rows))
     w = 0.27
     ax.bar(x - w, [r["meta_accuracy"] for r in rows], w, label="meta-model at the averaged theta")
     ax.bar(x, [r["member_base_mean"] for r in rows], w, label="members: base models (mean)")
     ax.bar(x + w, [r["member_meta_mean"] for r in rows], w, label="members: meta at theta_n (mean)")
     ax.scatter(x, [r["member_base_max"] for r in rows], marker="_", s=200, color="k", zorder=3, label="best member")
-    ax.set_xticks(x, [f"{r['kind'].split(' ')[0]}\n{_short(r['name'])}" for r in rows], fontsize=7)
+    step = _tick_step(len(rows), width - 4.6)  # ~4.6 in: the y label and the legend beside the axes
+    ax.set_xticks(x[::step], [f"{r['kind'].split(' ')[0]}: {_short(r['name'])}" for r in rows[::step]], fontsize=7,
+                  rotation=90)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("model averaging in embedding space", fontsize=10)
-    return _save(fig, path)
+    return save(fig, path)
+
+
+def _tick_step(num_ticks: int, axis_inches: float) -> int:
+    """Label every k-th of ``num_ticks`` evenly spaced ticks so that neighbours are MIN_TICK_SPACING apart."""
+    return max(1, int(np.ceil(num_ticks * MIN_TICK_SPACING / max(axis_inches, 0.5))))
 
 
 def _short(name: str, n: int = 24) -> str:
@@ -191,8 +146,13 @@ def _hull_polygon(ax, base_N2: np.ndarray) -> None:
 
 def landscape(axis_a: np.ndarray, axis_b: np.ndarray, scores_GG: np.ndarray, base_N2: np.ndarray, labels: Sequence,
               best_2: np.ndarray, path, title: str, cbar_label: str = "relative test accuracy",
-              path_S2: np.ndarray | None = None, extra_points: dict[str, np.ndarray] | None = None) -> Path:
-    """Heat map over the PCA plane, base embeddings, their hull, the best point (x) and an SSL path (Figs. 6, 7, 11)."""
+              path_S2: np.ndarray | None = None, extra_points: dict[str, np.ndarray] | None = None,
+              colours: Mapping | None = None) -> Path:
+    """Heat map over the PCA plane, base embeddings, their hull, the best point (x) and an SSL path (Figs. 6, 7, 11).
+
+    The base embeddings have their group's colour and a marker shape per group (told apart on the heat map
+    by shape too).
+    """
     fig, ax = plt.subplots(figsize=(5.6, 4.4))
     if len(axis_a) > 1 and len(axis_b) > 1:
         im = ax.pcolormesh(axis_a, axis_b, scores_GG, shading="nearest", cmap="viridis")
@@ -202,13 +162,17 @@ def landscape(axis_a: np.ndarray, axis_b: np.ndarray, scores_GG: np.ndarray, bas
         ax.plot(along, scores_GG.ravel(), "-", color="tab:green")
     _hull_polygon(ax, base_N2)
     keys = [str(v) for v in labels]
+    colours = colours_for(keys, colours)
     markers = "osD^v<>p*h"
+    shape = {g: markers[i % len(markers)] for i, g in enumerate(sorted(colours, key=sort_key))}
     style = ({"s": 32, "edgecolors": "k", "linewidths": 0.8} if len(keys) <= MANY_POINTS
              else {**point_style(len(keys), 32), "edgecolors": "none"})
     for i, key in enumerate(sorted(set(keys), key=sort_key)):
         m = np.array([k == key for k in keys])
-        ax.scatter(base_N2[m, 0], base_N2[m, 1], marker=markers[i % len(markers)], facecolors="white",
+        ax.scatter(base_N2[m, 0], base_N2[m, 1], marker=shape[key], color=colours[key],
                    label=key if i < MAX_LEGEND else None, zorder=3, **style)
+    if len(keys) <= MANY_POINTS:
+        annotate_stacks(ax, base_N2)
     if path_S2 is not None:
         ax.plot(path_S2[:, 0], path_S2[:, 1], "-", color="red", lw=1.5, label="SSL iterates", zorder=4)
         ax.scatter(path_S2[-1, 0], path_S2[-1, 1], marker="*", s=120, color="red", edgecolors="k", zorder=5,
@@ -220,7 +184,7 @@ def landscape(axis_a: np.ndarray, axis_b: np.ndarray, scores_GG: np.ndarray, bas
     ax.set_ylabel("PC2")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=6, frameon=True, framealpha=0.7, loc="best")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def ssl_loss(losses: np.ndarray, path, title: str) -> Path:
@@ -229,7 +193,7 @@ def ssl_loss(losses: np.ndarray, path, title: str) -> Path:
     ax.set_xlabel("iterate")
     ax.set_ylabel("cross-entropy on the labelled set")
     ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def fixed_point_panels(panels: list[tuple[str, np.ndarray, np.ndarray | None, dict]], path, title: str,
@@ -259,7 +223,7 @@ def fixed_point_panels(panels: list[tuple[str, np.ndarray, np.ndarray | None, di
     for idx in range(n, rows * cols):
         axes[idx // cols][idx % cols].axis("off")
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def eigenvalue_panels(panels: list[tuple[str, np.ndarray]], path, title: str) -> Path:
@@ -280,7 +244,7 @@ def eigenvalue_panels(panels: list[tuple[str, np.ndarray]], path, title: str) ->
     for idx in range(n, rows * cols):
         axes[idx // cols][idx % cols].axis("off")
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def word_values(words: Sequence[str], values_W: np.ndarray, categories: Sequence[str], path, title: str) -> Path:
@@ -291,4 +255,4 @@ def word_values(words: Sequence[str], values_W: np.ndarray, categories: Sequence
     ax.set_xticks(range(len(words)), words, rotation=90, fontsize=7)
     ax.set_ylabel("G(F(x, h*))")
     ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return save(fig, path)

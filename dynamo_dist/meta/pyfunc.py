@@ -22,9 +22,11 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 import torch
 
 from .. import config as config_mod
@@ -63,10 +65,11 @@ class DynamoMetaModel(mlflow.pyfunc.PythonModel):
         self.spec = ArchSpec.from_row(self.rows[ids[0]])
         return self
 
+    # The DataFrame hint is what MLflow asks of a PythonModel subclass (without one it warns at class
+    # definition, under its own warning filter); it is one of the hints MLflow validates nothing against,
+    # so the signature stays the one save() infers from the input example, ``theta`` optional.
     @torch.no_grad()
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         unknown = sorted(set(df["model_id"]) - set(self.rows))
         if unknown:
@@ -106,7 +109,6 @@ def _optional_theta(signature):
 def save(output_dir: str | Path, manifest: list[dict], dest: str | Path) -> Path:
     """Write the MLflow Model of the meta run in ``output_dir`` to ``dest`` (signature and an input
     example of the first model included); returns ``dest``."""
-    import pandas as pd
     from mlflow.models import infer_signature
 
     out, dest = Path(output_dir), Path(dest)
@@ -135,7 +137,7 @@ def save(output_dir: str | Path, manifest: list[dict], dest: str | Path) -> Path
 
 @contextlib.contextmanager
 def _quiet_mlflow():
-    """Saving a model is part of a stage, not news: MLflow's advice about cloudpickle and type hints,
+    """Saving a model is part of a stage, not news: MLflow's advice about cloudpickle,
     its schema hints and its artifact-copy progress bar stay off the console."""
     import logging
     import os
