@@ -153,6 +153,7 @@ def quiet_console(verbose: bool) -> None:
         os.environ["DYNAMO_VERBOSE"] = "1"
     elif not os.environ.get("DYNAMO_VERBOSE"):
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a "View run" line per run end
 
 
 def _dispatch(args) -> int:
@@ -166,6 +167,7 @@ def _dispatch(args) -> int:
         print(f"MLflow UI for {args.run_dir} at {tracking.ui_url(args.host, args.port)}", flush=True)
         return tracking.serve_ui(args.run_dir, args.host, args.port)
     cfg = load_pipeline(args)
+    config_mod.check_cluster_paths(cfg)  # a relative path inside a Ray job's copy of the working dir
     if args.cmd == "add-models":
         return _add_models(args, cfg)
     if args.cmd == "embed":

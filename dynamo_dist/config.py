@@ -9,6 +9,7 @@ subclasses it) and name the field and the bad value. Named recipes (``smoke``,
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,42 @@ SEQUENCE_ARCHS = ("gru", "rnn", "lstm")
 RESNET_ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50")
 ARCHS = SEQUENCE_ARCHS + RESNET_ARCHS
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+# URI schemes pyarrow.fs opens natively (pyarrow.fs.FileSystem.from_uri); file:// is a local path
+URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+
+
+def check_location(v: str) -> str:
+    """A path field: a local path or a URI whose scheme pyarrow.fs knows (checked without network)."""
+    scheme, sep, rest = v.partition("://")
+    if sep and scheme != "file":
+        if scheme not in URI_SCHEMES:
+            raise ValueError(f"{v!r}: pyarrow.fs has no filesystem for the scheme {scheme!r}; give a local path "
+                             f"or a URI with one of {', '.join(s + '://' for s in URI_SCHEMES)}")
+        if not rest.split("/", 1)[0]:
+            raise ValueError(f"{v!r}: no bucket or host after {scheme}://")
+    return v
+
+
+def ray_job_working_dir() -> str | None:
+    """The working directory when this process is a ``ray job submit --working-dir`` entrypoint (Ray's
+    per-job copy, on the head node only), else None."""
+    cwd = os.getcwd()
+    return cwd if "/runtime_resources/working_dir_files/" in cwd else None
+
+
+def check_cluster_paths(cfg: "PipelineConfig") -> None:
+    """Refuse relative paths in a Ray job's copy of the working dir: they would resolve inside that copy,
+    which exists on the head node only and is deleted with the job, so actors on other nodes would write
+    to their own copies. Named per field, before any work."""
+    job_dir = ray_job_working_dir()
+    if job_dir is None:
+        return
+    fields = {"run_dir": cfg.run_dir, "population.root": cfg.population.root, "meta.output_dir": cfg.meta.output_dir}
+    relative = [f"{k}={v!r}" for k, v in fields.items() if "://" not in v and not os.path.isabs(os.path.expanduser(v))]
+    if relative:
+        raise ValueError(f"{', '.join(relative)} relative, and this job runs in Ray's copy of its working directory "
+                         f"({job_dir}), which only the head node has and Ray deletes with the job: give an absolute "
+                         "path every node mounts or a bucket URI, e.g. --set run_dir=s3://bucket/runs/demo")
 
 
 class _Config(BaseModel):
@@ -93,7 +130,8 @@ class PopulationConfig(_Config):
     """Stage 1+2: train base models and record their trajectories."""
 
     root: str = Field("runs/demo/population",
-                      description="population root directory: local, or a shared filesystem mount on a cluster")
+                      description="population root: a local directory, a filesystem every node mounts, or an "
+                                  "object-store URI (s3://bucket/prefix, gs://..., hdfs://...)")
     groups: tuple[GroupSpec, ...] = Field((GroupSpec(),), description="model groups; expanded to one model per seed")
     data_seed: int = Field(0, ge=0, description="seed of the data pool shuffle and probe/base split")
     num_examples: int | None = Field(None, ge=100, description="dataset size override (generated/subsampled), None = task default")
@@ -115,11 +153,8 @@ class PopulationConfig(_Config):
 
     @field_validator("root")
     @classmethod
-    def _local_root(cls, v: str) -> str:
-        if "://" in v:
-            raise ValueError(f"root {v!r}: object-store URIs are not supported; give a directory path "
-                             "(on a cluster, a filesystem every node mounts, e.g. NFS/EFS)")
-        return v
+    def _root_location(cls, v: str) -> str:
+        return check_location(v)
 
     @model_validator(mode="after")
     def _unique_groups(self):
@@ -135,7 +170,8 @@ class PopulationConfig(_Config):
 class MetaConfig(_Config):
     """Stage 3: the DYNAMO meta-model (Algorithm 1)."""
 
-    output_dir: str = Field("runs/demo/meta", description="where checkpoints, embeddings.parquet and metrics go")
+    output_dir: str = Field("runs/demo/meta", description="where checkpoints, embeddings.parquet and metrics go "
+                            "(a local directory or an object-store URI)")
     embedding_dim: int = Field(16, ge=1, description="dimension d of the model embeddings theta_n")
     hidden_size: int = Field(128, ge=1, description="meta-model GRU hidden size (RNN populations)")
     embed_dim: int = Field(64, ge=1, description="meta-model token embedding width (token inputs)")
@@ -168,6 +204,11 @@ class MetaConfig(_Config):
     precision: Literal["float32", "bf16"] = Field("float32", description="bf16 = bfloat16 autocast of the forward "
                                                   "pass and loss (cuda, or cpu); weights, theta/V and optimiser "
                                                   "state stay float32")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_location(cls, v: str) -> str:
+        return check_location(v)
 
     @model_validator(mode="after")
     def _one_schedule(self):
@@ -254,12 +295,18 @@ _MOVED_META_FIELDS = {"population_root": "population.root", "tracking_uri": "tra
 class PipelineConfig(_Config):
     """A whole run: population -> meta -> (sweep) -> analyze."""
 
-    run_dir: str = Field("runs/demo", description="root of everything this run writes")
+    run_dir: str = Field("runs/demo", description="root of everything this run writes: a local directory or an "
+                         "object-store URI (s3://bucket/prefix; then tracking.tracking_uri must name an MLflow server)")
     tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow store and experiment of every stage")
     population: PopulationConfig = Field(PopulationConfig(), description="population stage")
     meta: MetaConfig = Field(MetaConfig(), description="meta-model stage")
     sweep: SweepConfig | None = Field(None, description="optional sweep stage")
     analyze: AnalyzeConfig = Field(AnalyzeConfig(), description="analysis stage")
+
+    @field_validator("run_dir")
+    @classmethod
+    def _run_dir_location(cls, v: str) -> str:
+        return check_location(v)
 
     @model_validator(mode="before")
     @classmethod
@@ -362,9 +409,11 @@ def parse(cls: type[_Config], data: dict[str, Any], source: str = "<dict>", over
 def load(path: str | Path, cls: type[_Config] = PipelineConfig, overrides: dict[str, Any] | None = None):
     """Load a YAML config file. A top-level ``recipe: NAME`` key starts from that recipe.
 
-    ``overrides`` are dotted keys (``meta.steps: 100``) applied after the file.
+    ``overrides`` are dotted keys (``meta.steps: 100``) applied after the file (local or a URI).
     """
-    p = Path(path)
+    from .data import fsio  # noqa: PLC0415 -- the config module stays importable without pyarrow
+
+    p = fsio.as_path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
     try:
@@ -442,4 +491,6 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
 
 
 def dump(cfg: _Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    from .data import fsio  # noqa: PLC0415
+
+    fsio.as_path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from .config import PipelineConfig
-from .data import store
+from .data import fsio, store
 from .meta import outputs
 
 
@@ -24,6 +24,21 @@ def tracking_store(cfg: PipelineConfig):
     from . import tracking
 
     return tracking.Store.at(cfg.run_dir, cfg.tracking)
+
+
+def connect(address: str | None, mlflow_store) -> None:
+    """Join the named Ray cluster and refuse, before any work, an MLflow store that its other nodes
+    cannot reach (a SQLite file on one node's disk; ``tracking.check_cluster_store``). With no address
+    Ray is this process's own, one node: nothing to check, and nothing started before the stage's own checks."""
+    import os
+
+    from . import tracking
+    from .ray_utils import init_ray, num_nodes
+
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        return
+    init_ray(address)
+    tracking.check_cluster_store(mlflow_store.uri, num_nodes())
 
 
 def note(stage: str, cfg: PipelineConfig) -> str:
@@ -43,7 +58,7 @@ def note(stage: str, cfg: PipelineConfig) -> str:
     if stage == "analyze":
         return f"analyze stage: analyses and report of the meta run {store.absolute(m.output_dir)}"
     stages = "population -> meta -> " + ("sweep -> " if cfg.sweep is not None else "") + "analyze"
-    return f"pipeline {stages} in {Path(cfg.run_dir).resolve()} (population {root})"
+    return f"pipeline {stages} in {store.absolute(cfg.run_dir)} (population {root})"
 
 
 def meta_stage(cfg: PipelineConfig, address: str | None = None, progress: bool = True, *,
@@ -58,6 +73,7 @@ def meta_stage(cfg: PipelineConfig, address: str | None = None, progress: bool =
     if register_model is not None:
         tracking.check_model_name(register_model)  # before any work
     mlflow_store = tracking_store(cfg).for_stage(note("meta", cfg), parent_run_id, started)
+    connect(address, mlflow_store)
     summary = run_meta(cfg.meta, cfg.population.root, address, progress, tracking_store=mlflow_store)
     if register_model is not None:
         summary["registered_model"] = tracking.register_meta_model(mlflow_store, summary, register_model)
@@ -68,8 +84,10 @@ def sweep_stage(cfg: PipelineConfig, address: str | None = None, *, parent_run_i
     from .config import SweepConfig
     from .meta.tune import run_sweep
 
+    mlflow_store = tracking_store(cfg).for_stage(note("sweep", cfg), parent_run_id)
+    connect(address, mlflow_store)
     return run_sweep(cfg.meta, cfg.sweep or SweepConfig(), cfg.run_dir, cfg.population.root, address,
-                     tracking_store=tracking_store(cfg).for_stage(note("sweep", cfg), parent_run_id))
+                     tracking_store=mlflow_store)
 
 
 def run_pipeline(cfg: PipelineConfig, address: str | None = None, progress: bool = True,
@@ -83,19 +101,20 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, progress: bool
     check_spec(cfg.population)  # bad input fails before the pipeline's run is recorded
     if register_model is not None:
         tracking.check_model_name(register_model)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = fsio.as_path(cfg.run_dir)
+    fsio.check_writable(run_dir, "run_dir")
     mlflow_store = tracking_store(cfg)
     with mlflow_store.for_stage(note("pipeline", cfg)).run("pipeline", tags={"dynamo.stage": "pipeline"}) as parent:
-        parent.log_params({"run_dir": str(run_dir.resolve()), "population_root": store.absolute(cfg.population.root),
+        parent.log_params({"run_dir": store.absolute(run_dir), "population_root": store.absolute(cfg.population.root),
                            "meta_output_dir": store.absolute(cfg.meta.output_dir), "sweep": cfg.sweep is not None,
                            **({"register_model": register_model} if register_model else {})})
         parent.log_dict(cfg.model_dump(mode="json"), "pipeline_config.json")
         summary = _run_stages(cfg, address, progress, register_model, parent.run_id, mlflow_store)
         summary["mlflow_run_id"] = parent.run_id
-        store.write_json_atomic(summary, run_dir / "pipeline_summary.json")
-        parent.log_metrics({k: v for k, v in summary.items() if k.endswith("_seconds") or k == "num_models"})
-        parent.log_artifact(run_dir / "pipeline_summary.json")
+        with fsio.staged(run_dir) as out:
+            store.write_json_atomic(summary, out / "pipeline_summary.json")
+            parent.log_metrics({k: v for k, v in summary.items() if k.endswith("_seconds") or k == "num_models"})
+            parent.log_artifact(out / "pipeline_summary.json")
     _print_summary(cfg, summary)
     return summary
 
@@ -132,10 +151,10 @@ def _run_stages(cfg: PipelineConfig, address: str | None, progress: bool, regist
     timings["total_seconds"] = time.perf_counter() - t0
 
     return {
-        "run_dir": str(Path(cfg.run_dir).resolve()),
+        "run_dir": store.absolute(cfg.run_dir),
         "num_models": len(rows),
         "manifest": str(store.Layout.at(store.absolute(cfg.population.root)).manifest),
-        "embeddings": str(Path(store.absolute(cfg.meta.output_dir)) / outputs.EMBEDDINGS_FILE),
+        "embeddings": str(fsio.as_path(store.absolute(cfg.meta.output_dir)) / outputs.EMBEDDINGS_FILE),
         "report": analysis.get("report") if isinstance(analysis, dict) else None,
         "meta": {k: v for k, v in meta_summary.items() if isinstance(v, (int, float, str))},
         "sweep_trials": len(sweep_trials) if sweep_trials is not None else None,
@@ -158,6 +177,7 @@ def population_stage(cfg: PipelineConfig, address: str | None = None, progress: 
     check_spec(cfg.population)  # bad input fails before run_dir (the store's home) or a failed run is made
     mlflow_store = tracking_store(cfg).for_stage(note("population", cfg), parent_run_id, started)
     mlflow_store.check_reachable()
+    connect(address, mlflow_store)
     t = time.perf_counter()
     try:
         rows = run_population(cfg.population, address=address, progress=progress)

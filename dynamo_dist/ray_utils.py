@@ -59,3 +59,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> dict:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                      log_to_driver=verbose(), configure_logging=False)
     return ray.cluster_resources()
+
+
+def num_nodes() -> int:
+    """Live nodes of the connected Ray cluster (1 for an embedded Ray)."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))

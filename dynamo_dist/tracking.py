@@ -36,7 +36,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from .config import MetaConfig, TrackingConfig
-from .data import store
+from .data import fsio, store
 
 
 def resolve_uri(run_dir: str | os.PathLike, tracking_uri: str | None) -> str:
@@ -44,6 +44,10 @@ def resolve_uri(run_dir: str | os.PathLike, tracking_uri: str | None) -> str:
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
+    if fsio.is_uri(run_dir):
+        raise ValueError(f"run_dir {run_dir} is an object store, where the default MLflow store (a SQLite file under "
+                         "run_dir) cannot live: give tracking.tracking_uri (--tracking-uri http://host:5000, an MLflow "
+                         "server every node reaches) or set MLFLOW_TRACKING_URI")
     path = Path(run_dir).resolve()
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -56,6 +60,16 @@ def resolve_uri(run_dir: str | os.PathLike, tracking_uri: str | None) -> str:
 
 def artifact_root(run_dir: str | os.PathLike) -> str:
     return (Path(run_dir).resolve() / "mlartifacts").as_uri()
+
+
+def check_cluster_store(uri: str, num_nodes: int) -> None:
+    """Refuse a file-based store (SQLite, ./mlruns) on a cluster of more than one node, before any work:
+    Ray Train workers and Tune trials on other nodes would each write a store of their own disk's.
+    One MLflow server is the store of a cluster (cluster/README.md)."""
+    if num_nodes > 1 and not uri.startswith(("http://", "https://", "databricks")):
+        raise ValueError(f"the MLflow store {uri} is a file on one node's disk, and the Ray cluster has {num_nodes} "
+                         "nodes whose workers log too: give tracking.tracking_uri (--tracking-uri http://host:5000, "
+                         "an MLflow server every node reaches) or set MLFLOW_TRACKING_URI")
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:

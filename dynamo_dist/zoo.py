@@ -15,15 +15,15 @@ is ever unpickled.
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import RESNET_ARCHS, SEQUENCE_ARCHS
+from .data import fsio
 
 FORMAT_VERSION = 1
 
@@ -187,13 +187,7 @@ def load_state(path: str | Path, spec: ArchSpec) -> nn.Module:
     For ResNets the state dict may be the zoo model's (``net.*`` keys) or a bare torchvision
     ResNet's. Shape or key mismatches are ValueErrors naming the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        state = load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
-        raise ValueError(f"weights file {path} is not a readable safetensors file: {err}") from None
+    state, _ = read_weights(path)
     model = build(spec)
     target = model.net if spec.family == "cnn" and not any(k.startswith("net.") for k in state) else model
     try:
@@ -207,32 +201,29 @@ def load_state(path: str | Path, spec: ArchSpec) -> nn.Module:
 
 
 def save(model: nn.Module, path: str | Path, extra: dict[str, str] | None = None) -> None:
-    """Write weights + architecture to one safetensors file (atomic rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write weights + architecture to one safetensors file (atomic: rename locally, one put remotely)."""
     meta = {"arch_spec": model.spec.to_json(), "format_version": str(FORMAT_VERSION), **(extra or {})}
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique: concurrent writers never share it
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    fsio.write_bytes_atomic(fsio.as_path(path), safetensors.torch.save(state, metadata=meta))
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, metadata) of a safetensors file, local or on an object store; errors name the file."""
+    path = fsio.as_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
     try:
-        save_file(state, str(tmp), metadata=meta)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        data = path.read_bytes()
+        header = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8:8 + header]).get("__metadata__") or {}
+        return safetensors.torch.load(data), meta
+    except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"weights file {path} is not a readable safetensors file: {err}") from None
 
 
 def load(path: str | Path) -> nn.Module:
     """Rebuild a zoo model from its safetensors file (eval mode)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
-        raise ValueError(f"weights file {path} is not a readable safetensors file: {err}") from None
+    state, meta = read_weights(path)
     if "arch_spec" not in meta:
         raise ValueError(f"weights file {path} has no 'arch_spec' metadata; it was not written by dynamo_dist")
     model = build(ArchSpec.from_json(meta["arch_spec"]))

@@ -324,6 +324,30 @@ def test_rayjob_runs_the_pipeline():
     for path in (argv[1], argv[3]):
         assert (REPO / path.removeprefix("/app/")).is_file(), path
     assert argv[2] == "--config"
+    # what every node shares: the run directory is a bucket URI, MLflow a tracking server (checked as the
+    # CLI loads them: a relative run_dir would stay in the head pod, SQLite would be refused on 2+ nodes)
+    from dynamo_dist import cli, config
+
+    args = cli.build_parser().parse_args(["run", *[a.replace("/app/", f"{REPO}/") for a in argv[2:]]])
+    cfg = cli.load_pipeline(args)
+    assert cfg.run_dir.split("://")[0] in config.URI_SCHEMES, cfg.run_dir
+    assert cfg.population.root.startswith(cfg.run_dir) and cfg.meta.output_dir.startswith(cfg.run_dir)
+    assert cfg.tracking.tracking_uri.startswith("http"), cfg.tracking.tracking_uri
+
+
+def test_a_relative_run_dir_in_a_ray_job_working_dir_is_refused_naming_the_fields(tmp_path, monkeypatch):
+    from dynamo_dist import cli, config
+
+    job_dir = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    job_dir.mkdir(parents=True)
+    monkeypatch.chdir(job_dir)
+    cfg = config.recipe("smoke")
+    with pytest.raises(ValueError, match=r"run_dir='runs/smoke'.*population.root=.*Ray's copy of its working dir"):
+        config.check_cluster_paths(cfg)
+    config.check_cluster_paths(cfg.model_copy(update={"run_dir": "s3://b/r", "population": cfg.population.replace(
+        root="s3://b/r/population"), "meta": cfg.meta.replace(output_dir=str(tmp_path / "meta"))}))
+    assert cli.main(["population", "--recipe", "smoke"]) == 2  # the CLI refuses it before any work
+    assert not (job_dir / "runs").exists()
 
 
 def _set_head_param(m, key, value):

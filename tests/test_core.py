@@ -259,8 +259,11 @@ def test_config_errors_name_the_field():
         config.parse(config.MetaConfig, {"stepz": 3})
     with pytest.raises(ValueError, match="duplicate group"):
         config.parse(config.PopulationConfig, {"groups": [{"name": "a"}, {"name": "a"}]})
-    with pytest.raises(ValueError, match=r"root.*s3://bucket/pop.*not supported"):  # the store is path-only
-        config.parse(config.PopulationConfig, {"root": "s3://bucket/pop"})
+    assert config.parse(config.PopulationConfig, {"root": "s3://bucket/pop"}).root == "s3://bucket/pop"
+    with pytest.raises(ValueError, match=r"root.*ftp://host/pop.*scheme 'ftp'"):  # pyarrow.fs opens no ftp://
+        config.parse(config.PopulationConfig, {"root": "ftp://host/pop"})
+    with pytest.raises(ValueError, match=r"output_dir.*s3:///x.*no bucket"):
+        config.parse(config.MetaConfig, {"output_dir": "s3:///x"})
 
 
 def test_yaml_config_with_recipe_and_overrides(tmp_path):

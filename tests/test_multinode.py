@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from dynamo_dist.data import store
+from servers import mlflow_server
 
 pytestmark = pytest.mark.integration
 RAY = Path(sys.executable).with_name("ray")
@@ -103,9 +104,21 @@ def test_worker_node_killed_during_a_population_every_model_completes_once(two_n
                                       "num_seeds": 6, "epochs": 4, "batch_size": 64}]}}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    driver = subprocess.Popen([sys.executable, "-m", "dynamo_dist.cli", "population", "--config", str(path),
-                               "--address", two_nodes["address"]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env=two_nodes["env"])
+    command = [sys.executable, "-m", "dynamo_dist.cli", "population", "--config", str(path),
+               "--address", two_nodes["address"]]
+    # a SQLite store on one node's disk is refused on a 2-node cluster, before any work
+    env = {k: v for k, v in two_nodes["env"].items() if k != "MLFLOW_TRACKING_URI"}
+    refused = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert refused.returncode == 2 and "2 nodes" in refused.stderr and "tracking_uri" in refused.stderr, \
+        refused.stderr[-2000:]
+    assert not root.exists()
+    with mlflow_server(tmp_path) as uri:
+        driver = subprocess.Popen(command + ["--tracking-uri", uri], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, env=env)
+        _kill_worker_node_mid_run(driver, root, two_nodes, ids)
+
+
+def _kill_worker_node_mid_run(driver: subprocess.Popen, root: Path, two_nodes: dict, ids: list[str]) -> None:
     weights = root / "weights"
     deadline = time.monotonic() + 300
     while not (weights.is_dir() and any(weights.glob("*.safetensors"))) and time.monotonic() < deadline:

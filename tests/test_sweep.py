@@ -9,13 +9,8 @@ sweep of 4 trials with 2 at a time, and read everything back with ``MlflowClient
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +19,7 @@ import pytest
 
 from dynamo_dist.config import GroupSpec, MetaConfig, PopulationConfig, SweepConfig, TrackingConfig
 from dynamo_dist.meta.tune import markdown_table, rank_trials, run_sweep, silhouette_by, trial_dirname
+import servers
 from scripts_util import load_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,65 +83,11 @@ def population(tmp_path_factory) -> str:
     return str(root)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop_group(pgid: int, timeout: float = 20.0) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    """A real tracking server on 127.0.0.1; yields its URI; stopped by its own pid."""
-    d = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    log = open(d / "server.log", "w")
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no GenAI job workers on 2 CPUs
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}", "--artifacts-destination", str(d / "artifacts"),
-         "--workers", "1"],
-        # own process group (pgid == its pid), so its uvicorn workers stop with it
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited rc={proc.returncode}:\n{(d / 'server.log').read_text()}")
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("mlflow server did not answer /health within 120 s")
-            time.sleep(0.5)
+    """A real tracking server on 127.0.0.1; yields its URI; stopped by its own process group."""
+    with servers.mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
         yield uri
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-        _stop_group(proc.pid)  # its uvicorn workers: the server's own process group (pgid == its pid)
-        log.close()
 
 
 def _sweep(population: str, tracking_uri: str | None, experiment: str, sweep_cfg: SweepConfig, run_dir: str):
@@ -295,7 +237,7 @@ def test_bad_search_space_fails_before_any_trial(population, tmp_path, grid, mat
 
 @pytest.mark.integration
 def test_unreachable_tracking_uri_fails_before_any_trial(population, tmp_path):
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{servers.free_port()}"
     with pytest.raises(ValueError, match=f"tracking_uri {uri} is unreachable"):
         _sweep(population, uri, "bad", SweepConfig(), str(tmp_path / "run"))
     assert not _sweep_dirs(tmp_path / "run")

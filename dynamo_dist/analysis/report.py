@@ -31,13 +31,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..data import lock, store
+from ..data import fsio, lock, store
 from ..config import AnalyzeConfig
 from ..data.tasks import UNK_ID, Split, load_task, token_id
 from ..meta import outputs
 from ..meta.objective import step_mask
 from ..meta.outputs import MetaRun, load_meta_run
 from ..meta.trainer import PopulationData, load_population
+from ..plots import group_colours
 from .averaging import ModelAveraging
 from .baseline import RepresentationBaseline, activation_taps
 from .comparison import METRICS, MethodComparison, euclidean_distances
@@ -93,13 +94,22 @@ def run_analysis(meta_dir: str, cfg: AnalyzeConfig, out_dir: str | None = None, 
     to the meta run's MLflow experiment and store.
     """
     meta_path = outputs.check_meta_run(meta_dir)  # before any directory is created for its outputs
-    out = Path(out_dir) if out_dir is not None else outputs.analysis_dir(meta_path)
+    out = fsio.as_path(out_dir) if out_dir is not None else outputs.analysis_dir(meta_path)
     with lock.hold(meta_path, "analyze", shared=True, what="meta run directory"), \
             lock.hold(out, "analyze", what="analysis directory"):
-        return _analyze(meta_path, cfg, out, log, progress)
+        run = load_meta_run(meta_path)
+        earlier = _keep_earlier(out)
+        if earlier is not None and progress:
+            print(f"the earlier analysis in {out} is kept in {earlier}", flush=True)
+        # on a bucket: written in a local staging directory, put file by file, analysis.json last
+        with fsio.staged(out, last=("analysis.json",)) as local:
+            result = _analyze(run, meta_path, cfg, local, log, progress)
+        for key in ("report", "analysis_json"):
+            result[key] = str(out / Path(result[key]).relative_to(local))
+        return result
 
 
-def _keep_earlier(out: Path) -> Path | None:
+def _keep_earlier(out: fsio.AnyPath) -> fsio.AnyPath | None:
     """Move an earlier analysis in ``out`` to ``out/earlier/<its time>/`` (never overwritten); its path."""
     doc = out / "analysis.json"
     if not doc.is_file():
@@ -110,16 +120,13 @@ def _keep_earlier(out: Path) -> Path | None:
     dest.mkdir(parents=True)
     for name in ("report.html", "analysis.json", "figures", "tables"):
         if (out / name).exists():
-            (out / name).rename(dest / name)
+            fsio.move(out / name, dest / name)
     return dest
 
 
-def _analyze(meta_path: Path, cfg: AnalyzeConfig, out: Path, log: bool, progress: bool) -> dict:
+def _analyze(run: MetaRun, meta_path: fsio.AnyPath, cfg: AnalyzeConfig, out: Path, log: bool,
+             progress: bool) -> dict:
     t0 = time.perf_counter()
-    run = load_meta_run(meta_path)
-    earlier = _keep_earlier(out)
-    if earlier is not None and progress:
-        print(f"the earlier analysis in {out} is kept in {earlier}", flush=True)
     ctx = _context(run, cfg, out)
     ctx.fig_dir.mkdir(parents=True, exist_ok=True)
     ctx.table_dir.mkdir(parents=True, exist_ok=True)
@@ -412,7 +419,9 @@ def _comparison(ctx: _Ctx, sec: Section, results: dict) -> dict:
                for m in cmp.scores_], caption=f"Recovering {ctx.cfg.color_by}: every method on the same terms")
     panels = [(f"{_METHOD_NAMES[m]} ({shown[m][1]})\nsilhouette {_f(cmp.scores_[m]['silhouette_2d'])}, "
                f"k-means ARI {_f(cmp.scores_[m]['ari_2d'])}", cmp.coords_2d_[m]) for m in cmp.scores_]
-    p = figures.side_by_side(panels, labels, ctx.cfg.color_by, ctx.fig_dir / "baseline_side_by_side.png")
+    # the sample may lack groups: colours from every model's label keep each group's colour of the other figures
+    p = figures.side_by_side(panels, labels, ctx.cfg.color_by, ctx.fig_dir / "baseline_side_by_side.png",
+                             colours=group_colours(ctx.labels))
     sec.figure(p, ctx.out, "Each method's 2-D picture of the same models, titled with its 2-D scores (DYNAMO's PCA: "
                            "Fig. 3; SVCCA + MDS: Fig. 5). MDS axes carry no meaning.")
     _write_table([{"method": row["method"], "representation": described[row["method"]], **row,
@@ -847,7 +856,7 @@ def _valence(ctx: _Ctx, sec: Section, results: dict) -> dict:
             p = figures.landscape(land.axis_a_, land.axis_b_, land.scores_, land.base_coords_,
                                   [ctx.labels[i] for i in mem], land.best_coords_,
                                   ctx.fig_dir / f"valence_map_{_safe(task)}.png", f"word-valence score, eq. 8 ({task})",
-                                  cbar_label="score")
+                                  cbar_label="score", colours=group_colours(ctx.labels))
             sec.figure(p, ctx.out, "Eq. 8 score over the θ plane (Fig. 11); × marks the best grid point.")
         best = int(np.argmax(wv.scores_))
         cats = [c for c in ("positive", "negative", "neutral") for _ in wv.words_[c]]

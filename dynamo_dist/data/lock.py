@@ -12,8 +12,14 @@ process exits however it exits (SIGKILL included), so there is no stale lock to 
 hand. The file also records the last exclusive holder (pid, host, command, start time) for
 the refusal message; it stays in place between runs (removing it would let two waiters
 lock two different files). Ray actors and Train workers write under the lock their driver
-holds. On a shared filesystem ``flock`` is honoured by NFSv4 and most cluster filesystems;
-object stores need a lease object instead (the multi-node issue).
+holds. On a shared filesystem ``flock`` is honoured by NFSv4 and most cluster filesystems.
+
+On an object store (a URI root) there is no flock: the writer puts a lease object
+``<dir>/.dynamo.lock`` naming itself and renews it every ``LEASE_RENEW_S`` seconds; a writer or
+reader that finds a lease renewed within ``LEASE_TTL_S`` is refused, naming the holder; a lease
+left by a killed writer expires by itself. Object stores give no compare-and-swap through
+pyarrow, so two writers starting within one round trip of each other can both take it: the
+lease catches the common mistake (a second run on the same bucket prefix), not a race.
 """
 
 from __future__ import annotations
@@ -26,9 +32,14 @@ import socket
 import sys
 import time
 from contextlib import contextmanager
+import threading
 from pathlib import Path
 
+from . import fsio
+
 LOCK_FILE = ".dynamo.lock"
+LEASE_TTL_S = 90.0
+LEASE_RENEW_S = 20.0
 
 _held: dict[str, list] = {}  # lock path -> [fd, shared, depth]: a process re-entering its own lock
 
@@ -70,6 +81,10 @@ def hold(directory: str | os.PathLike, stage: str, *, shared: bool = False, what
     exist, or that it cannot write (a read-only mount), proceeds without a lock, since no writer
     can be there through it.
     """
+    if fsio.is_uri(directory):
+        with _hold_lease(fsio.as_path(directory), stage, shared=shared, what=what):
+            yield
+        return
     d = Path(directory)
     if shared and not d.is_dir():
         yield  # nothing to read there: the reader's own checks say so, in their terms
@@ -105,8 +120,7 @@ def hold(directory: str | os.PathLike, stage: str, *, shared: bool = False, what
     try:
         _flock(fd, path, shared=shared, what=what, d=d)
         if not shared:
-            info = {"stage": stage, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
-                    "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])[:300]}
+            info = _holder_info(stage)
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(info).encode(), 0)
         _held[key] = [fd, shared, 1]
@@ -118,6 +132,62 @@ def hold(directory: str | os.PathLike, stage: str, *, shared: bool = False, what
                 os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # closing releases the flock
+
+
+def _holder_info(stage: str) -> dict:
+    return {"stage": stage, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])[:300]}
+
+
+@contextmanager
+def _hold_lease(d: fsio.RemotePath, stage: str, *, shared: bool, what: str):
+    path = d / LOCK_FILE
+    key = str(path)
+    mine = _held.get(key)
+    if mine is not None:  # a pipeline's stage inside another, in this process
+        mine[2] += 1
+        try:
+            yield
+        finally:
+            mine[2] -= 1
+        return
+    try:
+        lease = json.loads(path.read_bytes() or b"{}") if path.is_file() else {}
+    except (OSError, ValueError):
+        lease = {}
+    if lease and time.time() - float(lease.get("renewed", 0)) < LEASE_TTL_S:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease.get("since", 0)))
+        raise LockedError(f"{what} {d} is in use by {lease.get('stage', 'a stage')} (pid {lease.get('pid')} on "
+                          f"{lease.get('host')}, since {since}: {lease.get('command', '?')}); wait for it to finish "
+                          f"or stop it (its lease, {path}, expires {LEASE_TTL_S:.0f} s after that process stops)")
+    if shared:
+        yield  # readers take no lease: they only refuse to read what a live writer is writing
+        return
+    fsio.check_writable(d, what)
+    info = _holder_info(stage)
+    stop = threading.Event()
+
+    def put() -> None:
+        path.write_bytes(json.dumps({**info, "renewed": time.time()}).encode())
+
+    def renew() -> None:
+        while not stop.wait(LEASE_RENEW_S):
+            try:
+                put()
+            except OSError:
+                pass  # one missed renewal; the lease lives LEASE_TTL_S, the next try is in LEASE_RENEW_S
+
+    put()
+    thread = threading.Thread(target=renew, daemon=True, name="dynamo-lease")
+    thread.start()
+    _held[key] = [None, False, 1]
+    try:
+        yield
+    finally:
+        del _held[key]
+        stop.set()
+        thread.join(timeout=30)
+        path.unlink(missing_ok=True)
 
 
 def _flock(fd: int, path: Path, *, shared: bool, what: str, d: Path) -> None:

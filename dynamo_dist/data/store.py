@@ -21,8 +21,9 @@ File metadata: ``dynamo.schema_version``, ``dynamo.model_id``, ``dynamo.hidden_s
 (JSON list of per-tap shapes). Hive-style directories let pyarrow.dataset and DuckDB
 read many models at once (``read_parquet('trajectories/*/*/*.parquet', hive_partitioning=1)``),
 and a one-model read opens exactly one file. Every write goes to a temporary name in
-the same directory and is renamed into place, so a crashed writer never leaves a file
-a reader can mistake for a complete one.
+the same directory and is renamed into place (on an object store: one put of the finished
+object), so a crashed writer never leaves a file a reader can mistake for a complete one.
+The root may be a local path or a URI (``s3://bucket/prefix``; ``fsio``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from . import fsio
+from .fsio import AnyPath
 from .tasks import Split
 
 SCHEMA_VERSION = 1
@@ -64,18 +67,18 @@ def check_model_id(model_id: str) -> str:
 class Layout:
     """Paths under one population root. Relative paths are what the manifest stores."""
 
-    root: Path
+    root: AnyPath
 
     @classmethod
     def at(cls, root: str | os.PathLike) -> "Layout":
-        return cls(Path(root))
+        return cls(fsio.as_path(root))
 
     @property
-    def manifest(self) -> Path:
+    def manifest(self) -> AnyPath:
         return self.root / "manifest.parquet"
 
     @property
-    def info(self) -> Path:
+    def info(self) -> AnyPath:
         return self.root / "population.json"
 
     def weights_rel(self, model_id: str) -> str:
@@ -88,15 +91,21 @@ class Layout:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", task)
         return f"inputs/{safe}/{split}.parquet"
 
-    def path(self, rel: str) -> Path:
+    def path(self, rel: str) -> AnyPath:
         return self.root / rel
 
 
 # ---------------------------------------------------------------- atomic writes
 
 
-def write_table_atomic(table: pa.Table, path: Path, compression: str = "zstd", **options) -> None:
-    """Write a Parquet file under a temporary name and rename it into place (``options``: pq.write_table's)."""
+def write_table_atomic(table: pa.Table, path: AnyPath, compression: str = "zstd", **options) -> None:
+    """Write a Parquet file under a temporary name and rename it into place, or as one put of the
+    finished object on an object store (``options``: pq.write_table's)."""
+    if isinstance(path, fsio.RemotePath):
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression=compression, **options)
+        path.write_bytes(sink.getvalue().to_pybytes())
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -127,15 +136,9 @@ def _jsonable(obj):
     return obj
 
 
-def write_json_atomic(obj, path: Path) -> None:
-    """Write ``obj`` as strict JSON (:func:`to_json`) under a temporary name, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(to_json(obj))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def write_json_atomic(obj, path: AnyPath) -> None:
+    """Write ``obj`` as strict JSON (:func:`to_json`) so no reader sees part of it (``fsio.write_bytes_atomic``)."""
+    fsio.write_bytes_atomic(fsio.as_path(path), to_json(obj).encode())
 
 
 def remove_temp_files(root: str | os.PathLike) -> list[Path]:
@@ -145,18 +148,18 @@ def remove_temp_files(root: str | os.PathLike) -> list[Path]:
     space. Call it when no writer of this root is running. Returns the removed paths.
     """
     base = Layout.at(root).root
+    if isinstance(base, fsio.RemotePath):
+        return []  # objects are put whole: nothing is left half-written there
     stale = [p for p in base.rglob(".*.tmp") if p.is_file()] if base.is_dir() else []
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
 
 
-def absolute(path: str | os.PathLike) -> str:
-    """A path as every process sees it (Ray workers run in other directories): absolute, ``~`` expanded."""
-    return str(Path(path).expanduser().resolve())
+absolute = fsio.absolute
 
 
-def read_parquet(path: Path, what: str) -> pa.Table:
+def read_parquet(path: AnyPath, what: str) -> pa.Table:
     """Read a Parquet file; a missing one is FileNotFoundError, an unreadable one ValueError, both naming it."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
@@ -164,7 +167,7 @@ def read_parquet(path: Path, what: str) -> pa.Table:
         # One open handle: pq.read_table(path) opens the path more than once, so a writer's
         # os.replace between the opens gave readers a mix of two files (12 of 3,000 reads failed
         # against a rewriting thread); a handle keeps reading the file it opened.
-        with pa.OSFile(str(path)) as f:
+        with fsio.open_input(path) as f:
             return pq.ParquetFile(f).read()  # one file: no dataset machinery (a third of a small read)
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} not found: {path}") from None
@@ -178,13 +181,7 @@ def read_parquet(path: Path, what: str) -> pa.Table:
 def init_root(root: str | os.PathLike, spec: dict) -> Layout:
     """Create (or re-open) a population root, refusing one written by another schema version."""
     layout = Layout.at(root)
-    try:
-        layout.root.mkdir(parents=True, exist_ok=True)
-        probe = layout.root / f".write-test-{uuid.uuid4().hex}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"population root {layout.root} is not writable: {err}") from None
+    fsio.check_writable(layout.root, "population root")
     if layout.info.exists():
         check_recording(layout.root, spec)
     else:
@@ -385,7 +382,7 @@ class TrajectoryInfo:
 
     model_id: str
     split: str
-    path: Path
+    path: AnyPath
     family: str
     num_examples: int
     num_steps: int
@@ -415,7 +412,7 @@ def trajectory_info(root: str | os.PathLike, model_id: str, split: str = "probe"
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        with pa.OSFile(str(path)) as f:
+        with fsio.open_input(path) as f:
             pf = pq.ParquetFile(f)
             md, schema = pf.metadata, pf.schema_arrow
             meta = schema.metadata or {}
@@ -519,16 +516,32 @@ def damage(root: str | os.PathLike, row: dict) -> str | None:
             return f"{kind} file {path} has {path.stat().st_size} bytes, {int(recorded)} when it was written"
         try:
             if kind == "weights":
-                from safetensors import safe_open  # noqa: PLC0415
-
-                with safe_open(str(path), framework="pt"):
-                    pass
+                safetensors_header(path)
             else:
-                with pa.OSFile(str(path)) as f:
+                with fsio.open_input(path) as f:
                     pq.ParquetFile(f)
         except Exception as err:  # noqa: BLE001 -- safetensors and Arrow raise their own error types
             return f"{kind} file {path} is unreadable ({str(err).splitlines()[0][:200]})"
     return None
+
+
+def safetensors_header(path: AnyPath) -> dict:
+    """The JSON header of a safetensors file (``__metadata__`` holds its string metadata), read without
+    its tensors, also from an object store. ValueError when the file is not whole: the header must
+    parse and the tensors must end where the file does (what ``safe_open`` checks)."""
+    with fsio.open_input(path) as f:
+        size = f.size()
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise ValueError(f"header of {n} bytes in a file of {size}")
+        header = json.loads(f.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise ValueError(f"tensors end at byte {8 + n + end}, the file at {size} (truncated or padded)")
+    return header
 
 
 def file_bytes(root: str | os.PathLike, rel: str) -> int:

@@ -18,11 +18,14 @@ on CPUs and the other way round.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
 
 import torch
+
+from ..data import fsio
 
 FORMAT = 1
 SHARED_FILE = "shared.pt"
@@ -54,17 +57,15 @@ def to_cpu(obj):
 
 
 def save_atomic(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary name, renamed into place: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    """``torch.save`` whole (``fsio.write_bytes_atomic``): readers never see half a file."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    fsio.write_bytes_atomic(fsio.as_path(path), buf.getvalue())
 
 
 def load(path: str | os.PathLike) -> dict:
-    """A merged state (``checkpoint.pt``); FileNotFoundError names the path."""
-    if not Path(path).is_file():
+    """A merged state (``checkpoint.pt``, local or on an object store); FileNotFoundError names the path."""
+    if not fsio.as_path(path).is_file():
         raise FileNotFoundError(f"meta run checkpoint not found: {path}")
     return safe_load(path)
 
@@ -74,8 +75,10 @@ def safe_load(path: str | os.PathLike):
     other objects than tensors is refused (unpickling it could run code), a damaged one too."""
     import pickle  # noqa: PLC0415
 
+    where = fsio.as_path(path)
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        source = io.BytesIO(where.read_bytes()) if isinstance(where, fsio.RemotePath) else where
+        return torch.load(source, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError:
         raise ValueError(f"checkpoint {path} holds objects other than tensors and plain containers; it was not "
                          "written by dynamo_dist and is not loaded (unpickling it could run code)") from None

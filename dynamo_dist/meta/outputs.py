@@ -15,12 +15,14 @@ Output directory (the contract later stages read)::
       ray_results/              Ray Train's storage (sharded checkpoints) of a Ray run
       analysis/                 the analysis stage's report (analysis.report)
       posthoc/                  post-hoc embeddings of new models (posthoc.py)
+
+The directory may be an object-store URI (``fsio``): files are written in a local staging
+directory and put one by one, ``summary.json`` (what says a run finished) last.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +32,8 @@ import torch
 
 from .. import config as config_mod
 from ..config import MetaConfig
-from ..data import store
+from ..data import fsio, store
+from ..data.fsio import AnyPath
 from . import checkpoint
 from .metrics import summarize
 from .model import ModelEmbeddings, build
@@ -48,17 +51,26 @@ PCA_FILE = "embedding_pca.png"
 _ARTIFACTS = (EMBEDDINGS_FILE, METRICS_FILE, HISTORY_FILE, SUMMARY_FILE, CONFIG_FILE, PCA_FILE)
 
 
-def ray_storage(output_dir: str | Path) -> Path:
+def ray_storage(output_dir: str | Path) -> AnyPath:
     """Ray Train's storage path of the run (a re-run with the same output_dir resumes from it)."""
-    return Path(output_dir) / "ray_results"
+    return fsio.as_path(output_dir) / "ray_results"
 
 
-def analysis_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "analysis"
+def ray_run_config_storage(output_dir: str | Path) -> dict:
+    """``RunConfig`` keywords putting Ray Train's storage in ``ray_storage(output_dir)``: a local path,
+    or the bucket's path with the same ``pyarrow.fs`` filesystem every stage uses (``storage_filesystem``)."""
+    where = ray_storage(output_dir)
+    if isinstance(where, fsio.RemotePath):
+        return {"storage_path": where.fs_path, "storage_filesystem": where.fs}
+    return {"storage_path": str(where)}
 
 
-def posthoc_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "posthoc"
+def analysis_dir(output_dir: str | Path) -> AnyPath:
+    return fsio.as_path(output_dir) / "analysis"
+
+
+def posthoc_dir(output_dir: str | Path) -> AnyPath:
+    return fsio.as_path(output_dir) / "posthoc"
 
 
 def embeddings_table(theta_rows: list[dict], manifest: list[dict]) -> pa.Table:
@@ -80,17 +92,20 @@ def theta_as_float32_list(table: pa.Table) -> pa.Table:
 
 def write_outputs(cfg: MetaConfig, population_root: str, state: dict, theta_rows: list[dict],
                   per_model: dict[str, dict], history: list[dict], manifest: list[dict],
-                  extra_summary: dict | None = None, tracking_store: dict | None = None) -> dict:
+                  extra_summary: dict | None = None, tracking_store: dict | None = None,
+                  into: Path | None = None) -> dict:
     """Write every output file of a meta run (each atomically); returns the summary.
 
     ``tracking_store``: the MLflow store the run logs to (``tracking.Store`` as a dict), recorded so
-    that later stages (analysis) log beside it.
+    that later stages (analysis) log beside it. ``into``: a local directory the files go to instead
+    of ``cfg.output_dir`` (``fsio.staged`` of it), which stays the directory they record.
     """
-    out = Path(cfg.output_dir)
+    out = fsio.as_path(into or cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_mod.dump(cfg, out / CONFIG_FILE)
-    store.write_json_atomic({"population_root": population_root, "output_dir": store.absolute(out),
-                             "population_root_relative": os.path.relpath(population_root, store.absolute(out)),
+    where = store.absolute(cfg.output_dir)
+    store.write_json_atomic({"population_root": population_root, "output_dir": where,
+                             "population_root_relative": fsio.relative(population_root, where),
                              "tracking": tracking_store}, out / CONTEXT_FILE)
     checkpoint.save_atomic(state, out / CHECKPOINT_FILE)
     emb = embeddings_table(theta_rows, manifest)
@@ -114,22 +129,22 @@ def write_outputs(cfg: MetaConfig, population_root: str, state: dict, theta_rows
 
 def write_summary(output_dir: str | Path, summary: dict) -> None:
     """The one writer of ``summary.json`` (strict JSON: NaN/inf become null)."""
-    store.write_json_atomic(summary, Path(output_dir) / SUMMARY_FILE)
+    store.write_json_atomic(summary, fsio.as_path(output_dir) / SUMMARY_FILE)
 
 
 def read_summary(output_dir: str | Path) -> dict:
     """``summary.json`` of a run; {} when the run has not written one (yet)."""
-    p = Path(output_dir) / SUMMARY_FILE
+    p = fsio.as_path(output_dir) / SUMMARY_FILE
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
 def has_finished(output_dir: str | Path) -> bool:
-    return (Path(output_dir) / SUMMARY_FILE).is_file()
+    return (fsio.as_path(output_dir) / SUMMARY_FILE).is_file()
 
 
 def read_results(output_dir: str | Path) -> tuple[dict, dict[str, dict], list[dict], pa.Table | None]:
     """(summary, per-model metrics, history, embeddings table) of a run; empty where a file is absent."""
-    out = Path(output_dir)
+    out = fsio.as_path(output_dir)
     per_model, history, emb = {}, [], None
     if (out / METRICS_FILE).is_file():
         per_model = {r.pop("model_id"): r for r in store.read_parquet(out / METRICS_FILE, "model metrics").to_pylist()}
@@ -141,11 +156,12 @@ def read_results(output_dir: str | Path) -> tuple[dict, dict[str, dict], list[di
 
 
 def read_embeddings(output_dir: str | Path) -> pa.Table:
-    return store.read_parquet(Path(output_dir) / EMBEDDINGS_FILE, "embeddings of the meta run")
+    return store.read_parquet(fsio.as_path(output_dir) / EMBEDDINGS_FILE, "embeddings of the meta run")
 
 
 def artifacts(output_dir: str | Path) -> list[tuple[Path, str | None]]:
-    """The run's files worth logging, as (path, MLflow artifact dir)."""
+    """The run's files worth logging, as (path, MLflow artifact dir); a local directory (its staging
+    directory when the run's is on an object store)."""
     out = Path(output_dir)
     return [(out / n, None) for n in _ARTIFACTS if (out / n).exists()]
 
@@ -158,7 +174,7 @@ class MetaRun:
     meta: torch.nn.Module
     embeddings: ModelEmbeddings
     rows: list[dict]          # manifest rows, in embeddings order
-    output_dir: Path
+    output_dir: AnyPath
     population_root: str
     tracking_store: dict | None  # the MLflow store the run logged to (tracking.Store fields)
 
@@ -177,22 +193,22 @@ class MetaRun:
         return read_summary(self.output_dir)
 
 
-def population_root_of(output_dir: Path, context: dict) -> str:
+def population_root_of(output_dir: AnyPath, context: dict) -> str:
     """The population a meta run reads: when the run directory was moved or copied together with its
     population (the relative path from it still finds a population root), that copy; else the
     population it was trained on, where it was."""
     recorded, rel = context["population_root"], context.get("population_root_relative")
     moved = context.get("output_dir") not in (None, store.absolute(output_dir))
     if moved and rel is not None:
-        candidate = Path(store.absolute(output_dir)) / rel
+        candidate = fsio.as_path(store.absolute(output_dir)) / rel
         if store.Layout.at(candidate).info.is_file():
             return store.absolute(candidate)
     return recorded
 
 
-def check_meta_run(output_dir: str | Path) -> Path:
-    """``output_dir`` as a Path if it holds a finished meta run; FileNotFoundError naming what is missing."""
-    out = Path(output_dir)
+def check_meta_run(output_dir: str | Path) -> AnyPath:
+    """``output_dir`` as a path if it holds a finished meta run; FileNotFoundError naming what is missing."""
+    out = fsio.as_path(output_dir)
     if not out.is_dir():
         raise FileNotFoundError(f"meta run directory not found: {out}")
     if not (out / CONTEXT_FILE).is_file():

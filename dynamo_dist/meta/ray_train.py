@@ -37,7 +37,7 @@ from torch import nn
 
 from .. import config as config_mod
 from ..config import MetaConfig
-from ..data import lock, store
+from ..data import fsio, lock, store
 from ..ray_utils import init_ray, verbose
 from . import checkpoint, outputs
 from .metrics import evaluate
@@ -90,7 +90,7 @@ def validate_population(cfg: MetaConfig, population_root: str) -> list[dict]:
     Raises FileNotFoundError / ValueError naming the path, model or field.
     """
     root = population_root
-    if not Path(root).is_dir():
+    if not fsio.as_path(root).is_dir():
         raise FileNotFoundError(f"population root not found: {root} (population.root)")
     rows = store.manifest_rows(root)  # checks population.json, schema version, manifest columns
     if not rows:
@@ -176,7 +176,8 @@ def check_resumable(cfg: MetaConfig, model_ids: list[str]) -> None:
     and the population: checked here, once, instead of in every Train worker after Ray started
     (where Ray Train would retry the error ``max_failures`` times)."""
     run_dir = outputs.ray_storage(cfg.output_dir) / "meta"
-    found = sorted(p.parent for p in run_dir.glob(f"checkpoint_*/{checkpoint.SHARED_FILE}")) if run_dir.is_dir() else []
+    found = sorted((p for p in run_dir.glob("checkpoint_*") if (p / checkpoint.SHARED_FILE).is_file()),
+                   key=str) if run_dir.is_dir() else []
     if not found:
         return
     shared = checkpoint.safe_load(found[-1] / checkpoint.SHARED_FILE)
@@ -453,7 +454,7 @@ def build_trainer(cfg: MetaConfig, population_root: str, *, run_config=None, cal
     if cfg.device != "cpu":
         cfg = for_cluster(cfg, ray.cluster_resources())
     if run_config is None:
-        run_config = RunConfig(name="meta", storage_path=str(outputs.ray_storage(cfg.output_dir)),
+        run_config = RunConfig(name="meta", **outputs.ray_run_config_storage(cfg.output_dir),
                                failure_config=FailureConfig(max_failures=cfg.max_failures,
                                                              controller_failure_limit=start_attempts(cfg)),
                                checkpoint_config=CheckpointConfig(num_to_keep=2), logging_config=TRAIN_LOGGING)
@@ -515,24 +516,26 @@ def finalize(cfg: MetaConfig, population_root: str, result, *, tracking_store=No
              "ray_checkpoint": ckpt.path}
     if wall_seconds is not None:
         extra["wall_seconds"] = wall_seconds
-    summary = outputs.write_outputs(cfg, root, state, theta_rows, test_metrics, history, manifest, extra,
-                                    tracking_store=None if tracking_store is None
-                                    else tracking_store.location().as_dict())
-    if tracking_store is not None:
-        from .. import tracking
+    # written locally and put file by file when output_dir is a bucket, summary.json last
+    with fsio.staged(cfg.output_dir, last=(outputs.SUMMARY_FILE,)) as out:
+        summary = outputs.write_outputs(cfg, root, state, theta_rows, test_metrics, history, manifest, extra,
+                                        tracking_store=None if tracking_store is None
+                                        else tracking_store.location().as_dict(), into=out)
+        if tracking_store is not None:
+            from .. import tracking
 
-        run_id = shared.get("mlflow_run_id")
-        if run_id:  # rank 0's run: params and the history are logged already
-            run, logged = tracking_store.attach(run_id), []
-        else:
-            run = tracking_store.start_run(f"meta-w{cfg.num_workers}")
-            run.log_params(tracking.meta_params(cfg, root, len(per_model_state)))
-            logged = history
-        with tracking.ending(run):
-            tracking.log_meta_results(run, summary, test_metrics, logged, outputs.artifacts(cfg.output_dir))
-            summary["mlflow_model_uri"] = tracking.log_meta_model(run, cfg.output_dir, manifest)
-        summary["mlflow_run_id"] = run.run_id
-        outputs.write_summary(cfg.output_dir, summary)
+            run_id = shared.get("mlflow_run_id")
+            if run_id:  # rank 0's run: params and the history are logged already
+                run, logged = tracking_store.attach(run_id), []
+            else:
+                run = tracking_store.start_run(f"meta-w{cfg.num_workers}")
+                run.log_params(tracking.meta_params(cfg, root, len(per_model_state)))
+                logged = history
+            with tracking.ending(run):
+                tracking.log_meta_results(run, summary, test_metrics, logged, outputs.artifacts(out))
+                summary["mlflow_model_uri"] = tracking.log_meta_model(run, out, manifest)
+            summary["mlflow_run_id"] = run.run_id
+            outputs.write_summary(out, summary)
     return summary
 
 

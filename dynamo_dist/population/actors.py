@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import time
-from pathlib import Path
 from typing import Callable
 
 import ray
@@ -90,7 +89,7 @@ def run_population(cfg: PopulationConfig, address: str | None = None, progress: 
     if cfg.device == "cuda" and cfg.gpus_per_actor <= 0:
         raise ValueError("population.device is 'cuda' but population.gpus_per_actor is 0: Ray gives actors no GPU; "
                          "set gpus_per_actor (e.g. 0.25 for four actors per GPU)")
-    root = str(Path(cfg.root).expanduser().resolve())
+    root = store.absolute(cfg.root)
     cfg = cfg.replace(root=root)
     with lock.hold(root, "population", what="population root"):
         train.init_population(cfg)  # validates ids, root and schema version before Ray starts

@@ -26,14 +26,11 @@ from . import train
 def _weights_row(root: str, model_id: str, spec_jobs: dict[str, tuple[train.ModelJob, int]],
                  cfg: PopulationConfig | None) -> tuple[dict | None, str | None]:
     """(manifest row, None) of one weights file, or (None, why not)."""
-    from safetensors import safe_open  # noqa: PLC0415
-
     layout = store.Layout.at(root)
     path = layout.path(layout.weights_rel(model_id))
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as err:  # noqa: BLE001 -- safetensors raises its own error types
+        meta = store.safetensors_header(path).get("__metadata__") or {}
+    except Exception as err:  # noqa: BLE001 -- Arrow, JSON and the header checks raise their own types
         return None, f"weights file {path} is unreadable ({str(err).splitlines()[0][:200]})"
     if train.ROW_KEY in meta:
         row = json.loads(meta[train.ROW_KEY])
@@ -121,15 +118,32 @@ def _repair(root: str, layout: store.Layout, progress: bool) -> dict:
 
 
 def recover_lost_manifest(root: str, progress: bool = True) -> None:
-    """Rebuild the manifest of a root that has weights files but no manifest (before a resume
-    would retrain every model over them). The caller holds the root's lock."""
+    """Before a resume would retrain models over their files: rebuild the manifest of a root that has
+    weights files but no manifest, and index models whose files were written whole but whose rows
+    never reached the manifest (a stage stopped between the two). One listing of ``weights/``, a
+    header read per unindexed file. The caller holds the root's lock."""
     layout = store.Layout.at(root)
     weights_dir = layout.root / "weights"
-    if layout.manifest.is_file() or not weights_dir.is_dir() or not any(weights_dir.glob("*.safetensors")):
+    files = sorted(p.stem for p in weights_dir.glob("*.safetensors")) if weights_dir.is_dir() else []
+    if not files:
         return
-    if progress:
-        print(f"{layout.manifest} is missing but {weights_dir} holds models: rebuilding it from the files", flush=True)
-    _repair(store.absolute(root), layout, progress)
+    if not layout.manifest.is_file():
+        if progress:
+            print(f"{layout.manifest} is missing but {weights_dir} holds models: rebuilding it from the files",
+                  flush=True)
+        _repair(store.absolute(root), layout, progress)
+        return
+    indexed = {r["model_id"] for r in store.manifest_rows(root, status=None)}
+    unindexed = [m for m in files if m not in indexed]
+    if not unindexed:
+        return
+    spec_jobs, cfg = _spec_jobs(root)
+    found = [row for row, _ in (_weights_row(root, m, spec_jobs, cfg) for m in unindexed) if row is not None]
+    if found:
+        store.upsert_manifest(root, found)
+        if progress:
+            print(f"{len(found)} model(s) written whole before the last run stopped are indexed, not retrained",
+                  flush=True)
 
 
 __all__ = ["repair", "recover_lost_manifest"]

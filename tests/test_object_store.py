@@ -1,0 +1,178 @@
+"""Every stage on an object store: a real S3-compatible server (moto's standalone server) on
+127.0.0.1, a real MLflow server, the CLI as users run it with ``run_dir=s3://...``.
+
+Reads go back through pyarrow's S3 filesystem and DuckDB, as an outside reader would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pytest
+import yaml
+
+from servers import mlflow_server, s3_server
+
+pytestmark = pytest.mark.integration
+CLI = [sys.executable, "-m", "dynamo_dist.cli"]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    with s3_server(tmp_path_factory.mktemp("s3"), buckets=("bucket",)) as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory):
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
+
+
+def _env(s3_env: dict) -> dict:
+    env = {**os.environ, **s3_env}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _fs(s3_env: dict) -> pafs.S3FileSystem:
+    return pafs.S3FileSystem(endpoint_override=s3_env["AWS_ENDPOINT_URL"], access_key=s3_env["AWS_ACCESS_KEY_ID"],
+                             secret_key=s3_env["AWS_SECRET_ACCESS_KEY"], region="us-east-1")
+
+
+def _cli(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + args, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def _keys(fs: pafs.FileSystem, prefix: str) -> dict[str, float]:
+    """Object key -> last-modified time of every object under ``prefix``."""
+    infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+    return {i.path: i.mtime.timestamp() for i in infos if i.type == pafs.FileType.File}
+
+
+def test_smoke_pipeline_on_a_bucket_is_readable_from_the_bucket(s3, tracking):
+    import duckdb
+
+    res = _cli(["run", "--recipe", "smoke", "--set", "run_dir=s3://bucket/runs/smoke", "--tracking-uri", tracking],
+               _env(s3))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "s3://bucket/runs/smoke/meta/analysis/report.html" in res.stdout
+    fs = _fs(s3)
+    keys = _keys(fs, "bucket/runs/smoke")
+    for name in ("population/manifest.parquet", "population/population.json", "meta/embeddings.parquet",
+                 "meta/summary.json", "meta/checkpoint.pt", "meta/analysis/report.html",
+                 "meta/analysis/analysis.json", "pipeline_summary.json"):
+        assert f"bucket/runs/smoke/{name}" in keys, name
+    assert any("/ray_results/meta/checkpoint_" in k for k in keys)  # Ray Train's storage on the bucket too
+    assert not any(k.endswith((".tmp", ".dynamo.lock")) for k in keys)  # no temporaries, leases released
+    assert not Path("s3:").exists()  # nothing went to a local directory named like the URI
+
+    # an outside reader: DuckDB over pyarrow's S3 filesystem, all models' trajectories at once
+    con = duckdb.connect()
+    con.register("traj", ds.dataset("bucket/runs/smoke/population/trajectories/split=probe", filesystem=fs,
+                                    format="parquet", partitioning="hive"))
+    counts = con.sql("select model_id, count(*) as n from traj group by model_id order by model_id").fetchall()
+    manifest = ds.dataset("bucket/runs/smoke/population/manifest.parquet", filesystem=fs).to_table()
+    assert [m for m, _ in counts] == sorted(manifest.column("model_id").to_pylist())
+    assert all(n > 0 for _, n in counts)
+    con.register("emb", ds.dataset("bucket/runs/smoke/meta/embeddings.parquet", filesystem=fs))
+    rows = con.sql("select model_id, len(theta) as d from emb order by model_id").fetchall()
+    assert [m for m, _ in rows] == [m for m, _ in counts] and {d for _, d in rows} == {2}
+
+    # the stages that read a meta run read it from the bucket
+    from dynamo_dist.meta import outputs
+
+    os.environ.update(s3)
+    try:
+        run = outputs.load_meta_run("s3://bucket/runs/smoke/meta")
+        assert run.population_root == "s3://bucket/runs/smoke/population"
+        assert run.theta().shape == (len(counts), 2)
+    finally:
+        for k in s3:
+            os.environ.pop(k, None)
+
+
+def test_an_interrupted_population_on_a_bucket_resumes_without_retraining(s3, tmp_path):
+    root = "s3://bucket/interrupted/population"
+    cfg = {"run_dir": str(tmp_path / "run"),
+           "population": {"root": root, "num_examples": 1000, "num_probe": 32, "num_test": 32, "num_actors": 1,
+                          "groups": [{"name": "g", "task": "mnist1d", "arch": "gru", "hidden_size": 8,
+                                      "num_seeds": 5, "epochs": 3, "batch_size": 64}]}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    fs = _fs(s3)
+    weights = "bucket/interrupted/population/weights"
+    driver = subprocess.Popen(CLI + ["population", "--config", str(path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=_env(s3), start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not _keys(fs, weights) and time.monotonic() < deadline:
+        assert driver.poll() is None, driver.stdout.read()
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C: the stage stops, releasing its lease
+    out, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 130, out[-3000:]
+    before = _keys(fs, weights)
+    assert 1 <= len(before) < 5, out[-3000:]
+
+    res = _cli(["population", "--config", str(path)], _env(s3))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    after = _keys(fs, weights)
+    assert len(after) == 5
+    assert {k: after[k] for k in before} == before  # completed models were not trained or written again
+    from dynamo_dist.data import store
+
+    os.environ.update(s3)
+    try:
+        rows = store.manifest_rows(root)
+        assert [r["model_id"] for r in rows] == [f"g-s{i:03d}" for i in range(5)]
+        for r in rows:
+            assert store.damage(root, r) is None
+            assert store.read_trajectory(root, r["model_id"], "test").num_examples == 32
+    finally:
+        for k in s3:
+            os.environ.pop(k, None)
+
+
+@pytest.mark.parametrize("override, expected", [
+    (["--set", "run_dir=s3://no-such-bucket/run"], "the bucket 'no-such-bucket' does not exist"),
+    (["--set", "run_dir=ftp://host/run"], "no filesystem for the scheme 'ftp'"),
+    (["--set", "population.root=s3://bucket/x", "--set", "run_dir=s3://bucket/y"], "tracking.tracking_uri"),
+])
+def test_bad_locations_fail_before_any_work_naming_the_uri_or_field(s3, tmp_path, override, expected):
+    res = _cli(["run", "--recipe", "smoke", *override], {**_env(s3), "MLFLOW_TRACKING_URI": ""}, timeout=120)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert expected in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert not _keys(_fs(s3), "bucket/y") and not _keys(_fs(s3), "bucket/x")  # nothing written
+
+
+def test_credentials_the_store_refuses_fail_before_any_work(tmp_path):
+    with s3_server(tmp_path, buckets=("locked",), auth=True) as env:
+        res = _cli(["population", "--recipe", "smoke", "--set", "population.root=s3://locked/pop"], _env(env),
+                   timeout=120)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "s3://locked/pop" in res.stderr and "credentials" in res.stderr, res.stderr[-2000:]
+    assert "model/s" not in res.stderr  # no progress bar: nothing was trained
+
+
+def test_a_second_writer_of_a_bucket_root_is_refused_while_the_lease_is_live(s3):
+    from dynamo_dist.data import lock
+
+    os.environ.update(s3)
+    try:
+        with lock.hold("s3://bucket/leased", "population", what="population root"):
+            res = _cli(["population", "--recipe", "smoke", "--set", "population.root=s3://bucket/leased"],
+                       _env(s3), timeout=120)
+            assert res.returncode == 2, res.stderr[-2000:]
+            assert "is in use by population" in res.stderr and "lease" in res.stderr
+        assert not _keys(_fs(s3), "bucket/leased")  # released, and nothing else was written
+    finally:
+        for k in s3:
+            os.environ.pop(k, None)
