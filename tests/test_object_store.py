@@ -176,3 +176,17 @@ def test_a_second_writer_of_a_bucket_root_is_refused_while_the_lease_is_live(s3)
     finally:
         for k in s3:
             os.environ.pop(k, None)
+
+
+def test_stages_that_cannot_write_a_bucket_yet_refuse_it_before_any_work(s3, tmp_path):
+    from dynamo_dist.config import MetaConfig, SweepConfig
+    from dynamo_dist.meta.posthoc import run_posthoc
+    from dynamo_dist.meta.tune import run_sweep
+
+    with pytest.raises(ValueError, match=r"sweep: run_dir s3://bucket/sweep is an object store"):
+        run_sweep(MetaConfig(), SweepConfig(), "s3://bucket/sweep", str(tmp_path / "population"))
+    res = _cli(["run", "--recipe", "smoke", "--set", "run_dir=s3://bucket/with-sweep", "--set", "sweep={}",
+                "--tracking-uri", "http://127.0.0.1:9"], _env(s3), timeout=120)
+    assert res.returncode == 2 and "sweeps do not write to one yet" in res.stderr, res.stderr[-2000:]
+    with pytest.raises(FileNotFoundError):  # the meta run is checked first, as for a local one
+        run_posthoc(str(tmp_path / "no-meta-run"), str(tmp_path / "population"), None, out_dir="s3://bucket/posthoc")

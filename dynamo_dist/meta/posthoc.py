@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import lock, store
+from ..data import fsio, lock, store
 from ..zoo import ArchSpec, family_of
 from . import outputs
 from .metrics import emulation_metrics
@@ -119,6 +119,10 @@ def run_posthoc(meta_output_dir: str | Path, population_root: str, model_ids: li
     space's PCA plane. Returns the parquet path. The meta run itself is never modified.
     """
     outputs.check_meta_run(meta_output_dir)  # before any directory is created for its outputs
+    if fsio.is_uri(meta_output_dir) or (out_dir is not None and fsio.is_uri(out_dir)):
+        raise ValueError(f"embed: the meta run {meta_output_dir} or --out {out_dir} is on an object store, where "
+                         "post-hoc embedding does not write yet; copy the meta run to a local directory and give "
+                         "--meta-dir and --out there")
     out = Path(out_dir) if out_dir is not None else outputs.posthoc_dir(meta_output_dir)
     with lock.hold(meta_output_dir, "embed", shared=True, what="meta run directory"), \
             lock.hold(out, "embed", what="post-hoc output directory"):

@@ -69,7 +69,7 @@ from typing import Any
 
 from .. import config as config_mod
 from ..config import MetaConfig, SweepConfig
-from ..data import lock, store
+from ..data import fsio, lock, store
 from . import outputs
 
 METRIC_MODES = {"val_agreement": "max", "val_hidden_r2": "max", "loss": "min"}
@@ -403,6 +403,10 @@ def run_sweep(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, run_dir: str, popula
     wall_seconds, output_dir, mlflow_run_id, rank. Raises ValueError/FileNotFoundError
     before any trial starts on bad input, RuntimeError when every trial failed.
     """
+    if fsio.is_uri(run_dir):  # before any trial: Tune's storage and the trials' directories are local paths here
+        raise ValueError(f"sweep: run_dir {run_dir} is an object store, and sweeps do not write to one yet; give the "
+                         "sweep a local run_dir or a filesystem every node mounts (--set run_dir=/shared/runs/x); "
+                         "its trials can still read a population on the bucket (population.root=s3://...)")
     population_root = store.absolute(population_root)
     with lock.hold(population_root, "sweep", shared=True, what="population root"):
         return _sweep(meta_cfg, sweep_cfg, Path(store.absolute(run_dir)), population_root, address, tracking_store)
