@@ -189,6 +189,11 @@ class MetaConfig(_Config):
     weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay of the shared meta-model")
     seed: int = Field(0, ge=0, description="seed of initialisation and sampling")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (theta/V shards)")
+    min_workers: int | None = Field(None, ge=1, description="elastic training: keep going with as few as this many "
+                                    "workers when nodes die (theta/V re-sharded from the last checkpoint), growing "
+                                    "back to num_workers when they return; None = always num_workers")
+    resize_check_s: float = Field(60.0, gt=0.0, description="elastic training: seconds between checks for room to "
+                                  "grow back to num_workers")
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
     max_failures: int = Field(2, ge=0, description="Ray Train restarts after a worker dies")
     placement_timeout_s: float = Field(600.0, gt=0.0, description="seconds Ray Train may wait for its workers to be "
@@ -209,6 +214,13 @@ class MetaConfig(_Config):
     @classmethod
     def _output_location(cls, v: str) -> str:
         return check_location(v)
+
+    @model_validator(mode="after")
+    def _elastic_range(self):
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"meta.min_workers={self.min_workers} exceeds meta.num_workers={self.num_workers}: "
+                             "workers range from min_workers to num_workers")
+        return self
 
     @model_validator(mode="after")
     def _one_schedule(self):

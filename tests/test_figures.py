@@ -64,7 +64,7 @@ def test_a_group_has_one_colour_in_every_figure(drawn, tmp_path):
     rng = np.random.default_rng(0)
     labels = [GROUPS[i % 4] for i in range(40)]
     coords = rng.standard_normal((40, 2))
-    every = figures.group_colours(labels)
+    every = plots.group_colours(labels)
     figures.embedding_scatter(coords, labels, tmp_path / "a.png", "t", "group")
     # another figure, the models in reverse order and one group missing, given the report's mapping
     keep = [i for i in range(40)[::-1] if labels[i] != "12"]

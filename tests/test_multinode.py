@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -133,3 +134,59 @@ def _kill_worker_node_mid_run(driver: subprocess.Popen, root: Path, two_nodes: d
     assert [r["model_id"] for r in rows] == ids  # every model, once, on the surviving node
     for r in rows:
         store.read_trajectory(root, r["model_id"], "test")
+
+
+def test_worker_node_killed_during_meta_training_continues_with_fewer_workers(two_nodes, tmp_path):
+    """Elastic meta training (meta.min_workers=1 of num_workers=2, one worker per node): the worker
+    node dies after a checkpoint, the run goes on with one worker from that checkpoint (theta/V
+    re-sharded) and ends with every model; its loss up to the checkpoint is the unfailed run's."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from dynamo_dist.config import GroupSpec, PopulationConfig
+    from dynamo_dist.meta import outputs
+    from dynamo_dist.population.train import run_local
+
+    root = tmp_path / "population"
+    run_local(PopulationConfig(root=str(root), num_examples=1000, num_probe=32, num_test=32,
+                               groups=(GroupSpec(name="a", task="mnist1d", arch="gru", hidden_size=8, num_seeds=4,
+                                                 epochs=1, batch_size=64),)), progress=False)
+    every = 20
+
+    def command(out: Path, **meta) -> list[str]:
+        cfg = {"run_dir": str(tmp_path / "run"), "population": {"root": str(root)},
+               "meta": {"output_dir": str(out), "hidden_size": 16, "embedding_dim": 2, "steps": 240, "batch_size": 8,
+                        "models_per_step": 2, "checkpoint_every": every, "eval_every": 120, "num_workers": 2,
+                        "max_failures": 2, "placement_timeout_s": 300, "seed": 0, **meta}}
+        path = out.with_suffix(".yaml")
+        path.write_text(yaml.safe_dump(cfg))
+        return [sys.executable, "-m", "dynamo_dist.cli", "meta", "--config", str(path),
+                "--address", two_nodes["address"], "--tracking-uri", uri]
+
+    env = {k: v for k, v in two_nodes["env"].items() if k != "MLFLOW_TRACKING_URI"}
+    with mlflow_server(tmp_path) as uri:
+        clean = subprocess.run(command(tmp_path / "clean"), capture_output=True, text=True, env=env, timeout=600)
+        assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
+        elastic = tmp_path / "elastic"
+        driver = subprocess.Popen(command(elastic, min_workers=1, resize_check_s=5), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, env=env)
+        runs = elastic / "ray_results" / "meta"
+        deadline = time.monotonic() + 300
+        while not any(runs.glob("checkpoint_*/shared.pt")) and time.monotonic() < deadline:
+            assert driver.poll() is None, driver.stdout.read()
+            time.sleep(0.1)
+        two_nodes["worker"].kill()  # its Train worker (rank 0 or 1) dies with it
+        out, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 0, out[-4000:]
+    summary = json.loads((elastic / "summary.json").read_text())
+    assert summary["num_models"] == 4 and summary["steps"] == 240
+    assert summary["num_workers"] == 1  # the final checkpoint was written by the one surviving worker
+    run = outputs.load_meta_run(elastic)  # every model's theta and V
+    assert sorted(run.model_ids) == [f"a-s{i:03d}" for i in range(4)] and len(run.embeddings.maps) == 4
+    hist = pq.read_table(elastic / "history.parquet").to_pylist()
+    ref = pq.read_table(tmp_path / "clean" / "history.parquet").to_pylist()
+    assert [h["step"] for h in hist if h.get("loss") is not None][:every] == list(range(1, every + 1))
+    loss = [h["loss"] for h in hist if h.get("loss") is not None][:every]
+    ref_loss = [h["loss"] for h in ref if h.get("loss") is not None][:every]
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)  # up to the checkpoint it resumed from or later

@@ -478,9 +478,19 @@ def build_trainer(cfg: MetaConfig, population_root: str, *, run_config=None, cal
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=_worker_range(cfg), use_gpu=use_gpu, resources_per_worker=resources,
+                                     **({} if cfg.min_workers is None
+                                        else {"elastic_resize_monitor_interval_s": cfg.resize_check_s})),
         run_config=run_config,
     )
+
+
+def _worker_range(cfg: MetaConfig) -> int | tuple[int, int]:
+    """Ray Train V2's worker count: fixed, or (min, max) for elastic training. Workers shard by the
+    world size of each (re)start, so a changed count re-shards theta/V from the checkpoint."""
+    if cfg.min_workers is None or cfg.min_workers == cfg.num_workers:
+        return cfg.num_workers
+    return (cfg.min_workers, cfg.num_workers)
 
 
 def _as_checkpoint(obj):
@@ -580,9 +590,13 @@ WAIT_NOTICE_S = 60.0  # a meta run with no report for this long says what it wai
 
 
 def _progress_queue():
+    """The queue rank 0 reports progress into, on the driver's node (as Ray Train's controller is):
+    a node that dies takes its workers, never the driver's progress or the run with it."""
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return Queue(maxsize=1000, actor_options={"num_cpus": 0})
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return Queue(maxsize=1000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
 
 
 def _show_progress(cfg: MetaConfig, queue, done) -> None:
