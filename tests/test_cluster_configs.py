@@ -143,7 +143,23 @@ def launcher_problems(config: dict, schema: dict) -> list[str]:
 
     if not any(p.endswith("/.ray/auth_token") for p in config.get("file_mounts", {})):
         problems.append("file_mounts do not copy the auth token to the nodes")
+    # shared storage: nodes have no common disk, so every node reaches the run bucket (its instance profile)
+    for name, t in node_types.items():
+        if not (t.get("node_config", {}).get("IamInstanceProfile") or {}).get("Name"):
+            problems.append(f"node type {name} has no IamInstanceProfile: it cannot reach the run bucket")
     return problems
+
+
+def test_the_cluster_config_runs_on_a_bucket_and_the_docs_submit_it():
+    """configs/cluster.yaml (what the cluster docs and the RayJob run) puts every stage in a bucket."""
+    from dynamo_dist import config
+
+    cfg = config.load(REPO / "configs" / "cluster.yaml")
+    assert cfg.run_dir.split("://")[0] in config.URI_SCHEMES
+    assert cfg.population.root.startswith(cfg.run_dir) and cfg.meta.output_dir.startswith(cfg.run_dir)
+    readme = (CLUSTER_DIR / "README.md").read_text()
+    submits = [line for line in readme.splitlines() if "python jobs/pipeline.py" in line]
+    assert submits and all("configs/cluster.yaml" in line and "--tracking-uri" in line for line in submits), submits
 
 
 @pytest.mark.parametrize("path", LAUNCHER_CONFIGS, ids=lambda p: p.name)
@@ -189,8 +205,11 @@ def _replace_in_start_commands(config: dict, old: str, new: str) -> None:
         (lambda c: _replace_in_start_commands(c, "RAY_AUTH_MODE=token ", ""), "RAY_AUTH_MODE"),
         (lambda c: c.update(file_mounts={}), "auth token"),
         (lambda c: c.update(head_node_type="nope"), "head_node_type"),
+        (lambda c: c["available_node_types"]["gpu.worker"]["node_config"].pop("IamInstanceProfile"),
+         "run bucket"),
     ],
-    ids=["dashboard-public", "dashboard-default", "no-token-auth", "no-token-file", "bad-head-type"],
+    ids=["dashboard-public", "dashboard-default", "no-token-auth", "no-token-file", "bad-head-type",
+         "no-bucket-access"],
 )
 def test_launcher_checks_catch_insecure_config(mutate, expected, ray_schema):
     config = copy.deepcopy(_load_yaml(CLUSTER_DIR / "aws-gpu.yaml"))
