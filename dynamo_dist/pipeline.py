@@ -98,9 +98,6 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, progress: bool
     from . import tracking
     from .population.train import check_spec
 
-    if cfg.sweep is not None and fsio.is_uri(cfg.run_dir):
-        raise ValueError(f"sweep: run_dir {cfg.run_dir} is an object store, and sweeps do not write to one yet; "
-                         "run the sweep stage with a local or shared-mount run_dir (dynamo-dist sweep)")
     check_spec(cfg.population)  # bad input fails before the pipeline's run is recorded
     if register_model is not None:
         tracking.check_model_name(register_model)

@@ -6,6 +6,7 @@ Reads go back through pyarrow's S3 filesystem and DuckDB, as an outside reader w
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -57,11 +58,11 @@ def _keys(fs: pafs.FileSystem, prefix: str) -> dict[str, float]:
     return {i.path: i.mtime.timestamp() for i in infos if i.type == pafs.FileType.File}
 
 
-def test_smoke_pipeline_on_a_bucket_is_readable_from_the_bucket(s3, tracking):
+def test_smoke_pipeline_with_a_sweep_on_a_bucket_is_readable_from_the_bucket(s3, tracking):
     import duckdb
 
-    res = _cli(["run", "--recipe", "smoke", "--set", "run_dir=s3://bucket/runs/smoke", "--tracking-uri", tracking],
-               _env(s3))
+    res = _cli(["run", "--recipe", "smoke", "--set", "run_dir=s3://bucket/runs/smoke", "--tracking-uri", tracking,
+                "--set", "sweep={output_weight: [0.0, 1.0], embedding_dim: [2], max_concurrent_trials: 1}"], _env(s3))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "s3://bucket/runs/smoke/meta/analysis/report.html" in res.stdout
     fs = _fs(s3)
@@ -71,6 +72,13 @@ def test_smoke_pipeline_on_a_bucket_is_readable_from_the_bucket(s3, tracking):
                  "meta/analysis/analysis.json", "pipeline_summary.json"):
         assert f"bucket/runs/smoke/{name}" in keys, name
     assert any("/ray_results/meta/checkpoint_" in k for k in keys)  # Ray Train's storage on the bucket too
+    sweeps = sorted(k for k in keys if k.endswith("/trials.json"))
+    assert len(sweeps) == 1 and any(k.startswith("bucket/runs/smoke/tune/") for k in keys)  # Tune's storage too
+    trials = json.loads(fs.open_input_file(sweeps[0]).read())
+    assert len(trials) == 2 and all(t["status"] == "TERMINATED" for t in trials)
+    for t in trials:  # each trial's outputs are in the bucket
+        assert t["output_dir"].startswith("s3://bucket/runs/smoke/sweep/"), t["output_dir"]
+        assert f"{t['output_dir'].removeprefix('s3://')}/summary.json" in keys
     assert not any(k.endswith((".tmp", ".dynamo.lock")) for k in keys)  # no temporaries, leases released
     assert not Path("s3:").exists()  # nothing went to a local directory named like the URI
 
@@ -178,15 +186,14 @@ def test_a_second_writer_of_a_bucket_root_is_refused_while_the_lease_is_live(s3)
             os.environ.pop(k, None)
 
 
-def test_stages_that_cannot_write_a_bucket_yet_refuse_it_before_any_work(s3, tmp_path):
-    from dynamo_dist.config import MetaConfig, SweepConfig
+def test_post_hoc_embedding_refuses_a_bucket_before_any_work(tmp_path):
     from dynamo_dist.meta.posthoc import run_posthoc
-    from dynamo_dist.meta.tune import run_sweep
 
-    with pytest.raises(ValueError, match=r"sweep: run_dir s3://bucket/sweep is an object store"):
-        run_sweep(MetaConfig(), SweepConfig(), "s3://bucket/sweep", str(tmp_path / "population"))
-    res = _cli(["run", "--recipe", "smoke", "--set", "run_dir=s3://bucket/with-sweep", "--set", "sweep={}",
-                "--tracking-uri", "http://127.0.0.1:9"], _env(s3), timeout=120)
-    assert res.returncode == 2 and "sweeps do not write to one yet" in res.stderr, res.stderr[-2000:]
-    with pytest.raises(FileNotFoundError):  # the meta run is checked first, as for a local one
-        run_posthoc(str(tmp_path / "no-meta-run"), str(tmp_path / "population"), None, out_dir="s3://bucket/posthoc")
+    from dynamo_dist.meta import outputs
+
+    meta = tmp_path / "meta"  # what check_meta_run looks for: the guard comes after it, before any read
+    meta.mkdir()
+    (meta / outputs.CONTEXT_FILE).write_text("{}")
+    with pytest.raises(ValueError, match="post-hoc embedding does not write yet"):
+        run_posthoc(str(meta), str(tmp_path / "population"), None, out_dir="s3://bucket/posthoc")
+    assert sorted(p.name for p in meta.iterdir()) == [outputs.CONTEXT_FILE]  # nothing written

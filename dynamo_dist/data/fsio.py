@@ -211,8 +211,10 @@ class RemotePath:
         self.write_bytes(text.encode(encoding))
 
     def mkdir(self, parents: bool = True, exist_ok: bool = True) -> None:
-        """Object stores have no directories; on filesystems that do (HDFS), create it."""
-        self.fs.create_dir(self.fs_path, recursive=True)
+        """Object stores have no directories (a marker object would only clutter listings); on filesystems
+        that do (HDFS), create it."""
+        if self.scheme not in ("s3", "gs", "gcs"):
+            self.fs.create_dir(self.fs_path, recursive=True)
 
     def unlink(self, missing_ok: bool = False) -> None:
         try:
@@ -283,6 +285,15 @@ def write_bytes_atomic(path: AnyPath, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def ray_storage_kwargs(path: str | os.PathLike | RemotePath) -> dict:
+    """``storage_path`` (+ ``storage_filesystem`` for a URI: the same pyarrow filesystem every stage uses)
+    of a Ray Train or Tune ``RunConfig`` storing its checkpoints and results in ``path``."""
+    where = as_path(path)
+    if isinstance(where, RemotePath):
+        return {"storage_path": where.fs_path, "storage_filesystem": where.fs}
+    return {"storage_path": str(where)}
 
 
 def check_writable(path: AnyPath, what: str) -> None:
@@ -383,4 +394,4 @@ def remove_tree(path: AnyPath) -> None:
 
 
 __all__ = ["RemotePath", "as_path", "absolute", "is_uri", "filesystem", "open_input", "write_bytes_atomic",
-           "check_writable", "relative", "staged", "upload_dir", "local_copy", "move", "remove_tree"]
+           "check_writable", "ray_storage_kwargs", "relative", "staged", "upload_dir", "local_copy", "move", "remove_tree"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from ..config import MetaConfig
-from ..data import lock, store
+from ..data import fsio, lock, store
 from .metrics import evaluate
 from .outputs import artifacts, write_outputs, write_summary
 from .trainer import DynamoTrainer, fit_with_reports, load_population, resolve_device, validation_means
@@ -65,10 +65,11 @@ def _train_and_write(cfg: MetaConfig, root: str, data, device, t0: float, progre
     if tracking_store is not None:
         from .. import tracking
 
-        with tracking_store.run("meta") as run:
+        # MLflow logs local files: a bucket output_dir is read back into a temporary copy
+        with fsio.local_copy(fsio.as_path(cfg.output_dir)) as local, tracking_store.run("meta") as run:
             run.log_params(tracking.meta_params(cfg, root, len(data.rows)))
-            tracking.log_meta_results(run, summary, per_model, trainer.history, artifacts(cfg.output_dir))
-            summary["mlflow_model_uri"] = tracking.log_meta_model(run, cfg.output_dir, data.rows)
+            tracking.log_meta_results(run, summary, per_model, trainer.history, artifacts(local))
+            summary["mlflow_model_uri"] = tracking.log_meta_model(run, local, data.rows)
         summary["mlflow_run_id"] = run.run_id
         write_summary(cfg.output_dir, summary)
     return summary

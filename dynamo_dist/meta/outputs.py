@@ -59,10 +59,7 @@ def ray_storage(output_dir: str | Path) -> AnyPath:
 def ray_run_config_storage(output_dir: str | Path) -> dict:
     """``RunConfig`` keywords putting Ray Train's storage in ``ray_storage(output_dir)``: a local path,
     or the bucket's path with the same ``pyarrow.fs`` filesystem every stage uses (``storage_filesystem``)."""
-    where = ray_storage(output_dir)
-    if isinstance(where, fsio.RemotePath):
-        return {"storage_path": where.fs_path, "storage_filesystem": where.fs}
-    return {"storage_path": str(where)}
+    return fsio.ray_storage_kwargs(ray_storage(output_dir))
 
 
 def analysis_dir(output_dir: str | Path) -> AnyPath:
@@ -100,6 +97,10 @@ def write_outputs(cfg: MetaConfig, population_root: str, state: dict, theta_rows
     that later stages (analysis) log beside it. ``into``: a local directory the files go to instead
     of ``cfg.output_dir`` (``fsio.staged`` of it), which stays the directory they record.
     """
+    if into is None and fsio.is_uri(cfg.output_dir):  # written locally, put file by file, summary.json last
+        with fsio.staged(cfg.output_dir, last=(SUMMARY_FILE,)) as staging:
+            return write_outputs(cfg, population_root, state, theta_rows, per_model, history, manifest,
+                                 extra_summary, tracking_store, into=staging)
     out = fsio.as_path(into or cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_mod.dump(cfg, out / CONFIG_FILE)

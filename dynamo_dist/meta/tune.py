@@ -95,7 +95,7 @@ def trial_config(base: MetaConfig, params: dict, sweep_dir: str | Path, trial_id
     """The MetaConfig of one trial: ``base`` with the trial's λ, d, distance and output dir."""
     return base.replace(output_weight=float(params["output_weight"]), embedding_dim=int(params["embedding_dim"]),
                         hidden_distance=params["hidden_distance"], num_workers=workers_per_trial,
-                        output_dir=str(Path(sweep_dir) / trial_dirname(trial_id, params)))
+                        output_dir=str(fsio.as_path(sweep_dir) / trial_dirname(trial_id, params)))
 
 
 def silhouette_by(emb, label: str = "group") -> float | None:
@@ -246,7 +246,7 @@ def _report_ray_train(cfg: MetaConfig, population_root: str, experiment_dir: str
     from . import ray_train
 
     trial_id = tune.get_context().get_trial_id()
-    run_config = ray.train.RunConfig(name=f"train-{trial_id}", storage_path=experiment_dir,
+    run_config = ray.train.RunConfig(name=f"train-{trial_id}", **fsio.ray_storage_kwargs(experiment_dir),
                                      failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                                      checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                                      logging_config=ray_train.TRAIN_LOGGING)
@@ -300,7 +300,7 @@ class _MlflowTrials:
         if trial.trial_id in self._runs:  # restarted after a failure: keep logging into the same run
             return
         cfg = self._cfg(trial)
-        run = self.tracking_store.start_run(Path(cfg.output_dir).name, self.parent_run_id,
+        run = self.tracking_store.start_run(fsio.as_path(cfg.output_dir).name, self.parent_run_id,
                                             tags={"dynamo.stage": "sweep-trial", "dynamo.trial_id": trial.trial_id},
                                             description=f"sweep trial: lambda={cfg.output_weight}, "
                                             f"d={cfg.embedding_dim}, {cfg.hidden_distance} hidden distance, "
@@ -309,7 +309,7 @@ class _MlflowTrials:
         self._runs[trial.trial_id] = run
         self._t0[trial.trial_id] = time.time()
         self.rows[trial.trial_id] = {
-            "trial": Path(cfg.output_dir).name, "trial_id": trial.trial_id, "output_weight": cfg.output_weight,
+            "trial": fsio.as_path(cfg.output_dir).name, "trial_id": trial.trial_id, "output_weight": cfg.output_weight,
             "embedding_dim": cfg.embedding_dim, "hidden_distance": cfg.hidden_distance, "status": "RUNNING",
             "steps": 0, "num_reports": 0, "output_dir": cfg.output_dir, "mlflow_run_id": run.run_id}
 
@@ -350,8 +350,9 @@ class _MlflowTrials:
                 extra = {"silhouette_group": row["silhouette_group"], "num_reports": row["num_reports"]}
                 # val_* were logged per report as they arrived; the history adds the per-step losses.
                 train_history = [{k: v for k, v in h.items() if not k.startswith("val_")} for h in history]
-                tracking.log_meta_results(run, {**summary, **{k: v for k, v in extra.items() if v is not None}},
-                                          per_model, train_history, outputs.artifacts(cfg.output_dir))
+                with fsio.local_copy(fsio.as_path(cfg.output_dir)) as local:  # MLflow logs local files
+                    tracking.log_meta_results(run, {**summary, **{k: v for k, v in extra.items() if v is not None}},
+                                              per_model, train_history, outputs.artifacts(local))
             run.set_tags({"dynamo.trial_status": row["status"]})
 
 
@@ -383,7 +384,7 @@ def _make_callback(*args, **kwargs):
 # ---------------------------------------------------------------- the sweep
 
 
-def _sweep_name(root: Path) -> str:
+def _sweep_name(root: fsio.AnyPath) -> str:
     name = time.strftime("sweep-%Y%m%d-%H%M%S")
     i = 1
     while (root / "sweep" / name).exists() or (root / "tune" / name).exists():
@@ -403,13 +404,10 @@ def run_sweep(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, run_dir: str, popula
     wall_seconds, output_dir, mlflow_run_id, rank. Raises ValueError/FileNotFoundError
     before any trial starts on bad input, RuntimeError when every trial failed.
     """
-    if fsio.is_uri(run_dir):  # before any trial: Tune's storage and the trials' directories are local paths here
-        raise ValueError(f"sweep: run_dir {run_dir} is an object store, and sweeps do not write to one yet; give the "
-                         "sweep a local run_dir or a filesystem every node mounts (--set run_dir=/shared/runs/x); "
-                         "its trials can still read a population on the bucket (population.root=s3://...)")
     population_root = store.absolute(population_root)
     with lock.hold(population_root, "sweep", shared=True, what="population root"):
-        return _sweep(meta_cfg, sweep_cfg, Path(store.absolute(run_dir)), population_root, address, tracking_store)
+        return _sweep(meta_cfg, sweep_cfg, fsio.as_path(store.absolute(run_dir)), population_root, address,
+                      tracking_store)
 
 
 def _sweep(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, root: Path, population_root: str, address: str | None,
@@ -470,7 +468,7 @@ def _sweep(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, root: Path, population_
             tune_config=tune.TuneConfig(metric=sweep_cfg.metric, mode=mode, scheduler=scheduler,
                                         num_samples=sweep_cfg.num_samples, max_concurrent_trials=concurrency,
                                         reuse_actors=reuse),
-            run_config=tune.RunConfig(name=name, storage_path=str(experiment_dir), callbacks=[callback],
+            run_config=tune.RunConfig(name=name, **fsio.ray_storage_kwargs(experiment_dir), callbacks=[callback],
                                       verbose=1))
         results = tuner.fit()
         table = rank_trials(list(callback.impl.rows.values()), sweep_cfg.metric)
@@ -484,14 +482,15 @@ def _sweep(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, root: Path, population_
     return table
 
 
-def _log_summary(parent, table: list[dict], metric: str, sweep_dir: Path) -> None:
+def _log_summary(parent, table: list[dict], metric: str, sweep_dir: fsio.AnyPath) -> None:
     """Print the trials table and put it (JSON + markdown) and the best trial's metrics on the parent run."""
     md = markdown_table(table)
     print(f"\nsweep trials, best {metric} first ({sweep_dir}):\n{md}\n", flush=True)
-    store.write_json_atomic(table, sweep_dir / "trials.json")
-    (sweep_dir / "trials.md").write_text(md + "\n")
-    parent.log_artifact(sweep_dir / "trials.json")
-    parent.log_artifact(sweep_dir / "trials.md")
+    with fsio.staged(sweep_dir) as out:  # local files for MLflow, put on a bucket sweep_dir after
+        store.write_json_atomic(table, out / "trials.json")
+        (out / "trials.md").write_text(md + "\n")
+        parent.log_artifact(out / "trials.json")
+        parent.log_artifact(out / "trials.md")
     best = table[0] if table else {}
     parent.log_metrics({f"best_{k}": best[k] for k in BEST_KEYS if best.get(k) is not None})
     parent.log_metrics({"num_trials_finished": sum(r["status"] == "TERMINATED" for r in table),
