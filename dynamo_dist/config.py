@@ -250,10 +250,18 @@ class TrackingConfig(_Config):
 class SweepConfig(_Config):
     """Stage 4: Ray Tune over lambda, d and the hidden distance."""
 
-    output_weight: tuple[float, ...] = Field((0.0, 1.0), description="grid of lambda values")
-    embedding_dim: tuple[int, ...] = Field((2, 8, 16), description="grid of embedding dimensions d")
-    hidden_distance: tuple[Literal["l2", "l1"], ...] = Field(("l2",), description="grid of hidden distances")
-    num_samples: int = Field(1, ge=1, description="repeats of the grid")
+    search: Literal["grid", "random", "optuna"] = Field(
+        "grid", description="grid: every combination of the lists below, num_samples times; random: num_samples "
+        "trials drawn from them (seeded by meta.seed); optuna: num_samples trials proposed by Optuna's TPE from "
+        "the trials finished so far (needs the optuna package)")
+    output_weight: tuple[float, ...] = Field((0.0, 1.0), description="lambda values (grid, or choices)")
+    output_weight_range: tuple[float, float] | None = Field(
+        None, description="random/optuna: lambda drawn log-uniform in [low, high] (0 < low < high) instead of "
+        "from output_weight")
+    embedding_dim: tuple[int, ...] = Field((2, 8, 16), description="embedding dimensions d (grid, or choices)")
+    hidden_distance: tuple[Literal["l2", "l1"], ...] = Field(("l2",), description="hidden distances (grid, or "
+                                                              "choices)")
+    num_samples: int = Field(1, ge=1, description="grid: repeats of the grid; random/optuna: number of trials")
     max_concurrent_trials: int = Field(2, ge=1, description="trials running at once")
     scheduler: Literal["fifo", "asha"] = Field("fifo", description="ASHA stops weak trials early on val_agreement")
     metric: str = Field("val_agreement", description="validation metric trials are ranked by")
@@ -274,6 +282,14 @@ class SweepConfig(_Config):
                 raise ValueError(f"sweep.{name}: empty search space")
         if any(d < 1 for d in self.embedding_dim):
             raise ValueError(f"sweep.embedding_dim: values must be >= 1, got {list(self.embedding_dim)}")
+        if self.output_weight_range is not None:
+            low, high = self.output_weight_range
+            if self.search == "grid":
+                raise ValueError("sweep.output_weight_range is drawn from by search 'random' or 'optuna'; a grid "
+                                 "takes the values of sweep.output_weight (set sweep.search)")
+            if not 0 < low < high:
+                raise ValueError(f"sweep.output_weight_range: need 0 < low < high for a log-uniform draw, got "
+                                 f"{list(self.output_weight_range)}")
         return self
 
 

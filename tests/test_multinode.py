@@ -4,6 +4,7 @@ surviving node, without a node being added back."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import shutil
@@ -23,6 +24,7 @@ from servers import mlflow_server
 
 pytestmark = pytest.mark.integration
 RAY = Path(sys.executable).with_name("ray")
+_CLUSTERS = itertools.count()
 
 
 def _free_port() -> int:
@@ -63,17 +65,17 @@ def two_nodes(tmp_path):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     env.pop("RAY_ADDRESS", None)
     gcs = _free_port()
-    short = Path("/tmp") / f"mn-{os.getpid()}"  # Ray's unix socket paths have a length limit
+    short = Path("/tmp") / f"mn-{os.getpid()}-{next(_CLUSTERS)}"  # Ray's unix socket paths have a length limit
     head = Node(["--head", f"--port={gcs}", "--num-cpus=1", "--include-dashboard=false",
                  f"--ray-client-server-port={_free_port()}", f"--temp-dir={short}-h", *_ports()],
                 env, tmp_path / "head.log")
     nodes = [head]
     try:
-        time.sleep(5)
+        _wait_for_nodes(env, gcs, 1, head)  # a worker started before the head's GCS answers gives up at once
         worker = Node([f"--address=127.0.0.1:{gcs}", "--num-cpus=1", f"--temp-dir={short}-w", *_ports()],
                       env, tmp_path / "worker.log")
         nodes.append(worker)
-        _wait_for_nodes(env, gcs, 2)
+        _wait_for_nodes(env, gcs, 2, worker)
         yield {"address": f"127.0.0.1:{gcs}", "env": env, "head": head, "worker": worker}
     finally:
         for n in reversed(nodes):
@@ -82,11 +84,15 @@ def two_nodes(tmp_path):
             shutil.rmtree(f"{short}{suffix}", ignore_errors=True)
 
 
-def _wait_for_nodes(env: dict, gcs: int, n: int, timeout: float = 120) -> None:
+def _wait_for_nodes(env: dict, gcs: int, n: int, node: Node, timeout: float = 180) -> None:
+    """Until the cluster has ``n`` live nodes; RuntimeError with ``node``'s log if it exits first."""
     probe = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
              "print(sum(1 for x in ray.nodes() if x['Alive']))")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if node.proc.poll() is not None:
+            node.log.flush()
+            raise RuntimeError(f"`ray start` exited rc={node.proc.returncode}:\n{Path(node.log.name).read_text()[-3000:]}")
         res = subprocess.run([sys.executable, "-c", probe, f"127.0.0.1:{gcs}"], capture_output=True, text=True,
                              env=env, timeout=120)
         if res.returncode == 0 and res.stdout.strip().splitlines()[-1:] == [str(n)]:

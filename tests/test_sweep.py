@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import yaml
 
 from dynamo_dist.config import GroupSpec, MetaConfig, PopulationConfig, SweepConfig, TrackingConfig
 from dynamo_dist.meta.tune import markdown_table, rank_trials, run_sweep, silhouette_by, trial_dirname
@@ -226,6 +227,8 @@ def _sweep_dirs(run_dir: Path) -> list[Path]:
     ({"output_weight": ()}, "empty search space"),
     ({"embedding_dim": ()}, "empty search space"),
     ({"output_weight": (-1.0, 1.0)}, "lambda values must be >= 0"),
+    ({"output_weight_range": (0.1, 10.0)}, "output_weight_range is drawn from by search 'random' or 'optuna'"),
+    ({"search": "random", "output_weight_range": (0.0, 10.0)}, "need 0 < low < high"),
 ])
 def test_bad_search_space_fails_before_any_trial(population, tmp_path, grid, match):
     # model_construct skips pydantic: run_sweep must re-validate on its own
@@ -233,6 +236,40 @@ def test_bad_search_space_fails_before_any_trial(population, tmp_path, grid, mat
     with pytest.raises(ValueError, match=match):
         _sweep(population, None, "bad", bad, str(tmp_path / "run"))
     assert not _sweep_dirs(tmp_path / "run")
+
+
+def test_search_spaces_beyond_grids():
+    """Grid trials are the product; random/optuna draw num_samples from choices, λ log-uniform in its range."""
+    from ray import tune
+
+    from dynamo_dist.meta.tune import num_trials, search_algorithm, search_space
+
+    grid = SweepConfig(output_weight=(0.0, 1.0), embedding_dim=(2, 8, 16), num_samples=2)
+    assert num_trials(grid) == 12 and search_algorithm(grid, 0) is None
+    drawn = SweepConfig(search="random", output_weight_range=(0.1, 10.0), embedding_dim=(2, 8), num_samples=5)
+    space = search_space(drawn)
+    assert num_trials(drawn) == 5
+    assert isinstance(space["output_weight"], tune.search.sample.Float)
+    assert (space["output_weight"].lower, space["output_weight"].upper) == (0.1, 10.0)
+    assert isinstance(space["output_weight"].get_sampler(), tune.search.sample.LogUniform)
+    assert space["embedding_dim"].categories == [2, 8]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("search", ["random", "optuna"])
+def test_a_search_algorithm_sweep_draws_its_trials_from_the_space(ray_session, population, tmp_path, search):
+    if search == "optuna":
+        pytest.importorskip("optuna")
+    sweep_cfg = SweepConfig(search=search, output_weight_range=(0.1, 10.0), embedding_dim=(2, 3), num_samples=3,
+                            max_concurrent_trials=1)
+    table = _sweep(population, None, search, sweep_cfg, str(tmp_path / "run"))
+    assert len(table) == 3 and all(r["status"] == "TERMINATED" for r in table)
+    lams = [r["output_weight"] for r in table]
+    assert all(0.1 <= lam <= 10.0 for lam in lams) and len(set(lams)) == 3  # drawn, not the grid's 0.0/1.0
+    assert {r["embedding_dim"] for r in table} <= {2, 3}
+    for r in table:  # each trial trained with what it drew
+        assert MetaConfig.model_validate(yaml.safe_load((Path(r["output_dir"]) / "meta_config.yaml").read_text())) \
+            .output_weight == pytest.approx(r["output_weight"])
 
 
 @pytest.mark.integration

@@ -62,6 +62,7 @@ clusters, near 0 when they overlap.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import time
 from pathlib import Path
@@ -148,6 +149,40 @@ def rank_trials(rows: list[dict], metric: str) -> list[dict]:
 # ---------------------------------------------------------------- validation
 
 
+def num_trials(sweep_cfg: SweepConfig) -> int:
+    """Trials a sweep runs: the grid's size times num_samples, or num_samples draws."""
+    if sweep_cfg.search == "grid":
+        return sweep_cfg.num_samples * math.prod(len(getattr(sweep_cfg, k)) for k in SEARCH_KEYS)
+    return sweep_cfg.num_samples
+
+
+def search_space(sweep_cfg: SweepConfig) -> dict:
+    """Tune's param_space: grid_search over the lists, or choices of them (λ log-uniform with
+    ``output_weight_range``) for a search algorithm to draw from."""
+    from ray import tune
+
+    if sweep_cfg.search == "grid":
+        return {k: tune.grid_search(list(getattr(sweep_cfg, k))) for k in SEARCH_KEYS}
+    space = {k: tune.choice(list(getattr(sweep_cfg, k))) for k in SEARCH_KEYS}
+    if sweep_cfg.output_weight_range is not None:
+        space["output_weight"] = tune.loguniform(*sweep_cfg.output_weight_range)
+    return space
+
+
+def search_algorithm(sweep_cfg: SweepConfig, seed: int):
+    """None for a grid; Tune's seeded random variant generator; or Optuna's TPE (seeded)."""
+    if sweep_cfg.search == "random":
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=seed)
+    if sweep_cfg.search == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed))
+    return None
+
+
 def validate(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, population_root: str,
              tracking_store) -> tuple[SweepConfig, list[dict]]:
     """Everything that can be checked before a trial starts; returns (sweep config, manifest rows).
@@ -164,6 +199,10 @@ def validate(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, population_root: str,
     for name in SEARCH_KEYS:  # the grid must produce valid MetaConfigs too
         for value in getattr(sweep_cfg, name):
             meta_cfg.replace(**{name: value})
+    for value in sweep_cfg.output_weight_range or ():
+        meta_cfg.replace(output_weight=value)
+    if sweep_cfg.search == "optuna" and importlib.util.find_spec("optuna") is None:
+        raise ValueError("sweep.search 'optuna' needs the optuna package (pip install optuna), or use search 'random'")
     tracking_store.check_reachable()
     rows = store.manifest_rows(population_root)
     check_population(rows, population_root)
@@ -435,14 +474,14 @@ def _sweep(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, root: Path, population_
     sweep_dir, experiment_dir = root / "sweep" / name, root / "tune"
     sweep_dir.mkdir(parents=True)
     mode = METRIC_MODES[sweep_cfg.metric]
-    grid = {k: tune.grid_search(list(getattr(sweep_cfg, k))) for k in SEARCH_KEYS}
-    num_trials = sweep_cfg.num_samples * math.prod(len(getattr(sweep_cfg, k)) for k in SEARCH_KEYS)
+    space = search_space(sweep_cfg)
+    trials = num_trials(sweep_cfg)
 
     with tracking_store.run(name, tags={"dynamo.stage": "sweep", "dynamo.sweep_dir": str(sweep_dir)}) as parent:
         parent.log_params({**{f"sweep.{k}": v for k, v in sweep_cfg.model_dump(mode="json").items()},
                            **{f"meta.{k}": v for k, v in meta_cfg.model_dump(mode="json").items()},
                            "population_root": population_root, "population_size": len(rows),
-                           "num_trials": num_trials, "max_concurrent_trials_effective": concurrency,
+                           "num_trials": trials, "max_concurrent_trials_effective": concurrency,
                            "trial_resources": resources, "tune_experiment": str(experiment_dir / name)})
         callback = _make_callback(meta_cfg, sweep_cfg, population_root, tracking_store, str(sweep_dir),
                                   parent.run_id, len(rows))
@@ -464,8 +503,9 @@ def _sweep(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, root: Path, population_
                                  write_every_report=scheduler is not None),
             resources)
         tuner = tune.Tuner(
-            trainable, param_space=grid,
+            trainable, param_space=space,
             tune_config=tune.TuneConfig(metric=sweep_cfg.metric, mode=mode, scheduler=scheduler,
+                                        search_alg=search_algorithm(sweep_cfg, meta_cfg.seed),
                                         num_samples=sweep_cfg.num_samples, max_concurrent_trials=concurrency,
                                         reuse_actors=reuse),
             run_config=tune.RunConfig(name=name, **fsio.ray_storage_kwargs(experiment_dir), callbacks=[callback],
