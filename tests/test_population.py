@@ -212,7 +212,7 @@ def test_unwritable_root_is_value_error(tmp_path):
 # ---------------------------------------------------------------- users' own models
 
 
-def test_add_models_records_users_modules_like_trained_ones(tmp_path):
+def test_add_models_records_users_modules_like_trained_ones(tmp_path, capsys):
     cfg = _cfg(tmp_path / "root", groups=(GROUPS[0],))
     task = population.task_for(cfg, "mnist1d")
     torch.manual_seed(0)
@@ -220,12 +220,22 @@ def test_add_models_records_users_modules_like_trained_ones(tmp_path):
             "mine-2": zoo.build(population.arch_spec(GROUPS[0].replace(hidden_size=6), task))}
     rows = user_models.add_models(cfg.root, mine, "mnist1d", cfg=cfg, labels={"mine-2": {"seed": 2}})
     assert [r["model_id"] for r in store.manifest_rows(cfg.root)] == ["mine-1", "mine-2"]
+    # untrained modules: recorded, with a warning naming each model that scores at chance
+    warned = capsys.readouterr().err
+    assert all(f"warning: model {m!r} has test accuracy" in warned for m in mine), warned
     assert rows[1]["seed"] == 2 and rows[0]["group"] == "user"
     x = store.read_inputs(cfg.root, "mnist1d", "probe").x
     for mid, m in mine.items():
         with torch.no_grad():
             hs, _ = m.eval().trajectories(x)
         torch.testing.assert_close(store.read_trajectory(cfg.root, mid).hiddens[0], hs[0], rtol=0, atol=1e-6)
+
+
+def test_the_chance_bound_separates_chance_from_learned():
+    labels = torch.arange(10).repeat(50)  # 500 test examples, 10 balanced classes
+    chance, bound = user_models.chance_bound(labels)
+    assert chance == pytest.approx(0.1) and 0.13 < bound < 0.15  # 0.1 + 3 * sqrt(0.09 / 500)
+    assert user_models.chance_bound(torch.tensor([0] * 90 + [1] * 10))[0] == pytest.approx(0.9)  # majority, not 1/C
 
 
 def test_model_with_nan_weights_is_refused_without_files(tmp_path):

@@ -8,6 +8,8 @@ already complete in the root are skipped, never overwritten. The recording itsel
 from __future__ import annotations
 
 import json
+import math
+import sys
 from pathlib import Path
 
 import torch
@@ -46,7 +48,23 @@ def add_models(root: str, models: dict[str, torch.nn.Module], task: str, cfg: Po
             row = record_member(root, cfg, mid, zoo_models[mid], task, {"group": group, **(labels or {}).get(mid, {})})
             store.upsert_manifest(root, [row])  # one at a time: a failure later keeps what is done
             rows.append(row)
+        chance, bound = chance_bound(data.test.y)
+        for row in rows:
+            if row["test_accuracy"] <= bound:
+                print(f"warning: model {row['model_id']!r} has test accuracy {row['test_accuracy']:.3f} on {task!r}, "
+                      f"no better than predicting its most common class ({chance:.3f}; up to {bound:.3f} is chance "
+                      f"on {len(data.test.y)} test examples). Was it trained on this task's inputs as dynamo_dist "
+                      "builds them (README: Your own pre-trained models)? It is recorded all the same.",
+                      file=sys.stderr, flush=True)
         return rows
+
+
+def chance_bound(labels: torch.Tensor) -> tuple[float, float]:
+    """(majority-class accuracy, the accuracy up to which a model is indistinguishable from it): the
+    majority rate plus three binomial standard errors on ``len(labels)`` examples."""
+    n = len(labels)
+    p = float(torch.bincount(labels).max()) / max(n, 1)
+    return p, p + 3.0 * math.sqrt(p * (1.0 - p) / max(n, 1))
 
 
 def add_model_dir(root: str, directory: str, task: str, cfg: PopulationConfig | None = None,
