@@ -1,6 +1,7 @@
 """A real 2-node Ray cluster on this machine (head + worker, each its own temp dir, loopback, token
-auth): the worker node is killed during a population stage and every model still completes on the
-surviving node, without a node being added back."""
+auth), shared by the tests of this module: the worker node is killed during a population stage, during
+elastic meta training and during a sweep, and each finishes on the surviving node (a new worker node
+joins before the next test)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import pytest
 import yaml
 
 from dynamo_dist.data import store
+from dynamo_dist.data.lock import LOCK_FILE
 from servers import mlflow_server
 
 pytestmark = pytest.mark.integration
@@ -59,29 +61,78 @@ class Node:
         self.log.close()
 
 
-@pytest.fixture
-def two_nodes(tmp_path):
-    token = secrets.token_hex(32)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    env.pop("RAY_ADDRESS", None)
-    gcs = _free_port()
-    short = Path("/tmp") / f"mn-{os.getpid()}-{next(_CLUSTERS)}"  # Ray's unix socket paths have a length limit
-    head = Node(["--head", f"--port={gcs}", "--num-cpus=1", "--include-dashboard=false",
-                 f"--ray-client-server-port={_free_port()}", f"--temp-dir={short}-h", *_ports()],
-                env, tmp_path / "head.log")
-    nodes = [head]
-    try:
-        _wait_for_nodes(env, gcs, 1, head)  # a worker started before the head's GCS answers gives up at once
-        worker = Node([f"--address=127.0.0.1:{gcs}", "--num-cpus=1", f"--temp-dir={short}-w", *_ports()],
-                      env, tmp_path / "worker.log")
-        nodes.append(worker)
-        _wait_for_nodes(env, gcs, 2, worker)
-        yield {"address": f"127.0.0.1:{gcs}", "env": env, "head": head, "worker": worker}
-    finally:
-        for n in reversed(nodes):
+class Cluster:
+    """A head node and a worker node (each ``ray start --block`` in its own process group, own temp dir
+    and ports, token auth), shared by this module's tests: a test that kills the worker node leaves the
+    head, and the next test's ``two_nodes()`` starts a new worker node."""
+
+    def __init__(self, tmp: Path):
+        self.tmp, self.count = tmp, itertools.count()
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+                    "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+            self.env.pop(k, None)
+        self.gcs = _free_port()
+        self.address = f"127.0.0.1:{self.gcs}"
+        self.short = Path("/tmp") / f"mn-{os.getpid()}-{next(_CLUSTERS)}"  # Ray's socket paths have a length limit
+        self.nodes: list[Node] = []
+        self.head = self._start(["--head", f"--port={self.gcs}", "--include-dashboard=false",
+                                 f"--ray-client-server-port={_free_port()}"], "h")
+        self.worker: Node | None = None
+        # a worker started before the head's GCS answers gives up at once
+        _wait_for_nodes(self.env, self.gcs, 1, self.head)
+
+    def _start(self, args: list[str], name: str) -> Node:
+        node = Node([*args, "--num-cpus=1", f"--temp-dir={self.short}-{name}", *_ports()], self.env,
+                    self.tmp / f"{name}.log")
+        self.nodes.append(node)
+        return node
+
+    def two_nodes(self) -> None:
+        """A live worker node besides the head (a new one when the last was killed)."""
+        if self.worker is None or self.worker.proc.poll() is not None:
+            self.worker = self._start([f"--address={self.address}"], f"w{next(self.count)}")
+            _wait_for_nodes(self.env, self.gcs, 2, self.worker)
+
+    def close(self) -> None:
+        for n in reversed(self.nodes):
             n.kill()
-        for suffix in ("-h", "-w"):
-            shutil.rmtree(f"{short}{suffix}", ignore_errors=True)
+        for d in Path("/tmp").glob(f"{self.short.name}-*"):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory):
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def small_population(tmp_path_factory) -> Path:
+    """4 tiny MNIST-1D GRUs on the local disk both nodes share (one machine)."""
+    from dynamo_dist.config import GroupSpec, PopulationConfig
+    from dynamo_dist.population.train import run_local
+
+    root = tmp_path_factory.mktemp("small") / "population"
+    run_local(PopulationConfig(root=str(root), num_examples=1000, num_probe=32, num_test=32,
+                               groups=(GroupSpec(name="a", task="mnist1d", arch="gru", hidden_size=8, num_seeds=4,
+                                                 epochs=1, batch_size=64),)), progress=False)
+    return root
+
+
+@pytest.fixture
+def two_nodes(cluster):
+    cluster.two_nodes()
+    return {"address": cluster.address, "env": cluster.env, "head": cluster.head, "worker": cluster.worker}
 
 
 def _wait_for_nodes(env: dict, gcs: int, n: int, node: Node, timeout: float = 180) -> None:
@@ -101,7 +152,20 @@ def _wait_for_nodes(env: dict, gcs: int, n: int, node: Node, timeout: float = 18
     raise RuntimeError(f"the cluster did not reach {n} live nodes in {timeout} s")
 
 
-def test_worker_node_killed_during_a_population_every_model_completes_once(two_nodes, tmp_path):
+def _wait_for_free_cpus(env: dict, address: str, n: int, timeout: float = 120) -> None:
+    probe = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+             "print(int(ray.available_resources().get('CPU', 0)))")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        res = subprocess.run([sys.executable, "-c", probe, address], capture_output=True, text=True, env=env,
+                             timeout=120)
+        if res.returncode == 0 and res.stdout.strip().splitlines()[-1:] == [str(n)]:
+            return
+        time.sleep(1)
+    raise RuntimeError(f"the cluster did not have {n} free CPUs within {timeout} s")
+
+
+def test_worker_node_killed_during_a_population_every_model_completes_once(two_nodes, tracking, tmp_path):
     root = tmp_path / "population"
     ids = [f"g-s{s:03d}" for s in range(6)]
     cfg = {"run_dir": str(tmp_path / "run"),
@@ -119,10 +183,9 @@ def test_worker_node_killed_during_a_population_every_model_completes_once(two_n
     assert refused.returncode == 2 and "2 nodes" in refused.stderr and "tracking_uri" in refused.stderr, \
         refused.stderr[-2000:]
     assert not root.exists()
-    with mlflow_server(tmp_path) as uri:
-        driver = subprocess.Popen(command + ["--tracking-uri", uri], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, env=env)
-        _kill_worker_node_mid_run(driver, root, two_nodes, ids)
+    driver = subprocess.Popen(command + ["--tracking-uri", tracking], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env)
+    _kill_worker_node_mid_run(driver, root, two_nodes, ids)
 
 
 def _kill_worker_node_mid_run(driver: subprocess.Popen, root: Path, two_nodes: dict, ids: list[str]) -> None:
@@ -142,7 +205,8 @@ def _kill_worker_node_mid_run(driver: subprocess.Popen, root: Path, two_nodes: d
         store.read_trajectory(root, r["model_id"], "test")
 
 
-def test_worker_node_killed_during_meta_training_continues_with_fewer_workers(two_nodes, tmp_path):
+def test_worker_node_killed_during_meta_training_continues_with_fewer_workers(two_nodes, tracking, small_population,
+                                                                            tmp_path):
     """Elastic meta training (meta.min_workers=1 of num_workers=2, one worker per node): the worker
     node dies after a checkpoint, the run goes on with one worker from that checkpoint (theta/V
     re-sharded) and ends with every model; its loss up to the checkpoint is the unfailed run's."""
@@ -150,14 +214,9 @@ def test_worker_node_killed_during_meta_training_continues_with_fewer_workers(tw
 
     import pyarrow.parquet as pq
 
-    from dynamo_dist.config import GroupSpec, PopulationConfig
     from dynamo_dist.meta import outputs
-    from dynamo_dist.population.train import run_local
 
-    root = tmp_path / "population"
-    run_local(PopulationConfig(root=str(root), num_examples=1000, num_probe=32, num_test=32,
-                               groups=(GroupSpec(name="a", task="mnist1d", arch="gru", hidden_size=8, num_seeds=4,
-                                                 epochs=1, batch_size=64),)), progress=False)
+    root = small_population
     every = 20
 
     def command(out: Path, **meta) -> list[str]:
@@ -168,22 +227,27 @@ def test_worker_node_killed_during_meta_training_continues_with_fewer_workers(tw
         path = out.with_suffix(".yaml")
         path.write_text(yaml.safe_dump(cfg))
         return [sys.executable, "-m", "dynamo_dist.cli", "meta", "--config", str(path),
-                "--address", two_nodes["address"], "--tracking-uri", uri]
+                "--address", two_nodes["address"], "--tracking-uri", tracking]
 
     env = {k: v for k, v in two_nodes["env"].items() if k != "MLFLOW_TRACKING_URI"}
-    with mlflow_server(tmp_path) as uri:
-        clean = subprocess.run(command(tmp_path / "clean"), capture_output=True, text=True, env=env, timeout=600)
-        assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
-        elastic = tmp_path / "elastic"
-        driver = subprocess.Popen(command(elastic, min_workers=1, resize_check_s=5), stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, env=env)
-        runs = elastic / "ray_results" / "meta"
-        deadline = time.monotonic() + 300
-        while not any(runs.glob("checkpoint_*/shared.pt")) and time.monotonic() < deadline:
-            assert driver.poll() is None, driver.stdout.read()
-            time.sleep(0.1)
-        two_nodes["worker"].kill()  # its Train worker (rank 0 or 1) dies with it
-        out, _ = driver.communicate(timeout=600)
+    clean = subprocess.run(command(tmp_path / "clean"), capture_output=True, text=True, env=env, timeout=600)
+    assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
+    elastic = tmp_path / "elastic"
+    # an elastic run starts with the workers that fit then: wait for the clean run's CPUs to be free
+    _wait_for_free_cpus(env, two_nodes["address"], 2)
+    driver = subprocess.Popen(command(elastic, min_workers=1, resize_check_s=5), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env)
+    runs = elastic / "ray_results" / "meta"
+    deadline = time.monotonic() + 300
+    while not any(runs.glob("checkpoint_*/shared.pt")) and time.monotonic() < deadline:
+        assert driver.poll() is None, driver.stdout.read()
+        time.sleep(0.1)
+    two_nodes["worker"].kill()  # its Train worker (rank 0 or 1) dies with it
+    from dynamo_dist.meta import checkpoint
+
+    first = checkpoint.safe_load(sorted(runs.glob("checkpoint_*/shared.pt"))[0])
+    assert first["num_workers"] == 2  # it trained on both nodes until the kill
+    out, _ = driver.communicate(timeout=600)
     assert driver.returncode == 0, out[-4000:]
     summary = json.loads((elastic / "summary.json").read_text())
     assert summary["num_models"] == 4 and summary["steps"] == 240
@@ -196,3 +260,35 @@ def test_worker_node_killed_during_meta_training_continues_with_fewer_workers(tw
     loss = [h["loss"] for h in hist if h.get("loss") is not None][:every]
     ref_loss = [h["loss"] for h in ref if h.get("loss") is not None][:every]
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)  # up to the checkpoint it resumed from or later
+
+
+def test_a_sweep_whose_worker_node_dies_finishes_every_trial(two_nodes, tracking, small_population, tmp_path):
+    """Two trials at once, one per node; the worker node dies mid-trial: its trial runs again on the
+    head (sweep trials retry up to meta.max_failures) and the sweep ends with both trials finished."""
+    import json
+
+    run_dir = tmp_path / "run"
+    cfg = {"run_dir": str(run_dir), "population": {"root": str(small_population)},
+           "meta": {"hidden_size": 16, "embedding_dim": 2, "steps": 400, "batch_size": 8, "models_per_step": 2,
+                    "checkpoint_every": 400, "eval_every": 100, "max_failures": 2, "seed": 0},
+           "sweep": {"output_weight": [0.0, 1.0], "embedding_dim": [2], "max_concurrent_trials": 2}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in two_nodes["env"].items() if k != "MLFLOW_TRACKING_URI"}
+    driver = subprocess.Popen([sys.executable, "-m", "dynamo_dist.cli", "sweep", "--config", str(path),
+                               "--address", two_nodes["address"], "--tracking-uri", tracking],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while len(list(run_dir.glob(f"sweep/*/trial-*/{LOCK_FILE}"))) < 2 and time.monotonic() < deadline:
+        assert driver.poll() is None, driver.stdout.read()
+        time.sleep(0.1)
+    assert time.monotonic() < deadline, "the two trials never ran at once"
+    two_nodes["worker"].kill()  # with the trial running there
+    out, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 0, out[-4000:]
+    (table,) = run_dir.glob("sweep/*/trials.json")
+    trials = json.loads(table.read_text())
+    assert sorted(t["output_weight"] for t in trials) == [0.0, 1.0]
+    assert all(t["status"] == "TERMINATED" and t["steps"] == 400 for t in trials), trials
+    for t in trials:
+        assert json.loads((Path(t["output_dir"]) / "summary.json").read_text())["num_models"] == 4

@@ -508,7 +508,9 @@ def _sweep(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, root: Path, population_
                                         search_alg=search_algorithm(sweep_cfg, meta_cfg.seed),
                                         num_samples=sweep_cfg.num_samples, max_concurrent_trials=concurrency,
                                         reuse_actors=reuse),
+            # a trial whose node died (or whose process did) is run again, up to meta.max_failures times
             run_config=tune.RunConfig(name=name, **fsio.ray_storage_kwargs(experiment_dir), callbacks=[callback],
+                                      failure_config=tune.FailureConfig(max_failures=meta_cfg.max_failures),
                                       verbose=1))
         results = tuner.fit()
         table = rank_trials(list(callback.impl.rows.values()), sweep_cfg.metric)
