@@ -237,15 +237,14 @@ def _add_models(args, cfg: config_mod.PipelineConfig) -> int:
 
 
 def _embed(args, cfg: config_mod.PipelineConfig) -> int:
-    import pyarrow.parquet as pq
-
+    from .data import store
     from .meta.posthoc import run_posthoc
 
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     path = run_posthoc(args.meta_dir or cfg.meta.output_dir, args.root or cfg.population.root, args.models,
                        steps=args.steps, out_dir=args.out, progress=True)
-    rows = pq.read_table(path).to_pylist()
+    rows = store.read_parquet(path, "post-hoc embeddings").to_pylist()  # local, or in a bucket
     shown = set(args.models) if args.models else {r["model_id"] for r in rows}
     print(f"{'model':<24} {'agreement':>9} {'hidden R2':>9}  nearest trained model (group, distance)")
     for r in rows:

@@ -119,22 +119,18 @@ def run_posthoc(meta_output_dir: str | Path, population_root: str, model_ids: li
     space's PCA plane. Returns the parquet path. The meta run itself is never modified.
     """
     outputs.check_meta_run(meta_output_dir)  # before any directory is created for its outputs
-    if fsio.is_uri(meta_output_dir) or (out_dir is not None and fsio.is_uri(out_dir)):
-        raise ValueError(f"embed: the meta run {meta_output_dir} or --out {out_dir} is on an object store, where "
-                         "post-hoc embedding does not write yet; copy the meta run to a local directory and give "
-                         "--meta-dir and --out there")
-    out = Path(out_dir) if out_dir is not None else outputs.posthoc_dir(meta_output_dir)
+    out = fsio.as_path(out_dir) if out_dir is not None else outputs.posthoc_dir(meta_output_dir)
     with lock.hold(meta_output_dir, "embed", shared=True, what="meta run directory"), \
             lock.hold(out, "embed", what="post-hoc output directory"):
         return _embed_and_write(meta_output_dir, population_root, model_ids, steps, out, seed, progress)
 
 
-def _embed_and_write(meta_output_dir, population_root: str, model_ids, steps: int, out: Path, seed: int,
-                     progress: bool) -> Path:
+def _embed_and_write(meta_output_dir, population_root: str, model_ids, steps: int, out: fsio.AnyPath, seed: int,
+                     progress: bool) -> fsio.AnyPath:
     import pyarrow as pa
 
     results = embed_new_models(meta_output_dir, population_root, model_ids, steps=steps, seed=seed, progress=progress)
-    meta_dir = Path(meta_output_dir)  # embed_new_models has loaded and checked the run; only its embeddings are needed
+    meta_dir = fsio.as_path(meta_output_dir)  # embed_new_models has loaded and checked the run; only its embeddings are needed
     trained = outputs.read_embeddings(meta_dir).to_pylist()
     trained_ids = [r["model_id"] for r in trained]
     theta_trained = np.array([r["theta"] for r in trained], dtype=np.float64)
@@ -154,15 +150,16 @@ def _embed_and_write(meta_output_dir, population_root: str, model_ids, steps: in
     rows.sort(key=lambda r: r["model_id"])
     keys = list(dict.fromkeys(k for r in rows for k in r))
     merged = outputs.theta_as_float32_list(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows]))
-    store.write_table_atomic(merged, path)
-    try:
-        from ..plots import posthoc_pca_plot
+    with fsio.staged(out, last=("embeddings.parquet",)) as local:  # a bucket gets both files, the table last
+        store.write_table_atomic(merged, local / "embeddings.parquet")
+        try:
+            from ..plots import posthoc_pca_plot
 
-        posthoc_pca_plot(theta_trained, [group_of[m] for m in trained_ids],
-                         np.array([r["theta"] for r in rows], dtype=np.float64), [r["model_id"] for r in rows],
-                         out / "embedding_pca.png")
-    except ImportError:  # matplotlib is optional for the core path
-        pass
+            posthoc_pca_plot(theta_trained, [group_of[m] for m in trained_ids],
+                             np.array([r["theta"] for r in rows], dtype=np.float64), [r["model_id"] for r in rows],
+                             local / "embedding_pca.png")
+        except ImportError:  # matplotlib is optional for the core path
+            pass
     return path
 
 
