@@ -456,3 +456,54 @@ def test_a_failing_stage_fails_the_pipeline_run_with_its_error(ray_session, popu
     assert pipe.info.status == "FAILED" and "num_workers=5 exceeds" in pipe.data.tags["dynamo.error"]
     assert runs["population"].info.status == "FINISHED"
     assert runs["population"].data.tags["mlflow.parentRunId"] == pipe.info.run_id
+
+
+@pytest.mark.integration
+def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_finished_trials(population, tmp_path):
+    import json
+    import os
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    cfg = {"run_dir": str(run_dir), "population": {"root": population},
+           "meta": {"hidden_size": 16, "batch_size": 16, "models_per_step": 2, "steps": 500,  # seconds a trial
+                    "eval_every": 100, "checkpoint_every": 500},
+           "sweep": {"output_weight": [0.0, 1.0, 2.0], "embedding_dim": [2], "max_concurrent_trials": 1}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    command = [sys.executable, "-m", "dynamo_dist.cli", "sweep", "--config", str(path)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                              start_new_session=True)
+
+    def recorded() -> bool:  # a finished trial, in our table and in Tune's experiment state
+        states = list(run_dir.glob("tune/*/experiment_state-*.json"))
+        return bool(list(run_dir.glob("sweep/*/finished/*.json"))) and any("TERMINATED" in p.read_text()
+                                                                         for p in states)
+
+    deadline = time.monotonic() + 300
+    while not recorded() and time.monotonic() < deadline:
+        assert driver.poll() is None, driver.stdout.read()
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-sweep
+    driver.wait()
+    before = {p.parent.name: p.stat().st_mtime for p in run_dir.glob("sweep/*/trial-*/summary.json")}
+    assert 1 <= len(before) < 3
+    assert not list(run_dir.glob("sweep/*/trials.json"))
+
+    res = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "resuming sweep" in res.stdout
+    (table,) = run_dir.glob("sweep/*/trials.json")  # the same sweep, finished
+    trials = json.loads(table.read_text())
+    assert sorted(t["output_weight"] for t in trials) == [0.0, 1.0, 2.0]
+    assert all(t["status"] == "TERMINATED" for t in trials), trials
+    after = {p.parent.name: p.stat().st_mtime for p in run_dir.glob("sweep/*/trial-*/summary.json")}
+    assert {k: after[k] for k in before} == before  # finished trials were not run again
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("dynamo")
+    parents = client.search_runs([exp.experiment_id], "tags.`dynamo.stage` = 'sweep'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the one sweep run, ended by the resume

@@ -63,7 +63,9 @@ clusters, near 0 when they overlap.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,8 @@ from . import outputs
 
 METRIC_MODES = {"val_agreement": "max", "val_hidden_r2": "max", "loss": "min"}
 SEARCH_KEYS = ("output_weight", "embedding_dim", "hidden_distance")
+SWEEP_FILE = "sweep.json"   # <sweep_dir>/sweep.json: the configs and MLflow parent run of a sweep (resume)
+FINISHED_DIR = "finished"   # <sweep_dir>/finished/<trial id>.json: the table row of each finished trial
 TABLE_COLUMNS = ("rank", "trial", "output_weight", "embedding_dim", "hidden_distance", "status", "steps",
                  "num_reports", "val_agreement", "val_hidden_r2", "test_agreement", "test_hidden_r2",
                  "test_meta_accuracy", "silhouette_group", "wall_seconds")
@@ -393,6 +397,8 @@ class _MlflowTrials:
                     tracking.log_meta_results(run, {**summary, **{k: v for k, v in extra.items() if v is not None}},
                                               per_model, train_history, outputs.artifacts(local))
             run.set_tags({"dynamo.trial_status": row["status"]})
+        # one file per finished trial: the table of a sweep resumed after its driver died includes it
+        store.write_json_atomic(row, fsio.as_path(self.sweep_dir) / FINISHED_DIR / f"{trial.trial_id}.json")
 
 
 def _make_callback(*args, **kwargs):
@@ -470,14 +476,29 @@ def _sweep(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, root: Path, population_
     if sweep_cfg.scheduler == "asha" and sweep_cfg.workers_per_trial > 1:
         _check_state_api()
 
-    name = _sweep_name(root)
+    record = {"meta": meta_cfg.model_dump(mode="json"), "sweep": sweep_cfg.model_dump(mode="json"),
+              "population_root": population_root}
+    resumed = _resumable(root, record)
+    name = resumed["name"] if resumed else _sweep_name(root)
     sweep_dir, experiment_dir = root / "sweep" / name, root / "tune"
-    sweep_dir.mkdir(parents=True)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
     mode = METRIC_MODES[sweep_cfg.metric]
     space = search_space(sweep_cfg)
     trials = num_trials(sweep_cfg)
+    # Tune saves its experiment state (what a resume restores) every TUNE_GLOBAL_CHECKPOINT_S seconds; its
+    # default ("auto") waited for the end of a 3-trial sweep here, so a killed driver lost every finished
+    # trial. Every 5 s, a trial finished earlier than that before its driver died is never run again.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
+    if resumed:
+        print(f"resuming sweep {name} ({len(_finished_rows(sweep_dir))} of {trials} trials finished; those are not "
+              "run again)", flush=True)
+        parent_run = tracking.ending(tracking_store.attach(resumed["parent_run_id"]))
+    else:
+        parent_run = tracking_store.run(name, tags={"dynamo.stage": "sweep", "dynamo.sweep_dir": str(sweep_dir)})
 
-    with tracking_store.run(name, tags={"dynamo.stage": "sweep", "dynamo.sweep_dir": str(sweep_dir)}) as parent:
+    with parent_run as parent:
+        if not resumed:
+            store.write_json_atomic({**record, "name": name, "parent_run_id": parent.run_id}, sweep_dir / SWEEP_FILE)
         parent.log_params({**{f"sweep.{k}": v for k, v in sweep_cfg.model_dump(mode="json").items()},
                            **{f"meta.{k}": v for k, v in meta_cfg.model_dump(mode="json").items()},
                            "population_root": population_root, "population_size": len(rows),
@@ -502,18 +523,24 @@ def _sweep(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, root: Path, population_
                                  workers_per_trial=sweep_cfg.workers_per_trial,
                                  write_every_report=scheduler is not None),
             resources)
-        tuner = tune.Tuner(
-            trainable, param_space=space,
-            tune_config=tune.TuneConfig(metric=sweep_cfg.metric, mode=mode, scheduler=scheduler,
-                                        search_alg=search_algorithm(sweep_cfg, meta_cfg.seed),
-                                        num_samples=sweep_cfg.num_samples, max_concurrent_trials=concurrency,
-                                        reuse_actors=reuse),
-            # a trial whose node died (or whose process did) is run again, up to meta.max_failures times
-            run_config=tune.RunConfig(name=name, **fsio.ray_storage_kwargs(experiment_dir), callbacks=[callback],
-                                      failure_config=tune.FailureConfig(max_failures=meta_cfg.max_failures),
-                                      verbose=1))
+        if resumed:  # the experiment as its checkpoint left it: finished trials stay finished
+            where = fsio.ray_storage_kwargs(experiment_dir / name)
+            tuner = tune.Tuner.restore(where["storage_path"], trainable=trainable, param_space=space,
+                                       resume_unfinished=True, resume_errored=True,
+                                       storage_filesystem=where.get("storage_filesystem"))
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space=space,
+                tune_config=tune.TuneConfig(metric=sweep_cfg.metric, mode=mode, scheduler=scheduler,
+                                            search_alg=search_algorithm(sweep_cfg, meta_cfg.seed),
+                                            num_samples=sweep_cfg.num_samples, max_concurrent_trials=concurrency,
+                                            reuse_actors=reuse),
+                # a trial whose node died (or whose process did) is run again, up to meta.max_failures times
+                run_config=tune.RunConfig(name=name, **fsio.ray_storage_kwargs(experiment_dir), callbacks=[callback],
+                                          failure_config=tune.FailureConfig(max_failures=meta_cfg.max_failures),
+                                          verbose=1))
         results = tuner.fit()
-        table = rank_trials(list(callback.impl.rows.values()), sweep_cfg.metric)
+        table = rank_trials(_finished_rows(sweep_dir), sweep_cfg.metric)
         _log_summary(parent, table, sweep_cfg.metric, sweep_dir)
         ok = [r for r in table if r["status"] != "ERROR"]
         if not ok:
@@ -522,6 +549,31 @@ def _sweep(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, root: Path, population_
         errors = [str(e) for e in results.errors][:1]
         raise RuntimeError(f"every trial of sweep {name} failed; first error: {errors}")
     return table
+
+
+def _resumable(root: fsio.AnyPath, record: dict) -> dict | None:
+    """The latest sweep of ``root`` that did not finish (no trials.json) and ran these very configs on
+    this population, when Tune can restore its experiment: re-running the command resumes it."""
+    from ray import tune
+
+    sweeps = root / "sweep"
+    candidates = sorted((d for d in sweeps.iterdir() if (d / SWEEP_FILE).is_file()), key=str, reverse=True) \
+        if sweeps.is_dir() else []
+    for d in candidates[:1]:
+        if (d / "trials.json").is_file():
+            return None
+        saved = json.loads((d / SWEEP_FILE).read_text())
+        if {k: saved.get(k) for k in record} != json.loads(store.to_json(record)):
+            return None  # other settings: a new sweep
+        where = fsio.ray_storage_kwargs(root / "tune" / saved["name"])
+        if tune.Tuner.can_restore(where["storage_path"], storage_filesystem=where.get("storage_filesystem")):
+            return saved
+    return None
+
+
+def _finished_rows(sweep_dir: fsio.AnyPath) -> list[dict]:
+    d = sweep_dir / FINISHED_DIR
+    return [json.loads(p.read_text()) for p in d.glob("*.json")] if d.is_dir() else []
 
 
 def _log_summary(parent, table: list[dict], metric: str, sweep_dir: fsio.AnyPath) -> None:
