@@ -412,3 +412,20 @@ def test_cli_root_and_out_set_the_stage_paths():
         assert cfg.population.root == "/p" and cfg.meta.output_dir == "runs/smoke/meta"
     an = cli.build_parser().parse_args(["analyze", "--out", "/r"])
     assert an.out_dir == "/r"
+
+
+def test_remote_paths_name_like_pathlib_without_touching_the_store():
+    from dynamo_dist.data import fsio
+
+    p = fsio.as_path("s3://bucket/runs//demo/./meta/")
+    assert isinstance(p, fsio.RemotePath) and str(p) == "s3://bucket/runs/demo/meta"
+    assert (p.name, str(p.parent), str(p / "a.parquet"), str(p.with_name("pop"))) == (
+        "meta", "s3://bucket/runs/demo", "s3://bucket/runs/demo/meta/a.parquet", "s3://bucket/runs/demo/pop")
+    assert str(p / ".." / "population") == "s3://bucket/runs/demo/population"
+    assert fsio.relative("s3://bucket/runs/demo/population", "s3://bucket/runs/demo/meta") == "../population"
+    assert fsio.relative("s3://other/population", "s3://bucket/meta") is None  # no path joins two buckets
+    assert fsio.absolute("gs://b/x") == "gs://b/x" and fsio.absolute("rel").startswith("/")
+    assert isinstance(fsio.as_path("file:///tmp/x"), Path) and not fsio.is_uri("/tmp/x")
+    # the host of a non-bucket scheme stays in the URI, not in the filesystem path
+    h = fsio.RemotePath("hdfs://namenode:8020/data/pop")
+    assert str(h._from_fs_path("/data/pop/manifest.parquet")) == "hdfs://namenode:8020/data/pop/manifest.parquet"

@@ -33,6 +33,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+BUCKET_SCHEMES = ("s3", "gs", "gcs")  # the URI's host is a bucket, part of the filesystem path
 _filesystems: dict[tuple[str, str], pafs.FileSystem] = {}
 _fs_lock = threading.Lock()
 
@@ -65,7 +66,9 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
             raise ValueError(f"{uri}: cannot open its filesystem ({err})") from None
         with _fs_lock:
             fs = _filesystems.setdefault(key, fs)
-    return fs, f"{bucket}/{rest.split('/', 1)[1]}".rstrip("/") if "/" in rest else bucket
+    if scheme in BUCKET_SCHEMES:  # object stores: the bucket is the first part of the path
+        return fs, f"{bucket}/{rest.split('/', 1)[1]}".rstrip("/") if "/" in rest else bucket
+    return fs, "/" + rest.split("/", 1)[1].rstrip("/") if "/" in rest else "/"  # hdfs://host:port/path -> /path
 
 
 class RemotePath:
@@ -163,7 +166,9 @@ class RemotePath:
         return self.fs.get_file_info(pafs.FileSelector(self.fs_path, recursive=recursive, allow_not_found=True))
 
     def _from_fs_path(self, fs_path: str) -> RemotePath:
-        return RemotePath(f"{self.scheme}://{fs_path}")
+        if self.scheme in BUCKET_SCHEMES:
+            return RemotePath(f"{self.scheme}://{fs_path}")
+        return RemotePath(f"{self.scheme}://{self._rest.split('/', 1)[0]}{fs_path}")  # the host stays in the URI
 
     def iterdir(self) -> Iterator[RemotePath]:
         for info in self._children(False):
@@ -213,7 +218,7 @@ class RemotePath:
     def mkdir(self, parents: bool = True, exist_ok: bool = True) -> None:
         """Object stores have no directories (a marker object would only clutter listings); on filesystems
         that do (HDFS), create it."""
-        if self.scheme not in ("s3", "gs", "gcs"):
+        if self.scheme not in BUCKET_SCHEMES:
             self.fs.create_dir(self.fs_path, recursive=True)
 
     def unlink(self, missing_ok: bool = False) -> None:

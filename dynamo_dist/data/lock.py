@@ -102,11 +102,8 @@ def hold(directory: str | os.PathLike, stage: str, *, shared: bool = False, what
         if mine[1] and not shared:
             _flock(mine[0], path, shared=False, what=what, d=d)
             mine[1] = False
-        mine[2] += 1
-        try:
+        with _nested(mine):
             yield
-        finally:
-            mine[2] -= 1
         return
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -134,6 +131,16 @@ def hold(directory: str | os.PathLike, stage: str, *, shared: bool = False, what
         os.close(fd)  # closing releases the flock
 
 
+@contextmanager
+def _nested(mine: list):
+    """Another hold of a lock this process holds already: counted, released with the outermost one."""
+    mine[2] += 1
+    try:
+        yield
+    finally:
+        mine[2] -= 1
+
+
 def _holder_info(stage: str) -> dict:
     return {"stage": stage, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
             "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])[:300]}
@@ -145,11 +152,8 @@ def _hold_lease(d: fsio.RemotePath, stage: str, *, shared: bool, what: str):
     key = str(path)
     mine = _held.get(key)
     if mine is not None:  # a pipeline's stage inside another, in this process
-        mine[2] += 1
-        try:
+        with _nested(mine):
             yield
-        finally:
-            mine[2] -= 1
         return
     try:
         lease = json.loads(path.read_bytes() or b"{}") if path.is_file() else {}
