@@ -18,8 +18,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import safetensors.torch
 import torch
+from safetensors.torch import load as safetensors_load, save as safetensors_save
 from torch import nn
 
 from .config import RESNET_ARCHS, SEQUENCE_ARCHS
@@ -204,7 +204,7 @@ def save(model: nn.Module, path: str | Path, extra: dict[str, str] | None = None
     """Write weights + architecture to one safetensors file (atomic: rename locally, one put remotely)."""
     meta = {"arch_spec": model.spec.to_json(), "format_version": str(FORMAT_VERSION), **(extra or {})}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    fsio.write_bytes_atomic(fsio.as_path(path), safetensors.torch.save(state, metadata=meta))
+    fsio.write_bytes_atomic(fsio.as_path(path), safetensors_save(state, metadata=meta))
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -216,7 +216,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         data = path.read_bytes()
         header = int.from_bytes(data[:8], "little")
         meta = json.loads(data[8:8 + header]).get("__metadata__") or {}
-        return safetensors.torch.load(data), meta
+        return safetensors_load(data), meta
     except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
         raise ValueError(f"weights file {path} is not a readable safetensors file: {err}") from None
 
