@@ -178,7 +178,7 @@ def test_worker_node_killed_during_a_population_every_model_completes_once(two_n
     command = [sys.executable, "-m", "dynamo_dist.cli", "population", "--config", str(path),
                "--address", two_nodes["address"]]
     # a SQLite store on one node's disk is refused on a 2-node cluster, before any work
-    env = {k: v for k, v in two_nodes["env"].items() if k != "MLFLOW_TRACKING_URI"}
+    env = two_nodes["env"]  # without MLFLOW_TRACKING_URI (Cluster)
     refused = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert refused.returncode == 2 and "2 nodes" in refused.stderr and "tracking_uri" in refused.stderr, \
         refused.stderr[-2000:]
@@ -229,7 +229,7 @@ def test_worker_node_killed_during_meta_training_continues_with_fewer_workers(tw
         return [sys.executable, "-m", "dynamo_dist.cli", "meta", "--config", str(path),
                 "--address", two_nodes["address"], "--tracking-uri", tracking]
 
-    env = {k: v for k, v in two_nodes["env"].items() if k != "MLFLOW_TRACKING_URI"}
+    env = two_nodes["env"]
     clean = subprocess.run(command(tmp_path / "clean"), capture_output=True, text=True, env=env, timeout=600)
     assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
     elastic = tmp_path / "elastic"
@@ -274,7 +274,7 @@ def test_a_sweep_whose_worker_node_dies_finishes_every_trial(two_nodes, tracking
            "sweep": {"output_weight": [0.0, 1.0], "embedding_dim": [2], "max_concurrent_trials": 2}}
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = {k: v for k, v in two_nodes["env"].items() if k != "MLFLOW_TRACKING_URI"}
+    env = two_nodes["env"]
     driver = subprocess.Popen([sys.executable, "-m", "dynamo_dist.cli", "sweep", "--config", str(path),
                                "--address", two_nodes["address"], "--tracking-uri", tracking],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -187,6 +187,11 @@ class RemotePath:
     def rglob(self, pattern: str) -> Iterator[RemotePath]:
         return self.glob(f"**/{pattern}")
 
+    def files(self) -> list[RemotePath]:
+        """Every file under this directory, from one listing (no request per entry)."""
+        return [self._from_fs_path(i.path) for i in sorted(self._children(True), key=lambda i: i.path)
+                if i.type == pafs.FileType.File]
+
     # ---------------------------------------------------------------- reads and writes
 
     def open_input(self) -> pa.NativeFile:
@@ -368,11 +373,10 @@ def local_copy(path: AnyPath) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="dynamo-read-") as tmp:
         local = Path(tmp) / path.name
         if path.is_dir():
-            for child in path.rglob("*"):
-                if child.is_file():
-                    out = local / child.relative_to(path)
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    out.write_bytes(child.read_bytes())
+            for child in path.files():
+                out = local / child.relative_to(path)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_bytes(child.read_bytes())
         else:
             local.write_bytes(path.read_bytes())
         yield local
@@ -383,7 +387,7 @@ def move(src: AnyPath, dest: AnyPath) -> None:
     if not isinstance(src, RemotePath):
         src.rename(dest)
         return
-    files = [src] if src.is_file() else [p for p in src.rglob("*") if p.is_file()]
+    files = [src] if src.is_file() else src.files()
     for f in files:
         target = dest if f == src else dest / f.relative_to(src).as_posix()
         src.fs.copy_file(f.fs_path, target.fs_path)

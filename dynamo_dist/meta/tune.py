@@ -557,17 +557,18 @@ def _resumable(root: fsio.AnyPath, record: dict) -> dict | None:
     from ray import tune
 
     sweeps = root / "sweep"
-    candidates = sorted((d for d in sweeps.iterdir() if (d / SWEEP_FILE).is_file()), key=str, reverse=True) \
-        if sweeps.is_dir() else []
-    for d in candidates[:1]:
-        if (d / "trials.json").is_file():
-            return None
-        saved = json.loads((d / SWEEP_FILE).read_text())
-        if {k: saved.get(k) for k in record} != json.loads(store.to_json(record)):
-            return None  # other settings: a new sweep
-        where = fsio.ray_storage_kwargs(root / "tune" / saved["name"])
-        if tune.Tuner.can_restore(where["storage_path"], storage_filesystem=where.get("storage_filesystem")):
-            return saved
+    started = [d for d in sweeps.iterdir() if (d / SWEEP_FILE).is_file()] if sweeps.is_dir() else []
+    if not started:
+        return None
+    latest = max(started, key=str)
+    if (latest / "trials.json").is_file():
+        return None
+    saved = json.loads((latest / SWEEP_FILE).read_text())
+    if {k: saved.get(k) for k in record} != json.loads(store.to_json(record)):
+        return None  # other settings: a new sweep
+    where = fsio.ray_storage_kwargs(root / "tune" / saved["name"])
+    if tune.Tuner.can_restore(where["storage_path"], storage_filesystem=where.get("storage_filesystem")):
+        return saved
     return None
 
 
