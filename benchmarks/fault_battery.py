@@ -189,7 +189,9 @@ class Battery:
         d = self.fresh("pickle")
         meta = d / "run" / "meta"
         code = ("import torch, pathlib, sys; torch.save({'step': 1, 'x': pathlib.Path('x')}, sys.argv[1])")
-        subprocess.run([sys.executable, "-c", code, str(meta / "checkpoint.pt")], check=True, env=self.env,
+        # the current layout's checkpoint/shared.pt, or checkpoint.pt of a checkout from before it
+        target = meta / "checkpoint" / "shared.pt" if (meta / "checkpoint").is_dir() else meta / "checkpoint.pt"
+        subprocess.run([sys.executable, "-c", code, str(target)], check=True, env=self.env,
                        cwd=self.work)
         before = _digests(d)
         res, s = self.cli("analyze", "--config", str(d / "c.yaml"), "--no-log")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -103,6 +105,54 @@ def test_a_worker_reads_only_its_models_from_a_checkpoint_written_by_other_worke
         assert torch.equal(got[m]["opt"][0]["exp_avg"], states[m]["opt"][0]["exp_avg"]) and got[m]["opt"][1] is None
     _, everything, _ = checkpoint.read_sharded(tmp_path)
     assert sorted(everything) == ids
+
+
+def test_a_run_checkpoint_keeps_the_shard_files_and_rewrites_never_mix_steps(tmp_path):
+    """The run's copy of a sharded checkpoint: shard files linked, theta/V and shared weights read back
+    exactly, theta alone without the rest; a rewrite at a later step leaves only that step's files;
+    the inference copy has no optimiser state and loads the same."""
+    from dynamo_dist.meta import checkpoint
+
+    g = torch.Generator().manual_seed(1)
+
+    def ray_checkpoint(d: Path, step: int) -> dict:
+        states = {f"m{i}": {"theta": torch.randn(3, generator=g), "maps": {"0.weight": torch.randn(4, 2, generator=g)},
+                            "opt": [{"step": torch.tensor(5.0), "exp_avg": torch.randn(3, generator=g)}, None]}
+                  for i in range(5)}
+        ids = sorted(states)
+        d.mkdir()
+        for r, own in enumerate([ids[0::2], ids[1::2]]):
+            shared = {"step": step, "meta": {"w": torch.full((2,), float(step))}, "opt_meta": {"state": {}},
+                      "shards": [checkpoint.shard_file(k) for k in range(2)], "model_ids": ids} if r == 0 else None
+            checkpoint.write_shard(d, r, {m: states[m] for m in own}, shared=shared)
+        return states
+
+    kept = tmp_path / "run" / "checkpoint"
+    first = ray_checkpoint(tmp_path / "c10", 10)
+    checkpoint.write_run_checkpoint(kept, tmp_path / "c10")
+    assert (kept / "shard-1-s00000010.pt").stat().st_ino == (tmp_path / "c10" / "shard-1.pt").stat().st_ino
+    meta, per_model = checkpoint.read_model_state(kept)
+    assert torch.equal(meta["w"], torch.full((2,), 10.0)) and sorted(per_model) == sorted(first)
+    for m, s in first.items():
+        assert torch.equal(per_model[m]["theta"], s["theta"]) and torch.equal(per_model[m]["maps"]["0.weight"],
+                                                                             s["maps"]["0.weight"])
+        assert "opt" not in per_model[m]
+    assert {m: t.tolist() for m, t in checkpoint.read_thetas(kept).items()} == {
+        m: s["theta"].tolist() for m, s in first.items()}
+    later = ray_checkpoint(tmp_path / "c20", 20)  # the run resumed and finished again
+    checkpoint.write_run_checkpoint(kept, tmp_path / "c20")
+    assert sorted(f.name for f in kept.iterdir()) == ["shard-0-s00000020.pt", "shard-1-s00000020.pt", "shared.pt"]
+    meta, per_model = checkpoint.read_model_state(kept)
+    assert torch.equal(meta["w"], torch.full((2,), 20.0))
+    assert all(torch.equal(per_model[m]["theta"], later[m]["theta"]) for m in later)
+    assert not any(torch.equal(per_model[m]["theta"], first[m]["theta"]) for m in first)  # the control
+    light = tmp_path / "pyfunc"
+    checkpoint.write_inference_copy(kept, light)
+    for name in checkpoint.safe_load(light / "shared.pt")["shards"]:
+        assert all(set(s) == {"theta", "maps"} for s in checkpoint.safe_load(light / name).values())
+    assert "opt_meta" not in checkpoint.safe_load(light / "shared.pt")
+    _, again = checkpoint.read_model_state(light)
+    assert all(torch.equal(again[m]["maps"]["0.weight"], later[m]["maps"]["0.weight"]) for m in later)
 
 
 def test_a_split_read_once_streams_through_without_being_held(root):

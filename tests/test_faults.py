@@ -244,9 +244,10 @@ def test_a_pickle_payload_in_a_checkpoint_is_refused_naming_it(trained, tmp_path
     meta.mkdir()
     dump(MetaConfig(output_dir=str(meta)), meta / "meta_config.yaml")
     (meta / "meta_run.json").write_text(json.dumps({"population_root": str(trained)}))
-    torch.save({"step": 1, "payload": Path("x")}, meta / "checkpoint.pt")  # a non-tensor object
+    (meta / "checkpoint").mkdir()
+    torch.save({"step": 1, "payload": Path("x")}, meta / "checkpoint" / "shared.pt")  # a non-tensor object
     _battery_case(tmp_path, ["analyze", "--meta-dir", str(meta), "--no-log"], 2,
-                  [f"checkpoint {meta / 'checkpoint.pt'} holds objects other than tensors"], new_files=True)
+                  [f"checkpoint {meta / 'checkpoint' / 'shared.pt'} holds objects other than tensors"], new_files=True)
 
 
 def test_ctrl_c_is_one_line_and_a_rerun_resumes(tmp_path):

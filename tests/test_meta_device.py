@@ -20,7 +20,7 @@ from dynamo_dist.meta.local import run_meta_local
 from dynamo_dist.meta.metrics import evaluate, summarize
 from dynamo_dist.meta.ray_train import for_cluster
 from dynamo_dist.meta.trainer import DynamoTrainer, PopulationData, resolve_device
-from dynamo_dist.meta.tune import _trial_resources
+from dynamo_dist.meta.tune import TRIAL_DRIVER_MEMORY, _trial_resources
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 T, D, N_PROBE, N_TEST = 10, 2, 64, 32
@@ -105,7 +105,9 @@ def test_sweep_trials_on_cuda_hold_their_gpus():
     assert _trial_resources(one, {"CPU": 8.0, "GPU": 2.0}) == ({"cpu": 1.0}, 8)  # cpu trials ignore GPUs
     assert _trial_resources(one, {"CPU": 8.0, "GPU": 2.0}, "cuda") == ({"cpu": 1.0, "gpu": 1.0}, 2)
     # a Ray Train trial's workers take the GPUs (use_gpu): 4 GPUs hold two trials of 2 workers
-    assert _trial_resources(two, {"CPU": 16.0, "GPU": 4.0}, "cuda") == ({"cpu": 0.01}, 2)
+    assert _trial_resources(two, {"CPU": 16.0, "GPU": 4.0}, "cuda") == ({"cpu": 0.0, "memory": TRIAL_DRIVER_MEMORY}, 2)
+    # the trial's driver takes no CPU: two 1-CPU nodes hold a 2-worker trial, 4 CPUs two of them
+    assert _trial_resources(two, {"CPU": 2.0})[1] == 1 and _trial_resources(two, {"CPU": 4.0})[1] == 2
 
 
 # ---------------------------------------------------------------- checkpoints are device-agnostic

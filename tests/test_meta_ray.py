@@ -126,12 +126,25 @@ def test_two_workers_embed_every_model(clean_w2, pop_root):
     ckpt = Path(clean_w2["result"].checkpoint.path)
     assert {"shared.pt", "shard-0.pt", "shard-1.pt", "test_metrics-0.json", "test_metrics-1.json"} <= {
         p.name for p in ckpt.iterdir()}
-    # merged output checkpoint holds every shard and loads as a meta run
+    # the run's checkpoint is the final Ray checkpoint's shard files, linked (same disk) not merged,
+    # and loads as a meta run with exactly the workers' theta/V
     from dynamo_dist.meta.outputs import load_meta_run
 
+    kept = out / "checkpoint"
+    shared = checkpoint_format.safe_load(kept / "shared.pt")
+    assert shared["shards"] == [f"shard-{r}-s{STEPS:08d}.pt" for r in (0, 1)] and shared["step"] == STEPS
+    for r in (0, 1):
+        assert (kept / shared["shards"][r]).stat().st_ino == (ckpt / f"shard-{r}.pt").stat().st_ino
+    assert not (out / "checkpoint.pt").exists()
+    _, workers, _ = checkpoint_format.read_sharded(ckpt)
     run = load_meta_run(out)
     assert [r["model_id"] for r in run.rows] == ids
+    for i, m in enumerate(ids):
+        assert torch.equal(run.embeddings.theta[i].detach(), workers[m]["theta"])
+        for k, v in run.embeddings.maps[i].state_dict().items():
+            assert torch.equal(v, workers[m]["maps"][k]), (m, k)
     np.testing.assert_allclose(run.theta(), np.array([thetas(out)[m] for m in ids]), rtol=0, atol=1e-7)
+    assert checkpoint_format.read_thetas(kept).keys() == set(ids)
     # rank 0 logged the loss history (every step) and val metrics; finalize ended the run
     client = clean_w2["store"].client()
     mlrun = client.get_run(summary["mlflow_run_id"])

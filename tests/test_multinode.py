@@ -6,6 +6,7 @@ joins before the next test)."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import secrets
 import shutil
@@ -22,7 +23,7 @@ import yaml
 
 from dynamo_dist.data import store
 from dynamo_dist.data.lock import LOCK_FILE
-from servers import mlflow_server
+from servers import mlflow_server, s3_server
 
 pytestmark = pytest.mark.integration
 RAY = Path(sys.executable).with_name("ray")
@@ -66,17 +67,23 @@ class Cluster:
     and ports, token auth), shared by this module's tests: a test that kills the worker node leaves the
     head, and the next test's ``two_nodes()`` starts a new worker node."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, extra_env: dict | None = None):
         self.tmp, self.count = tmp, itertools.count()
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
-                    "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+                    "RAY_AUTH_TOKEN": secrets.token_hex(32), **(extra_env or {})}
         for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
             self.env.pop(k, None)
         self.gcs = _free_port()
         self.address = f"127.0.0.1:{self.gcs}"
+        # the nodes' processes (Ray Train's PlacementGroupCleaner among them) find the State API through
+        # RAY_ADDRESS: without it they search the machine and fail when another Ray runs on it
+        self.env["RAY_ADDRESS"] = self.address
         self.short = Path("/tmp") / f"mn-{os.getpid()}-{next(_CLUSTERS)}"  # Ray's socket paths have a length limit
         self.nodes: list[Node] = []
-        self.head = self._start(["--head", f"--port={self.gcs}", "--include-dashboard=false",
+        # the dashboard answers Ray's State API, which Ray Train needs to free the workers of a trial
+        # that ASHA stops (meta.tune._check_state_api)
+        self.head = self._start(["--head", f"--port={self.gcs}", "--include-dashboard=true",
+                                 "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}",
                                  f"--ray-client-server-port={_free_port()}"], "h")
         self.worker: Node | None = None
         # a worker started before the head's GCS answers gives up at once
@@ -102,8 +109,15 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("cluster"))
+def s3(tmp_path_factory):
+    """An S3-compatible server (moto) on loopback: its endpoint and credentials are in every node's env."""
+    with s3_server(tmp_path_factory.mktemp("s3"), buckets=("dynamo-dist-runs",)) as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3):
+    c = Cluster(tmp_path_factory.mktemp("cluster"), extra_env=s3)
     try:
         yield c
     finally:
@@ -292,3 +306,64 @@ def test_a_sweep_whose_worker_node_dies_finishes_every_trial(two_nodes, tracking
     assert all(t["status"] == "TERMINATED" and t["steps"] == 400 for t in trials), trials
     for t in trials:
         assert json.loads((Path(t["output_dir"]) / "summary.json").read_text())["num_models"] == 4
+
+
+def test_an_asha_sweep_of_two_worker_train_trials_frees_the_workers_of_stopped_trials(two_nodes, tracking,
+                                                                                     small_population, tmp_path):
+    """ASHA over Ray Train trials of 2 workers, one per node (the cluster holds one trial at a time),
+    ranked on the training loss, which lambda=1's output term makes larger than lambda=0's by
+    construction: the lambda=1 trial after a lambda=0 one is stopped at the first rung, its workers
+    are freed (the next trial trains on both nodes) and the sweep finishes with every trial."""
+    import json
+
+    run_dir = tmp_path / "run"
+    cfg = {"run_dir": str(run_dir), "population": {"root": str(small_population)},
+           # steps enough that a stopped trial's workers cannot finish before Tune's stop reaches them (the
+           # first rung is at step 100, reported at 120)
+           "meta": {"hidden_size": 16, "embedding_dim": 2, "steps": 400, "batch_size": 8, "models_per_step": 2,
+                    "checkpoint_every": 40, "eval_every": 40, "max_failures": 1, "seed": 0},
+           "sweep": {"output_weight": [0.0, 1.0, 0.0], "embedding_dim": [2], "scheduler": "asha", "metric": "loss",
+                     "workers_per_trial": 2, "max_concurrent_trials": 2}}
+    path = tmp_path / "asha.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = subprocess.run([sys.executable, "-m", "dynamo_dist.cli", "sweep", "--config", str(path),
+                          "--address", two_nodes["address"], "--tracking-uri", tracking],
+                         capture_output=True, text=True, env=two_nodes["env"], timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (table,) = run_dir.glob("sweep/*/trials.json")
+    trials = sorted(json.loads(table.read_text()), key=lambda t: t["trial"])
+    assert [t["output_weight"] for t in trials] == [0.0, 1.0, 0.0]
+    first, stopped, last = trials
+    seen = f"{[(t['output_weight'], t['status'], t['steps'], t['num_reports']) for t in trials]}\n{res.stdout[-4000:]}"
+    assert first["status"] == "TERMINATED" and first["steps"] == 400, seen
+    assert stopped["status"] == "STOPPED_EARLY" and stopped["steps"] < 400, seen
+    # the stopped trial's 2 workers were freed: the last trial trained on both nodes past the first rung
+    assert last["status"] in ("TERMINATED", "STOPPED_EARLY") and last["steps"] >= 120
+    for t in trials:  # every trial has outputs: a stopped one from its latest checkpoint
+        summary = json.loads((Path(t["output_dir"]) / "summary.json").read_text())
+        assert summary["num_models"] == 4 and summary["num_workers"] == 2
+
+
+def test_the_smoke_pipeline_runs_on_two_nodes_with_every_output_on_a_bucket(two_nodes, tracking, s3):
+    """What a user types for the demo on a cluster with a bucket (the smoke recipe, for time): population
+    actors and the 2 Train workers on both nodes, every output in s3://, readable from the bucket."""
+    import pyarrow.fs as pafs
+
+    run_dir = f"s3://dynamo-dist-runs/two-nodes-{os.getpid()}"
+    command = [sys.executable, "-m", "dynamo_dist.cli", "run", "--recipe", "smoke", "--set", f"run_dir={run_dir}",
+               "--set", "population.num_actors=2", "--set", "meta.num_workers=2",
+               "--address", two_nodes["address"], "--tracking-uri", tracking]
+    t0 = time.monotonic()
+    res = subprocess.run(command, capture_output=True, text=True, env=two_nodes["env"], timeout=900)
+    wall = time.monotonic() - t0
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    print(f"\n2 nodes + bucket, smoke pipeline: {wall:.0f} s wall\n" + res.stdout[-1500:])
+    fs = pafs.S3FileSystem(endpoint_override=s3["AWS_ENDPOINT_URL"], access_key=s3["AWS_ACCESS_KEY_ID"],
+                           secret_key=s3["AWS_SECRET_ACCESS_KEY"], region="us-east-1")
+    prefix = run_dir.removeprefix("s3://")
+    keys = {i.path for i in fs.get_file_info(pafs.FileSelector(prefix, recursive=True)) if i.type == pafs.FileType.File}
+    for name in ("population/manifest.parquet", "meta/embeddings.parquet", "meta/checkpoint/shared.pt",
+                 "meta/analysis/report.html", "pipeline_summary.json"):
+        assert f"{prefix}/{name}" in keys, name
+    summary = json.loads(fs.open_input_file(f"{prefix}/meta/summary.json").read())
+    assert summary["num_workers"] == 2 and summary["num_models"] == 4  # one Train worker per 1-CPU node

@@ -68,7 +68,7 @@ def test_smoke_pipeline_with_a_sweep_on_a_bucket_is_readable_from_the_bucket(s3,
     fs = _fs(s3)
     keys = _keys(fs, "bucket/runs/smoke")
     for name in ("population/manifest.parquet", "population/population.json", "meta/embeddings.parquet",
-                 "meta/summary.json", "meta/checkpoint.pt", "meta/analysis/report.html",
+                 "meta/summary.json", "meta/checkpoint/shared.pt", "meta/analysis/report.html",
                  "meta/analysis/analysis.json", "pipeline_summary.json"):
         assert f"bucket/runs/smoke/{name}" in keys, name
     assert any("/ray_results/meta/checkpoint_" in k for k in keys)  # Ray Train's storage on the bucket too

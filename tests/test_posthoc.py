@@ -46,11 +46,16 @@ def meta_dir(tmp_path_factory) -> Path:
 
 
 def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """sha256 of a file, or of every file of a directory (names and bytes)."""
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if f.is_file():
+            h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + f.read_bytes())
+    return h.hexdigest()
 
 
 def test_reembedded_models_land_near_their_trained_theta(meta_dir):
-    before_file = _digest(meta_dir / "checkpoint.pt")
+    before_file = _digest(meta_dir / "checkpoint")
     before = {k: v.clone() for k, v in load_meta_run(meta_dir).meta.state_dict().items()}
     run = load_meta_run(meta_dir)
     trained = {r["model_id"]: np.array(r["theta"]) for r in pq.read_table(meta_dir / "embeddings.parquet").to_pylist()}
@@ -74,7 +79,7 @@ def test_reembedded_models_land_near_their_trained_theta(meta_dir):
         assert {"agreement", "hidden_r2", "meta_accuracy", "base_accuracy", "seconds"} <= set(r)
         assert r["hidden_r2"] > 0.5 and 0.0 <= r["agreement"] <= 1.0
     # the meta-model was frozen: neither the file nor the loaded weights changed
-    assert _digest(meta_dir / "checkpoint.pt") == before_file
+    assert _digest(meta_dir / "checkpoint") == before_file
     after = load_meta_run(meta_dir).meta.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -107,7 +112,7 @@ def test_embed_cli_writes_new_models_with_their_nearest_trained_model(meta_dir, 
     try:
         run_local(PopulationConfig(root=root, groups=(new,), num_examples=1000, num_probe=128, num_test=64),
                   progress=False)
-        before = _digest(meta_dir / "checkpoint.pt"), _digest(meta_dir / "embeddings.parquet")
+        before = _digest(meta_dir / "checkpoint"), _digest(meta_dir / "embeddings.parquet")
         assert cli.main(["embed", "--meta-dir", str(meta_dir), "--root", root, "--models", "new-rnn-s010",
                          "--steps", "200"]) == 0
         assert cli.main(["embed", "--meta-dir", str(meta_dir), "--root", root, "--models", "new-rnn-s011",
@@ -126,5 +131,5 @@ def test_embed_cli_writes_new_models_with_their_nearest_trained_model(meta_dir, 
         assert r["nearest_distance"] == pytest.approx(min(dists.values()), rel=1e-5)
         assert r["nearest_group"] == "rnn"  # same architecture as the rnn group: it computes alike
     assert (meta_dir / "posthoc" / "embedding_pca.png").stat().st_size > 10_000
-    assert (_digest(meta_dir / "checkpoint.pt"), _digest(meta_dir / "embeddings.parquet")) == before
+    assert (_digest(meta_dir / "checkpoint"), _digest(meta_dir / "embeddings.parquet")) == before
     assert store.manifest_rows(root)[0]["status"] == "complete"

@@ -211,7 +211,7 @@ def test_trials_table_and_outputs(sweep):
         assert r["status"] == "TERMINATED" and r["steps"] == STEPS and r["num_reports"] == STEPS // EVAL_EVERY
         out = Path(r["output_dir"])
         assert out.parent.parent.name == "sweep" and out.name == trial_dirname(r["trial_id"], r)
-        for f in ("checkpoint.pt", "embeddings.parquet", "history.parquet", "summary.json", "embedding_pca.png"):
+        for f in ("checkpoint/shared.pt", "embeddings.parquet", "history.parquet", "summary.json", "embedding_pca.png"):
             assert (out / f).is_file(), f
         summary = json.loads((out / "summary.json").read_text())
         assert summary["steps"] == STEPS and r["test_agreement"] == summary["mean_agreement"]
@@ -282,8 +282,8 @@ def test_unreachable_tracking_uri_fails_before_any_trial(population, tmp_path):
 
 @pytest.mark.integration
 def test_trials_that_cannot_fit_the_cluster_fail_before_any_trial(ray_session, population, tmp_path):
-    # 3 Train workers + the trial's driver need 3.01 CPUs; the module's Ray has 2
-    with pytest.raises(ValueError, match=r"workers_per_trial=3: a trial needs 3.01 CPUs .* has 2"):
+    # 3 Train workers need 3 CPUs; the module's Ray has 2
+    with pytest.raises(ValueError, match=r"workers_per_trial=3: a trial needs 3 CPUs .* has 2"):
         _sweep(population, None, "bad", SweepConfig(workers_per_trial=3), str(tmp_path / "run"))
     assert not _sweep_dirs(tmp_path / "run")
 
@@ -429,7 +429,7 @@ def test_pipeline_with_a_sweep_logs_every_stage_to_one_store(ray_session, popula
     assert not [k for k in meta.data.metrics if k.startswith("mean_")]
     top = {a.path for a in client.list_artifacts(meta.info.run_id)}
     assert "meta_model" in top and "meta" not in top
-    assert "checkpoint.pt" in {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(meta.info.run_id,
+    assert "checkpoint" in {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(meta.info.run_id,
                                                                                           "meta_model/artifacts/meta_run")}
 
     # --register-model: a version of the logged model, from the meta run

@@ -10,8 +10,17 @@ step; Ray Train merges the files every worker uploads under one directory name):
 
 Shards are keyed by model_id, so a restarted run or one resumed with another worker count
 re-assigns them. A merged state (``{"step", "meta", "opt_meta", "shard": {model_id: ...}}``)
-is what ``DynamoTrainer.state_dict`` gives and a meta run's ``checkpoint.pt`` holds; all of
-it loads with ``torch.load(weights_only=True)``. Every tensor is a CPU tensor whatever the
+is what ``DynamoTrainer.state_dict`` gives (and a meta run's ``checkpoint.pt`` held before
+runs kept their checkpoint sharded); all of it loads with ``torch.load(weights_only=True)``.
+
+A finished meta run keeps its final checkpoint in the same format, in ``<output_dir>/checkpoint/``
+(``write_run_checkpoint``): the shard files of the last Ray Train checkpoint, linked or copied
+file by file (the driver never holds every model's state), renamed ``shard-<rank>-s<step>.pt``
+so that a rewrite (a run resumed and finished again, a trial rewriting its outputs at every
+report) puts new shard files first and then replaces ``shared.pt``, which names them: a reader
+or a killed writer never pairs one step's shared weights with another step's theta/V.
+``read_thetas`` reads theta alone (memory-mapped), ``read_model_state`` theta, V and the shared
+weights without optimiser state, for loading the meta-model. Every tensor is a CPU tensor whatever the
 device of the run (``to_cpu``), and is loaded onto the CPU: a run trained on GPUs resumes
 on CPUs and the other way round.
 """
@@ -21,6 +30,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -132,14 +142,18 @@ def read_sharded(path: str | os.PathLike, model_ids: list[str] | None = None,
     missing = sorted(expected - set(per_model))
     if missing:
         raise ValueError(f"checkpoint {path} lacks theta/V of models {missing[:5]}")
-    metrics: dict[str, dict] | None = {}
+    return shared, per_model, read_test_metrics(path, shared)
+
+
+def read_test_metrics(path: str | os.PathLike, shared: dict) -> dict[str, dict] | None:
+    """{model_id: test metrics} of a final checkpoint; None unless every worker wrote its file."""
+    metrics: dict[str, dict] = {}
     for r in range(len(shared["shards"])):
-        f = path / metrics_file(r)
+        f = Path(path) / metrics_file(r)
         if not f.is_file():
-            metrics = None
-            break
+            return None
         metrics.update(json.loads(f.read_text()))
-    return shared, per_model, metrics
+    return metrics
 
 
 def _cloned(obj):
@@ -180,3 +194,114 @@ def maps_base_dims(maps_state: dict) -> list[int]:
         if name == "weight":
             taps[int(i)] = v.shape[0]
     return [taps[i] for i in sorted(taps)]
+
+
+# ---------------------------------------------------------------- a finished run's checkpoint
+
+
+def run_shard_file(rank: int, step: int) -> str:
+    return f"shard-{rank}-s{step:08d}.pt"
+
+
+def write_run_checkpoint(dest: str | os.PathLike, source: str | os.PathLike | None = None, *,
+                         state: dict | None = None, shared: dict | None = None) -> None:
+    """A meta run's final checkpoint in ``dest`` (a local directory), from a sharded checkpoint
+    directory ``source`` (its shard files hard-linked, or copied across filesystems: no tensor is
+    loaded) or from a merged ``state`` of one process (one shard; ``shared``: the extra shared
+    fields, see ``ray_train``). Shards first, then ``shared.pt`` (atomic), then shard files no
+    longer named are removed."""
+    d = Path(dest)
+    d.mkdir(parents=True, exist_ok=True)
+    if source is not None:
+        src = Path(source)
+        head = safe_load(src / SHARED_FILE)
+        names = []
+        for rank, name in enumerate(head["shards"]):
+            names.append(run_shard_file(rank, int(head["step"])))
+            _link_or_copy(src / name, d / names[-1])
+    else:
+        head = {"format": FORMAT, "step": state["step"], "meta": state["meta"], "opt_meta": state["opt_meta"],
+                "num_workers": 1, "model_ids": sorted(state["shard"]), **(shared or {})}
+        names = [run_shard_file(0, int(state["step"]))]
+        save_atomic(state["shard"], d / names[0])
+    save_atomic({**head, "shards": names}, d / SHARED_FILE)
+    for f in d.glob("shard-*.pt"):
+        if f.name not in names:
+            f.unlink(missing_ok=True)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)  # the checkpoint's files are never rewritten in place: sharing them is safe
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _shard_files(path: fsio.AnyPath) -> tuple[dict, list]:
+    shared = safe_load(path / SHARED_FILE)
+    if shared.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {path}: format {shared.get('format')!r}, this code reads {FORMAT}")
+    files = [path / name for name in shared["shards"]]
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"checkpoint {path} is incomplete: shard file {f.name} is missing")
+    return shared, files
+
+
+def _mapped(f: fsio.AnyPath) -> dict:
+    """A shard file's states; memory-mapped when local (only what is read is paged in)."""
+    if isinstance(f, fsio.RemotePath):
+        return safe_load(f)
+    try:
+        return torch.load(f, weights_only=True, mmap=True, map_location="cpu")
+    except Exception:  # noqa: BLE001 - safe_load names the file and the reason
+        return safe_load(f)
+
+
+def read_thetas(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every model's theta of a sharded checkpoint directory, one shard file at a time, reading
+    nothing else of them (memory: N x d, whatever the size of the V maps and optimiser state)."""
+    _, files = _shard_files(fsio.as_path(path))
+    thetas: dict[str, torch.Tensor] = {}
+    for f in files:
+        thetas.update({m: s["theta"].clone() for m, s in _mapped(f).items()})
+    return thetas
+
+
+def read_model_state(path: str | os.PathLike) -> tuple[dict, dict[str, dict]]:
+    """(shared meta-model weights, {model_id: {"theta", "maps"}}) of a meta run's checkpoint: a
+    sharded directory, or the merged ``checkpoint.pt`` of runs written before; no optimiser state."""
+    where = fsio.as_path(path)
+    if where.is_file():
+        state = load(where)
+        return state["meta"], {m: {"theta": s["theta"], "maps": s["maps"]} for m, s in state["shard"].items()}
+    if not (where / SHARED_FILE).is_file():
+        raise FileNotFoundError(f"meta run checkpoint not found: {where} (no {SHARED_FILE})")
+    shared, files = _shard_files(where)
+    per_model: dict[str, dict] = {}
+    for f in files:
+        per_model.update({m: {"theta": s["theta"].clone(), "maps": {k: v.clone() for k, v in s["maps"].items()}}
+                          for m, s in _mapped(f).items()})
+    missing = sorted(set(shared["model_ids"]) - set(per_model))
+    if missing:
+        raise ValueError(f"checkpoint {where} lacks theta/V of models {missing[:5]}")
+    return shared["meta"], per_model
+
+
+def write_inference_copy(source: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """``source``'s checkpoint without optimiser state in ``dest`` (the MLflow Model's copy), one
+    shard file at a time."""
+    src, d = fsio.as_path(source), Path(dest)
+    d.mkdir(parents=True, exist_ok=True)
+    if src.is_file():  # a merged checkpoint.pt of an earlier run
+        meta, per_model = read_model_state(src)
+        state = {"step": load(src)["step"], "meta": meta, "opt_meta": {}, "shard": per_model}
+        write_run_checkpoint(d, state=state)
+        return
+    shared, files = _shard_files(src)
+    for f in files:
+        save_atomic({m: {"theta": s["theta"], "maps": s["maps"]} for m, s in _mapped(f).items()}, d / f.name)
+    save_atomic({k: v for k, v in shared.items() if k not in ("opt_meta", "history")}, d / SHARED_FILE)

@@ -5,8 +5,10 @@ Output directory (the contract later stages read)::
     <output_dir>/
       meta_config.yaml          the MetaConfig of the run
       meta_run.json             where it came from and logs to: population_root, MLflow store
-      checkpoint.pt             {"step", "meta": shared state_dict, "opt_meta", "shard": {model_id: theta/V/opt}}
-                                (every worker's shard merged; torch.load(weights_only=True))
+      checkpoint/               the final checkpoint, sharded as the workers wrote it (``checkpoint`` module):
+                                shared.pt (meta-model weights, step, config) + shard-<rank>-s<step>.pt
+                                ({model_id: theta/V/opt}); torch.load(weights_only=True). Runs written
+                                before this layout have one merged checkpoint.pt instead (still read)
       embeddings.parquet        model_id, theta (list<float32>), theta_0..theta_{d-1}, manifest labels
       model_metrics.parquet     model_id, agreement, hidden_r2, meta_accuracy, base_accuracy (test split)
       history.parquet           step, loss, loss_hidden, loss_output (+ val_* rows where evaluated)
@@ -41,7 +43,8 @@ from .model import ModelEmbeddings, build
 LABEL_COLUMNS = ("group", "task", "arch", "hidden_size", "train_fraction", "seed", "epoch", "test_accuracy")
 CONFIG_FILE = "meta_config.yaml"
 CONTEXT_FILE = "meta_run.json"
-CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_FILE = "checkpoint.pt"  # the merged checkpoint of runs written before CHECKPOINT_DIR
 EMBEDDINGS_FILE = "embeddings.parquet"
 METRICS_FILE = "model_metrics.parquet"
 HISTORY_FILE = "history.parquet"
@@ -87,11 +90,21 @@ def theta_as_float32_list(table: pa.Table) -> pa.Table:
     return table.set_column(i, "theta", pa.array(table.column("theta").to_pylist(), pa.list_(pa.float32())))
 
 
-def write_outputs(cfg: MetaConfig, population_root: str, state: dict, theta_rows: list[dict],
+def run_checkpoint(output_dir: str | Path) -> AnyPath:
+    """The final checkpoint of a meta run: its ``checkpoint/`` directory, or an earlier run's ``checkpoint.pt``."""
+    out = fsio.as_path(output_dir)
+    legacy = out / CHECKPOINT_FILE
+    return legacy if not (out / CHECKPOINT_DIR).is_dir() and legacy.is_file() else out / CHECKPOINT_DIR
+
+
+def write_outputs(cfg: MetaConfig, population_root: str, state: dict | Path, theta_rows: list[dict],
                   per_model: dict[str, dict], history: list[dict], manifest: list[dict],
                   extra_summary: dict | None = None, tracking_store: dict | None = None,
                   into: Path | None = None) -> dict:
     """Write every output file of a meta run (each atomically); returns the summary.
+
+    ``state``: the merged state of a single-process run, or a sharded checkpoint directory (Ray
+    Train's final one), whose files are linked or copied into ``checkpoint/`` without loading them.
 
     ``tracking_store``: the MLflow store the run logs to (``tracking.Store`` as a dict), recorded so
     that later stages (analysis) log beside it. ``into``: a local directory the files go to instead
@@ -108,7 +121,11 @@ def write_outputs(cfg: MetaConfig, population_root: str, state: dict, theta_rows
     store.write_json_atomic({"population_root": population_root, "output_dir": where,
                              "population_root_relative": fsio.relative(population_root, where),
                              "tracking": tracking_store}, out / CONTEXT_FILE)
-    checkpoint.save_atomic(state, out / CHECKPOINT_FILE)
+    if isinstance(state, dict):
+        checkpoint.write_run_checkpoint(out / CHECKPOINT_DIR, state=state, shared={
+            "history": history, "config": cfg.model_dump(mode="json"), **(extra_summary or {})})
+    else:
+        checkpoint.write_run_checkpoint(out / CHECKPOINT_DIR, state)
     emb = embeddings_table(theta_rows, manifest)
     store.write_table_atomic(emb, out / EMBEDDINGS_FILE)
     store.write_table_atomic(pa.Table.from_pylist([{"model_id": m, **v} for m, v in sorted(per_model.items())]),
@@ -194,6 +211,22 @@ class MetaRun:
         return read_summary(self.output_dir)
 
 
+def build_loaded(rows: list[dict], cfg: MetaConfig, meta_state: dict, per_model: dict[str, dict]
+                 ) -> tuple[torch.nn.Module, ModelEmbeddings]:
+    """The meta-model (eval mode) and embeddings of ``checkpoint.read_model_state``'s output; ``rows``:
+    manifest rows holding at least those models."""
+    ids = sorted(per_model)
+    base_dims = [checkpoint.maps_base_dims(per_model[m]["maps"]) for m in ids]
+    meta, emb = build(rows, cfg, ids, base_dims)
+    meta.load_state_dict(meta_state)
+    meta.eval()
+    with torch.no_grad():
+        for i, m in enumerate(ids):
+            emb.theta[i].copy_(per_model[m]["theta"])
+            emb.maps[i].load_state_dict(per_model[m]["maps"])
+    return meta, emb
+
+
 def population_root_of(output_dir: AnyPath, context: dict) -> str:
     """The population a meta run reads: when the run directory was moved or copied together with its
     population (the relative path from it still finds a population root), that copy; else the
@@ -224,21 +257,14 @@ def load_meta_run(output_dir: str | Path) -> MetaRun:
     # the directory as it is now (it may have been moved or copied), not where it was written
     cfg = config_mod.load(out / CONFIG_FILE, MetaConfig).replace(output_dir=store.absolute(out))
     context = json.loads((out / CONTEXT_FILE).read_text())
-    state = checkpoint.load(out / CHECKPOINT_FILE)
+    meta_state, per_model = checkpoint.read_model_state(run_checkpoint(out))
     root = population_root_of(out, context)
     all_rows = store.manifest_rows(root)
     by_id = {r["model_id"]: r for r in all_rows}
-    ids = sorted(state["shard"])
+    ids = sorted(per_model)
     missing = [m for m in ids if m not in by_id]
     if missing:
         raise ValueError(f"meta run {out}: models {missing[:5]} are no longer complete in {root}")
-    base_dims = [checkpoint.maps_base_dims(state["shard"][m]["maps"]) for m in ids]
-    meta, emb = build(all_rows, cfg, ids, base_dims)
-    meta.load_state_dict(state["meta"])
-    meta.eval()
-    with torch.no_grad():
-        for i, m in enumerate(ids):
-            emb.theta[i].copy_(state["shard"][m]["theta"])
-            emb.maps[i].load_state_dict(state["shard"][m]["maps"])
+    meta, emb = build_loaded(all_rows, cfg, meta_state, per_model)
     return MetaRun(cfg=cfg, meta=meta, embeddings=emb, rows=[by_id[m] for m in ids], output_dir=out,
                    population_root=root, tracking_store=context.get("tracking"))

@@ -33,7 +33,6 @@ from .. import config as config_mod
 from ..config import MetaConfig
 from ..zoo import ArchSpec
 from . import checkpoint, outputs
-from .model import build
 
 MODEL_DIR = "meta_model"  # artifact path of the model in a meta run
 ROWS_FILE = "models.json"
@@ -50,17 +49,10 @@ class DynamoMetaModel(mlflow.pyfunc.PythonModel):
     def load(self, directory: Path) -> "DynamoMetaModel":
         cfg = config_mod.load(directory / outputs.CONFIG_FILE, MetaConfig)
         rows = json.loads((directory / ROWS_FILE).read_text())
-        state = checkpoint.load(directory / outputs.CHECKPOINT_FILE)
-        ids = sorted(state["shard"])
+        meta_state, per_model = checkpoint.read_model_state(outputs.run_checkpoint(directory))
+        ids = sorted(per_model)
         by_id = {r["model_id"]: r for r in rows}
-        base_dims = [checkpoint.maps_base_dims(state["shard"][m]["maps"]) for m in ids]
-        self.meta, self.emb = build([by_id[m] for m in ids], cfg, ids, base_dims)
-        self.meta.load_state_dict(state["meta"])
-        with torch.no_grad():
-            for i, m in enumerate(ids):
-                self.emb.theta[i].copy_(state["shard"][m]["theta"])
-                self.emb.maps[i].load_state_dict(state["shard"][m]["maps"])
-        self.meta.eval()
+        self.meta, self.emb = outputs.build_loaded([by_id[m] for m in ids], cfg, meta_state, per_model)
         self.rows = {m: by_id[m] for m in ids}
         self.spec = ArchSpec.from_row(self.rows[ids[0]])
         return self
@@ -115,8 +107,9 @@ def save(output_dir: str | Path, manifest: list[dict], dest: str | Path) -> Path
     with tempfile.TemporaryDirectory(prefix="dynamo-pyfunc-") as tmp:
         staged = Path(tmp) / "meta_run"
         staged.mkdir()
-        for name in (outputs.CONFIG_FILE, outputs.CHECKPOINT_FILE):
-            shutil.copy2(out / name, staged / name)
+        shutil.copy2(out / outputs.CONFIG_FILE, staged / outputs.CONFIG_FILE)
+        # theta, V and the shared weights, without optimiser state, one shard file at a time
+        checkpoint.write_inference_copy(outputs.run_checkpoint(out), staged / outputs.CHECKPOINT_DIR)
         # the rows of the run's population; load() takes those of the models the checkpoint embeds
         rows = [{k: r.get(k) for k in _ROW_KEYS} for r in manifest]
         (staged / ROWS_FILE).write_text(json.dumps(rows))

@@ -502,33 +502,44 @@ def _as_checkpoint(obj):
 
 def finalize(cfg: MetaConfig, population_root: str, result, *, tracking_store=None,
              wall_seconds: float | None = None, manifest: list[dict] | None = None) -> dict:
-    """Merge the final checkpoint's shards and write the standard meta run outputs.
+    """Write the standard meta run outputs from the final checkpoint, without merging its shards.
 
     ``result`` is the ``ray.train.Result`` of ``fit()`` (or anything with a ``checkpoint``
-    attribute, or a checkpoint directory path). Test metrics come from the workers; if the
-    checkpoint lacks them (not a final one) they are computed here. With a ``tracking_store``,
-    the summary, per-model metrics and artifacts go to the run rank 0 logged into (ended
-    FINISHED), or to a new run with the full history when training did not log. Returns the summary.
+    attribute, or a checkpoint directory path). The shard files are linked or copied into the
+    run's ``checkpoint/`` as they are and only theta is read from them (``checkpoint.read_thetas``),
+    so the driver's memory does not grow with the models' V maps and optimiser state. Test metrics
+    come from the workers; if the checkpoint lacks them (not a final one, e.g. a trial ASHA stopped)
+    they are computed here, from the whole state. With a ``tracking_store``, the summary, per-model
+    metrics and artifacts go to the run rank 0 logged into (ended FINISHED), or to a new run with
+    the full history when training did not log. Returns the summary.
     """
     root, cfg = store.absolute(population_root), cfg.replace(output_dir=store.absolute(cfg.output_dir))
     ckpt = _as_checkpoint(result if isinstance(result, (str, os.PathLike)) else getattr(result, "checkpoint", None))
     if ckpt is None:
         raise ValueError("finalize: the training result has no checkpoint (did training report one?)")
-    with ckpt.as_directory() as d:
-        shared, per_model_state, test_metrics = checkpoint.read_sharded(d)
     manifest = store.manifest_rows(root) if manifest is None else manifest
-    state = checkpoint.merged_state(shared, per_model_state)
-    if test_metrics is None or set(test_metrics) != set(per_model_state):
-        test_metrics = _evaluate_state(cfg, root, state, manifest)
-    theta_rows = [{"model_id": m, "theta": s["theta"].tolist()} for m, s in sorted(per_model_state.items())]
+    with ckpt.as_directory() as d:
+        return _finalize_from(cfg, root, Path(d), ckpt.path, manifest, tracking_store, wall_seconds)
+
+
+def _finalize_from(cfg: MetaConfig, root: str, d: Path, ckpt_path: str, manifest: list[dict], tracking_store,
+                   wall_seconds: float | None) -> dict:
+    shared = checkpoint.safe_load(d / checkpoint.SHARED_FILE)
+    thetas = checkpoint.read_thetas(d)
+    test_metrics = checkpoint.read_test_metrics(d, shared)
+    if test_metrics is None or set(test_metrics) != set(thetas):
+        shared, per_model_state, _ = checkpoint.read_sharded(d)
+        test_metrics = _evaluate_state(cfg, root, checkpoint.merged_state(shared, per_model_state), manifest)
+        del per_model_state
+    theta_rows = [{"model_id": m, "theta": t.tolist()} for m, t in sorted(thetas.items())]
     history = list(shared["history"])
     extra = {"num_workers": shared["num_workers"], "steps": shared["step"], "train_seconds": shared["train_seconds"],
-             "ray_checkpoint": ckpt.path}
+             "ray_checkpoint": ckpt_path}
     if wall_seconds is not None:
         extra["wall_seconds"] = wall_seconds
     # written locally and put file by file when output_dir is a bucket, summary.json last
     with fsio.staged(cfg.output_dir, last=(outputs.SUMMARY_FILE,)) as out:
-        summary = outputs.write_outputs(cfg, root, state, theta_rows, test_metrics, history, manifest, extra,
+        summary = outputs.write_outputs(cfg, root, d, theta_rows, test_metrics, history, manifest, extra,
                                         tracking_store=None if tracking_store is None
                                         else tracking_store.location().as_dict(), into=out)
         if tracking_store is not None:
@@ -539,7 +550,7 @@ def finalize(cfg: MetaConfig, population_root: str, result, *, tracking_store=No
                 run, logged = tracking_store.attach(run_id), []
             else:
                 run = tracking_store.start_run(f"meta-w{cfg.num_workers}")
-                run.log_params(tracking.meta_params(cfg, root, len(per_model_state)))
+                run.log_params(tracking.meta_params(cfg, root, len(thetas)))
                 logged = history
             with tracking.ending(run):
                 tracking.log_meta_results(run, summary, test_metrics, logged, outputs.artifacts(out))

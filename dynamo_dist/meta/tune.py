@@ -7,7 +7,7 @@ root, trial resources vs. the cluster) and only then starts a ``Tuner`` over a g
 Each trial is one meta run and writes the standard meta-run outputs (``outputs`` module
 docstring) into its own directory::
 
-    <run_dir>/sweep/<sweep name>/trial-00003-lam1-d8-l2/   checkpoint.pt, embeddings.parquet, ...
+    <run_dir>/sweep/<sweep name>/trial-00003-lam1-d8-l2/   checkpoint/, embeddings.parquet, ...
     <run_dir>/sweep/<sweep name>/trials.json, trials.md     the trials table, best first
     <run_dir>/tune/<sweep name>/                            Tune's experiment state
 
@@ -75,6 +75,7 @@ from ..config import MetaConfig, SweepConfig
 from ..data import fsio, lock, store
 from . import outputs
 
+TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes of Ray logical memory a multi-worker trial's driver reserves
 METRIC_MODES = {"val_agreement": "max", "val_hidden_r2": "max", "loss": "min"}
 SEARCH_KEYS = ("output_weight", "embedding_dim", "hidden_distance")
 SWEEP_FILE = "sweep.json"   # <sweep_dir>/sweep.json: the configs and MLflow parent run of a sweep (resume)
@@ -217,17 +218,20 @@ def _trial_resources(sweep_cfg: SweepConfig, cluster: dict, device: str = "cpu")
     """Per-trial resource request and the number of trials that fit at once.
 
     One worker: the trial itself trains, 1 CPU (and 1 GPU when ``device`` is cuda). More: the
-    trial is a Train driver (0.01 CPU: Ray Tune needs a non-empty bundle) and its Train workers
-    take 1 CPU (and 1 GPU) each, in their own placement group, so a trial needs ``w + 0.01`` CPUs.
+    trial is a thin Train driver and its Train workers take 1 CPU (and 1 GPU) each, in their own
+    placement group, so a trial needs ``w`` CPUs. The driver's own bundle holds no CPU (Ray Tune
+    needs a non-empty bundle: it reserves ``TRIAL_DRIVER_MEMORY`` of Ray's logical memory), so
+    a 2-worker trial fits a cluster of two 1-CPU nodes, one worker on each.
     ``device``: the trials' ``meta.device``, decided for the cluster (``ray_train.for_cluster``).
     """
     cpus = float(cluster.get("CPU", 0.0))
     w = sweep_cfg.workers_per_trial
-    need = 1.0 if w == 1 else w + 0.01
+    need = float(w)
     if need > cpus:
-        raise ValueError(f"sweep.workers_per_trial={w}: a trial needs {need:g} CPUs but the Ray cluster has "
+        what = "1 CPU" if w == 1 else f"{w} CPUs (1 per Ray Train worker)"
+        raise ValueError(f"sweep.workers_per_trial={w}: a trial needs {what} but the Ray cluster has "
                          f"{cpus:g}; lower workers_per_trial or connect to a larger cluster (--address)")
-    resources = {"cpu": 1.0} if w == 1 else {"cpu": 0.01}
+    resources = {"cpu": 1.0} if w == 1 else {"cpu": 0.0, "memory": TRIAL_DRIVER_MEMORY}
     fit = max(1, int(cpus // need))
     if device == "cuda":
         if w == 1:
@@ -255,6 +259,9 @@ def _check_state_api() -> None:
     import ray
 
     error = ray.get(ray.remote(num_cpus=0)(_state_api_error).remote())
+    if error and "multiple active Ray instances" in error:
+        error += ("; more than one Ray runs on a node of this cluster: start its nodes with RAY_ADDRESS set to the "
+                  "cluster's address so that its processes ask the right one")
     if error:
         raise ValueError("sweep.scheduler=asha with sweep.workers_per_trial > 1 needs Ray's State API inside the "
                          "cluster (a cluster with the dashboard, e.g. `ray start --head` + --address) so that "
