@@ -312,8 +312,17 @@ class AnalyzeConfig(_Config):
     fixed_points: bool = Field(True, description="run the fixed-point analysis (RNN meta-models)")
     fixed_point_states: int = Field(128, ge=1, description="candidate hidden states per fixed-point search")
     fixed_point_iters: int = Field(200, ge=1, description="L-BFGS iterations per fixed-point search")
+    fixed_point_path_steps: int = Field(11, ge=0, description="grid steps of the fixed-point continuation between "
+                                        "the two group centroids farthest apart (2 or more; 0 = none)")
     ssl_steps: int = Field(100, ge=1, description="optimiser iterates of semi-supervised theta (paper: 100)")
     seed: int = Field(0, ge=0, description="random_state of the analyses")
+
+    @field_validator("fixed_point_path_steps")
+    @classmethod
+    def _path_steps(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("fixed_point_path_steps: a path needs 2 or more steps (0 disables it), got 1")
+        return v
 
 
 _MOVED_META_FIELDS = {"population_root": "population.root", "tracking_uri": "tracking.tracking_uri",

@@ -247,6 +247,44 @@ def eigenvalue_panels(panels: list[tuple[str, np.ndarray]], path, title: str) ->
     return save(fig, path)
 
 
+def fixed_point_continuation(points: list[dict], events: list[dict], path, title: str,
+                             xlabel: str = "s along the path") -> Path:
+    """Continued fixed points against the path parameter s: one line per branch, PC1 and PC2 panels.
+
+    ``points``: rows with s, branch, pc1, pc2, stable (as :class:`~.continuation.FixedPointContinuation`'s
+    ``points_``); ``events``: rows with s and kind (born / died: dashed, stability: dotted).
+    Filled blue markers: stable (spectral radius < 1); open red: unstable.
+    """
+    fig, axes = plt.subplots(2, 1, figsize=(6.5, 5.2), sharex=True)
+    branches = sorted({p["branch"] for p in points})
+    for ax, comp in zip(axes, ("pc1", "pc2")):
+        for br in branches:
+            rows = sorted((p for p in points if p["branch"] == br), key=lambda p: p["s"])
+            s = np.array([p["s"] for p in rows])
+            y = np.array([p[comp] for p in rows])
+            st = np.array([p["stable"] for p in rows], dtype=bool)
+            ax.plot(s, y, color="0.6", lw=0.8, zorder=1)
+            ax.scatter(s[st], y[st], s=16, color="tab:blue", zorder=3)
+            ax.scatter(s[~st], y[~st], s=16, facecolors="none", edgecolors="tab:red", zorder=3)
+        for kind, style, colour in (("count", "--", "k"), ("stability", ":", "tab:orange")):
+            at = sorted({e["s"] for e in events if (e["kind"] == "stability") == (kind == "stability")})
+            for x in at:
+                ax.axvline(x, ls=style, color=colour, lw=0.9, zorder=0)
+        ax.set_ylabel(comp.upper())
+        ax.tick_params(labelsize=7)
+    handles = [plt.Line2D([], [], marker="o", ls="", color="tab:blue", label="stable"),
+               plt.Line2D([], [], marker="o", ls="", mfc="none", mec="tab:red", label="unstable"),
+               plt.Line2D([], [], ls="--", color="k", label="branch born / died"),
+               plt.Line2D([], [], ls=":", color="tab:orange", label="stability change")]
+    axes[0].legend(handles=handles, fontsize=6, loc="best", framealpha=0.7)
+    axes[-1].set_xlabel(xlabel)
+    if not points:
+        axes[0].text(0.5, 0.5, "no converged fixed point on the path", ha="center", va="center",
+                     transform=axes[0].transAxes, fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return save(fig, path)
+
+
 def word_values(words: Sequence[str], values_W: np.ndarray, categories: Sequence[str], path, title: str) -> Path:
     colours = {"positive": "tab:green", "negative": "tab:red", "neutral": "tab:gray"}
     fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(words) + 1), 3.4))

@@ -697,6 +697,7 @@ def _fixed_points(ctx: _Ctx, sec: Section, results: dict) -> dict:
     sec.table(table, cols, caption="Meta-model")
     _write_table(table, ctx.table_dir / "fixed_points_meta.parquet")
     _write_table(points_rows, ctx.table_dir / "fixed_points_meta_points.parquet")
+    path_head = _fixed_point_path(ctx, sec, finder)
 
     # base models from the zoo: each in its own hidden space
     layout = store.Layout.at(ctx.run.population_root)
@@ -725,7 +726,84 @@ def _fixed_points(ctx: _Ctx, sec: Section, results: dict) -> dict:
         head.update({f"{key}.num_fixed_points": row["num_fixed_points"], f"{key}.converged": row["converged"],
                      f"{key}.pc1_variance_ratio": row["pc1_variance_ratio"],
                      f"{key}.mean_num_near_unit": row["mean_num_near_unit"]})
+    head.update(path_head)
     return {"table": table, "base": base_rows, "headline": head}
+
+
+_PATH_EVENT_SCHEMA = pa.schema([("kind", pa.string()), ("branch", pa.int64()), ("step", pa.int64()),
+                                ("s_before", pa.float64()), ("s_after", pa.float64()), ("s", pa.float64()),
+                                ("num_before", pa.int64()), ("num_after", pa.int64()), ("stable_before", pa.bool_()),
+                                ("stable_after", pa.bool_()), ("pc1", pa.float64()), ("pc2", pa.float64())])
+
+
+def _fixed_point_path(ctx: _Ctx, sec: Section, finder: FixedPointFinder) -> dict:
+    """Fixed points continued along θ(s) = (1 − s) θ_a + s θ_b between the two centroids farthest apart."""
+    from . import figures
+    from .continuation import FixedPointContinuation, meta_path
+
+    steps = ctx.cfg.fixed_point_path_steps
+    if steps == 0:
+        sec.note("Fixed-point continuation along a path in θ-space: disabled (analyze.fixed_point_path_steps = 0).")
+        return {}
+    keys = [str(v) for v in ctx.labels]
+    cents = []
+    for g in sorted(set(keys)):
+        task = ctx.tasks[keys.index(g)]
+        mem = [i for i, k in enumerate(keys) if k == g and ctx.tasks[i] == task]
+        cents.append((g, task, ctx.theta[mem].mean(axis=0)))
+    pairs = [(float(np.linalg.norm(a[2] - b[2])), a, b) for i, a in enumerate(cents) for b in cents[i + 1:]
+             if a[1] == b[1]]
+    if not pairs:
+        sec.note(f"Fixed-point continuation: needs two {ctx.cfg.color_by} groups of one task; there are none.")
+        return {}
+    dist, (ga, task, theta_a), (gb, _, theta_b) = max(pairs, key=lambda p: p[0])
+    meta = ctx.run.meta
+    probe = ctx.pop.probe_inputs[task].subset(slice(0, NUM_FP_PROBE))
+
+    def visited(s: float) -> torch.Tensor:
+        theta = torch.tensor((1.0 - s) * theta_a + s * theta_b, dtype=torch.float32)
+        return meta_visited_states(meta, theta, probe.x, probe.lengths)
+
+    cont = FixedPointContinuation(finder, num_steps=steps, random_state=ctx.cfg.seed).fit(
+        meta_path(meta, theta_a, theta_b, group=task), visited)
+    name = f"centroid {ga} → centroid {gb}"
+    sec.text(f"Continuation along θ(s) = (1 − s)·θ_a + s·θ_b, θ_a = centroid {ga}, θ_b = centroid {gb} (the two "
+             f"{ctx.cfg.color_by} centroids of task {task} farthest apart, ‖θ_a − θ_b‖ = {dist:.3g}), on {steps} "
+             "evenly spaced s. At each s the search starts from the previous step's fixed points (each continues "
+             "its branch) and from states visited at θ(s); a backward sweep seeded the same way follows branches "
+             "first met at a later s back to where they exist. Fixed points of consecutive steps are matched by "
+             "minimum total distance; unmatched ones are branches born or dying (the count changes), and a matched "
+             "branch whose spectral radius max|λ| of dF̃/dh crosses 1 changes stability. Only converged fixed "
+             "points (q ≤ 1e-6) are tracked, and fixed points joined by a segment along which q stays ≤ 1e-6 count "
+             "as one (a line attractor's samples are one continuum; at a bifurcation a flat neighbourhood meets "
+             "the tolerance). Events are located to within one grid step.")
+    p = figures.fixed_point_continuation(cont.points_, cont.events_, ctx.fig_dir / "fixed_point_continuation.png",
+                                         f"meta-model fixed points along {name}", xlabel=f"s ({ga} → {gb})")
+    sec.figure(p, ctx.out, "Fixed points along the path, projected on the first two principal axes of all of "
+                           "them (filled: stable, open: unstable); dashed lines: the number of fixed points "
+                           "changes (a branch born or dying), dotted: a branch changes stability.")
+    unconverged = [r for r in cont.steps_ if not r["converged"]]
+    if unconverged:
+        at = ", ".join(f"{r['s']:.2f}" for r in unconverged[:8])
+        sec.text(f"No fixed point converged at {len(unconverged)} of {steps} steps (s = "
+                 f"{at}{', …' if len(unconverged) > 8 else ''}); "
+                 "their slowest q is min_q (slow points, not tracked).")
+    sec.table(cont.steps_, ["step", "s", "num_fixed_points", "num_stable", "converged", "min_q"],
+              caption=f"Continuation {name}: fixed points per step")
+    if cont.events_:
+        sec.table(cont.events_[:30], ["kind", "branch", "s_before", "s_after", "num_before", "num_after",
+                                      "stable_before", "stable_after"],
+                  caption=f"Events ({len(cont.events_)}{', first 30' if len(cont.events_) > 30 else ''})")
+    else:
+        sec.text("No event: the number and stability of the fixed points stay the same along the path.")
+    _write_table([{"path": name, **r} for r in cont.points_], ctx.table_dir / "fixed_point_continuation.parquet")
+    _write_table(cont.steps_, ctx.table_dir / "fixed_point_continuation_steps.parquet")
+    store.write_table_atomic(pa.Table.from_pylist(cont.events_, schema=_PATH_EVENT_SCHEMA),
+                             ctx.table_dir / "fixed_point_continuation_events.parquet")
+    return {"fixed_points.path.num_count_changes": len(cont.count_changes_),
+            "fixed_points.path.num_stability_changes": cont.num_stability_changes_,
+            "fixed_points.path.num_events": len(cont.events_),
+            "fixed_points.path.num_branches": len({p["branch"] for p in cont.points_})}
 
 
 def _thetas_of_interest(ctx: _Ctx, results: dict) -> list[tuple[str, np.ndarray, str]]:
