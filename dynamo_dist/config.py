@@ -245,6 +245,10 @@ class TrackingConfig(_Config):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (http://host:port for a server); "
                                      "None = $MLFLOW_TRACKING_URI, else a SQLite store <run_dir>/mlflow.db")
     experiment: str = Field("dynamo", description="MLflow experiment name")
+    system_metrics: bool = Field(True, description="log MLflow system metrics (CPU, memory, disk, network; GPU "
+                                 "with pynvml) into every stage's run while it runs")
+    system_metrics_interval_s: float = Field(10.0, gt=0.0, description="seconds between system-metric samples "
+                                             "($MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it)")
 
 
 class SweepConfig(_Config):

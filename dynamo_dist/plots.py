@@ -135,16 +135,24 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
-def pca_2d(theta_NE: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Project onto the first two principal components -> (N,2) coords, explained variance ratios."""
-    from sklearn.decomposition import PCA
+def pca_plane(theta_NE: np.ndarray):
+    """The analysis' PCA of theta (``analysis.geometry.EmbeddingGeometry``, signs fixed by
+    ``principal_axes``), fitted to ``theta_NE``: every PCA picture of theta is drawn in it, so the
+    meta run's, the post-hoc and the report's plots of the same models agree, mirror images included.
+    None for fewer than two models (no plane)."""
+    from .analysis.geometry import EmbeddingGeometry  # here: the analysis package imports this module
 
-    n_comp = min(2, theta_NE.shape[0], theta_NE.shape[1])
-    pca = PCA(n_components=n_comp).fit(theta_NE)
-    coords = pca.transform(theta_NE)
-    if coords.shape[1] < 2:
-        coords = np.column_stack([coords, np.zeros(len(coords))])
-    return coords, pca.explained_variance_ratio_
+    theta = np.asarray(theta_NE, dtype=np.float64)
+    return EmbeddingGeometry().fit(theta) if theta.ndim == 2 and len(theta) >= 2 else None
+
+
+def pca_2d(theta_NE: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates (N,2) in ``pca_plane`` (zeros where its rank is < 2) and the explained variance
+    ratios of its components."""
+    geo = pca_plane(theta_NE)
+    if geo is None:
+        return np.zeros((len(theta_NE), 2)), np.zeros(0)
+    return geo.coords_, geo.explained_variance_ratio_
 
 
 def embedding_pca_plot(emb: pa.Table, color_by: str, path: str | Path, title: str = "model embeddings",
@@ -182,15 +190,12 @@ def population_accuracy_plot(rows: list[dict], path: str | Path, title: str = "b
 def posthoc_pca_plot(theta_trained_NE: np.ndarray, groups: list, theta_new_ME: np.ndarray, new_ids: list[str],
                      path: str | Path, title: str = "new models in the trained embedding space",
                      colours: Mapping | None = None) -> Path:
-    """Trained theta coloured by group, new theta as labelled black stars, in the trained PCA plane."""
-    from sklearn.decomposition import PCA
-
-    n_comp = min(2, theta_trained_NE.shape[0], theta_trained_NE.shape[1])
-    pca = PCA(n_components=n_comp).fit(theta_trained_NE)
+    """Trained theta coloured by group, new theta as labelled black stars, in the trained models'
+    ``pca_plane`` (the analysis' basis; one trained model has no plane: every point at the origin)."""
+    geo = pca_plane(theta_trained_NE)
 
     def project(t):
-        c = pca.transform(t)
-        return np.column_stack([c, np.zeros(len(c))]) if c.shape[1] < 2 else c
+        return geo.transform(t) if geo is not None else np.zeros((len(t), 2))
 
     fig, ax = plt.subplots(figsize=(6, 4.6))
     new_xy = project(theta_new_ME)
@@ -201,8 +206,8 @@ def posthoc_pca_plot(theta_trained_NE: np.ndarray, groups: list, theta_new_ME: n
         for (x, y), name in zip(new_xy, new_ids):
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     scatter_groups(ax, project(theta_trained_NE), groups, "group", s=22, colours=colours)
-    ratios = pca.explained_variance_ratio_
-    ax.set_xlabel(f"PC1 ({ratios[0]:.0%})")
+    ratios = geo.explained_variance_ratio_ if geo is not None else []
+    ax.set_xlabel(f"PC1 ({ratios[0]:.0%})" if len(ratios) else "PC1")
     ax.set_ylabel(f"PC2 ({ratios[1]:.0%})" if len(ratios) > 1 else "PC2")
     ax.set_title(title)
     return save(fig, path)

@@ -7,6 +7,10 @@ working directory, the user) and a note saying what it is. A stage's run spans t
 ``Store.for_stage`` fixes its start when the stage starts, and in a pipeline its parent (the
 ``pipeline`` run), so the run's duration is the stage's, not that of the logging at its end.
 
+Stage runs carry MLflow system metrics (``system/*``: CPU, memory, disk, network) sampled by
+MLflow's monitor in the process that started the run, stopped when the run ends; a meta run has
+the population manifest as its dataset input (``log_population_input``).
+
 Embedded default: a SQLite store ``mlflow.db`` (+ ``mlartifacts/``) under the pipeline's run
 directory, shared by every stage.
 A ``http(s)://`` URI switches to a tracking server, which is what concurrent writers
@@ -19,6 +23,9 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import hashlib
+import json
+import logging
 import math
 import os
 import shlex
@@ -27,13 +34,18 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+import mlflow.data
+import pyarrow as pa
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from .config import MetaConfig, TrackingConfig
 from .data import fsio, store
@@ -134,6 +146,24 @@ class Run:
         self.client = client
         self.run_id = run_id
         self.end_status = "FINISHED"  # what ``ending`` ends the run with when its body returns
+        self._stop_monitor = None  # weakref.finalize stopping the system-metrics monitor (watch_system)
+
+    def watch_system(self, interval_s: float) -> None:
+        """Log MLflow's system metrics (``system/*``) into this run every ``interval_s`` seconds from
+        this process, until ``end`` or until this handle is dropped (a Ray Train rank 0 hands its run
+        to the driver, which ends it; the monitor also stops by itself once it sees the run ended)."""
+        if self._stop_monitor is not None:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        except ImportError:  # psutil missing (a dependency of dynamo_dist): no system metrics, nothing else lost
+            return
+        # its INFO lines (started, stopped, no GPU) and the warning it gives when a run ends between a
+        # sample and its upload ("expected if the run is already terminated") are not the user's business
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, tracking_uri=self.client.tracking_uri)
+        monitor.start()
+        self._stop_monitor = weakref.finalize(self, monitor.finish)
 
     def log_params(self, params: Mapping[str, object]) -> None:
         items = [Param(str(k), str(v)[:6000]) for k, v in params.items()]
@@ -173,6 +203,8 @@ class Run:
         self.client.log_batch(self.run_id, tags=[RunTag(str(k), str(v)[:5000]) for k, v in tags.items()])
 
     def end(self, status: str = "FINISHED") -> None:
+        if self._stop_monitor is not None:
+            self._stop_monitor()  # its last samples land before the run ends, and nothing after
         # rounded up, as the start is rounded down: the run spans at least what it measured
         self.client.set_terminated(self.run_id, status=status, end_time=math.ceil(time.time() * 1000))
 
@@ -191,6 +223,8 @@ class Store:
     (the pipeline's run; None: a top-level run), with the note ``description``. Runs nested
     explicitly (sweep trials) start when they are created. ``source``: the stage's process's
     ``source_tags``, which runs created in Ray workers carry instead of the workers' own.
+    ``system_metrics_s``: every stage's run gets MLflow's system metrics sampled at this interval
+    (seconds) by the process that starts it (``Run.watch_system``); None: none.
     """
 
     uri: str
@@ -200,13 +234,15 @@ class Store:
     started_ms: int | None = None  # ms since the epoch
     description: str | None = None
     source: dict[str, str] = field(default_factory=dict)
+    system_metrics_s: float | None = None
 
     @classmethod
     def at(cls, run_dir: str | os.PathLike, cfg: TrackingConfig | None = None) -> Store:
         cfg = cfg or TrackingConfig()
         uri = resolve_uri(run_dir, cfg.tracking_uri)
         remote = uri.startswith(("http://", "https://"))
-        return cls(uri, cfg.experiment, None if remote else artifact_root(run_dir))
+        return cls(uri, cfg.experiment, None if remote else artifact_root(run_dir),
+                   system_metrics_s=cfg.system_metrics_interval_s if cfg.system_metrics else None)
 
     def for_stage(self, description: str, parent_run_id: str | None = None, started: float | None = None) -> Store:
         """This store for a stage (class docstring) that started at ``started`` (``time.time()``;
@@ -216,8 +252,8 @@ class Store:
                                    source=dict(source_tags()))
 
     def location(self) -> Store:
-        """Only where this store logs (no stage): what a meta run records for later stages."""
-        return type(self)(self.uri, self.experiment, self.artifact_root)
+        """Only where and how this store logs (no stage): what a meta run records for later stages."""
+        return type(self)(self.uri, self.experiment, self.artifact_root, system_metrics_s=self.system_metrics_s)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -243,9 +279,11 @@ class Store:
         all_tags = {**(self.source or source_tags()), "mlflow.runName": run_name, "mlflow.note.content": note, **tags}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = client.create_run(exp_id, start_time=self.started_ms if stage_run else None, tags=all_tags,
-                                run_name=run_name)
-        return Run(client, run.info.run_id)
+        run = Run(client, client.create_run(exp_id, start_time=self.started_ms if stage_run else None, tags=all_tags,
+                                            run_name=run_name).info.run_id)
+        if stage_run and self.system_metrics_s:  # not sweep trials: they share the sweep's process and node
+            run.watch_system(self.system_metrics_s)
+        return run
 
     def attach(self, run_id: str) -> Run:
         """A handle on an existing run of this store (e.g. one rank 0 created)."""
@@ -298,14 +336,47 @@ def meta_metrics(summary: dict) -> dict[str, float]:
 def log_meta_results(run: Run, summary: dict, per_model: dict[str, dict], history: list[dict],
                      artifacts: list[tuple[Path, str | None]]) -> None:
     """What a finished meta run logs: its history, summary metrics (``meta_metrics``), artifacts,
-    and the per-model metrics as one table (``model_metrics.json``), not one metric key per model
-    (4N keys bury ``loss`` and ``val_agreement`` at scale)."""
+    the per-model metrics as one table (``model_metrics.json``), not one metric key per model
+    (4N keys bury ``loss`` and ``val_agreement`` at scale), and the population it trained on as its
+    dataset input (``log_population_input`` of its ``population_root`` param, ``meta_params``)."""
+    root = run.client.get_run(run.run_id).data.params.get("population_root")
+    if root:
+        log_population_input(run, root)
     run.log_history(history)
     run.log_metrics(meta_metrics(summary))
     if per_model:
         run.log_table([{"model_id": m, **d} for m, d in sorted(per_model.items())], "model_metrics.json")
     for path, artifact_path in artifacts:
         run.log_artifact(path, artifact_path)
+
+
+def log_population_input(run: Run, population_root: str) -> Dataset:
+    """Log the population at ``population_root`` (a path or URI) as the run's MLflow dataset input
+    (context ``training``): the complete models' manifest rows, which a meta run trains on, named
+    after the root's directory, with the root as its source, the manifest's columns as its schema
+    and a digest of the root and every row's content: meta runs on the same models of a root share
+    it, a changed manifest changes it. (MLflow identifies a dataset of an experiment by name and
+    digest, and shows the source the first run logged: the same models in another root of the same
+    name are another dataset.) Returns the dataset."""
+    rows = store.manifest_rows(population_root)
+    df = pa.Table.from_pylist(rows).to_pandas()
+    content = store.to_json({"root": str(population_root), "rows": rows}, indent=None)
+    digest = hashlib.sha256(content.encode()).hexdigest()[:16]
+    name = fsio.as_path(population_root).name or str(population_root)
+    with warnings.catch_warnings():
+        # "can be interpreted in multiple ways" (two registrations of the local source) and the schema
+        # inference's hint on integer columns; neither says anything about this dataset
+        warnings.simplefilter("ignore")
+        try:
+            info = mlflow.data.from_pandas(df, source=str(population_root), name=name, digest=digest).to_dict()
+        except mlflow.exceptions.MlflowException:  # a scheme without an MLflow dataset source (abfs://): the URI
+            info = {**mlflow.data.from_pandas(df, source=os.sep, name=name, digest=digest).to_dict(),
+                    "source_type": "uri", "source": json.dumps({"uri": str(population_root)})}
+    dataset = Dataset(info["name"], info["digest"], info["source_type"], info["source"], info.get("schema"),
+                      info.get("profile"))
+    context = InputTag(MLFLOW_DATASET_CONTEXT, "training")
+    run.client.log_inputs(run.run_id, datasets=[DatasetInput(dataset, tags=[context])])
+    return dataset
 
 
 def log_meta_model(run: Run, output_dir: str | os.PathLike, manifest: list[dict]) -> str:

@@ -507,3 +507,19 @@ def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_finished_trial
     exp = client.get_experiment_by_name("dynamo")
     parents = client.search_runs([exp.experiment_id], "tags.`dynamo.stage` = 'sweep'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the one sweep run, ended by the resume
+
+
+@pytest.mark.integration
+def test_trials_name_their_population_as_dataset_input_and_the_sweep_run_has_system_metrics(runs, population):
+    """Issue 16: every trial, like a meta run, has the population manifest as its training dataset
+    input (one dataset: one population); the sweep's run samples the system, its trials do not
+    (they share its process and node)."""
+    inputs = [c.inputs.dataset_inputs for c in runs["children"]]
+    assert [len(i) for i in inputs] == [1] * len(runs["children"])
+    assert len({i[0].dataset.digest for i in inputs}) == 1
+    ds, tags = inputs[0][0].dataset, {t.key: t.value for t in inputs[0][0].tags}
+    assert json.loads(ds.source) == {"uri": str(Path(population).resolve())} and ds.name == "population"
+    assert json.loads(ds.profile)["num_rows"] == 4 and tags == {"mlflow.data.context": "training"}
+    (parent,) = runs["parents"]
+    assert "system/cpu_utilization_percentage" in parent.data.metrics
+    assert not any(k.startswith("system/") for c in runs["children"] for k in c.data.metrics)

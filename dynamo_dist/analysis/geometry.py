@@ -16,6 +16,22 @@ from collections.abc import Sequence
 import numpy as np
 
 
+def principal_axes(theta_NE: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The PCA of embeddings that every picture of theta uses (the analysis, the meta run's and the
+    post-hoc plots): mean (E,), principal axes (R,E) of the non-zero variances (R = rank), their
+    variances (R,). An axis' sign is its own choice of the SVD solver, so it is fixed here: each
+    axis' largest-|loading| coordinate is positive; no solver, platform or model order mirrors a plot."""
+    theta = np.asarray(theta_NE, dtype=np.float64)
+    mean = theta.mean(axis=0)
+    _, sv, vt = np.linalg.svd(theta - mean, full_matrices=False)
+    var = sv ** 2 / max(theta.shape[0] - 1, 1)
+    total = var.sum()
+    rank = int((var > 1e-12 * max(total, 1e-300)).sum()) if total > 0 else 0
+    axes = vt[:rank]
+    signs = np.sign(axes[np.arange(rank), np.abs(axes).argmax(axis=1)])
+    return mean, axes * signs[:, None], var[:rank]
+
+
 def num_components_for(explained_variance_ratio: np.ndarray, threshold: float = 0.95) -> int:
     """Smallest k whose first k components explain at least ``threshold`` of the variance."""
     ratio = np.asarray(explained_variance_ratio, dtype=np.float64)
@@ -100,7 +116,8 @@ class EmbeddingGeometry:
 
     Attributes (after ``fit``)
     --------------------------
-    mean_ (E,), components_ (R,E) principal axes (R = rank), explained_variance_ (R,),
+    mean_ (E,), components_ (R,E) principal axes (R = rank; signs as :func:`principal_axes` fixes
+    them), explained_variance_ (R,),
     explained_variance_ratio_ (R,), num_components_ (components for ``variance_threshold``),
     coords_ (N,2) coordinates in the plane of the first two components (zeros where the
     rank is < 2), scores_ (dict of :func:`clustering_scores`; empty without labels).
@@ -116,15 +133,9 @@ class EmbeddingGeometry:
             raise ValueError(f"theta: need an (N, E) array with N >= 2 models, got shape {theta.shape}")
         if not (0.0 < self.variance_threshold <= 1.0):
             raise ValueError(f"variance_threshold: must be in (0, 1], got {self.variance_threshold}")
-        self.mean_ = theta.mean(axis=0)
-        centred = theta - self.mean_
-        _, sv, vt = np.linalg.svd(centred, full_matrices=False)
-        var = sv ** 2 / (theta.shape[0] - 1)
-        total = var.sum()
-        rank = int((var > 1e-12 * max(total, 1e-300)).sum()) if total > 0 else 0
-        self.components_ = vt[:rank]
-        self.explained_variance_ = var[:rank]
-        self.explained_variance_ratio_ = var[:rank] / total if total > 0 else np.zeros(0)
+        self.mean_, self.components_, self.explained_variance_ = principal_axes(theta)
+        total = float(np.sum((theta - self.mean_) ** 2)) / (theta.shape[0] - 1)
+        self.explained_variance_ratio_ = self.explained_variance_ / total if total > 0 else np.zeros(0)
         self.num_components_ = num_components_for(self.explained_variance_ratio_, self.variance_threshold)
         self.coords_ = self.transform(theta)
         self.scores_ = clustering_scores(labels, points=theta, random_state=self.random_state) if labels is not None else {}
