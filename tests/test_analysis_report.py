@@ -11,6 +11,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -304,6 +305,69 @@ def test_report_from_mlflows_artifact_endpoint_is_the_self_contained_report(anal
         text = r.read().decode()
     assert text == Path(result["report"]).read_text()  # the whole report, images inside it
     assert text.count('<img src="data:image/png;base64,') == text.count("<img ") >= 10
+
+
+@pytest.mark.integration
+def test_mlflows_artifact_viewer_shows_every_figure_of_the_report(analysed, served):
+    """Headless Chromium on the MLflow UI's artifact page of report.html (the viewer puts the artifact
+    in a sandboxed frame of its own URL, where relative image links broke): every image in that frame
+    has decoded, at the pixel size of the PNG embedded for it (a broken image has natural size 0)."""
+    import asyncio
+    import base64
+    import struct
+
+    import browser
+    from mlflow.tracking import MlflowClient
+
+    browser.skip_unless_available()
+    _, result = analysed
+    run = MlflowClient(served).get_run(result["mlflow_run_id"])
+    url = f"{served}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}/artifactPath/analysis/report.html"
+    js = ("JSON.stringify(Array.from(document.images).map(i => ({complete: i.complete, w: i.naturalWidth, "
+          "h: i.naturalHeight})))")
+
+    async def images() -> list[dict]:
+        async with browser.page(url) as page:
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                for frame in await page.child_frames():
+                    shown = json.loads(await page.eval_in(frame["id"], js) or "[]")
+                    if shown and all(i["complete"] for i in shown):
+                        return shown
+                await asyncio.sleep(0.5)
+        return []
+
+    shown = asyncio.run(asyncio.wait_for(images(), 120))
+    embedded = re.findall(r'<img src="data:image/png;base64,([^"]+)"', Path(result["report"]).read_text())
+    sizes = [struct.unpack(">II", base64.b64decode(b[:44])[16:24]) for b in embedded]  # the PNG's IHDR
+    assert len(shown) == len(sizes) >= 10
+    assert [(i["w"], i["h"]) for i in shown] == [tuple(wh) for wh in sizes]
+    assert all(w > 100 and h > 100 for w, h in sizes)
+
+
+@pytest.mark.integration
+def test_per_model_metrics_load_as_an_mlflow_table(analysed, served, monkeypatch):
+    """The meta run's per-model metrics are an MLflow table: ``mlflow.load_table`` through the server
+    gives one row per model with the values of model_metrics.parquet."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from dynamo_dist.meta.outputs import read_summary
+
+    meta_dir, _ = analysed
+    run_id = read_summary(meta_dir)["mlflow_run_id"]
+    # load_table searches the active experiment's runs: the meta run's
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", MlflowClient(served).get_run(run_id).info.experiment_id)
+    mlflow.set_tracking_uri(served)
+    try:
+        table = mlflow.load_table("model_metrics.json", run_ids=[run_id])
+    finally:
+        mlflow.set_tracking_uri(None)
+    want = pq.read_table(meta_dir / "model_metrics.parquet").to_pandas().sort_values("model_id")
+    got = table.sort_values("model_id")
+    assert list(got["model_id"]) == list(want["model_id"]) and len(got) == 4
+    for col in ("agreement", "hidden_r2", "meta_accuracy", "base_accuracy"):
+        np.testing.assert_allclose(got[col].to_numpy(dtype=float), want[col].to_numpy(dtype=float), rtol=1e-9)  # 10 digits in JSON
 
 
 @pytest.mark.integration

@@ -11,13 +11,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import re
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +22,8 @@ from dynamo_dist import plots, tracking
 from dynamo_dist.analysis.geometry import EmbeddingGeometry
 from dynamo_dist.config import MetaConfig, TrackingConfig
 from dynamo_dist.data import store
-from servers import mlflow_server, s3_server, stop_group
+import browser
+from servers import mlflow_server, s3_server
 
 MONITOR = "SystemMetricsMonitor"  # the name MLflow gives its sampling thread
 
@@ -261,74 +257,20 @@ ROWS_JS = r"""JSON.stringify(Array.from(document.querySelectorAll('.ag-pinned-le
   .filter(Boolean).sort((a, b) => a.row - b.row))"""
 
 
-class _Page:
-    """One Chromium tab driven over the DevTools protocol (aiohttp's websocket client), so that the
-    test can click in the page: ``--dump-dom`` alone cannot expand a row."""
-
-    def __init__(self, ws):
-        self.ws, self.n = ws, 0
-
-    async def call(self, method: str, **params) -> dict:
-        self.n += 1
-        await self.ws.send_json({"id": self.n, "method": method, "params": params})
-        while True:
-            msg = await self.ws.receive_json()
-            if msg.get("id") == self.n:
-                return msg
-
-    async def eval(self, js: str):
-        res = await self.call("Runtime.evaluate", expression=js, returnByValue=True)
-        return res["result"]["result"].get("value")
-
-    async def rows_when(self, ready, timeout: float = 30.0) -> list[dict]:
-        deadline = time.time() + timeout
-        while True:
-            rows = json.loads(await self.eval(ROWS_JS) or "[]")
-            if ready(rows) or time.time() > deadline:
-                return rows
-            await asyncio.sleep(0.25)
-
-
 async def _runs_table(url: str, child_names: set[str]) -> tuple[list[dict], list[dict]]:
     """The runs table's rows as rendered, before and after a click on the parent row's expander."""
-    import aiohttp
-
-    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
-        log = Path(profile) / "stderr.log"  # a file, not a pipe: a pipe nobody reads would block chromium
-        with open(log, "w") as err:
-            proc = subprocess.Popen(
-                ["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-dev-shm-usage",
-                 f"--user-data-dir={profile}", "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
-                 "--window-size=1400,900", "about:blank"], stderr=err, start_new_session=True)
-        try:
-            deadline = time.time() + 30
-            while not (m := re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", log.read_text())):
-                assert time.time() < deadline and proc.poll() is None, \
-                    f"chromium did not open its DevTools port:\n{log.read_text()[-2000:]}"
-                await asyncio.sleep(0.1)
-            port = m.group(1)
-            async with aiohttp.ClientSession() as session:
-                async with session.get(f"http://127.0.0.1:{port}/json/list") as r:
-                    tab = next(t for t in await r.json() if t["type"] == "page")
-                async with session.ws_connect(tab["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-                    page = _Page(ws)
-                    await page.call("Page.navigate", url=url)
-                    before = await page.rows_when(lambda rows: any(r["expander"] for r in rows))
-                    await asyncio.sleep(1.0)  # children hidden now are hidden, not late
-                    before = await page.rows_when(lambda rows: True)
-                    await page.eval(f"document.querySelector('{EXPANDER}').click()")
-                    after = await page.rows_when(lambda rows: child_names <= {r["name"] for r in rows})
-            return before, after
-        finally:
-            stop_group(proc)
+    async with browser.page(url) as page:
+        before = await page.json_when(ROWS_JS, lambda rows: any(r["expander"] for r in rows or []))
+        await asyncio.sleep(1.0)  # children hidden now are hidden, not late
+        before = await page.json_when(ROWS_JS, lambda rows: True) or []
+        await page.eval(f"document.querySelector('{EXPANDER}').click()")
+        after = await page.json_when(ROWS_JS, lambda rows: child_names <= {r["name"] for r in rows or []}) or []
+    return before, after
 
 
 @pytest.mark.integration
 def test_the_mlflow_ui_shows_the_stage_runs_nested_under_the_pipeline_run(tmp_path):
-    pytest.importorskip("aiohttp")
-    if not Path("/usr/bin/chromium").exists() or not shutil.which("chromium"):
-        pytest.skip("Debian chromium not installed (apt-get install -y chromium)")
+    browser.skip_unless_available()
     stages = ("population", "meta-w1", "analyze")
     with mlflow_server(tmp_path) as uri:
         # the runs as the pipeline makes them: a parent, then each stage's run under it, in a store of its own
