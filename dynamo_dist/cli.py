@@ -1,6 +1,6 @@
 """``dynamo-dist`` command line: parse arguments, connect, call one library function.
 
-Subcommands: population, add-models, meta, embed, sweep, analyze, run (whole pipeline), repair, ui, recipes.
+Subcommands: population, add-models, meta, embed, sweep, analyze, seeds, run (whole pipeline), repair, ui, recipes.
 Configs are pipeline YAML files (see configs/); ``--recipe NAME`` uses a built-in recipe,
 ``--set key=value`` overrides dotted fields (``--set meta.steps=100``).
 """
@@ -94,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--out", "--out-dir", dest="out_dir", help="where the report goes (default: "
                     "<meta-dir>/analysis; an earlier report there moves to its earlier/ folder)")
     an.add_argument("--no-log", action="store_true", help="do not log the analysis to MLflow")
+    sd = sub.add_parser("seeds", help="theta-space stability over meta seeds: one meta run per seed (a finished "
+                                      "one is reused), Procrustes-aligned, per-seed and consensus clustering")
+    add_common_args(sd)
+    runs = sd.add_mutually_exclusive_group()
+    runs.add_argument("--seeds", help="comma-separated meta seeds to train and compare, e.g. 0,1,2 (default: the "
+                      "config's meta.seeds); runs go to <run_dir>/meta-seeds/seed-<s>")
+    runs.add_argument("--meta-dirs", nargs="+", metavar="DIR", help="compare these finished meta runs instead "
+                      "(no training); the first is the reference")
+    sd.add_argument("--out", help="where seed_stability.json/.md/.png go (default: <parent of the first run>/"
+                    "seed-stability)")
     ui = sub.add_parser("ui", help="MLflow UI on a run directory's store (127.0.0.1)")
     ui.add_argument("run_dir", nargs="?", default="runs/demo", help="the pipeline's run_dir (holds mlflow.db)")
     ui.add_argument("--host", default="127.0.0.1")
@@ -124,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_console(getattr(args, "verbose", False))
-    if args.cmd in ("population", "meta", "sweep", "run"):
+    if args.cmd in ("population", "meta", "sweep", "run") or (args.cmd == "seeds" and not args.meta_dirs):
         from .ray_utils import close_embedded_ray
 
         close_embedded_ray(args.address)  # before anything imports ray: Ray reads the auth mode once
@@ -213,6 +223,8 @@ def _dispatch(args) -> int:
                               progress=True)
         print(to_json({k: v for k, v in result.items() if k not in ("report", "analysis_json")}, indent=1))
         print(f"report: {result['report']}")
+    elif args.cmd == "seeds":
+        return _seeds(args, cfg)
     elif args.cmd == "run":
         from .pipeline import run_pipeline
 
@@ -233,6 +245,27 @@ def _add_models(args, cfg: config_mod.PipelineConfig) -> int:
     print(f"added {len(rows)} model(s) to {Path(root).resolve()}")
     for g in train.group_summary(rows):
         print(f"{g['group']}: {g['count']} models, test accuracy {g['mean_accuracy']:.3f} ± {g['std_accuracy']:.3f}")
+    return 0
+
+
+def _seeds(args, cfg: config_mod.PipelineConfig) -> int:
+    from .analysis import seeds
+
+    if args.meta_dirs:
+        dirs = args.meta_dirs
+    else:
+        chosen = seeds.parse_seeds(args.seeds) if args.seeds else seeds.check_seeds(cfg.meta.seeds)
+        dirs = seeds.train_seeds(cfg, chosen, address=args.address)
+    r = seeds.run_seed_stability(dirs, args.out, color_by=cfg.analyze.color_by, random_state=cfg.analyze.seed)
+    print(f"{'seed':>6} {'ARI':>7} {'silhouette':>10} {'disparity':>9}  (k-means vs {r['color_by']}, "
+          f"k={r['num_clusters']}; disparity to seed {r['reference_seed']})")
+    for p in r["per_seed"]:
+        print(f"{p['seed']:>6} {p['adjusted_rand']:>7.3f} {p['silhouette']:>10.3f} {p['disparity_to_reference']:>9.3f}")
+    print(f"seed stability (mean pairwise ARI) {r['seed_stability']:.3f}, distance stability "
+          f"{r['distance_stability']:.3f}, consensus ARI {r['consensus_adjusted_rand']:.3f}")
+    if r.get("warning"):
+        print(f"warning: {r['warning']}")
+    print(f"written: {r['out_dir']}/{seeds.JSON_FILE}, {seeds.TABLE_FILE}, {seeds.FIGURE_FILE}")
     return 0
 
 

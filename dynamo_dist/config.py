@@ -188,6 +188,9 @@ class MetaConfig(_Config):
     embedding_lr: float | None = Field(None, gt=0.0, description="AdamW learning rate of theta_n and V_n (None = lr)")
     weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay of the shared meta-model")
     seed: int = Field(0, ge=0, description="seed of initialisation and sampling")
+    seeds: tuple[int, ...] | None = Field(None, description="meta seeds that `dynamo-dist seeds` trains (one run "
+                                          "each) and compares for theta-space stability when --seeds is not given; "
+                                          "at least 2, distinct; None = give --seeds")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (theta/V shards)")
     min_workers: int | None = Field(None, ge=1, description="elastic training: keep going with as few as this many "
                                     "workers when nodes die (theta/V re-sharded from the last checkpoint), growing "
@@ -214,6 +217,13 @@ class MetaConfig(_Config):
     @classmethod
     def _output_location(cls, v: str) -> str:
         return check_location(v)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seed_set(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is not None and (len(set(v)) < 2 or len(set(v)) < len(v) or min(v) < 0):
+            raise ValueError(f"meta.seeds={list(v)}: need at least 2 distinct non-negative seeds to compare")
+        return v
 
     @model_validator(mode="after")
     def _elastic_range(self):
