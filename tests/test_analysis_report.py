@@ -170,6 +170,8 @@ def test_analysis_is_logged_to_the_meta_runs_store(analysed):
     assert run.data.metrics["num_models"] == 4
     assert run.data.metrics["dynamo.num_components_95"] == result["dynamo.num_components_95"]
     assert run.data.params["landscape_grid"] == "3"
+    # the run starts when the analyses do: it lasts at least as long as they took
+    assert (run.info.end_time - run.info.start_time) / 1000 >= result["analysis_seconds"] > 1.0
     names = {f.path for f in client.list_artifacts(run.info.run_id, "analysis")}
     assert {"analysis/report.html", "analysis/analysis.json", "analysis/figures", "analysis/tables"} <= names
 

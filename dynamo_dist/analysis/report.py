@@ -126,7 +126,7 @@ def _keep_earlier(out: fsio.AnyPath) -> fsio.AnyPath | None:
 
 def _analyze(run: MetaRun, meta_path: fsio.AnyPath, cfg: AnalyzeConfig, out: Path, log: bool,
              progress: bool) -> dict:
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     ctx = _context(run, cfg, out)
     ctx.fig_dir.mkdir(parents=True, exist_ok=True)
     ctx.table_dir.mkdir(parents=True, exist_ok=True)
@@ -179,7 +179,7 @@ def _analyze(run: MetaRun, meta_path: fsio.AnyPath, cfg: AnalyzeConfig, out: Pat
     store.write_json_atomic(doc, out / "analysis.json")  # strict JSON: NaN/inf -> null
     result = {**headline, "report": str(report_path), "analysis_json": str(out / "analysis.json")}
     if log:
-        result["mlflow_run_id"] = _log_mlflow(run, meta_path, cfg, headline, out, summary)
+        result["mlflow_run_id"] = _log_mlflow(run, meta_path, cfg, headline, out, summary, started)
     return result
 
 
@@ -1076,13 +1076,16 @@ def _write_table(rows: list[dict], path: Path) -> None:
         store.write_table_atomic(pa.Table.from_pylist(rows), path)
 
 
-def _log_mlflow(run: MetaRun, meta_dir: Path, cfg: AnalyzeConfig, headline: dict, out: Path, summary: dict) -> str:
-    """A run named "analyze" in the meta run's store and experiment, nested under the meta run when known."""
+def _log_mlflow(run: MetaRun, meta_dir: Path, cfg: AnalyzeConfig, headline: dict, out: Path, summary: dict,
+                started: float) -> str:
+    """A run named "analyze" in the meta run's store and experiment, nested under the meta run when known,
+    starting when the analyses did (``started``, ``time.time()``): its duration is theirs."""
     from .. import tracking
 
     tracking_store = tracking.Store(**run.tracking_store) if run.tracking_store else tracking.Store.at(meta_dir.parent)
-    with tracking_store.run("analyze", parent_run_id=summary.get("mlflow_run_id"),
-                            tags={"dynamo.meta_dir": str(meta_dir)}) as mrun:
+    stage = tracking_store.for_stage(f"analyses and report of the meta run {meta_dir}", summary.get("mlflow_run_id"),
+                                     started)
+    with stage.run("analyze", tags={"dynamo.meta_dir": str(meta_dir)}) as mrun:
         mrun.log_params({**cfg.model_dump(mode="json"), "meta_dir": str(meta_dir)})
         metrics = {}
         for k, v in headline.items():
