@@ -59,22 +59,41 @@ class MetaRNN(nn.Module):
         return out[:, 0]
 
 
+NORM_GROUPS = 32  # GroupNorm groups in the meta-ResNet (Wu & He 2018's default; every width is a multiple)
+_BATCHNORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # what a BatchNorm state has beyond GN's
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    """The meta-ResNet's normalisation: GroupNorm, not the paper's BatchNorm.
+
+    BatchNorm normalises over the batch, and a DYNAMO batch mixes the examples of several
+    base models, each conditioned on its own theta: in training, model n's hidden states then
+    depend on which models were sampled beside it (and, under Ray Train, on the worker's
+    shard), while evaluation uses running statistics that only rank 0's batches feed (DDP
+    broadcasts rank 0's buffers every forward) -- so another worker's own test metrics and a
+    reloaded run's differ. GroupNorm normalises each example alone: the same output for the
+    same (x, theta) in training and evaluation, whatever shares the batch and whatever W; the
+    meta-model has no buffers left to broadcast or average.
+    """
+    return nn.GroupNorm(min(NORM_GROUPS, channels), channels)
+
+
 class ThetaBasicBlock(nn.Module):
-    """Algorithm 2: ``z = ReLU(BN(conv(x)) + W theta); z = BN(conv(z)); ReLU(x + z)``."""
+    """Algorithm 2: ``z = ReLU(N(conv(x)) + W theta); z = N(conv(z)); ReLU(x + z)``, N = GroupNorm (``_norm``)."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, theta_proj: nn.Linear):
         super().__init__()
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.norm1 = _norm(out_ch)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.norm2 = _norm(out_ch)
         self.theta_proj = theta_proj  # shared by all blocks of this width (registered once on the parent)
-        self.shortcut = (nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+        self.shortcut = (nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), _norm(out_ch))
                          if stride != 1 or in_ch != out_ch else nn.Identity())
 
     def forward(self, x: torch.Tensor, theta_BE: torch.Tensor) -> torch.Tensor:
-        z = self.bn1(self.conv1(x)) + self.theta_proj(theta_BE)[:, :, None, None]
-        z = self.bn2(self.conv2(torch.relu(z)))
+        z = self.norm1(self.conv1(x)) + self.theta_proj(theta_BE)[:, :, None, None]
+        z = self.norm2(self.conv2(torch.relu(z)))
         return torch.relu(self.shortcut(x) + z)
 
 
@@ -86,7 +105,9 @@ class MetaResNet(nn.Module):
     """ResNet meta-model whose residual blocks add W theta to the channels (appendix A, B.1).
 
     Uses basic blocks at every depth (the theta bias goes in after the first conv of each block);
-    taps are the four stage outputs, matching the base models' h_1..h_4.
+    taps are the four stage outputs, matching the base models' h_1..h_4. Normalisation is
+    GroupNorm (``_norm`` says why), so an example's outputs depend only on its own (x, theta);
+    the base ResNets being emulated keep their BatchNorm.
     """
 
     family = "cnn"
@@ -95,7 +116,7 @@ class MetaResNet(nn.Module):
         super().__init__()
         self.embedding_dim = embedding_dim
         in_ch = input_spec.input_shape[0]
-        self.stem = nn.Sequential(nn.Conv2d(in_ch, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(in_ch, 64, 3, 1, 1, bias=False), _norm(64), nn.ReLU())
         self.theta_proj = nn.ModuleDict({str(w): nn.Linear(embedding_dim, w, bias=False) for w in _WIDTHS})
         self.stages = nn.ModuleList()
         prev = 64
@@ -122,6 +143,17 @@ class MetaResNet(nn.Module):
             taps.append(z)
         pooled = z.mean(dim=(2, 3))
         return taps, {g: head(pooled)[:, None, :] for g, head in self.heads.items()}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; the state of a BatchNorm meta-ResNet (written before the
+        switch to GroupNorm) is refused with a ValueError saying so, not a missing-key traceback."""
+        stats = sorted(k for k in state_dict if k.rsplit(".", 1)[-1] in _BATCHNORM_BUFFERS)
+        if stats:
+            raise ValueError(f"meta-ResNet state has BatchNorm statistics ({stats[0]!r} and {len(stats) - 1} more): "
+                             "it was trained by an older dynamo_dist whose meta-ResNet used BatchNorm; the "
+                             "meta-ResNet now uses GroupNorm (dynamo_dist.meta.model._norm), so the run cannot "
+                             "be loaded or resumed: train the meta stage again into a new meta.output_dir")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
 def output_sizes(rows: Sequence[Mapping]) -> dict[str, int]:

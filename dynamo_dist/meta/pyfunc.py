@@ -81,7 +81,8 @@ class DynamoMetaModel(mlflow.pyfunc.PythonModel):
                         theta[j] = torch.as_tensor(np.asarray(v, dtype=np.float32))
             hs, outs = self.meta(x, theta)
             logits = outs[self.rows[mid]["task"]][:, -1]
-            last = self.emb.apply_maps(row, [hs[-1]])[0] if self.emb.family == "cnn" else \
+            # the base model's last hidden state: a CNN's last tap; an RNN's one tap at its last step
+            last = self.emb.apply_maps(row, hs)[-1] if self.emb.family == "cnn" else \
                 self.emb.apply_maps(row, hs)[0][:, -1]
             for j, k in enumerate(idx):
                 out[k] = {"model_id": mid, "prediction": int(logits[j].argmax()),
