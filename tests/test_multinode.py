@@ -252,14 +252,21 @@ def test_worker_node_killed_during_meta_training_continues_with_fewer_workers(tw
     driver = subprocess.Popen(command(elastic, min_workers=1, resize_check_s=5), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=env)
     runs = elastic / "ray_results" / "meta"
+
+    def whole() -> list[Path]:  # checkpoints both workers have written their files into
+        return sorted(d for d in runs.glob("checkpoint_*")
+                      if all((d / f).is_file() for f in ("shared.pt", "shard-0.pt", "shard-1.pt")))
+
     deadline = time.monotonic() + 300
-    while not any(runs.glob("checkpoint_*/shared.pt")) and time.monotonic() < deadline:
+    # a second whole checkpoint: the first is then registered by Ray Train (the workers' reports of a
+    # checkpoint are taken one at a time), so the run resumes from it, not from scratch
+    while len(whole()) < 2 and time.monotonic() < deadline:
         assert driver.poll() is None, driver.stdout.read()
         time.sleep(0.1)
-    two_nodes["worker"].kill()  # its Train worker (rank 0 or 1) dies with it
     from dynamo_dist.meta import checkpoint
 
-    first = checkpoint.safe_load(sorted(runs.glob("checkpoint_*/shared.pt"))[0])
+    first = checkpoint.safe_load(whole()[0] / "shared.pt")
+    two_nodes["worker"].kill()  # its Train worker (rank 0 or 1) dies with it
     assert first["num_workers"] == 2  # it trained on both nodes until the kill
     out, _ = driver.communicate(timeout=600)
     assert driver.returncode == 0, out[-4000:]

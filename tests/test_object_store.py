@@ -58,6 +58,22 @@ def _keys(fs: pafs.FileSystem, prefix: str) -> dict[str, float]:
     return {i.path: i.mtime.timestamp() for i in infos if i.type == pafs.FileType.File}
 
 
+def test_other_credentials_in_the_environment_get_their_own_filesystem(s3, monkeypatch):
+    """One filesystem object per bucket and connection settings: a process (a test, a notebook) that
+    points its AWS_* variables elsewhere does not keep talking to the old endpoint with the old keys."""
+    from dynamo_dist.data import fsio
+
+    for k, v in s3.items():
+        monkeypatch.setenv(k, v)
+    first, path = fsio.filesystem("s3://bucket/a/b")
+    assert fsio.filesystem("s3://bucket/c")[0] is first and path == "bucket/a/b"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "another-secret")
+    other = fsio.filesystem("s3://bucket/a/b")[0]
+    assert other is not first
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3["AWS_SECRET_ACCESS_KEY"])
+    assert fsio.filesystem("s3://bucket/a/b")[0] is first
+
+
 def test_smoke_pipeline_with_a_sweep_on_a_bucket_is_readable_from_the_bucket(s3, tracking):
     import duckdb
 

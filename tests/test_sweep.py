@@ -97,7 +97,8 @@ def _sweep(population: str, tracking_uri: str | None, experiment: str, sweep_cfg
 
     meta = MetaConfig(steps=STEPS, eval_every=EVAL_EVERY, hidden_size=16, batch_size=16, models_per_step=2,
                       checkpoint_every=STEPS)
-    mlflow_store = tracking.Store.at(run_dir, TrackingConfig(tracking_uri=tracking_uri, experiment=experiment))
+    mlflow_store = tracking.Store.at(run_dir, TrackingConfig(tracking_uri=tracking_uri, experiment=experiment,
+                                                             system_metrics_interval_s=1.0))
     return run_sweep(meta, sweep_cfg, run_dir, population, tracking_store=mlflow_store)
 
 

@@ -46,14 +46,19 @@ def is_uri(p: str | os.PathLike | "RemotePath") -> bool:
     return "://" in s and not s.startswith("file://")
 
 
+_CONNECTION_ENV = ("AWS_", "GOOGLE_", "GCS_", "STORAGE_EMULATOR_HOST", "HADOOP_", "ARROW_")
+
+
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(pyarrow filesystem, path inside it) of a URI; one filesystem object per scheme and bucket.
+    """(pyarrow filesystem, path inside it) of a URI; one filesystem object per scheme and bucket
+    (and per endpoint and credentials in the environment: a process that points AWS_ENDPOINT_URL or
+    its keys elsewhere gets a filesystem for them, not the one made for the old ones).
 
     A scheme pyarrow does not know is a ValueError naming the URI.
     """
     scheme, _, rest = uri.partition("://")
     bucket = rest.split("/", 1)[0]
-    key = (scheme, bucket)
+    key = (scheme, bucket, tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_CONNECTION_ENV))))
     with _fs_lock:
         fs = _filesystems.get(key)
     if fs is None:
