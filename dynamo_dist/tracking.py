@@ -337,7 +337,8 @@ def log_meta_results(run: Run, summary: dict, per_model: dict[str, dict], histor
                      artifacts: list[tuple[Path, str | None]]) -> None:
     """What a finished meta run logs: its history, summary metrics (``meta_metrics``), artifacts,
     the per-model metrics as one table (``model_metrics.json``), not one metric key per model
-    (4N keys bury ``loss`` and ``val_agreement`` at scale), and the population it trained on as its
+    (4N keys bury ``loss`` and ``val_agreement`` at scale), the embeddings as one too
+    (``embeddings.json``: model_id, theta_0..theta_{d-1}, labels), and the population it trained on as its
     dataset input (``log_population_input`` of its ``population_root`` param, ``meta_params``)."""
     root = run.client.get_run(run.run_id).data.params.get("population_root")
     if root:
@@ -348,6 +349,9 @@ def log_meta_results(run: Run, summary: dict, per_model: dict[str, dict], histor
         run.log_table([{"model_id": m, **d} for m, d in sorted(per_model.items())], "model_metrics.json")
     for path, artifact_path in artifacts:
         run.log_artifact(path, artifact_path)
+        if path.name == "embeddings.parquet":  # the UI previews a table, not Parquet: theta_i and the labels
+            emb = store.read_parquet(path, "embeddings of the meta run")
+            run.log_table(emb.drop_columns(["theta"]).to_pylist(), "embeddings.json")
 
 
 def log_population_input(run: Run, population_root: str) -> Dataset:

@@ -348,9 +348,9 @@ def test_mlflows_artifact_viewer_shows_every_figure_of_the_report(analysed, serv
 
 
 @pytest.mark.integration
-def test_per_model_metrics_load_as_an_mlflow_table(analysed, served, monkeypatch):
-    """The meta run's per-model metrics are an MLflow table: ``mlflow.load_table`` through the server
-    gives one row per model with the values of model_metrics.parquet."""
+def test_per_model_metrics_and_embeddings_load_as_mlflow_tables(analysed, served, monkeypatch):
+    """The meta run's per-model metrics and embeddings are MLflow tables: ``mlflow.load_table`` through
+    the server gives one row per model with the values of model_metrics.parquet / embeddings.parquet."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -363,13 +363,20 @@ def test_per_model_metrics_load_as_an_mlflow_table(analysed, served, monkeypatch
     mlflow.set_tracking_uri(served)
     try:
         table = mlflow.load_table("model_metrics.json", run_ids=[run_id])
+        emb = mlflow.load_table("embeddings.json", run_ids=[run_id]).sort_values("model_id")
     finally:
         mlflow.set_tracking_uri(None)
     want = pq.read_table(meta_dir / "model_metrics.parquet").to_pandas().sort_values("model_id")
     got = table.sort_values("model_id")
     assert list(got["model_id"]) == list(want["model_id"]) and len(got) == 4
     for col in ("agreement", "hidden_r2", "meta_accuracy", "base_accuracy"):
-        np.testing.assert_allclose(got[col].to_numpy(dtype=float), want[col].to_numpy(dtype=float), rtol=1e-9)  # 10 digits in JSON
+        np.testing.assert_allclose(got[col].to_numpy(dtype=float), want[col].to_numpy(dtype=float), rtol=0,
+                                   atol=1e-9)  # JSON keeps 10 decimals
+    want = pq.read_table(meta_dir / "embeddings.parquet").to_pandas().sort_values("model_id")
+    assert list(emb["model_id"]) == list(want["model_id"]) and list(emb["group"]) == list(want["group"])
+    for i in range(3):  # d = 3
+        np.testing.assert_allclose(emb[f"theta_{i}"].to_numpy(dtype=float), want[f"theta_{i}"].to_numpy(dtype=float),
+                                   rtol=0, atol=1e-9)
 
 
 @pytest.mark.integration
