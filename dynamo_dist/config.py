@@ -254,7 +254,9 @@ class TrackingConfig(_Config):
 
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (http://host:port for a server); "
                                      "None = $MLFLOW_TRACKING_URI, else a SQLite store <run_dir>/mlflow.db")
-    experiment: str = Field("dynamo", description="MLflow experiment name")
+    experiment: str | None = Field(None, description="MLflow experiment name; None = the run directory's name "
+                                   "(run_dir runs/demo logs to experiment demo), so runs of different directories "
+                                   "sharing a tracking server stay apart")
     system_metrics: bool = Field(True, description="log MLflow system metrics (CPU, memory, disk, network; GPU "
                                  "with pynvml) into every stage's run while it runs")
     system_metrics_interval_s: float = Field(10.0, gt=0.0, description="seconds between system-metric samples "

@@ -70,6 +70,12 @@ def resolve_uri(run_dir: str | os.PathLike, tracking_uri: str | None) -> str:
     return f"sqlite:///{path / 'mlflow.db'}"
 
 
+def experiment_name(run_dir: str | os.PathLike) -> str:
+    """The default experiment of a run directory: its name (``runs/demo`` -> ``demo``; a bucket URI's last
+    part), ``dynamo`` for a root without one."""
+    return fsio.as_path(store.absolute(run_dir)).name or "dynamo"
+
+
 def artifact_root(run_dir: str | os.PathLike) -> str:
     return (Path(run_dir).resolve() / "mlartifacts").as_uri()
 
@@ -241,7 +247,7 @@ class Store:
         cfg = cfg or TrackingConfig()
         uri = resolve_uri(run_dir, cfg.tracking_uri)
         remote = uri.startswith(("http://", "https://"))
-        return cls(uri, cfg.experiment, None if remote else artifact_root(run_dir),
+        return cls(uri, cfg.experiment or experiment_name(run_dir), None if remote else artifact_root(run_dir),
                    system_metrics_s=cfg.system_metrics_interval_s if cfg.system_metrics else None)
 
     def for_stage(self, description: str, parent_run_id: str | None = None, started: float | None = None) -> Store:

@@ -388,7 +388,7 @@ def test_pipeline_with_a_sweep_logs_every_stage_to_one_store(ray_session, popula
     assert summary["tracking_uri"] == f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
     ui = tracking.ui_command(run_dir)
     client = MlflowClient(tracking_uri=ui[ui.index("--backend-store-uri") + 1])
-    exp = client.get_experiment_by_name("dynamo")
+    exp = client.get_experiment_by_name(run_dir.name)
     runs = client.search_runs([exp.experiment_id], max_results=100)
     names = sorted(r.info.run_name for r in runs)
     assert names[:4] == ["analyze", "meta-w1", "pipeline", "population"], names
@@ -451,7 +451,7 @@ def test_a_failing_stage_fails_the_pipeline_run_with_its_error(ray_session, popu
     with pytest.raises(ValueError, match=r"num_workers=5 exceeds the number of models \(4\)"):
         run_pipeline(_pipeline_cfg(population, run_dir, num_workers=5), progress=False)
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.resolve() / 'mlflow.db'}")
-    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("dynamo").experiment_id])}
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name(run_dir.name).experiment_id])}
     assert sorted(runs) == ["pipeline", "population"]  # the meta stage failed before its run started
     pipe = runs["pipeline"]
     assert pipe.info.status == "FAILED" and "num_workers=5 exceeds" in pipe.data.tags["dynamo.error"]
@@ -505,7 +505,7 @@ def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_finished_trial
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("dynamo")
+    exp = client.get_experiment_by_name(run_dir.name)
     parents = client.search_runs([exp.experiment_id], "tags.`dynamo.stage` = 'sweep'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the one sweep run, ended by the resume
 

@@ -151,6 +151,16 @@ def test_stage_runs_log_system_metrics_until_they_end_and_nothing_after(tmp_path
     assert "system metrics" not in (out + err).lower(), out + err  # MLflow's INFO lines stay off the console
 
 
+def test_each_run_directory_is_its_own_experiment_unless_one_is_named():
+    """Smoke runs, demos and sweeps sharing a tracking server stay apart: the default experiment is the
+    run directory's name; a name given in the config wins."""
+    server = "http://127.0.0.1:9"
+    assert tracking.Store.at("runs/demo", TrackingConfig(tracking_uri=server)).experiment == "demo"
+    assert tracking.Store.at("runs/smoke/", TrackingConfig(tracking_uri=server)).experiment == "smoke"
+    assert tracking.Store.at("s3://bucket/studies/lr", TrackingConfig(tracking_uri=server)).experiment == "lr"
+    assert tracking.Store.at("runs/demo", TrackingConfig(tracking_uri=server, experiment="mine")).experiment == "mine"
+
+
 def test_the_setting_travels_with_the_store():
     st = tracking.Store.at("/tmp", TrackingConfig(tracking_uri="http://127.0.0.1:9", system_metrics_interval_s=3))
     assert st.system_metrics_s == 3
