@@ -112,7 +112,7 @@ def adjusted_rand(labels_a: np.ndarray, labels_b: np.ndarray) -> float:
     return 1.0 if top == 0 else (both - expected) / top
 
 
-def _kmeans(points_NF: np.ndarray, k: int, random_state: int | None):
+def kmeans(points_NF: np.ndarray, k: int, random_state: int | None):
     from sklearn.cluster import KMeans
 
     return KMeans(n_clusters=k, n_init=10, random_state=random_state).fit(points_NF)
@@ -203,8 +203,8 @@ class MethodComparison:
                     self.intervals_[method] = {m: (float("nan"), float("nan")) for m in METRICS}
                     continue
                 d2 = euclidean_distances(flat)
-                km_full = _kmeans(full, k, self.random_state)
-                km_2d = _kmeans(flat, k, self.random_state)
+                km_full = kmeans(full, k, self.random_state)
+                km_2d = kmeans(flat, k, self.random_state)
                 self.scores_[method] = _scores(d, d2, full, flat, codes, None, km_full, km_2d)
                 hits = nn_hits(d, codes).astype(np.float64)  # 1-NN among all models, resampled per model
                 boot = np.array([[hits[i].mean() if m == "nn_accuracy" else s[m] for m in METRICS] for i, s in (

@@ -42,7 +42,7 @@ import numpy as np
 
 from ..data import fsio, store
 from ..meta import outputs
-from .comparison import _kmeans, adjusted_rand, euclidean_distances, silhouette
+from .comparison import kmeans, adjusted_rand, euclidean_distances, silhouette
 from .geometry import EmbeddingGeometry, encode_labels
 
 SEEDS_DIR = "meta-seeds"
@@ -161,7 +161,7 @@ class SeedStability:
         distances = [euclidean_distances(t) for t in thetas]
         scorable = 2 <= self.num_groups_ < n
         with threadpool_limits(1):  # tiny k-means problems: threads only add start-up (comparison.py)
-            self.cluster_labels_ = np.stack([_kmeans(t, k, self.random_state).labels_ for t in thetas])
+            self.cluster_labels_ = np.stack([kmeans(t, k, self.random_state).labels_ for t in thetas])
         self.adjusted_rand_ = np.array([adjusted_rand(codes, lab) if scorable else np.nan
                                         for lab in self.cluster_labels_])
         self.silhouette_ = np.array([silhouette(d, codes) if scorable else np.nan for d in distances])
