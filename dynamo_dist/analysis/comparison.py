@@ -207,8 +207,8 @@ class MethodComparison:
                 km_2d = kmeans(flat, k, self.random_state)
                 self.scores_[method] = _scores(d, d2, full, flat, codes, None, km_full, km_2d)
                 hits = nn_hits(d, codes).astype(np.float64)  # 1-NN among all models, resampled per model
-                boot = np.array([[hits[i].mean() if m == "nn_accuracy" else s[m] for m in METRICS] for i, s in (
-                    (i, _scores(d[np.ix_(i, i)], d2[np.ix_(i, i)], full[i], flat[i], codes[i], i, km_full, km_2d))
+                boot = np.array([[s[m] for m in METRICS] for s in (
+                    _scores(d[np.ix_(i, i)], d2[np.ix_(i, i)], full[i], flat[i], codes[i], i, km_full, km_2d, hits[i])
                     for i in resamples)]).reshape(-1, len(METRICS))
                 tail = 50.0 * (1.0 - self.confidence)
                 with warnings.catch_warnings():  # no resamples: NaN intervals
@@ -223,13 +223,14 @@ class MethodComparison:
 
 
 def _scores(d: np.ndarray, d2: np.ndarray, full: np.ndarray, flat: np.ndarray, codes: np.ndarray,
-            origin: np.ndarray | None, km_full, km_2d) -> dict[str, float]:
+            origin: np.ndarray | None, km_full, km_2d, hits: np.ndarray | None = None) -> dict[str, float]:
     """Every metric on one set of models; ``origin`` set for a resample (k-means then restarts
-    from the centres of the fits on all models, ``km_full`` / ``km_2d``)."""
+    from the centres of the fits on all models, ``km_full`` / ``km_2d``; ``hits``: the resampled
+    models' 1-NN outcomes among all models, whose mean is the resample's 1-NN accuracy)."""
     if origin is None:
         full_labels, flat_labels = km_full.labels_, km_2d.labels_
     else:
         full_labels, flat_labels = lloyd(full, km_full.cluster_centers_), lloyd(flat, km_2d.cluster_centers_)
     return {"silhouette_full": silhouette(d, codes, origin), "silhouette_2d": silhouette(d2, codes, origin),
             "ari_full": adjusted_rand(codes, full_labels), "ari_2d": adjusted_rand(codes, flat_labels),
-            "nn_accuracy": nn_accuracy(d, codes, origin)}
+            "nn_accuracy": nn_accuracy(d, codes, origin) if hits is None else float(hits.mean())}

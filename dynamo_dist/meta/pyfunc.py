@@ -82,8 +82,8 @@ class DynamoMetaModel(mlflow.pyfunc.PythonModel):
             hs, outs = self.meta(x, theta)
             logits = outs[self.rows[mid]["task"]][:, -1]
             # the base model's last hidden state: a CNN's last tap; an RNN's one tap at its last step
-            last = self.emb.apply_maps(row, hs)[-1] if self.emb.family == "cnn" else \
-                self.emb.apply_maps(row, hs)[0][:, -1]
+            maps = self.emb.maps[row]  # V_n only where it is read: a CNN's last tap, an RNN's one tap
+            last = maps[-1](hs[-1]) if self.emb.family == "cnn" else maps[0](hs[0])[:, -1]
             for j, k in enumerate(idx):
                 out[k] = {"model_id": mid, "prediction": int(logits[j].argmax()),
                           "logits": logits[j].tolist(), "hidden": last[j].reshape(-1).tolist()}
