@@ -187,6 +187,10 @@ class MetaConfig(_Config):
     lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate (meta-model, theta and V)")
     embedding_lr: float | None = Field(None, gt=0.0, description="AdamW learning rate of theta_n and V_n (None = lr)")
     weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay of the shared meta-model")
+    embedding_penalty: float = Field(0.0, ge=0.0, description="alpha of a low-rank prior on theta: adds "
+                                     "alpha/2 (||theta_n||^2 + ||W_theta||^2 / N) per sampled model, W_theta the "
+                                     "meta-model weights that multiply theta (a nuclear-norm penalty on W_theta "
+                                     "Theta); 0 = none")
     seed: int = Field(0, ge=0, description="seed of initialisation and sampling")
     seeds: tuple[int, ...] | None = Field(None, description="meta seeds that `dynamo-dist seeds` trains (one run "
                                           "each) and compares for theta-space stability when --seeds is not given; "

@@ -17,6 +17,7 @@ from dynamo_dist.analysis import (Dynamics, EmbeddingGeometry, FixedPointFinder,
                                   in_convex_hull, line_attractor_stats, mds_embedding, meta_dynamics,
                                   meta_visited_states, num_components_for, svcca_distance, valence_score)
 from dynamo_dist.analysis.baseline import pairwise_distances
+from dynamo_dist.analysis import comparison
 from dynamo_dist.analysis.comparison import (METRICS, MethodComparison, adjusted_rand, euclidean_distances, lloyd,
                                              nn_accuracy, silhouette)
 from dynamo_dist.analysis.evaluate import accuracies
@@ -516,3 +517,17 @@ def test_word_valence_score_of_an_integrator():
     assert want == pytest.approx(1.0 + 1.6 + 1.4 - 0.1)
     np.testing.assert_allclose(wv.scores_, [want, want], atol=1e-5)
     np.testing.assert_allclose(wv.values_[0], [1.0, 1.6, -1.4, 0.1], atol=1e-5)
+
+
+def test_output_distances_known_answers():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(50, 4))
+    far = np.zeros((50, 4))
+    far[:, 0], far[:, 1] = -40.0, 40.0  # every example: all mass on class 1
+    near = np.zeros((50, 4))
+    near[:, 0] = 40.0                    # all mass on class 0: disjoint from `far`
+    d = comparison.output_distances(np.stack([a, a.copy(), far, near]))
+    assert d[0, 1] < 1e-7 and np.all(np.diag(d) < 1e-7)  # equal outputs: 0, computed not assumed
+    np.testing.assert_allclose(d[2, 3], np.sqrt(np.log(2)), rtol=1e-6)  # disjoint distributions: the maximum
+    np.testing.assert_allclose(d, d.T)
+    assert 0 < d[0, 2] < d[2, 3]

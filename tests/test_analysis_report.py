@@ -126,7 +126,8 @@ def test_headline_numbers_and_tables(analysed):
     assert result["baseline.num_models"] == result["comparison.num_models"] == 4
     assert doc["headline"]["comparison.num_bootstrap"] == CFG.bootstrap
     table = pq.read_table(out / "tables" / "method_comparison.parquet").to_pandas().set_index("method")
-    assert list(table.index) == ["dynamo", "svcca", "cka"]  # no raw weights: the groups' shapes differ
+    # no raw weights (the groups' shapes differ); the base-outputs reference: one task, one set of classes
+    assert list(table.index) == ["dynamo", "svcca", "cka", "outputs"]
     for metric in ("silhouette_full", "silhouette_2d", "ari_full", "ari_2d", "nn_accuracy"):
         assert (table[f"{metric}_low"] <= table[metric] + 1e-12).all() and (table[metric] <= table[f"{metric}_high"] + 1e-12).all()
         assert result[f"comparison.svcca.{metric}"] == pytest.approx(table.loc["svcca", metric], nan_ok=True)

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from dynamo_dist import config, zoo
-from dynamo_dist.meta.model import MetaResNet, MetaRNN, ModelEmbeddings
-from dynamo_dist.meta.objective import Chunk, dynamo_loss, hidden_loss, output_loss, step_mask
+from dynamo_dist.meta.model import MetaResNet, MetaRNN, ModelEmbeddings, build_meta_model
+from dynamo_dist.meta.objective import Chunk, dynamo_loss, embedding_penalty, hidden_loss, output_loss, step_mask
 from dynamo_dist.meta.trainer import check_population, cosine_factor
 
 SEQ = zoo.ArchSpec(arch="gru", input_kind="sequence", input_shape=(7, 3), num_classes=4, hidden_size=5)
@@ -429,3 +429,33 @@ def test_remote_paths_name_like_pathlib_without_touching_the_store():
     # the host of a non-bucket scheme stays in the URI, not in the filesystem path
     h = fsio.RemotePath("hdfs://namenode:8020/data/pop")
     assert str(h._from_fs_path("/data/pop/manifest.parquet")) == "hdfs://namenode:8020/data/pop/manifest.parquet"
+
+
+@pytest.mark.parametrize("spec", [SEQ, zoo.ArchSpec(arch="resnet10", input_kind="image", input_shape=(1, 8, 8),
+                                                    num_classes=10)])
+def test_theta_weights_are_the_weights_theta_multiplies(spec):
+    # the embedding penalty's W: zeroing exactly these makes the meta-model ignore theta
+    meta = build_meta_model(zoo.family_of(spec.arch), spec, {"g": spec.num_classes}, embedding_dim=3,
+                            hidden_size=6).eval()
+    x = torch.randn((2,) + spec.input_shape)
+    a, b = torch.zeros(2, 3), torch.ones(2, 3)
+    assert all(w.shape[-1] == 3 for w in meta.theta_weights())
+    assert not torch.allclose(meta(x, a)[0][-1], meta(x, b)[0][-1])
+    with torch.no_grad():
+        for w in meta.theta_weights():
+            w.zero_()
+    torch.testing.assert_close(meta(x, a)[0][-1], meta(x, b)[0][-1])
+
+
+def test_embedding_penalty_known_answer():
+    meta = build_meta_model("rnn", SEQ, {"g": 4}, embedding_dim=2, hidden_size=3)
+    with torch.no_grad():
+        meta.cell.weight_ih_l0.fill_(2.0)  # theta's columns: (3*3, 2) entries of 2 -> ||W||^2 = 72
+    theta = torch.tensor([[3.0, 4.0], [0.0, 1.0]])  # ||theta||^2: 25 and 1, mean 13
+    got = embedding_penalty(meta, theta, alpha=0.5, num_models=8)
+    torch.testing.assert_close(got, torch.tensor(0.5 * 0.5 * (13 + 72 / 8)))
+    got.backward()
+    assert meta.cell.weight_ih_l0.grad[:, :-2].abs().sum() == 0  # only theta's columns are penalised
+    assert meta.cell.weight_ih_l0.grad[:, -2:].abs().sum() > 0
+    with pytest.raises(ValueError, match="embedding_penalty"):
+        embedding_penalty(meta, theta, alpha=-1.0, num_models=8)

@@ -35,6 +35,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
 
 from .baseline import classical_mds
 from .geometry import encode_labels
@@ -47,6 +48,25 @@ def euclidean_distances(points_NF: np.ndarray) -> np.ndarray:
     from scipy.spatial.distance import pdist, squareform
 
     return squareform(pdist(np.asarray(points_NF, dtype=np.float64)))
+
+
+def output_distances(logits_NBC: np.ndarray) -> np.ndarray:
+    """(N, N) function-space distances: sqrt of the mean over examples of the Jensen-Shannon
+    divergence (nats) between two models' output distributions on the same inputs.
+
+    A reference for every method: it looks only at what the models compute (their outputs),
+    never at their states or weights. 0 for models with equal outputs; at most sqrt(ln 2).
+    """
+    logits = torch.as_tensor(np.asarray(logits_NBC), dtype=torch.float64)
+    logp = torch.log_softmax(logits, dim=-1)
+    p = logp.exp()
+    n = logits.shape[0]
+    out = np.zeros((n, n))
+    for i in range(n):  # N rows of (N, B, C): memory stays O(N B C)
+        logm = torch.log(0.5 * (p[i][None] + p)).clamp_min(-1e30)
+        js = 0.5 * (p[i][None] * (logp[i][None] - logm)).sum(-1) + 0.5 * (p * (logp - logm)).sum(-1)
+        out[i] = js.mean(dim=1).clamp_min(0.0).sqrt().numpy()
+    return 0.5 * (out + out.T)  # JS is symmetric; this only evens out rounding
 
 
 def _copies(origin: np.ndarray) -> np.ndarray:

@@ -40,8 +40,8 @@ from ..meta.outputs import MetaRun, load_meta_run
 from ..meta.trainer import PopulationData, load_population
 from ..plots import group_colours
 from .averaging import ModelAveraging
-from .baseline import RepresentationBaseline, activation_taps
-from .comparison import METRICS, MethodComparison, euclidean_distances
+from .baseline import RepresentationBaseline, activation_taps, classical_mds
+from .comparison import METRICS, MethodComparison, euclidean_distances, output_distances
 from .evaluate import accuracies, base_accuracy
 from .fixed_points import FixedPointFinder, base_dynamics, base_visited_states, meta_dynamics, meta_visited_states
 from .geometry import EmbeddingGeometry, stratified_sample
@@ -57,7 +57,8 @@ MAX_BASE_FP_MODELS = 4        # base models analysed for fixed points
 RAW_WEIGHT_BYTES = 512 * 2**20  # flattened float32 weights held for the method comparison's raw-weight distances
 VALENCE_GRID = 5              # grid points per axis of the word-valence map (a fixed-point search each)
 NEUTRAL_TOL = 0.25            # |G(h*)| (logit difference) below which the chosen fixed point counts as neutral
-_METHOD_NAMES = {"dynamo": "DYNAMO θ", "svcca": "SVCCA", "cka": "CKA", "raw_weights": "raw weights"}
+_METHOD_NAMES = {"dynamo": "DYNAMO θ", "svcca": "SVCCA", "cka": "CKA", "raw_weights": "raw weights",
+                 "outputs": "base outputs (reference)"}
 
 
 @dataclass
@@ -394,6 +395,14 @@ def _comparison(ctx: _Ctx, sec: Section, results: dict) -> dict:
         shown["raw_weights"] = (f"{weights.shape[1]} flattened parameters, Euclidean", "PCA")
     else:
         sec.note(f"Raw weights: not compared: {why}.")
+    logits, why = _test_logits(ctx)
+    if logits is not None:
+        distances["outputs"] = output_distances(logits)
+        coords["outputs"] = classical_mds(distances["outputs"], 2)
+        shown["outputs"] = (f"√ mean Jensen–Shannon divergence of the test outputs ({logits.shape[1]} examples)",
+                            "classical MDS")
+    else:
+        sec.note(f"Base outputs: no reference row: {why}.")
     cmp = MethodComparison(num_dims=d, num_bootstrap=ctx.cfg.bootstrap, random_state=ctx.cfg.seed).fit(
         distances, labels, coords)
     sec.text(f"Every method scored the same way against {ctx.cfg.color_by} ({cmp.num_groups_} groups) on the same "
@@ -404,6 +413,11 @@ def _comparison(ctx: _Ctx, sec: Section, results: dict) -> dict:
              + (f"Brackets: {cmp.confidence:.0%} percentile bootstrap intervals over {ctx.cfg.bootstrap} resamples "
                 f"of the models within each group (seed {ctx.cfg.seed}); k-means on a resample restarts from the "
                 "centres found on all models." if ctx.cfg.bootstrap else "No intervals (analyze.bootstrap = 0)."))
+    if "outputs" in distances:
+        sec.text("The base-outputs row is a reference, not a method: distances between what the base models "
+                 "compute (their output distributions on the test inputs), never their states or weights. It "
+                 "shows how far the groups differ in function, so how high a silhouette a function-based "
+                 "embedding such as DYNAMO's can fairly be asked for.")
     sec.text("The headline keys dynamo.silhouette / dynamo.adjusted_rand (θ, all models) and svcca.silhouette / "
              "svcca.adjusted_rand (distance matrix / MDS-2, as before) keep their meaning; the like-for-like numbers "
              "are comparison.<method>.<metric>.")
@@ -434,6 +448,17 @@ def _comparison(ctx: _Ctx, sec: Section, results: dict) -> dict:
             head[key] = cmp.scores_[m][metric]
             head[f"{key}.low"], head[f"{key}.high"] = cmp.intervals_[m][metric]
     return {"comparison": cmp, "headline": head}
+
+
+def _test_logits(ctx: _Ctx) -> tuple[np.ndarray | None, str]:
+    """(N, B, C) the sampled models' final-step outputs on the shared test inputs, or None and why not."""
+    tasks = sorted({ctx.tasks[i] for i in ctx.sample})
+    if len(tasks) > 1:
+        return None, f"the models span tasks {tasks}, whose outputs are not distributions over the same classes"
+    ids = [ctx.ids[i] for i in ctx.sample]
+    n = min(ctx.pop.test[m].num_examples for m in ids)
+    # RNN outputs are left-padded (N, T, C): the last step is every sequence's final output
+    return np.stack([ctx.pop.test[m].outputs[:n, -1].float().numpy() for m in ids]), ""
 
 
 def _raw_weights(ctx: _Ctx) -> tuple[np.ndarray | None, str]:

@@ -53,6 +53,10 @@ class MetaRNN(nn.Module):
         h_BTM, _ = self.cell(torch.cat([u, th], dim=-1))
         return [h_BTM], {g: head(h_BTM) for g, head in self.heads.items()}
 
+    def theta_weights(self) -> list[torch.Tensor]:
+        """The weights that multiply theta: the GRU's input weights of the theta columns, (3M, E)."""
+        return [self.cell.weight_ih_l0[:, -self.embedding_dim:]]
+
     def step(self, x_BD: torch.Tensor, theta_BE: torch.Tensor, h_BM: torch.Tensor) -> torch.Tensor:
         """One application of F~(theta, x, h) -> next h (for fixed-point analysis); x_BD already encoded."""
         out, _ = self.cell(torch.cat([x_BD, theta_BE], dim=-1)[:, None, :], h_BM[None])
@@ -143,6 +147,10 @@ class MetaResNet(nn.Module):
             taps.append(z)
         pooled = z.mean(dim=(2, 3))
         return taps, {g: head(pooled)[:, None, :] for g, head in self.heads.items()}
+
+    def theta_weights(self) -> list[torch.Tensor]:
+        """The weights that multiply theta: one (width, E) projection per channel width."""
+        return [proj.weight for proj in self.theta_proj.values()]
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``; the state of a BatchNorm meta-ResNet (written before the

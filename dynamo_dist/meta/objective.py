@@ -116,3 +116,18 @@ def dynamo_loss(meta, embeddings, chunks: list[Chunk], output_weight: float, hid
         sum_o += float(lo.detach())
     k = len(chunks)
     return total / k, {"loss_hidden": sum_h / k, "loss_output": sum_o / k}
+
+
+def embedding_penalty(meta, theta_KE: torch.Tensor, alpha: float, num_models: int) -> torch.Tensor:
+    """``alpha/2 (mean_k ||theta_k||^2 + ||W||_F^2 / N)`` for a step's K sampled models.
+
+    ``W`` are the meta-model's weights that multiply theta (``meta.theta_weights()``), N the
+    population size. Summed over the population this is ``alpha/(2N) (||Theta||_F^2 + ||W||_F^2)``,
+    whose minimum over the factorisations of the product ``W Theta`` is ``alpha/N ||W Theta||_*``:
+    a nuclear-norm (low-rank) prior on how theta modulates the meta-model. A penalty on theta
+    alone would do nothing but shrink theta while W grew to match.
+    """
+    if alpha < 0:
+        raise ValueError(f"embedding_penalty must be >= 0, got {alpha}")
+    w2 = sum(w.pow(2).sum() for w in meta.theta_weights())
+    return 0.5 * alpha * (theta_KE.pow(2).sum(dim=1).mean() + w2 / num_models)

@@ -26,7 +26,7 @@ from ..data.tasks import Split
 from ..zoo import family_of
 from . import checkpoint, model
 from .metrics import evaluate, summarize
-from .objective import Chunk, dynamo_loss
+from .objective import Chunk, dynamo_loss, embedding_penalty
 
 VAL_FRACTION = 0.1  # tail of the probe split held out for validation metrics (never trained on)
 
@@ -156,6 +156,7 @@ class DynamoTrainer:
         self.rank = rank
         self.device = resolve_device(cfg) if device is None else torch.device(device)
         all_rows = all_rows or data.rows
+        self.num_models = len(all_rows)  # the whole population's (the embedding penalty's N)
         base_dims = [model.tap_widths(data.family, data.hidden_shapes(m)) for m in data.model_ids]
         # identical shared init on every worker; each worker's embeddings from its own stream
         # (initialised on the CPU, then moved: the same initial weights on every device)
@@ -232,6 +233,11 @@ class DynamoTrainer:
         with self.autocast():
             loss, stats = dynamo_loss(self.forward_module, self.embeddings, chunks, self.cfg.output_weight,
                                       self.cfg.hidden_distance, self.cfg.output_distance)
+        if self.cfg.embedding_penalty:
+            penalty = embedding_penalty(self.meta, self.embeddings.theta_rows([c.row for c in chunks]),
+                                        self.cfg.embedding_penalty, self.num_models)
+            stats["loss_penalty"] = float(penalty.detach())
+            loss = loss + penalty
         # Only the sampled models' theta/V take part in a step (like the rows of a sharded embedding
         # table): AdamW and zero_grad visit just their parameters, not all N of the shard's (which
         # cost a Python loop over every model each step). Unsampled ones have grad None and would
