@@ -61,7 +61,7 @@ def w2_run(ray_session, pop_root, tmp_path_factory):
                      eval_every=10, checkpoint_every=STEPS, num_workers=2, lr=3e-3, embedding_lr=3e-2, seed=0)
     result = meta_ray.build_trainer(cfg, pop_root, progress=False).fit()
     summary = meta_ray.finalize(cfg, pop_root, result)
-    return {"out": out, "summary": summary, "run": outputs.load_meta_run(out)}
+    return {"out": out, "cfg": cfg, "summary": summary, "run": outputs.load_meta_run(out)}
 
 
 def _with_batchnorm(meta: nn.Module) -> nn.Module:
@@ -139,6 +139,21 @@ def test_a_batchnorm_meta_checkpoint_is_refused_naming_why(w2_run, tmp_path):
     with pytest.raises(ValueError, match=r"BatchNorm statistics \('[\w.]+\.(running_mean|running_var|num_batches_tracked)'.*GroupNorm"):
         outputs.load_meta_run(old)
     outputs.load_meta_run(w2_run["out"])  # the original run still loads
+
+
+def test_resuming_a_batchnorm_meta_checkpoint_is_refused_in_the_driver(w2_run, tmp_path):
+    """A re-run into the output dir of a BatchNorm-era run: the driver's pre-flight refuses it,
+    before Ray Train starts workers that would each fail on it max_failures times."""
+    old = tmp_path / "old-meta"
+    shutil.copytree(w2_run["out"], old)
+    cfg = w2_run["cfg"].replace(output_dir=str(old))
+    meta_ray.check_resumable(cfg, w2_run["run"].model_ids)  # the control: the run as written resumes
+    (latest,) = sorted((old / "ray_results" / "meta").glob("checkpoint_0*"))[-1:]
+    shared = checkpoint_format.safe_load(latest / checkpoint_format.SHARED_FILE)
+    shared["meta"] = _with_batchnorm(w2_run["run"].meta).state_dict()
+    torch.save(shared, latest / checkpoint_format.SHARED_FILE)
+    with pytest.raises(ValueError, match=r"cannot resume from .*BatchNorm statistics.*a re-run resumes it"):
+        meta_ray.check_resumable(cfg, w2_run["run"].model_ids)
 
 
 def test_meta_resnet_norm_is_per_example_without_ray():

@@ -173,7 +173,10 @@ def merged_state(shared: dict, per_model: dict[str, dict]) -> dict:
 
 
 def check_compatible(shared: dict, cfg, model_ids: list[str], where: str) -> None:
-    """A checkpoint resumes only under the same tensor shapes and the same population."""
+    """A checkpoint resumes only under the same tensor shapes, the same population and a meta-model
+    layout this version builds (no BatchNorm meta-ResNet)."""
+    from .model import refuse_batchnorm_state
+
     old = shared["config"]
     bad = [f"{k}: checkpoint {old.get(k)!r} vs config {getattr(cfg, k)!r}" for k in SHAPE_FIELDS
            if old.get(k) != getattr(cfg, k)]
@@ -184,6 +187,10 @@ def check_compatible(shared: dict, cfg, model_ids: list[str], where: str) -> Non
         gone = sorted(set(shared["model_ids"]) - set(model_ids))
         raise ValueError(f"cannot resume from {where}: population changed (new models {extra[:5]}, "
                          f"missing models {gone[:5]})")
+    try:
+        refuse_batchnorm_state(shared.get("meta", {}))
+    except ValueError as err:
+        raise ValueError(f"cannot resume from {where}: {err}") from None
 
 
 def maps_base_dims(maps_state: dict) -> list[int]:

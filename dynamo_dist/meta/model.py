@@ -153,15 +153,21 @@ class MetaResNet(nn.Module):
         return [proj.weight for proj in self.theta_proj.values()]
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """``nn.Module.load_state_dict``; the state of a BatchNorm meta-ResNet (written before the
-        switch to GroupNorm) is refused with a ValueError saying so, not a missing-key traceback."""
-        stats = sorted(k for k in state_dict if k.rsplit(".", 1)[-1] in _BATCHNORM_BUFFERS)
-        if stats:
-            raise ValueError(f"meta-ResNet state has BatchNorm statistics ({stats[0]!r} and {len(stats) - 1} more): "
-                             "it was trained by an older dynamo_dist whose meta-ResNet used BatchNorm; the "
-                             "meta-ResNet now uses GroupNorm (dynamo_dist.meta.model._norm), so the run cannot "
-                             "be loaded or resumed: train the meta stage again into a new meta.output_dir")
+        """``nn.Module.load_state_dict``; the state of a BatchNorm meta-ResNet is refused
+        (``refuse_batchnorm_state``), not met with a missing-key traceback."""
+        refuse_batchnorm_state(state_dict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def refuse_batchnorm_state(state_dict: Mapping) -> None:
+    """ValueError, saying why, for a meta-ResNet state with BatchNorm statistics: one written by an
+    older dynamo_dist (whose meta-ResNet used BatchNorm), which cannot be loaded or resumed."""
+    stats = sorted(k for k in state_dict if k.rsplit(".", 1)[-1] in _BATCHNORM_BUFFERS)
+    if stats:
+        raise ValueError(f"meta-ResNet state has BatchNorm statistics ({stats[0]!r} and {len(stats) - 1} more): "
+                         "it was trained by an older dynamo_dist whose meta-ResNet used BatchNorm; the "
+                         "meta-ResNet now uses GroupNorm (dynamo_dist.meta.model._norm), so the run cannot "
+                         "be loaded or resumed: train the meta stage again into a new meta.output_dir")
 
 
 def output_sizes(rows: Sequence[Mapping]) -> dict[str, int]:
