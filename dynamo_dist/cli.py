@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import yaml
 
@@ -104,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "(no training); the first is the reference")
     sd.add_argument("--out", help="where seed_stability.json/.md/.png go (default: <parent of the first run>/"
                     "seed-stability)")
+    sd.add_argument("--no-log", action="store_true", help="do not log the comparison to MLflow (a run named "
+                    "seed-stability in the run's store)")
     ui = sub.add_parser("ui", help="MLflow UI on a run directory's store (127.0.0.1)")
     ui.add_argument("run_dir", nargs="?", default="runs/demo", help="the pipeline's run_dir (holds mlflow.db)")
     ui.add_argument("--host", default="127.0.0.1")
@@ -250,13 +253,17 @@ def _add_models(args, cfg: config_mod.PipelineConfig) -> int:
 
 def _seeds(args, cfg: config_mod.PipelineConfig) -> int:
     from .analysis import seeds
+    from .pipeline import tracking_store
 
     if args.meta_dirs:
         dirs = args.meta_dirs
     else:
         chosen = seeds.parse_seeds(args.seeds) if args.seeds else seeds.check_seeds(cfg.meta.seeds)
         dirs = seeds.train_seeds(cfg, chosen, address=args.address)
+    started = time.time()
     r = seeds.run_seed_stability(dirs, args.out, color_by=cfg.analyze.color_by, random_state=cfg.analyze.seed)
+    if not args.no_log:
+        r["mlflow_run_id"] = seeds.log_mlflow(r, tracking_store(cfg), started)
     print(f"{'seed':>6} {'ARI':>7} {'silhouette':>10} {'disparity':>9}  (k-means vs {r['color_by']}, "
           f"k={r['num_clusters']}; disparity to seed {r['reference_seed']})")
     for p in r["per_seed"]:
@@ -266,6 +273,8 @@ def _seeds(args, cfg: config_mod.PipelineConfig) -> int:
     if r.get("warning"):
         print(f"warning: {r['warning']}")
     print(f"written: {r['out_dir']}/{seeds.JSON_FILE}, {seeds.TABLE_FILE}, {seeds.FIGURE_FILE}")
+    if r.get("mlflow_run_id"):
+        print(f"logged: MLflow run {r['mlflow_run_id']} (seed-stability) in {tracking_store(cfg).uri}")
     return 0
 
 

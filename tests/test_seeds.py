@@ -212,16 +212,37 @@ def test_seeds_cli_trains_missing_seeds_and_scores_them(seeded, local_meta_stage
     assert result["config_differences"] == {d: {} for d in result["meta_dirs"][1:]}
     # the seeds really differ: different θ, not one run three times (the property the analysis measures)
     assert pairwise["disparity"][0, 1] > 1e-6
-    assert "seed stability" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "seed stability" in printed
+    # the comparison is an MLflow run of the run's store: headline metrics, per-seed steps, files
+    from mlflow import MlflowClient
+
+    from dynamo_dist.pipeline import tracking_store
+
+    store_ = tracking_store(cfg)
+    client = MlflowClient(store_.uri)
+    (logged,) = client.search_runs([client.get_experiment_by_name(store_.experiment).experiment_id],
+                                   "tags.mlflow.runName = 'seed-stability'")
+    assert f"logged: MLflow run {logged.info.run_id}" in printed
+    assert logged.data.metrics["seed_stability"] == pytest.approx(result["seed_stability"])
+    assert logged.data.metrics["consensus_adjusted_rand"] == pytest.approx(result["consensus_adjusted_rand"])
+    per_seed = client.get_metric_history(logged.info.run_id, "seed.adjusted_rand")
+    assert [m.step for m in sorted(per_seed, key=lambda m: m.step)] == [0, 1, 2]
+    assert [m.value for m in sorted(per_seed, key=lambda m: m.step)] == pytest.approx(
+        [r["adjusted_rand"] for r in result["per_seed"]])
+    files = {f.path for f in client.list_artifacts(logged.info.run_id, "seed-stability")}
+    assert files == {f"seed-stability/{n}" for n in (seeds.JSON_FILE, seeds.TABLE_FILE, seeds.FIGURE_FILE)}
 
     # the same runs through --meta-dirs: nothing trained, the same numbers
     dirs = [r["meta_dir"] for r in result["per_seed"]]
-    assert cli.main(["seeds", "--config", str(config), "--meta-dirs", *dirs, "--out", str(tmp_path / "again")]) == 0
+    assert cli.main(["seeds", "--config", str(config), "--meta-dirs", *dirs, "--out", str(tmp_path / "again"),
+                     "--no-log"]) == 0
     again = json.loads((tmp_path / "again" / seeds.JSON_FILE).read_text())
     assert local_meta_stage == [1, 2]
     assert again["pairwise"] == result["pairwise"] and again["per_seed"] == result["per_seed"]
     # another reference: its own row has disparity 0, the pairwise ARI (no alignment) is the same pair's
-    assert cli.main(["seeds", "--config", str(config), "--meta-dirs", dirs[2], dirs[0], "--out", str(tmp_path / "b")]) == 0
+    assert cli.main(["seeds", "--config", str(config), "--meta-dirs", dirs[2], dirs[0], "--out", str(tmp_path / "b"),
+                     "--no-log"]) == 0
     swapped = json.loads((tmp_path / "b" / seeds.JSON_FILE).read_text())
     assert swapped["reference_seed"] == 2 and swapped["per_seed"][0]["disparity_to_reference"] == 0.0
     assert swapped["seed_stability"] == pytest.approx(pairwise["adjusted_rand"][0, 2])

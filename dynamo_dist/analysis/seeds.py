@@ -347,6 +347,29 @@ def run_seed_stability(meta_dirs: Sequence[str], out_dir: str | None = None, col
     return {**result, "out_dir": str(out)}
 
 
+def log_mlflow(result: dict, tracking_store, started: float | None = None) -> str:
+    """A run named "seed-stability" in ``tracking_store`` (a ``tracking.Store``): the headline scores
+    as metrics, each seed's as ``seed.<metric>`` at step = seed, the per-seed rows as a table and,
+    when ``result["out_dir"]`` is local, its files as artifacts. Returns the run id."""
+    head = ("seed_stability", "distance_stability", "consensus_adjusted_rand", "mean_adjusted_rand",
+            "min_adjusted_rand", "std_adjusted_rand", "mean_silhouette", "mean_disparity")
+    stage = tracking_store.for_stage(f"theta-space stability over meta seeds {result['seeds']}", started=started)
+    with stage.run("seed-stability", tags={"dynamo.stage": "seeds"}) as run:
+        run.log_params({"seeds": result["seeds"], "color_by": result["color_by"], "num_models": result["num_models"],
+                        "num_clusters": result["num_clusters"], "reference_seed": result["reference_seed"],
+                        "meta_dirs": result["meta_dirs"]})
+        run.log_metrics({k: result[k] for k in head})
+        for row in result["per_seed"]:
+            run.log_metrics({f"seed.{k}": row[k] for k in ("adjusted_rand", "silhouette", "disparity_to_reference",
+                                                           "mean_agreement", "mean_hidden_r2")}, step=row["seed"])
+        run.log_table(result["per_seed"], "seed_stability_per_seed.json")
+        out = result.get("out_dir")
+        if out and not fsio.is_uri(out):
+            for name in (JSON_FILE, TABLE_FILE, FIGURE_FILE):
+                run.log_artifact(fsio.as_path(out) / name, "seed-stability")
+    return run.run_id
+
+
 def markdown(result: dict) -> str:
     """The per-seed table, the pairwise matrices and the scores of a :func:`run_seed_stability` result."""
     f = lambda v: "n/a" if v is None or not np.isfinite(v) else f"{v:.3f}"  # noqa: E731
