@@ -9,7 +9,8 @@ finished run there is reused. Measured per run, theta against the manifest's ``g
 * ``silhouette``: silhouette of the groups on theta's Euclidean distances (full d);
 * ``ari``: adjusted Rand index of k-means (k = groups, 10 restarts) on theta;
 * ``components_95``: principal components holding 95% of theta's variance;
-* ``agreement`` / ``hidden_r2``: the run's test-split emulation means (``summary.json``).
+* ``agreement`` / ``hidden_r2``: the run's test-split emulation means (``summary.json``);
+* ``seconds``: the run's wall time (None: a finished run of that point was reused).
 
 Per population, the references on the same models: the silhouette of CKA distances (recorded
 probe hidden states, 2,048 rows, as the report computes them) and of the base models' output
@@ -45,9 +46,11 @@ from dynamo_dist.meta import outputs
 from dynamo_dist.meta.local import run_meta_local
 cfg = MetaConfig(**json.loads(sys.argv[1]))
 t = time.perf_counter()
-if not outputs.has_finished(cfg.output_dir):
+if outputs.has_finished(cfg.output_dir):
+    print(json.dumps({"seconds": None}))  # an earlier run of this point, reused
+else:
     run_meta_local(cfg, sys.argv[2], progress=False)
-print(json.dumps({"seconds": time.perf_counter() - t}))
+    print(json.dumps({"seconds": time.perf_counter() - t}))
 """
 
 
@@ -99,6 +102,16 @@ def references(root: str, rows_per_model: int = 2048) -> dict:
             "outputs_silhouette": float(comparison.silhouette(comparison.output_distances(logits), codes))}
 
 
+def _value(text: str):
+    """A --set value: a number when it reads as one (YAML 1.1 takes 3e-3 for a string), else YAML."""
+    import yaml
+
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        return yaml.safe_load(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--population", action="append", required=True, help="NAME=ROOT of a recorded population")
@@ -112,10 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="/tmp/bench_embedding", help="where the meta runs go (reused when finished)")
     ap.add_argument("--json", default=str(RESULTS / "embedding.json"))
     args = ap.parse_args(argv)
-    import yaml
-
     pops = dict(p.split("=", 1) for p in args.population)
-    fixed = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args.set)}
+    fixed = {k: _value(v) for k, v in (a.split("=", 1) for a in args.set)}
     tag = "".join(f"-{k}{v}" for k, v in sorted(fixed.items()))
     grid = list(itertools.product(pops, args.alpha, args.lam, args.steps, args.seeds))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}

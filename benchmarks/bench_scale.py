@@ -15,6 +15,11 @@ Measured, per N:
 * ``resume_seconds``: wall time of a run resumed from the final checkpoint for
   ``--eval-every`` more steps (Ray Train start, every worker loading its shards, the steps).
 
+``--spill-mb A B ...`` repeats every size but the smallest with each ``meta.spill_bytes`` (0 =
+none): a model evicted from the in-memory cache and sampled again is then read back raw from
+local disk instead of decoded from Parquet. Run enough steps for models to be sampled again
+(``--steps`` of several times N / (4 x workers)) to see it.
+
 Goals (issue 12): at the largest N, worker peak RSS within cache budget + 1 GB and at most
 1.2x its value at the smallest N; seconds per step within 1.3x; pre-flight <= 30 s.
 
@@ -121,14 +126,15 @@ def step_seconds(out: Path, eval_every: int) -> tuple[float, float]:
     return cold, warm
 
 
-def run_size(work: Path, n: int, args) -> dict:
-    root, out = work / f"pop-{n}", work / f"meta-{n}"
+def run_size(work: Path, n: int, args, spill_mb: int = 0) -> dict:
+    root, out = work / f"pop-{n}", work / f"meta-{n}-spill{spill_mb}"
     shutil.rmtree(out, ignore_errors=True)
     write_seconds = write_population(root, n, args.hidden, args.num_probe, args.num_test) if not (
         root / "manifest.parquet").is_file() else None
     cfg = MetaConfig(output_dir=str(out), hidden_size=32, embedding_dim=4, steps=args.steps, batch_size=16,
                      models_per_step=4, num_workers=args.workers, eval_every=args.eval_every,
-                     checkpoint_every=args.steps, cache_bytes=args.cache_mb * 2 ** 20, val_models=args.val_models)
+                     checkpoint_every=args.steps, cache_bytes=args.cache_mb * 2 ** 20, val_models=args.val_models,
+                     spill_bytes=spill_mb * 2 ** 20 or None)
     t = time.perf_counter()
     manifest = ray_train.validate_population(cfg, str(root))
     preflight = time.perf_counter() - t
@@ -138,7 +144,7 @@ def run_size(work: Path, n: int, args) -> dict:
         ray_train.finalize(cfg, str(root), result, manifest=manifest)
     fit_seconds = time.perf_counter() - t
     cold, warm = step_seconds(out, args.eval_every)
-    resumed = cfg.replace(output_dir=str(work / f"meta-{n}-resumed"), steps=args.steps + args.eval_every)
+    resumed = cfg.replace(output_dir=str(work / f"meta-{n}-spill{spill_mb}-resumed"), steps=args.steps + args.eval_every)
     t = time.perf_counter()
     with WorkerMemory() as mem_resume:
         ray_train.build_trainer(resumed, str(root), progress=False, manifest=manifest,
@@ -146,7 +152,7 @@ def run_size(work: Path, n: int, args) -> dict:
     resume_seconds = time.perf_counter() - t
     disk = sum(p.stat().st_size for p in (root / "trajectories").rglob("*.parquet"))
     rec = {
-        "num_models": n, "write_seconds": write_seconds, "trajectory_disk_mb": disk / 2 ** 20,
+        "num_models": n, "spill_mb": spill_mb, "write_seconds": write_seconds, "trajectory_disk_mb": disk / 2 ** 20,
         "preflight_seconds": preflight, "fit_and_finalize_seconds": fit_seconds,
         "cold_seconds_per_step": cold, "warm_seconds_per_step": warm, "resume_seconds": resume_seconds,
         "worker_peak_rss_mb": sorted(kb / 1024 for kb in mem.peak_kb.values()),
@@ -156,7 +162,7 @@ def run_size(work: Path, n: int, args) -> dict:
     print(json.dumps(rec), flush=True)
     if not args.keep:
         shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(work / f"meta-{n}-resumed", ignore_errors=True)
+        shutil.rmtree(work / f"meta-{n}-spill{spill_mb}-resumed", ignore_errors=True)
     return rec
 
 
@@ -168,6 +174,8 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--val-models", type=int, default=32)
     ap.add_argument("--cache-mb", type=int, default=256)
+    ap.add_argument("--spill-mb", type=int, nargs="+", default=[0], help="meta.spill_bytes in MiB (0 = none); "
+                    "each value runs at every size but the smallest (which fits the cache: nothing to spill)")
     ap.add_argument("--hidden", type=int, default=16)
     ap.add_argument("--num-probe", type=int, default=64)
     ap.add_argument("--num-test", type=int, default=32)
@@ -182,17 +190,22 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     ray.init(num_cpus=args.workers, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
-        runs = [run_size(work, n, args) for n in args.sizes]
+        runs = [run_size(work, n, args, spill) for i, n in enumerate(args.sizes)
+                for spill in (args.spill_mb if i else args.spill_mb[:1])]
     finally:
         ray.shutdown()
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    small, large = runs[0], runs[-1]
-    ratios = {
-        "worker_peak_rss_largest_over_smallest": max(large["worker_peak_rss_mb"]) / max(small["worker_peak_rss_mb"]),
-        "warm_step_largest_over_smallest": large["warm_seconds_per_step"] / small["warm_seconds_per_step"],
-        "cold_step_largest_over_smallest": large["cold_seconds_per_step"] / small["cold_seconds_per_step"],
-    }
+    small = runs[0]
+    ratios = {}
+    for spill in args.spill_mb:
+        large = [r for r in runs if r["num_models"] == args.sizes[-1] and r["spill_mb"] == spill][-1]
+        tag = "" if spill == args.spill_mb[0] else f"_spill{spill}"
+        ratios |= {
+            f"worker_peak_rss_largest_over_smallest{tag}": max(large["worker_peak_rss_mb"]) / max(small["worker_peak_rss_mb"]),
+            f"warm_step_largest_over_smallest{tag}": large["warm_seconds_per_step"] / small["warm_seconds_per_step"],
+            f"cold_step_largest_over_smallest{tag}": large["cold_seconds_per_step"] / small["cold_seconds_per_step"],
+        }
     doc = {"what": "meta stage memory and time against N (synthetic float16 trajectories, real store files)",
            "command": "python benchmarks/bench_scale.py " + " ".join(
                f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"

@@ -210,6 +210,10 @@ class MetaConfig(_Config):
                                    "val_* metrics of each report (a fixed sample; None = every model)")
     cache_bytes: int | None = Field(2 * 1024 ** 3, ge=1, description="decoded trajectory bytes each meta worker "
                                     "keeps in memory (LRU, read on demand); None = keep every trajectory read")
+    spill_bytes: int | None = Field(None, ge=0, description="raw copies of decoded trajectories each meta worker "
+                                    "keeps on local disk (a private temp dir, removed at exit): a model evicted "
+                                    "from the cache_bytes LRU and sampled again is read back, not decoded from "
+                                    "Parquet again; for populations larger than cache_bytes; None/0 = none")
     device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="where the meta-model trains; auto = cuda "
                                                    "when each worker/process sees a GPU; on Ray, cuda makes Ray Train "
                                                    "give each worker one GPU (and NCCL)")

@@ -162,3 +162,39 @@ def test_a_split_read_once_streams_through_without_being_held(root):
     assert torch.equal(got.hiddens[1], store.read_trajectory(root, "r-0", "test", dtype=None).hiddens[1])
     cache.get("m-0")
     assert cache.nbytes == store.trajectory_info(root, "m-0").decoded_bytes
+
+
+def test_spilled_copies_are_read_back_exactly_within_their_budget_and_removed_with_the_cache(root, monkeypatch):
+    one = store.trajectory_info(root, "r-0", "test").decoded_bytes  # the largest file
+    cache = TrajectoryCache(root, budget_bytes=one, spill_bytes=2 * one)  # memory: 1 to 4 of them, disk more
+    spill_dir = Path(cache.spill.dir)
+    keys = [(f"m-{i}", "probe") for i in range(6)] + [("r-0", "test")]
+    first = {k: cache.get(*k) for k in keys}
+    decoded = []
+    real = store.read_trajectory
+
+    def counted(r, mid, split="probe", dtype="float32"):
+        decoded.append(mid)
+        return real(r, mid, split, dtype)
+
+    monkeypatch.setattr(store, "read_trajectory", counted)
+    for k in reversed(keys):  # evicted from memory by now: back from disk, or decoded when not kept
+        got, want = cache.get(*k), first[k]
+        assert [h.dtype for h in got.hiddens] == [h.dtype for h in want.hiddens]  # storage precision kept
+        assert all(torch.equal(a, b) for a, b in zip(got.hiddens, want.hiddens))  # CNN taps too
+        assert torch.equal(got.outputs, want.outputs) and got.model_id == k[0]
+        got.outputs.add_(0)  # writable, like a decoded one
+        assert cache.spill.nbytes <= 2 * one
+    files = sorted(p.name for p in spill_dir.iterdir())
+    assert not [f for f in files if f.endswith(".tmp")] and len(files) == len(cache.spill._files) < len(keys)
+    assert cache.spill.reads >= 2 and len(decoded) < len(keys)  # some came back from disk, not Parquet
+    cache.close()
+    assert not spill_dir.exists()
+
+
+def test_a_spill_that_cannot_be_written_loses_nothing(root, tmp_path):
+    cache = TrajectoryCache(root, budget_bytes=None, spill_bytes=10 ** 9)
+    Path(cache.spill.dir).rmdir()  # as if the disk went away: every write fails
+    got = cache.get("m-1")
+    assert torch.equal(got.outputs, store.read_trajectory(root, "m-1", dtype=None).outputs)
+    assert cache.spill.nbytes == 0 and not cache.spill._files and cache.spill.get(("m-1", "probe")) is None

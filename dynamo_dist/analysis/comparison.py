@@ -31,6 +31,7 @@ Shape legend: N models, F features.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -63,7 +64,7 @@ def output_distances(logits_NBC: np.ndarray) -> np.ndarray:
     n = logits.shape[0]
     out = np.zeros((n, n))
     for i in range(n):  # N rows of (N, B, C): memory stays O(N B C)
-        logm = torch.log(0.5 * (p[i][None] + p)).clamp_min(-1e30)
+        logm = torch.logaddexp(logp[i][None], logp) - math.log(2.0)  # log of the mixture, exact for equal rows
         js = 0.5 * (p[i][None] * (logp[i][None] - logm)).sum(-1) + 0.5 * (p * (logp - logm)).sum(-1)
         out[i] = js.mean(dim=1).clamp_min(0.0).sqrt().numpy()
     return 0.5 * (out + out.T)  # JS is symmetric; this only evens out rounding

@@ -7,16 +7,109 @@ evicts the least recently used trajectories when the decoded bytes would exceed
 trainer indexes; ``info(model_id)`` answers sizes and shapes from the file's footer
 without decoding it. ``prefetch`` decodes models a later step will sample on a
 background thread (pyarrow decodes without the GIL), so a step rarely waits on a read.
+
+With ``spill_bytes``, every decoded trajectory is also written once, raw, to a private
+directory on local disk (``SpillFiles``, removed with the cache): a trajectory evicted from
+memory and sampled again is read back from there, a plain file read, instead of being decoded
+from Parquet again (measured: 0.5 vs 3 ms for a 133 KB float16 trajectory). Populations whose
+decoded size exceeds ``budget_bytes`` re-read models all the time; that is the case it is for.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
+import torch
+
 from . import store
+
+
+class SpillFiles:
+    """Decoded trajectories as raw files in a private temporary directory, at most ``budget_bytes``
+    of them (the oldest written are deleted first). A file is a JSON header line (each tensor's
+    dtype and shape) and the tensors' bytes; it is written under a temporary name and renamed, so
+    a reader sees a whole file or none. The directory goes when this object does."""
+
+    def __init__(self, budget_bytes: int, parent: str | None = None):
+        self.budget_bytes = budget_bytes
+        self.dir = tempfile.mkdtemp(prefix="dynamo-spill-", dir=parent)
+        self._cleanup = weakref.finalize(self, _remove_tree, self.dir)
+        self._files: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._lock = threading.Lock()
+        self.nbytes = 0
+        self.reads = 0  # trajectories read back from here
+
+    def _path(self, key: tuple[str, str]) -> str:
+        return os.path.join(self.dir, f"{key[0]}.{key[1]}.raw")  # model ids are file-name safe (store)
+
+    def get(self, key: tuple[str, str]) -> store.Trajectory | None:
+        with self._lock:
+            if key not in self._files:
+                return None
+        try:
+            with open(self._path(key), "rb") as f:
+                head = json.loads(f.readline())
+                tensors = []
+                for dtype, shape in head["tensors"]:
+                    buf = bytearray(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+                    f.readinto(buf)
+                    tensors.append(torch.from_numpy(np.frombuffer(buf, dtype=dtype).reshape(shape)))
+        except FileNotFoundError:  # deleted for room since the check: decode it again
+            return None
+        with self._lock:
+            self.reads += 1
+        return store.Trajectory(model_id=key[0], hiddens=tensors[:-1], outputs=tensors[-1])
+
+    def put(self, key: tuple[str, str], traj: store.Trajectory) -> None:
+        tensors = [*traj.hiddens, traj.outputs]
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        with self._lock:
+            if key in self._files or size > self.budget_bytes:
+                return
+            while self._files and self.nbytes + size > self.budget_bytes:
+                old, old_size = self._files.popitem(last=False)
+                self.nbytes -= old_size
+                _unlink(self._path(old))
+            self._files[key] = size  # claimed now: a second put of the key returns above
+            self.nbytes += size
+        path = self._path(key)
+        tmp = f"{path}.{threading.get_ident()}.tmp"
+        head = {"tensors": [[str(t.numpy().dtype), list(t.shape)] for t in tensors]}
+        try:
+            with open(tmp, "wb") as f:
+                f.write(json.dumps(head).encode() + b"\n")
+                for t in tensors:
+                    f.write(np.ascontiguousarray(t.numpy()).tobytes())
+            os.replace(tmp, path)
+        except OSError:  # e.g. the disk is full: no copy of this one, nothing half-written kept
+            _unlink(tmp)
+            with self._lock:
+                if self._files.pop(key, None) is not None:
+                    self.nbytes -= size
+
+    def close(self) -> None:
+        self._cleanup()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _remove_tree(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
 
 
 class TrajectoryCache:
@@ -24,11 +117,15 @@ class TrajectoryCache:
 
     ``budget_bytes`` None keeps everything once read (the small-population fast path). A
     trajectory larger than the whole budget is a ValueError naming ``meta.cache_bytes``.
+    ``spill_bytes``: the raw copies kept on local disk (``SpillFiles``, under ``spill_dir``,
+    default the system's temp dir); None or 0 = none.
     """
 
-    def __init__(self, root: str, budget_bytes: int | None = None):
+    def __init__(self, root: str, budget_bytes: int | None = None, spill_bytes: int | None = None,
+                 spill_dir: str | None = None):
         self.root = root
         self.budget_bytes = budget_bytes
+        self.spill = SpillFiles(spill_bytes, spill_dir) if spill_bytes else None
         self._items: OrderedDict[tuple[str, str], store.Trajectory] = OrderedDict()
         self._sizes: dict[tuple[str, str], int] = {}
         self._infos: dict[tuple[str, str], store.TrajectoryInfo] = {}
@@ -62,12 +159,23 @@ class TrajectoryCache:
                 held = self._held(key)
         if held is not None:
             return held
-        traj = store.read_trajectory(self.root, model_id, split, dtype=None)
+        traj = self._read(key)
         if keep:
             self._put(key, traj)
         else:
             with self._lock:
                 self.reads += 1
+        return traj
+
+    def _read(self, key: tuple[str, str]) -> store.Trajectory:
+        """Decode a trajectory: its raw copy when one was spilled, else its Parquet file (then spilled)."""
+        if self.spill is not None:
+            traj = self.spill.get(key)
+            if traj is not None:
+                return traj
+        traj = store.read_trajectory(self.root, key[0], key[1], dtype=None)
+        if self.spill is not None:
+            self.spill.put(key, traj)
         return traj
 
     def _held(self, key: tuple[str, str]) -> store.Trajectory | None:
@@ -109,7 +217,7 @@ class TrajectoryCache:
 
     def _load(self, key: tuple[str, str]) -> None:
         try:
-            self._put(key, store.read_trajectory(self.root, key[0], key[1], dtype=None))
+            self._put(key, self._read(key))
         finally:
             with self._lock:
                 self._pending.pop(key, None)
@@ -121,6 +229,8 @@ class TrajectoryCache:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self.spill is not None:
+            self.spill.close()
 
 
 class TrajectoryView(Mapping):

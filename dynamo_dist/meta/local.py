@@ -29,7 +29,7 @@ def run_meta_local(cfg: MetaConfig, population_root: str, *, progress: bool = Tr
     device = resolve_device(cfg)  # a GPU asked for and missing: fail before reading or writing anything
     root = store.absolute(population_root)
     with lock.hold(root, "meta", shared=True, what="population root"):
-        data = load_population(root, cache_bytes=cfg.cache_bytes)
+        data = load_population(root, cache_bytes=cfg.cache_bytes, spill_bytes=cfg.spill_bytes)
         with lock.hold(cfg.output_dir, "meta", what="meta output directory"):
             return _train_and_write(cfg.for_population(len(data.rows)), root, data, device, t0, progress,
                                     tracking_store, on_report, write_every_report)

@@ -305,7 +305,8 @@ def train_loop_per_worker(config: dict) -> None:
     all_rows = store.manifest_rows(root)
     ids = [r["model_id"] for r in all_rows]
     shard_ids = assign_shards(ids, world)[rank]
-    data = load_population(root, shard_ids, manifest=all_rows, cache_bytes=cfg.cache_bytes)  # this shard's files only
+    data = load_population(root, shard_ids, manifest=all_rows, cache_bytes=cfg.cache_bytes,
+                           spill_bytes=cfg.spill_bytes)  # this shard's files only
     # build_trainer decided meta.device for the cluster: cuda means Ray Train gave this worker a GPU
     if cfg.device == "cuda":
         from ray.train.torch import get_device
@@ -564,7 +565,8 @@ def _evaluate_state(cfg: MetaConfig, population_root: str, state: dict, manifest
     """Per-model test metrics of a merged state, in this process (fallback for non-final checkpoints)."""
     # on the driver's CPU: the driver need not have the workers' GPUs, and the state is on the CPU
     trainer = DynamoTrainer(cfg, load_population(population_root, sorted(state["shard"]), manifest=manifest,
-                                                 cache_bytes=cfg.cache_bytes), device="cpu")
+                                                 cache_bytes=cfg.cache_bytes, spill_bytes=cfg.spill_bytes),
+                           device="cpu")
     trainer.load_state_dict(state)
     return evaluate(trainer, "test")
 

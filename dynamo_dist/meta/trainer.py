@@ -89,9 +89,11 @@ def check_population(rows: list[dict], root: str) -> None:
 
 
 def load_population(root: str, model_ids: list[str] | None = None, with_test: bool = True,
-                    manifest: list[dict] | None = None, cache_bytes: int | None = None) -> PopulationData:
+                    manifest: list[dict] | None = None, cache_bytes: int | None = None,
+                    spill_bytes: int | None = None) -> PopulationData:
     """The listed models (default: every complete model): their inputs now, their trajectories on
-    demand through one ``TrajectoryCache`` of ``cache_bytes`` (footers are read here, no values).
+    demand through one ``TrajectoryCache`` of ``cache_bytes`` with ``spill_bytes`` of raw copies on
+    local disk (footers are read here, no values).
 
     ``manifest``: the root's complete manifest rows when the caller has read them already.
     """
@@ -107,7 +109,7 @@ def load_population(root: str, model_ids: list[str] | None = None, with_test: bo
         rows = [by_id[m] for m in model_ids]
     tasks = sorted({r["task"] for r in rows})
     ids = [r["model_id"] for r in rows]
-    cache = TrajectoryCache(root, cache_bytes)
+    cache = TrajectoryCache(root, cache_bytes, spill_bytes)
     data = PopulationData(root=root, rows=rows, probe_inputs={t: store.read_inputs(root, t, "probe") for t in tasks},
                           probe=cache.view("probe", ids))
     if with_test:
