@@ -188,6 +188,10 @@ def test_spilled_copies_are_read_back_exactly_within_their_budget_and_removed_wi
     files = sorted(p.name for p in spill_dir.iterdir())
     assert not [f for f in files if f.endswith(".tmp")] and len(files) == len(cache.spill._files) < len(keys)
     assert cache.spill.reads >= 2 and len(decoded) < len(keys)  # some came back from disk, not Parquet
+    streamed = TrajectoryCache(root, budget_bytes=None, spill_bytes=10 ** 9)
+    streamed.get("r-0", "test", keep=False)
+    assert not streamed.spill._files  # a split evaluated once is not copied to disk
+    streamed.close()
     cache.close()
     assert not spill_dir.exists()
 

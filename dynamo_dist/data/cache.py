@@ -159,7 +159,7 @@ class TrajectoryCache:
                 held = self._held(key)
         if held is not None:
             return held
-        traj = self._read(key)
+        traj = self._read(key, spill=keep)  # a split read once is not kept on disk either
         if keep:
             self._put(key, traj)
         else:
@@ -167,14 +167,15 @@ class TrajectoryCache:
                 self.reads += 1
         return traj
 
-    def _read(self, key: tuple[str, str]) -> store.Trajectory:
-        """Decode a trajectory: its raw copy when one was spilled, else its Parquet file (then spilled)."""
+    def _read(self, key: tuple[str, str], spill: bool = True) -> store.Trajectory:
+        """Decode a trajectory: its raw copy when one was spilled, else its Parquet file (then
+        spilled, unless ``spill`` is False)."""
         if self.spill is not None:
             traj = self.spill.get(key)
             if traj is not None:
                 return traj
         traj = store.read_trajectory(self.root, key[0], key[1], dtype=None)
-        if self.spill is not None:
+        if self.spill is not None and spill:
             self.spill.put(key, traj)
         return traj
 
