@@ -6,15 +6,17 @@ For each population (``--population NAME=ROOT``, a recorded store) and each poin
 intra-op thread, ``--jobs`` runs side by side) into ``--out/<population>/<point>/meta``; a
 finished run there is reused. Measured per run, theta against the manifest's ``group``:
 
-* ``silhouette``: silhouette of the groups on theta's Euclidean distances (full d);
-* ``ari``: adjusted Rand index of k-means (k = groups, 10 restarts) on theta;
+* the report's like-for-like scores (``comparison.MethodComparison``, no bootstrap):
+  ``silhouette_full`` (theta's Euclidean distances), ``silhouette_2d`` (PCA-2), ``ari_full`` /
+  ``ari_2d`` (k-means, k = groups, on theta / on PCA-2), ``nn_accuracy`` (leave-one-out 1-NN);
 * ``components_95``: principal components holding 95% of theta's variance;
 * ``agreement`` / ``hidden_r2``: the run's test-split emulation means (``summary.json``);
 * ``seconds``: the run's wall time (None: a finished run of that point was reused).
 
-Per population, the references on the same models: the silhouette of CKA distances (recorded
-probe hidden states, 2,048 rows, as the report computes them) and of the base models' output
-distances (``comparison.output_distances``: what the models compute).
+Per population, the same scores of the references on the same models: CKA distances (recorded
+probe hidden states, 2,048 rows, as the report computes them; 2-D: classical MDS, where the
+report draws metric MDS) and the base models' output distances (``comparison.output_distances``:
+what the models compute).
 
     python benchmarks/bench_embedding.py --population demo=runs/demo/population \\
         --alpha 0 1 10 --steps 6000 --seeds 0 1 2 --jobs 2
@@ -54,6 +56,16 @@ else:
 """
 
 
+def _scores(distances, labels, num_dims: int) -> dict:
+    """The report's like-for-like metrics (``comparison.MethodComparison``, no bootstrap): silhouette on the
+    full distances and on the 2-D classical MDS (PCA-2 for theta), k-means ARI on the min(d, N-1)-D
+    classical MDS and on the 2-D one, leave-one-out 1-NN group accuracy."""
+    from dynamo_dist.analysis.comparison import MethodComparison
+
+    fit = MethodComparison(num_dims=num_dims, num_bootstrap=0, random_state=0).fit({"m": distances}, labels)
+    return {k: float(v) for k, v in fit.scores_["m"].items()}
+
+
 def theta_scores(meta_dir: Path, root: str) -> dict:
     import pyarrow.parquet as pq
 
@@ -63,30 +75,28 @@ def theta_scores(meta_dir: Path, root: str) -> dict:
     group = {r["model_id"]: r["group"] for r in store.manifest_rows(root)}
     emb = pq.read_table(meta_dir / "embeddings.parquet").to_pylist()
     theta = np.array([r["theta"] for r in emb], dtype=np.float64)
-    codes = np.unique([group[r["model_id"]] for r in emb], return_inverse=True)[1]
-    k = int(codes.max()) + 1
-    labels = comparison.kmeans(theta, k, 0).labels_
+    labels = [group[r["model_id"]] for r in emb]
     var = np.linalg.svd(theta - theta.mean(axis=0), compute_uv=False) ** 2
     ratio = np.cumsum(var) / var.sum()
     summary = json.loads((meta_dir / "summary.json").read_text())
-    return {"silhouette": float(comparison.silhouette(comparison.euclidean_distances(theta), codes)),
-            "ari": float(comparison.adjusted_rand(labels, codes)),
+    return {**_scores(comparison.euclidean_distances(theta), labels, theta.shape[1]),
             "components_95": int(np.searchsorted(ratio, 0.95) + 1),
             "variance_ratio": [float(v) for v in var / var.sum()],
             "theta_norm_mean": float(np.linalg.norm(theta, axis=1).mean()),
             "agreement": summary["mean_agreement"], "hidden_r2": summary["mean_hidden_r2"]}
 
 
-def references(root: str, rows_per_model: int = 2048) -> dict:
-    """Silhouettes of the groups under CKA (hidden states) and under the base models' outputs."""
+def references(root: str, num_dims: int, rows_per_model: int = 2048) -> dict:
+    """The same metrics for CKA distances (recorded probe hidden states, as the report computes them)
+    and for the base models' output distances (``comparison.output_distances``)."""
     from dynamo_dist.analysis import comparison
     from dynamo_dist.analysis.baseline import pairwise_distances
     from dynamo_dist.data import store
     from dynamo_dist.meta.objective import step_mask
 
     rows = store.manifest_rows(root)
-    codes = np.unique([r["group"] for r in rows], return_inverse=True)[1]
-    probe = {m: store.read_trajectory(root, r["model_id"], "probe") for r in rows for m in [r["model_id"]]}
+    labels = [r["group"] for r in rows]
+    probe = {r["model_id"]: store.read_trajectory(root, r["model_id"], "probe") for r in rows}
     inputs = store.read_inputs(root, rows[0]["task"], "probe")
     n = min(t.num_examples for t in probe.values())
     mask = step_mask(inputs.lengths[:n], next(iter(probe.values())).hiddens[0].shape[1])
@@ -96,10 +106,9 @@ def references(root: str, rows_per_model: int = 2048) -> dict:
     test = [store.read_trajectory(root, r["model_id"], "test").outputs for r in rows]
     m = min(t.shape[0] for t in test)
     logits = np.stack([t[:m, -1].numpy() for t in test])
-    return {"num_models": len(rows), "groups": {g: int(c) for g, c in zip(*np.unique([r["group"] for r in rows],
-                                                                                       return_counts=True))},
-            "cka_silhouette": float(comparison.silhouette(pairwise_distances(taps, "cka"), codes)),
-            "outputs_silhouette": float(comparison.silhouette(comparison.output_distances(logits), codes))}
+    return {"num_models": len(rows), "groups": {g: int(c) for g, c in zip(*np.unique(labels, return_counts=True))},
+            "cka": _scores(pairwise_distances(taps, "cka"), labels, num_dims),
+            "outputs": _scores(comparison.output_distances(logits), labels, num_dims)}
 
 
 def _value(text: str):
@@ -159,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"what": "theta-space group recovery, dimension and emulation against meta settings",
            "command": "python benchmarks/bench_embedding.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "meta": {**DEMO_META, **fixed},
-           "references": {name: references(root) for name, root in pops.items()},
+           "references": {name: references(root, DEMO_META["embedding_dim"]) for name, root in pops.items()},
            "runs": sorted(results, key=lambda r: (r["population"], r["alpha"], r["lambda"], r["steps"], r["seed"])),
            "wall_seconds": time.time() - started}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
