@@ -531,3 +531,23 @@ def test_output_distances_known_answers():
     np.testing.assert_allclose(d[2, 3], np.sqrt(np.log(2)), rtol=1e-6)  # disjoint distributions: the maximum
     np.testing.assert_allclose(d, d.T)
     assert 0 < d[0, 2] < d[2, 3]
+
+
+def test_axis_correlations_known_answers():
+    from scipy.stats import spearmanr
+
+    from dynamo_dist.analysis.geometry import axis_correlations
+
+    rng = np.random.default_rng(0)
+    coords = rng.normal(size=(40, 3))
+    coords[:, 2] = 1.0  # a constant component
+    values = np.exp(coords[:, 0])  # a monotone function of PC1 only
+    pc1, pc2, pc3 = axis_correlations(coords, values, num_permutations=500, random_state=0)
+    assert pc1["spearman"] == pytest.approx(1.0) and pc1["p_value"] == pytest.approx(1 / 501)  # the floor
+    assert pc2["spearman"] == pytest.approx(spearmanr(coords[:, 1], values).statistic)
+    assert pc2["p_value"] > 0.05  # unrelated: the control
+    assert np.isnan(pc3["spearman"]) and np.isnan(pc3["p_value"])
+    flipped = axis_correlations(coords, -values, num_permutations=500, random_state=0)[0]
+    assert flipped["spearman"] == pytest.approx(-1.0) and flipped["p_value"] == pc1["p_value"]  # two-sided
+    with pytest.raises(ValueError, match="one per model"):
+        axis_correlations(coords, values[:5])

@@ -118,6 +118,15 @@ def test_headline_numbers_and_tables(analysed):
                                                                "landscape", "ssl", "fixed_points"))
     assert result["num_models"] == 4 and result["embedding_dim"] == 3
     assert 1 <= result["dynamo.num_components_95"] <= 3
+    # theta's axes against the numeric manifest columns that vary here (fractions 1 / 0.25, hidden 12 / 8,
+    # epochs 2 / 1, accuracy), three components each
+    axes = pq.read_table(out / "tables" / "embedding_axes.parquet").to_pandas()
+    assert sorted(set(axes["column"])) == ["epoch", "hidden_size", "test_accuracy", "train_fraction"]
+    assert len(axes) == 4 * 3
+    for _, row in axes.iterrows():
+        key = f"dynamo.axes.{row['column']}.{row['component'].lower()}"
+        assert result[f"{key}.spearman"] == pytest.approx(row["spearman"], nan_ok=True)
+        assert 0 < row["p_value"] <= 1 and row["num_models"] == 4
     for key in ("dynamo.silhouette", "svcca.silhouette", "cka.silhouette", "averaging.a.centroid_accuracy",
                 "landscape.mnist1d.best_accuracy", "ssl.mnist1d.test_accuracy", "ssl.mnist1d.best_base_accuracy"):
         assert key in result, key

@@ -41,6 +41,45 @@ def num_components_for(explained_variance_ratio: np.ndarray, threshold: float = 
     return int(min(np.searchsorted(cum, threshold - 1e-12) + 1, ratio.size))
 
 
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Average ranks along axis 0 (ties share their mean rank), as Spearman's correlation uses."""
+    from scipy.stats import rankdata
+
+    return rankdata(x, axis=0)
+
+
+def axis_correlations(coords_NK: np.ndarray, values_N: Sequence[float], num_permutations: int = 2000,
+                      random_state: int | None = 0) -> list[dict]:
+    """Spearman's rank correlation of each column of ``coords_NK`` (principal components of theta)
+    with a numeric per-model value, and a two-sided permutation p-value: the fraction of
+    ``num_permutations`` shuffles of the values whose |rho| reaches the observed one, counting the
+    observed arrangement itself ((hits + 1) / (permutations + 1), never 0). NaN rho (and p) for a
+    constant column or constant values."""
+    coords = np.asarray(coords_NK, dtype=np.float64)
+    values = np.asarray(values_N, dtype=np.float64)
+    if coords.ndim != 2 or len(values) != len(coords):
+        raise ValueError(f"values: need one per model ({len(coords)}), got {len(values)}")
+    rc = _ranks(coords)
+    rc -= rc.mean(axis=0)
+    rv = _ranks(values)
+    rv -= rv.mean()
+    norm = np.linalg.norm(rc, axis=0) * np.linalg.norm(rv)
+    rng = np.random.default_rng(random_state)
+    perms = np.stack([rng.permutation(rv) for _ in range(num_permutations)]) if num_permutations else np.zeros((0, len(rv)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = (rv @ rc) / norm
+        null = np.abs(perms @ rc) / norm  # (P, K)
+    out = []
+    for k in range(coords.shape[1]):
+        if not np.isfinite(rho[k]):
+            out.append({"component": k + 1, "spearman": float("nan"), "p_value": float("nan")})
+            continue
+        hits = int(np.sum(null[:, k] >= abs(rho[k]) - 1e-12))
+        out.append({"component": k + 1, "spearman": float(rho[k]),
+                    "p_value": (hits + 1) / (num_permutations + 1)})
+    return out
+
+
 def encode_labels(labels: Sequence) -> np.ndarray:
     """Manifest labels (any hashable, None allowed) -> int codes, ordered by their string form."""
     keys = [str(v) for v in labels]

@@ -44,13 +44,16 @@ from .baseline import RepresentationBaseline, activation_taps, classical_mds
 from .comparison import METRICS, MethodComparison, euclidean_distances, output_distances
 from .evaluate import accuracies, base_accuracy
 from .fixed_points import FixedPointFinder, base_dynamics, base_visited_states, meta_dynamics, meta_visited_states
-from .geometry import EmbeddingGeometry, stratified_sample
+from .geometry import EmbeddingGeometry, axis_correlations, principal_axes, stratified_sample
 from .html import Report, Section
 from .landscape import ThetaLandscape
 from .ssl import SemiSupervisedTheta
 from .valence import NEGATIVE_WORDS, NEUTRAL_WORDS, POSITIVE_WORDS, WordValence
 
 LABEL_CANDIDATES = ("group", "task", "arch", "hidden_size", "train_fraction", "epoch")  # extra PCA colourings
+NUMERIC_AXES = ("train_fraction", "hidden_size", "epoch", "test_accuracy")  # manifest columns theta's axes are ranked against
+NUM_AXES_TESTED = 3                                                        # principal components correlated with them
+AXIS_PERMUTATIONS = 2000
 NUM_FP_PROBE = 64             # probe sequences whose visited states seed fixed-point searches
 MAX_META_FP_THETAS = 8        # meta-model thetas analysed for fixed points (Fig. 8)
 MAX_BASE_FP_MODELS = 4        # base models analysed for fixed points
@@ -249,6 +252,14 @@ def _geometry(ctx: _Ctx, sec: Section, results: dict) -> dict:
                {"statistic": f"silhouette of {ctx.cfg.color_by} (θ, Euclidean)", "value": scores.get("silhouette")},
                {"statistic": f"k-means adjusted Rand index vs {ctx.cfg.color_by}", "value": scores.get("adjusted_rand")}],
               ["statistic", "value"])
+    axes_rows, axes_head = _axis_correlations(ctx)
+    if axes_rows:
+        sec.table(axes_rows, ["column", "component", "spearman", "p_value", "num_models"],
+                  caption="What θ's principal components follow: Spearman rank correlation with each varying "
+                          "numeric manifest column (test_accuracy: the base model's recorded test accuracy), "
+                          f"two-sided permutation p over {AXIS_PERMUTATIONS} shuffles (seed {ctx.cfg.seed}); "
+                          "a p near its floor 1/(shuffles+1) is as strong as the test can show")
+        _write_table(axes_rows, ctx.table_dir / "embedding_axes.parquet")
     table = [{"model_id": m, ctx.cfg.color_by: str(lab), "pc1": float(c[0]), "pc2": float(c[1]),
               "theta": [float(v) for v in th]} for m, lab, c, th in zip(ctx.ids, ctx.labels, coords, ctx.theta)]
     _write_table(table, ctx.table_dir / "embedding_pca.parquet")
@@ -257,7 +268,31 @@ def _geometry(ctx: _Ctx, sec: Section, results: dict) -> dict:
         "dynamo.pc1_variance_ratio": float(ratio[0]) if len(ratio) else float("nan"),
         "dynamo.silhouette": scores.get("silhouette", float("nan")),
         "dynamo.adjusted_rand": scores.get("adjusted_rand", float("nan")),
+        **axes_head,
     }}
+
+
+def _axis_correlations(ctx: _Ctx) -> tuple[list[dict], dict]:
+    """Rows (column, component, rho, p) and headline keys ``dynamo.axes.<column>.pc<k>.spearman``
+    / ``.p_value`` for the numeric manifest columns that vary across the models."""
+    mean, axes, _ = principal_axes(ctx.theta)
+    k = min(NUM_AXES_TESTED, len(axes))
+    if k == 0:
+        return [], {}
+    coords = (ctx.theta - mean) @ axes[:k].T
+    rows, head = [], {}
+    for col in NUMERIC_AXES:
+        values = [r.get(col) for r in ctx.run.rows]
+        if any(not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) for v in values):
+            continue
+        if len(set(values)) < 2:
+            continue
+        for c in axis_correlations(coords, values, AXIS_PERMUTATIONS, ctx.cfg.seed):
+            rows.append({"column": col, "component": f"PC{c['component']}", "spearman": c["spearman"],
+                         "p_value": c["p_value"], "num_models": len(values)})
+            head[f"dynamo.axes.{col}.pc{c['component']}.spearman"] = c["spearman"]
+            head[f"dynamo.axes.{col}.pc{c['component']}.p_value"] = c["p_value"]
+    return rows, head
 
 
 def _varying_labels(ctx: _Ctx, limit: int = 4) -> list[str]:
