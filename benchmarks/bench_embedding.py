@@ -9,6 +9,8 @@ finished run there is reused. Measured per run, theta against the manifest's ``g
 * the report's like-for-like scores (``comparison.MethodComparison``, no bootstrap):
   ``silhouette_full`` (theta's Euclidean distances), ``silhouette_2d`` (PCA-2), ``ari_full`` /
   ``ari_2d`` (k-means, k = groups, on theta / on PCA-2), ``nn_accuracy`` (leave-one-out 1-NN);
+* ``ari_pc1``: k-means ARI on theta's first principal component alone; ``pc1_test_accuracy_spearman``
+  (|rho|) and ``_p`` (permutation): how closely PC1 orders the models by their test accuracy;
 * ``components_95``: principal components holding 95% of theta's variance;
 * ``agreement`` / ``hidden_r2``: the run's test-split emulation means (``summary.json``);
 * ``seconds``: the run's wall time (None: a finished run of that point was reused).
@@ -72,14 +74,23 @@ def theta_scores(meta_dir: Path, root: str) -> dict:
     from dynamo_dist.analysis import comparison
     from dynamo_dist.data import store
 
-    group = {r["model_id"]: r["group"] for r in store.manifest_rows(root)}
+    from dynamo_dist.analysis.geometry import axis_correlations, principal_axes
+
+    rows = {r["model_id"]: r for r in store.manifest_rows(root)}
     emb = pq.read_table(meta_dir / "embeddings.parquet").to_pylist()
     theta = np.array([r["theta"] for r in emb], dtype=np.float64)
-    labels = [group[r["model_id"]] for r in emb]
+    labels = [rows[r["model_id"]]["group"] for r in emb]
     var = np.linalg.svd(theta - theta.mean(axis=0), compute_uv=False) ** 2
     ratio = np.cumsum(var) / var.sum()
     summary = json.loads((meta_dir / "summary.json").read_text())
+    mean, axes, _ = principal_axes(theta)
+    pc1 = (theta - mean) @ axes[0]
+    k = len(set(labels))
+    pc1_labels = comparison.kmeans(pc1[:, None], k, 0).labels_
+    acc = axis_correlations(pc1[:, None], [rows[r["model_id"]]["test_accuracy"] for r in emb])[0]
     return {**_scores(comparison.euclidean_distances(theta), labels, theta.shape[1]),
+            "ari_pc1": float(comparison.adjusted_rand(comparison.encode_labels(labels), pc1_labels)),
+            "pc1_test_accuracy_spearman": abs(acc["spearman"]), "pc1_test_accuracy_p": acc["p_value"],
             "components_95": int(np.searchsorted(ratio, 0.95) + 1),
             "variance_ratio": [float(v) for v in var / var.sum()],
             "theta_norm_mean": float(np.linalg.norm(theta, axis=1).mean()),
