@@ -13,7 +13,8 @@ finished run there is reused. Measured per run, theta against the manifest's ``g
   (|rho|) and ``_p`` (permutation): how closely PC1 orders the models by their test accuracy;
 * ``components_95``: principal components holding 95% of theta's variance;
 * ``agreement`` / ``hidden_r2``: the run's test-split emulation means (``summary.json``);
-* ``seconds``: the run's wall time (None: a finished run of that point was reused).
+* ``seconds``: this command's wall time for the run (None: a finished run of that point was
+  reused); ``meta_seconds``: the run's own wall time (its ``summary.json``).
 
 Per population, the same scores of the references on the same models: CKA distances (recorded
 probe hidden states, 2,048 rows, as the report computes them; 2-D: classical MDS, where the
@@ -94,7 +95,8 @@ def theta_scores(meta_dir: Path, root: str) -> dict:
             "components_95": int(np.searchsorted(ratio, 0.95) + 1),
             "variance_ratio": [float(v) for v in var / var.sum()],
             "theta_norm_mean": float(np.linalg.norm(theta, axis=1).mean()),
-            "agreement": summary["mean_agreement"], "hidden_r2": summary["mean_hidden_r2"]}
+            "agreement": summary["mean_agreement"], "hidden_r2": summary["mean_hidden_r2"],
+            "meta_seconds": summary.get("wall_seconds")}
 
 
 def references(root: str, num_dims: int, rows_per_model: int = 2048) -> dict:
