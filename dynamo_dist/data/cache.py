@@ -11,7 +11,8 @@ background thread (pyarrow decodes without the GIL), so a step rarely waits on a
 With ``spill_bytes``, every decoded trajectory is also written once, raw, to a private
 directory on local disk (``SpillFiles``, removed with the cache): a trajectory evicted from
 memory and sampled again is read back from there, a plain file read, instead of being decoded
-from Parquet again (measured: 0.5 vs 3 ms for a 133 KB float16 trajectory). Populations whose
+from Parquet again (``benchmarks/bench_spill.py``: 0.18 vs 3.5 ms for a 133 KB float16 trajectory on
+a busy 2-core machine). Populations whose
 decoded size exceeds ``budget_bytes`` re-read models all the time; that is the case it is for.
 """
 
