@@ -23,10 +23,22 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "A
           "AWS_EC2_METADATA_DISABLED": "true"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_HANDED_OUT: set[int] = set()  # ports (and worker-port ranges) given out by this process
+
+
+def free_port(span: int = 1) -> int:
+    """A free loopback port, never one this process handed out before; with ``span`` > 1, the first
+    of ``span`` consecutive ports none of which was (e.g. a Ray worker-port range). The OS may give
+    a released port to the next bind: a node's ports picked one by one once collided ("port 53163
+    that is used by other components"), failing the node's start."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ports = set(range(port, port + span))
+        if not ports & _HANDED_OUT and port + span <= 65536:
+            _HANDED_OUT.update(ports)
+            return port
 
 
 def stop_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,17 +20,11 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A Ray head in the foreground (--block) so the test stops exactly what it started."""
     ray_bin = Path(sys.executable).with_name("ray")
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = servers.free_port(), servers.free_port()
     tmp = Path("/tmp") / f"rayjobs-{os.getpid()}"  # short: Ray's unix socket paths have a length limit
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)

@@ -11,7 +11,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,26 +22,20 @@ import yaml
 
 from dynamo_dist.data import store
 from dynamo_dist.data.lock import LOCK_FILE
-from servers import mlflow_server, s3_server
+from servers import free_port, mlflow_server, s3_server
 
 pytestmark = pytest.mark.integration
 RAY = Path(sys.executable).with_name("ray")
 _CLUSTERS = itertools.count()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ports() -> list[str]:
     """Every port a node listens on, given explicitly (ephemeral range, outside Ray's default worker
     ports 10002-19999), and a private worker-port range."""
-    base = _free_port()
-    return [f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-            f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+    base = free_port(span=41)
+    return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
             f"--min-worker-port={base + 1}", f"--max-worker-port={base + 40}"]
 
 
@@ -73,7 +66,7 @@ class Cluster:
                     "RAY_AUTH_TOKEN": secrets.token_hex(32), **(extra_env or {})}
         for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
             self.env.pop(k, None)
-        self.gcs = _free_port()
+        self.gcs = free_port()
         self.address = f"127.0.0.1:{self.gcs}"
         # the nodes' processes (Ray Train's PlacementGroupCleaner among them) find the State API through
         # RAY_ADDRESS: without it they search the machine and fail when another Ray runs on it
@@ -83,8 +76,8 @@ class Cluster:
         # the dashboard answers Ray's State API, which Ray Train needs to free the workers of a trial
         # that ASHA stops (meta.tune._check_state_api)
         self.head = self._start(["--head", f"--port={self.gcs}", "--include-dashboard=true",
-                                 "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}",
-                                 f"--ray-client-server-port={_free_port()}"], "h")
+                                 "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}",
+                                 f"--ray-client-server-port={free_port()}"], "h")
         self.worker: Node | None = None
         # a worker started before the head's GCS answers gives up at once
         _wait_for_nodes(self.env, self.gcs, 1, self.head)
@@ -158,8 +151,11 @@ def _wait_for_nodes(env: dict, gcs: int, n: int, node: Node, timeout: float = 18
         if node.proc.poll() is not None:
             node.log.flush()
             raise RuntimeError(f"`ray start` exited rc={node.proc.returncode}:\n{Path(node.log.name).read_text()[-3000:]}")
-        res = subprocess.run([sys.executable, "-c", probe, f"127.0.0.1:{gcs}"], capture_output=True, text=True,
-                             env=env, timeout=120)
+        try:  # a probe started before the GCS listens can hang: give up on it, look at the node again
+            res = subprocess.run([sys.executable, "-c", probe, f"127.0.0.1:{gcs}"], capture_output=True, text=True,
+                                 env=env, timeout=60)
+        except subprocess.TimeoutExpired:
+            continue
         if res.returncode == 0 and res.stdout.strip().splitlines()[-1:] == [str(n)]:
             return
         time.sleep(2)
