@@ -136,7 +136,7 @@ def test_an_interrupted_population_on_a_bucket_resumes_without_retraining(s3, tm
     cfg = {"run_dir": str(tmp_path / "run"),
            "population": {"root": root, "num_examples": 1000, "num_probe": 32, "num_test": 32, "num_actors": 1,
                           "groups": [{"name": "g", "task": "mnist1d", "arch": "gru", "hidden_size": 8,
-                                      "num_seeds": 5, "epochs": 3, "batch_size": 64}]}}
+                                      "num_seeds": 5, "epochs": 40, "batch_size": 64}]}}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     fs = _fs(s3)
