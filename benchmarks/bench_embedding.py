@@ -75,25 +75,23 @@ def theta_scores(meta_dir: Path, root: str) -> dict:
     from dynamo_dist.analysis import comparison
     from dynamo_dist.data import store
 
-    from dynamo_dist.analysis.geometry import axis_correlations, principal_axes
+    from dynamo_dist.analysis.geometry import EmbeddingGeometry, axis_correlations
 
     rows = {r["model_id"]: r for r in store.manifest_rows(root)}
     emb = pq.read_table(meta_dir / "embeddings.parquet").to_pylist()
     theta = np.array([r["theta"] for r in emb], dtype=np.float64)
     labels = [rows[r["model_id"]]["group"] for r in emb]
-    var = np.linalg.svd(theta - theta.mean(axis=0), compute_uv=False) ** 2
-    ratio = np.cumsum(var) / var.sum()
+    geo = EmbeddingGeometry().fit(theta)  # the report's PCA
     summary = json.loads((meta_dir / "summary.json").read_text())
-    mean, axes, _ = principal_axes(theta)
-    pc1 = (theta - mean) @ axes[0]
+    pc1 = (theta - geo.mean_) @ geo.components_[0]
     k = len(set(labels))
     pc1_labels = comparison.kmeans(pc1[:, None], k, 0).labels_
     acc = axis_correlations(pc1[:, None], [rows[r["model_id"]]["test_accuracy"] for r in emb])[0]
     return {**_scores(comparison.euclidean_distances(theta), labels, theta.shape[1]),
             "ari_pc1": float(comparison.adjusted_rand(comparison.encode_labels(labels), pc1_labels)),
             "pc1_test_accuracy_spearman": abs(acc["spearman"]), "pc1_test_accuracy_p": acc["p_value"],
-            "components_95": int(np.searchsorted(ratio, 0.95) + 1),
-            "variance_ratio": [float(v) for v in var / var.sum()],
+            "components_95": geo.num_components_,
+            "variance_ratio": [float(v) for v in geo.explained_variance_ratio_],
             "theta_norm_mean": float(np.linalg.norm(theta, axis=1).mean()),
             "agreement": summary["mean_agreement"], "hidden_r2": summary["mean_hidden_r2"],
             "meta_seconds": summary.get("wall_seconds")}

@@ -44,7 +44,7 @@ from .baseline import RepresentationBaseline, activation_taps, classical_mds
 from .comparison import METRICS, MethodComparison, euclidean_distances, output_distances
 from .evaluate import accuracies, base_accuracy
 from .fixed_points import FixedPointFinder, base_dynamics, base_visited_states, meta_dynamics, meta_visited_states
-from .geometry import EmbeddingGeometry, axis_correlations, principal_axes, stratified_sample
+from .geometry import EmbeddingGeometry, axis_correlations, stratified_sample
 from .html import Report, Section
 from .landscape import ThetaLandscape
 from .ssl import SemiSupervisedTheta
@@ -252,7 +252,7 @@ def _geometry(ctx: _Ctx, sec: Section, results: dict) -> dict:
                {"statistic": f"silhouette of {ctx.cfg.color_by} (θ, Euclidean)", "value": scores.get("silhouette")},
                {"statistic": f"k-means adjusted Rand index vs {ctx.cfg.color_by}", "value": scores.get("adjusted_rand")}],
               ["statistic", "value"])
-    axes_rows, axes_head = _axis_correlations(ctx)
+    axes_rows, axes_head = _axis_correlations(ctx, geo)
     if axes_rows:
         sec.table(axes_rows, ["column", "component", "spearman", "p_value", "num_models"],
                   caption="What θ's principal components follow: Spearman rank correlation with each varying "
@@ -272,14 +272,14 @@ def _geometry(ctx: _Ctx, sec: Section, results: dict) -> dict:
     }}
 
 
-def _axis_correlations(ctx: _Ctx) -> tuple[list[dict], dict]:
+def _axis_correlations(ctx: _Ctx, geo: EmbeddingGeometry) -> tuple[list[dict], dict]:
     """Rows (column, component, rho, p) and headline keys ``dynamo.axes.<column>.pc<k>.spearman``
-    / ``.p_value`` for the numeric manifest columns that vary across the models."""
-    mean, axes, _ = principal_axes(ctx.theta)
-    k = min(NUM_AXES_TESTED, len(axes))
+    / ``.p_value`` for the numeric manifest columns that vary across the models (``geo``: the
+    section's PCA of θ)."""
+    k = min(NUM_AXES_TESTED, len(geo.components_))
     if k == 0:
         return [], {}
-    coords = (ctx.theta - mean) @ axes[:k].T
+    coords = (ctx.theta - geo.mean_) @ geo.components_[:k].T
     rows, head = [], {}
     for col in NUMERIC_AXES:
         values = [r.get(col) for r in ctx.run.rows]
