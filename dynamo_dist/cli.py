@@ -263,7 +263,8 @@ def _seeds(args, cfg: config_mod.PipelineConfig) -> int:
     started = time.time()
     r = seeds.run_seed_stability(dirs, args.out, color_by=cfg.analyze.color_by, random_state=cfg.analyze.seed)
     if not args.no_log:
-        r["mlflow_run_id"] = seeds.log_mlflow(r, tracking_store(cfg), started)
+        mlflow_store = tracking_store(cfg)
+        r["mlflow_run_id"] = seeds.log_mlflow(r, mlflow_store, started)
     print(f"{'seed':>6} {'ARI':>7} {'silhouette':>10} {'disparity':>9}  (k-means vs {r['color_by']}, "
           f"k={r['num_clusters']}; disparity to seed {r['reference_seed']})")
     for p in r["per_seed"]:
@@ -274,7 +275,7 @@ def _seeds(args, cfg: config_mod.PipelineConfig) -> int:
         print(f"warning: {r['warning']}")
     print(f"written: {r['out_dir']}/{seeds.JSON_FILE}, {seeds.TABLE_FILE}, {seeds.FIGURE_FILE}")
     if r.get("mlflow_run_id"):
-        print(f"logged: MLflow run {r['mlflow_run_id']} (seed-stability) in {tracking_store(cfg).uri}")
+        print(f"logged: MLflow run {r['mlflow_run_id']} (seed-stability) in {mlflow_store.uri}")
     return 0
 
 
