@@ -79,8 +79,22 @@ def write_population(root: Path, num_models: int, hidden: int, num_probe: int, n
     return time.perf_counter() - t0
 
 
+def _descends_from(pid: int, ancestor: int) -> bool:
+    """Whether ``ancestor`` is among the parents of ``pid`` (from /proc/<pid>/stat)."""
+    while pid > 1:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+        if pid == ancestor:
+            return True
+    return False
+
+
 class WorkerMemory:
-    """Samples VmHWM of every Ray Train worker process (cmdline 'ray::RayTrainWorker') until stopped."""
+    """Samples VmHWM of this process's Ray Train workers (cmdline 'ray::RayTrainWorker', started by
+    the local Ray this process runs: other Ray clusters on the machine are not counted) until stopped."""
 
     def __init__(self, interval: float = 0.2):
         self.peak_kb: dict[int, int] = {}
@@ -102,7 +116,7 @@ class WorkerMemory:
                     continue
                 try:
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-                    if b"RayTrainWorker" not in cmd:
+                    if b"RayTrainWorker" not in cmd or not _descends_from(int(pid), os.getpid()):
                         continue
                     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                         if line.startswith("VmHWM:"):

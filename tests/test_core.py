@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from dynamo_dist import config, zoo
 from dynamo_dist.meta.model import MetaResNet, MetaRNN, ModelEmbeddings, build_meta_model
@@ -188,11 +189,90 @@ def test_gradients_reach_theta_and_v_of_sampled_models_only():
     assert emb.theta[1].grad is None
     assert all(p.grad is None for p in emb.maps[1].parameters())
     assert all(p.grad is not None for p in emb.maps[0].parameters())
-    # and an AdamW step leaves the unsampled model exactly where it was
-    before = [p.detach().clone() for p in emb.maps[1].parameters()]
-    opt = torch.optim.AdamW(emb.parameters(), lr=0.1, weight_decay=0.1)
-    opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(before, emb.maps[1].parameters()))
+    # and an AdamW step leaves the unsampled model exactly where it was (and moves the others)
+    before = [p.detach().clone() for p in emb.parameters_of(1)]
+    moved = [p.detach().clone() for p in emb.parameters_of(0)]
+    emb.adam_step([0, 1, 2], lr=0.1, weight_decay=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(before, emb.parameters_of(1)))
+    assert not any(torch.equal(a, b) for a, b in zip(moved, emb.parameters_of(0)))
+    assert emb.steps[1].eq(0).all() and emb.steps[0].eq(1).all()
+    assert all(p.grad is None for p in emb.parameters_of(0))
+
+
+def _per_model_copies(emb: ModelEmbeddings) -> list[tuple[nn.Parameter, nn.Linear]]:
+    """The layout ModelEmbeddings had before its tables: a Parameter and a module per model."""
+    out = []
+    for i in range(len(emb)):
+        w, b = emb.parameters_of(i)[1:]
+        lin = nn.Linear(w.shape[1], w.shape[0])
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            lin.bias.copy_(b)
+        out.append((nn.Parameter(emb.theta[i].detach().clone()), lin))
+    return out
+
+
+def test_table_adamw_equals_torch_adamw_on_per_model_parameters():
+    """Five steps over different models: the row-sparse step on the tables gives exactly what
+    torch.optim.AdamW gives on a Parameter per model, values and moments."""
+    meta, emb = _tiny_meta()
+    ref = _per_model_copies(emb)
+    opt = torch.optim.AdamW([p for th, lin in ref for p in (th, *lin.parameters())], lr=0.05, weight_decay=0.0)
+    for step, rows in enumerate([[0, 2], [1], [0, 1, 2], [2], [0]]):
+        chunks = [_chunk(r, hdim=7 if r == 1 else 5, seed=10 * step + r) for r in rows]
+        loss, _ = dynamo_loss(meta, emb, chunks, 1.0)
+        loss.backward()
+        for c in chunks:  # the same loss through the per-model copies
+            th, lin = ref[c.row]
+            hs, outs = meta(c.x, th.expand(c.x.shape[0], -1))
+            lh = ((lin(hs[0]) - c.hiddens[0]) ** 2).sum(-1).mean()
+            lo = (F.softmax(c.outputs, -1) * (F.log_softmax(c.outputs, -1) - F.log_softmax(outs["a"], -1))).sum(-1)
+            ((lh + lo.mean()) / len(chunks)).backward()
+        meta.zero_grad()
+        emb.adam_step(rows, lr=0.05)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for i, (th, lin) in enumerate(ref):
+        torch.testing.assert_close(emb.theta[i].detach(), th.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(emb.maps[i][0].weight.detach(), lin.weight.detach(), rtol=1e-6, atol=1e-7)
+        state, want = emb.row_state(i), opt.state[lin.weight]
+        assert float(state["opt"][1]["step"]) == float(want["step"]) == {0: 3, 1: 2, 2: 3}[i]
+        torch.testing.assert_close(state["opt"][1]["exp_avg"], want["exp_avg"], rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(state["opt"][1]["exp_avg_sq"], want["exp_avg_sq"], rtol=1e-6, atol=1e-12)
+
+
+def test_row_state_round_trip_and_views_write_the_tables():
+    _, emb = _tiny_meta()
+    for r in range(3):
+        emb.theta_rows([r]).sum().backward()
+        emb.apply_maps(r, [torch.ones(2, 6)])[0].sum().backward()
+    emb.adam_step([0, 2], lr=0.1)
+    other = ModelEmbeddings(["m0", "m1", "m2"], 3, [6], [[5], [7], [5]], "rnn")
+    for r in range(3):
+        other.load_row_state(r, emb.row_state(r))
+    for r in range(3):
+        a, b = emb.row_state(r), other.row_state(r)
+        assert torch.equal(a["theta"], b["theta"]) and a["maps"].keys() == b["maps"].keys() == {"0.weight", "0.bias"}
+        assert all(torch.equal(a["maps"][k], b["maps"][k]) for k in a["maps"])
+        assert (a["opt"][0] is None) == (b["opt"][0] is None) == (r == 1)
+    # writes through theta[i], maps[i] and init functions land in the tables
+    with torch.no_grad():
+        other.theta[1].copy_(torch.tensor([1.0, 2.0, 3.0]))
+    torch.nn.init.zeros_(other.maps[1][0].weight)
+    assert other.theta_matrix()[1].tolist() == [1.0, 2.0, 3.0] and other.row_state(1)["maps"]["0.weight"].eq(0).all()
+    with pytest.raises(ValueError, match="m1"):
+        other.load_row_state(1, emb.row_state(0))  # a 5-wide V where 7 is expected
+
+
+def test_live_leaves_are_bounded_and_tables_stay_exact():
+    _, emb = _tiny_meta()
+    emb.live_rows = 2
+    first = emb.parameters_of(0)
+    with torch.no_grad():
+        first[0].fill_(0.5)
+    emb.parameters_of(1), emb.parameters_of(2)
+    assert len(emb._live) == 2 and 0 not in emb._live
+    assert emb.theta[0].detach().tolist() == [0.5] * 3  # evicted leaves were views: nothing lost
 
 
 def test_heads_route_by_output_group():

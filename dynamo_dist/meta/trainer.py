@@ -169,8 +169,9 @@ class DynamoTrainer:
         self._ids = data.model_ids  # the shard's model ids, in row order (sampled from every step)
         self.forward_module: nn.Module = self.meta  # the Ray job swaps in the DDP wrapper
         self.opt_meta = torch.optim.AdamW(self.meta.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        # theta and V: no weight decay (theta starts at 0 and is the quantity under study)
-        self.opt_emb = torch.optim.AdamW(self.embeddings.parameters(), lr=self._emb_lr, weight_decay=0.0)
+        # theta and V: AdamW without weight decay (theta starts at 0 and is the quantity under study),
+        # stepped row-sparse by the embeddings themselves (``ModelEmbeddings.adam_step``)
+        self._emb_lr_now = self._emb_lr
         self.step = 0
         self.history: list[dict] = []
         self._train_idx = {t: np.arange(int(len(s) * (1 - VAL_FRACTION)) or len(s))
@@ -217,9 +218,9 @@ class DynamoTrainer:
 
     def _set_lr(self) -> None:
         f = cosine_factor(self.step, self.cfg.steps)
-        for opt, lr in ((self.opt_meta, self.cfg.lr), (self.opt_emb, self._emb_lr)):
-            for g in opt.param_groups:
-                g["lr"] = lr * f
+        for g in self.opt_meta.param_groups:
+            g["lr"] = self.cfg.lr * f
+        self._emb_lr_now = self._emb_lr * f
 
     def autocast(self):
         """``meta.precision``: bf16 autocast of the forward pass and the loss (parameters stay float32,
@@ -240,22 +241,11 @@ class DynamoTrainer:
                                         self.cfg.embedding_penalty, self.num_models)
             stats["loss_penalty"] = float(penalty.detach())
             loss = loss + penalty
-        # Only the sampled models' theta/V take part in a step (like the rows of a sharded embedding
-        # table): AdamW and zero_grad visit just their parameters, not all N of the shard's (which
-        # cost a Python loop over every model each step). Unsampled ones have grad None and would
-        # be skipped anyway, so the result is the same.
-        sampled = [p for c in chunks for p in self.embeddings.parameters_of(c.row)]
         self.opt_meta.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_meta.step()
-        group = self.opt_emb.param_groups[0]
-        all_params, group["params"] = group["params"], sampled
-        try:
-            self.opt_emb.step()
-        finally:
-            group["params"] = all_params
-        for p in sampled:
-            p.grad = None
+        # only the sampled models' theta/V take part (rows of a sharded embedding table)
+        self.embeddings.adam_step([c.row for c in chunks], self._emb_lr_now)
         self.step += 1
         rec = {"step": self.step, "loss": float(loss.detach()), **stats}
         self.history.append(rec)
@@ -281,33 +271,14 @@ class DynamoTrainer:
 
     def shard_state(self) -> dict:
         """This worker's theta/V and their optimiser state, keyed by model_id (re-shardable), on the CPU."""
-        per_model = {}
-        pstate = self.opt_emb.state
-        for m, i in self.embeddings.index.items():
-            params = self.embeddings.parameters_of(i)
-            per_model[m] = {
-                "theta": _host_copy(params[0]),
-                "maps": {k: _host_copy(v) for k, v in self.embeddings.maps[i].state_dict().items()},
-                "opt": [{k: (_host_copy(v) if torch.is_tensor(v) else v) for k, v in pstate[p].items()}
-                        if p in pstate else None for p in params],
-            }
-        return per_model
+        return self.embeddings.states()
 
     def load_shard_state(self, per_model: dict) -> None:
         """Load theta/V (+ optimiser moments) for every model of this shard found in ``per_model``."""
         for m, i in self.embeddings.index.items():
             if m not in per_model:
                 raise ValueError(f"checkpoint has no theta/V for model {m!r}")
-            s = per_model[m]
-            with torch.no_grad():
-                self.embeddings.theta[i].copy_(s["theta"])
-            self.embeddings.maps[i].load_state_dict(s["maps"])
-            params = self.embeddings.parameters_of(i)
-            for p, st in zip(params, s["opt"]):
-                if st is not None:
-                    # moments beside their parameter; AdamW keeps "step" on the CPU (not capturable/fused)
-                    self.opt_emb.state[p] = {k: (v.to(p.device if k != "step" else "cpu", copy=True)
-                                                 if torch.is_tensor(v) else v) for k, v in st.items()}
+            self.embeddings.load_row_state(i, per_model[m])
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
@@ -329,12 +300,6 @@ class DynamoTrainer:
 
     def val_split(self, task: str) -> np.ndarray:
         return self._val_idx[task]
-
-
-def _host_copy(t: torch.Tensor) -> torch.Tensor:
-    """A detached CPU copy of ``t`` (one copy, also from a GPU)."""
-    t = t.detach()
-    return t.clone() if t.device.type == "cpu" else t.cpu()
 
 
 # ---------------------------------------------------------------- the one fit loop
