@@ -124,3 +124,58 @@ def test_the_embedding_penalty_shrinks_theta_and_is_reported(pop_root, tmp_path)
     (plain, theta0), (penalised, theta1) = runs[0.0], runs[1.0]
     assert "loss_penalty" not in plain[-1] and penalised[-1]["loss_penalty"] > 0
     assert float(theta1.mean()) < 0.8 * float(theta0.mean())  # measured: 0.12 vs 0.19  # same seed and batches; only alpha differs
+
+
+def _per_model_form(states) -> dict:
+    """The ``{model_id: state}`` shard layout of runs before the table form, as plain copies."""
+    return {m: {"theta": s["theta"].clone(), "maps": {k: v.clone() for k, v in s["maps"].items()},
+                "opt": [None if o is None else {k: v.clone() for k, v in o.items()} for o in s["opt"]]}
+            for m, s in states.items()}
+
+
+def test_table_form_shards_and_earlier_per_model_shards_read_alike(pop_root, tmp_path):
+    """A shard is a few stacked tensors whatever N; every reader gives the same values from it as
+    from a shard in the per-model form of earlier runs, also split over two files (another W)."""
+    from dynamo_dist.meta import checkpoint
+
+    data = load_population(pop_root, with_test=False)
+    tr = DynamoTrainer(_meta_cfg(pop_root, tmp_path, steps=6), data)
+    tr.fit()
+    table = tr.shard_state()
+    ids = tr.embeddings.model_ids
+    assert sorted(table) == sorted(ids) and table[ids[0]]["opt"][0] is not None
+    shared = {**tr.shared_state(), "history": [], "model_ids": ids, "config": tr.cfg.model_dump(mode="json")}
+    raw = checkpoint._plain(table)
+    halves = [set(ids[:1]), set(ids[1:])]
+    for form in ("tables", "per-model"):
+        d = tmp_path / form
+        d.mkdir()
+        if form == "tables":  # one file, as one worker wrote it
+            checkpoint.write_shard(d, 0, table, shared={**shared, "shards": [checkpoint.shard_file(0)]})
+            saved = torch.load(d / checkpoint.shard_file(0), weights_only=True)
+            assert saved["layout"] == "tables" and len(saved["tables"]) == 7  # 7 tensors for any N
+        else:  # two files, per-model dicts
+            for r, part in enumerate(halves):
+                checkpoint.write_shard(d, r, _per_model_form({m: table[m] for m in part}),
+                                       shared={**shared, "shards": [checkpoint.shard_file(0),
+                                                                     checkpoint.shard_file(1)]} if r == 0 else None)
+        _, per_model, _ = checkpoint.read_sharded(d)
+        _, some, _ = checkpoint.read_sharded(d, model_ids=ids[1:3])
+        assert sorted(some) == sorted(ids[1:3])
+        thetas = checkpoint.read_thetas(d)
+        _, model_state = checkpoint.read_model_state(d)
+        checkpoint.write_inference_copy(d, tmp_path / f"{form}-inference")
+        _, inference = checkpoint.read_model_state(tmp_path / f"{form}-inference")
+        for m in ids:
+            want = table[m]
+            for got in (per_model[m], model_state[m], inference[m], *([some[m]] if m in some else [])):
+                assert torch.equal(got["theta"], want["theta"]) and got["maps"].keys() == want["maps"].keys()
+                assert all(torch.equal(got["maps"][k], want["maps"][k]) for k in want["maps"])
+            assert torch.equal(thetas[m], want["theta"])
+            for o, w in zip(per_model[m]["opt"], want["opt"]):
+                assert (o is None) == (w is None) and (o is None or all(torch.equal(o[k], w[k]) for k in w))
+        # and a trainer loads either back exactly
+        again = DynamoTrainer(_meta_cfg(pop_root, tmp_path, steps=6), data)
+        again.load_shard_state(per_model)
+        for k, v in again.embeddings.table_state()["tables"].items():
+            assert torch.equal(v, raw["tables"][k]), (form, k)

@@ -5,7 +5,10 @@ step; Ray Train merges the files every worker uploads under one directory name):
 
     shared.pt                 rank 0: format, step, shared weights + optimiser, global loss history,
                               num_workers, the shard file names, model ids, mlflow run id, config
-    shard-<rank>.pt           every rank: {model_id: theta, V state, optimiser moments}
+    shard-<rank>.pt           every rank: its models' theta, V and AdamW moments, in the table
+                              form of ``ModelEmbeddings.table_state`` (a few stacked tensors and
+                              the layout, read per model through ``model.TableStates``); shards
+                              of earlier runs are {model_id: theta, V state, optimiser moments}
     test_metrics-<rank>.json  final checkpoint only: test-split metrics of the rank's models
 
 Shards are keyed by model_id, so a restarted run or one resumed with another worker count
@@ -31,6 +34,7 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -66,10 +70,28 @@ def to_cpu(obj):
     return obj
 
 
+def shard_states(obj):
+    """A loaded shard (either form) as ``{model_id: state}``: table-form shards through ``TableStates``."""
+    from .model import TableStates, is_table_state
+
+    return TableStates(obj) if is_table_state(obj) else obj
+
+
+def _plain(obj):
+    """What ``torch.save`` writes of a shard, or of a merged state holding one: its raw tables."""
+    from .model import TableStates
+
+    if isinstance(obj, TableStates):
+        return obj.raw
+    if isinstance(obj, dict) and isinstance(obj.get("shard"), TableStates):
+        return {**obj, "shard": obj["shard"].raw}
+    return obj
+
+
 def save_atomic(obj, path: str | os.PathLike) -> None:
     """``torch.save`` whole (``fsio.write_bytes_atomic``): readers never see half a file."""
     buf = io.BytesIO()
-    torch.save(obj, buf)
+    torch.save(_plain(obj), buf)
     fsio.write_bytes_atomic(fsio.as_path(path), buf.getvalue())
 
 
@@ -77,7 +99,10 @@ def load(path: str | os.PathLike) -> dict:
     """A merged state (``checkpoint.pt``, local or on an object store); FileNotFoundError names the path."""
     if not fsio.as_path(path).is_file():
         raise FileNotFoundError(f"meta run checkpoint not found: {path}")
-    return safe_load(path)
+    state = safe_load(path)
+    if isinstance(state, dict) and "shard" in state:
+        state["shard"] = shard_states(state["shard"])
+    return state
 
 
 def safe_load(path: str | os.PathLike):
@@ -103,7 +128,7 @@ def write_shard(directory: str | os.PathLike, rank: int, shard_state: dict,
     d = Path(directory)
     if shared is not None:
         torch.save({"format": FORMAT, **shared}, d / SHARED_FILE)
-    torch.save(shard_state, d / shard_file(rank))
+    torch.save(_plain(shard_state), d / shard_file(rank))
     if test_metrics is not None:
         (d / metrics_file(rank)).write_text(json.dumps(test_metrics))
 
@@ -123,21 +148,29 @@ def read_sharded(path: str | os.PathLike, model_ids: list[str] | None = None,
     shared = safe_load(path / SHARED_FILE)
     if shared.get("format") != FORMAT:
         raise ValueError(f"checkpoint {path}: format {shared.get('format')!r}, this code reads {FORMAT}")
+    from .model import TableStates, is_table_state
+
     wanted = None if model_ids is None else set(model_ids)
-    per_model: dict[str, dict] = {}
+    parts: list = []
+    seen: set[str] = set()
     for name in shared["shards"]:
         if not (path / name).is_file():
             raise FileNotFoundError(f"checkpoint {path} is incomplete: shard file {name} is missing")
         if wanted is None:
-            part = torch.load(path / name, weights_only=True, map_location="cpu")
+            part = shard_states(torch.load(path / name, weights_only=True, map_location="cpu"))
         else:
             mapped = torch.load(path / name, weights_only=True, mmap=True, map_location="cpu")
-            part = {m: _cloned(s) for m, s in mapped.items() if m in wanted}
+            if is_table_state(mapped):  # states are copied out of the mapped file as they are read
+                part = TableStates(mapped, only=wanted, copy=True)
+            else:
+                part = {m: _cloned(s) for m, s in mapped.items() if m in wanted}
             del mapped
-        dup = set(part) & set(per_model)
+        dup = seen & set(part)
         if dup:
             raise ValueError(f"checkpoint {path}: models {sorted(dup)[:5]} appear in more than one shard")
-        per_model.update(part)
+        seen |= set(part)
+        parts.append(part)
+    per_model = parts[0] if len(parts) == 1 else _Chained(parts)
     expected = set(shared["model_ids"]) if wanted is None else wanted & set(shared["model_ids"])
     missing = sorted(expected - set(per_model))
     if missing:
@@ -154,6 +187,23 @@ def read_test_metrics(path: str | os.PathLike, shared: dict) -> dict[str, dict] 
             return None
         metrics.update(json.loads(f.read_text()))
     return metrics
+
+
+class _Chained(Mapping):
+    """One ``{model_id: state}`` over the shards' own mappings (no state made before it is read)."""
+
+    def __init__(self, parts: list[Mapping]):
+        self._parts = parts
+        self._where = {m: i for i, p in enumerate(parts) for m in p}
+
+    def __getitem__(self, model_id: str) -> dict:
+        return self._parts[self._where[model_id]][model_id]
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 def _cloned(obj):
@@ -259,13 +309,13 @@ def _shard_files(path: fsio.AnyPath) -> tuple[dict, list]:
 
 
 def _mapped(f: fsio.AnyPath) -> dict:
-    """A shard file's states; memory-mapped when local (only what is read is paged in)."""
+    """A shard file's ``{model_id: state}``; memory-mapped when local (only what is read is paged in)."""
     if isinstance(f, fsio.RemotePath):
-        return safe_load(f)
+        return shard_states(safe_load(f))
     try:
-        return torch.load(f, weights_only=True, mmap=True, map_location="cpu")
+        return shard_states(torch.load(f, weights_only=True, mmap=True, map_location="cpu"))
     except Exception:  # noqa: BLE001 - safe_load names the file and the reason
-        return safe_load(f)
+        return shard_states(safe_load(f))
 
 
 def read_thetas(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -309,6 +359,10 @@ def write_inference_copy(source: str | os.PathLike, dest: str | os.PathLike) -> 
         write_run_checkpoint(d, state=state)
         return
     shared, files = _shard_files(src)
+    from .model import TableStates
+
     for f in files:
-        save_atomic({m: {"theta": s["theta"], "maps": s["maps"]} for m, s in _mapped(f).items()}, d / f.name)
+        states = _mapped(f)
+        save_atomic(states.without_moments() if isinstance(states, TableStates) else
+                    {m: {"theta": s["theta"], "maps": s["maps"]} for m, s in states.items()}, d / f.name)
     save_atomic({k: v for k, v in shared.items() if k not in ("opt_meta", "history")}, d / SHARED_FILE)

@@ -218,6 +218,85 @@ def build_meta_model(family: str, input_spec: ArchSpec, output_sizes: Mapping[st
     raise ValueError(f"family: unknown model family {family!r} (rnn | cnn)")
 
 
+_MOMENT_TABLES = ("theta_m", "theta_v", "maps_m", "maps_v", "steps")
+
+
+class TableLayout:
+    """Where each model's theta and V_n parameters lie in the stacked tables of ``ModelEmbeddings``
+    (and of a table-form checkpoint shard): theta is row i of an (N, E) table; V_n's weight and bias
+    per tap lie one after the other in a flat table from ``offsets[i]``."""
+
+    def __init__(self, family: str, meta_dims: Sequence[int], base_dims: Sequence[Sequence[int]]):
+        if family not in ("rnn", "cnn"):
+            raise ValueError(f"family: unknown model family {family!r} (rnn | cnn)")
+        self.family = family
+        self.meta_dims = [int(m) for m in meta_dims]
+        self.base_dims = [[int(b) for b in dims] for dims in base_dims]
+        if any(len(dims) != len(self.meta_dims) for dims in self.base_dims):
+            raise ValueError(f"base_dims: every model needs one width per tap ({len(self.meta_dims)} taps)")
+        sizes = [sum(b * m + b for m, b in zip(self.meta_dims, dims)) for dims in self.base_dims]
+        self.offsets = [0] * len(sizes)
+        for i in range(1, len(sizes)):
+            self.offsets[i] = self.offsets[i - 1] + sizes[i - 1]
+        self.total = self.offsets[-1] + sizes[-1] if sizes else 0
+        self.names = [f"{t}.{k}" for t in range(len(self.meta_dims)) for k in ("weight", "bias")]
+
+    def map_views(self, row: int, table: torch.Tensor) -> list[torch.Tensor]:
+        """Views of model ``row``'s V parameters in a maps-layout ``table``: weight, bias per tap."""
+        views, at = [], self.offsets[row]
+        for m, b in zip(self.meta_dims, self.base_dims[row]):
+            shape = (b, m) if self.family == "rnn" else (b, m, 1, 1)
+            views += [table[at:at + b * m].view(shape), table[at + b * m:at + b * m + b]]
+            at += b * m + b
+        return views
+
+    def row_state(self, row: int, tables: Mapping[str, torch.Tensor]) -> dict:
+        """Model ``row``'s ``{"theta", "maps": V state dict, "opt": AdamW state per parameter}`` as views
+        of ``tables``; ``opt`` entries are None for parameters never updated and where the tables hold
+        no moments (an inference copy)."""
+        state = {"theta": tables["theta"][row], "maps": dict(zip(self.names, self.map_views(row, tables["maps"])))}
+        if "steps" not in tables:
+            return {**state, "opt": [None] * (1 + len(self.names))}
+        m_views = [tables["theta_m"][row], *self.map_views(row, tables["maps_m"])]
+        v_views = [tables["theta_v"][row], *self.map_views(row, tables["maps_v"])]
+        steps = tables["steps"]
+        opt = [None if float(steps[row, k]) == 0 else {"step": steps[row, k], "exp_avg": m, "exp_avg_sq": v}
+               for k, (m, v) in enumerate(zip(m_views, v_views))]
+        return {**state, "opt": opt}
+
+
+class TableStates(Mapping):
+    """``{model_id: state}`` of a table-form shard (``ModelEmbeddings.table_state``) without a tensor
+    per model in memory: a model's state is made when it is read, as views of the tables, or copies
+    with ``copy=True`` (then nothing read refers to a memory-mapped file). ``only``: these models."""
+
+    def __init__(self, raw: Mapping, only: set[str] | None = None, copy: bool = False):
+        self.raw = raw
+        self._layout = TableLayout(raw["family"], raw["meta_dims"], raw["base_dims"])
+        ids = raw["model_ids"]
+        self._row = {m: i for i, m in enumerate(ids) if only is None or m in only}
+        self._copy = copy
+
+    def __getitem__(self, model_id: str) -> dict:
+        state = self._layout.row_state(self._row[model_id], self.raw["tables"])
+        return _map_tensors(state, torch.clone) if self._copy else state
+
+    def __iter__(self):
+        return iter(self._row)
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    def without_moments(self) -> dict:
+        """The raw table-form state without AdamW moments (what loading a meta-model needs)."""
+        return {**self.raw, "tables": {k: v for k, v in self.raw["tables"].items() if k not in _MOMENT_TABLES}}
+
+
+def is_table_state(obj) -> bool:
+    """Whether ``obj`` (a loaded shard file) is the table form rather than ``{model_id: state}``."""
+    return isinstance(obj, Mapping) and obj.get("layout") == "tables"
+
+
 class ModelEmbeddings(nn.Module):
     """theta_n (initialised to 0, Algorithm 1) and maps V_n for a set (shard) of base models.
 
@@ -243,22 +322,13 @@ class ModelEmbeddings(nn.Module):
         super().__init__()
         if len(model_ids) != len(base_dims):
             raise ValueError("base_dims: one entry per model id is required")
-        if family not in ("rnn", "cnn"):
-            raise ValueError(f"family: unknown model family {family!r} (rnn | cnn)")
+        self.layout = TableLayout(family, meta_dims, base_dims)
         self.model_ids = list(model_ids)
         self.index = {m: i for i, m in enumerate(self.model_ids)}
         self.family = family
-        self.meta_dims = [int(m) for m in meta_dims]
-        self.base_dims = [[int(b) for b in dims] for dims in base_dims]
-        if any(len(dims) != len(self.meta_dims) for dims in self.base_dims):
-            raise ValueError(f"base_dims: every model needs one width per tap ({len(self.meta_dims)} taps)")
+        self.meta_dims = self.layout.meta_dims
         self.live_rows = live_rows
-        n = len(self.model_ids)
-        sizes = [sum(b * m + b for m, b in zip(self.meta_dims, dims)) for dims in self.base_dims]
-        self.offsets = [0] * n
-        for i in range(1, n):
-            self.offsets[i] = self.offsets[i - 1] + sizes[i - 1]
-        total = self.offsets[-1] + sizes[-1] if n else 0
+        n, total = len(self.model_ids), self.layout.total
         self.register_buffer("theta_table", torch.zeros(n, embedding_dim))
         self.register_buffer("maps_table", torch.empty(total))
         for i in range(n):
@@ -280,13 +350,7 @@ class ModelEmbeddings(nn.Module):
         self.maps = _Rows(self, self._modules_of)
 
     def _map_views(self, row: int, table: torch.Tensor) -> list[torch.Tensor]:
-        """Views of model ``row``'s V parameters in a maps-layout ``table``: weight, bias per tap."""
-        views, at = [], self.offsets[row]
-        for m, b in zip(self.meta_dims, self.base_dims[row]):
-            shape = (b, m) if self.family == "rnn" else (b, m, 1, 1)
-            views += [table[at:at + b * m].view(shape), table[at + b * m:at + b * m + b]]
-            at += b * m + b
-        return views
+        return self.layout.map_views(row, table)
 
     def _apply(self, fn, recurse=True):
         self._live.clear()  # .to() replaces the tables: leaves of the old ones would be stale
@@ -375,29 +439,23 @@ class ModelEmbeddings(nn.Module):
                 "theta_v": self.theta_exp_avg_sq, "maps_m": self.maps_exp_avg, "maps_v": self.maps_exp_avg_sq,
                 "steps": self.steps}
 
-    def _row_state(self, row: int, t: dict[str, torch.Tensor]) -> dict:
-        names = [f"{k}.{p}" for k in range(len(self.meta_dims)) for p in ("weight", "bias")]
-        m_views = [t["theta_m"][row], *self._map_views(row, t["maps_m"])]
-        v_views = [t["theta_v"][row], *self._map_views(row, t["maps_v"])]
-        opt = [None if float(t["steps"][row, k]) == 0 else {"step": t["steps"][row, k], "exp_avg": m, "exp_avg_sq": v}
-               for k, (m, v) in enumerate(zip(m_views, v_views))]
-        return {"theta": t["theta"][row], "maps": dict(zip(names, self._map_views(row, t["maps"]))), "opt": opt}
-
     def row_state(self, row: int) -> dict:
         """Model ``row``'s theta, V state dict and AdamW state per parameter (None: never updated),
         as CPU copies: the layout checkpoints keep per model."""
-        return _map_tensors(self._row_state(row, self._tables()), _cpu_copy)
+        return _map_tensors(self.layout.row_state(row, self._tables()), _cpu_copy)
 
-    def states(self) -> dict[str, dict]:
-        """``{model_id: row_state}`` of every model, as views of one CPU copy of each table: one copy
-        in memory instead of a tensor per model and parameter, and one storage per table in a
-        ``torch.save`` file (views are saved with their storage, once)."""
-        snapshot = {k: _cpu_copy(v) for k, v in self._tables().items()}
-        return {m: self._row_state(i, snapshot) for i, m in enumerate(self.model_ids)}
+    def table_state(self, copy: bool = True) -> dict:
+        """Every model's state as one CPU copy of each table, with the layout: a checkpoint shard in
+        a few tensors, whatever the number of models (``TableStates`` reads it per model).
+        ``copy=False``: tables already on the CPU are given as they are (they change with training)."""
+        host = _cpu_copy if copy else (lambda t: t.detach().cpu())
+        return {"layout": "tables", "model_ids": list(self.model_ids), "family": self.family,
+                "meta_dims": list(self.meta_dims), "base_dims": self.layout.base_dims,
+                "tables": {k: host(v) for k, v in self._tables().items()}}
 
     def load_row_state(self, row: int, state: dict) -> None:
         """Write a ``row_state``-layout state of one model into the tables (``opt`` optional)."""
-        names = [f"{t}.{k}" for t in range(len(self.meta_dims)) for k in ("weight", "bias")]
+        names = self.layout.names
         maps = state["maps"]
         if set(maps) != set(names):
             raise ValueError(f"model {self.model_ids[row]!r}: V state has {sorted(maps)}, expected {names}")

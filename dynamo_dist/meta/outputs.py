@@ -220,10 +220,8 @@ def build_loaded(rows: list[dict], cfg: MetaConfig, meta_state: dict, per_model:
     meta, emb = build(rows, cfg, ids, base_dims)
     meta.load_state_dict(meta_state)
     meta.eval()
-    with torch.no_grad():
-        for i, m in enumerate(ids):
-            emb.theta[i].copy_(per_model[m]["theta"])
-            emb.maps[i].load_state_dict(per_model[m]["maps"])
+    for i, m in enumerate(ids):
+        emb.load_row_state(i, per_model[m])  # no optimiser state: read_model_state has none
     return meta, emb
 
 

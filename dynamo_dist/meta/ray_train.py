@@ -315,6 +315,7 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         device = torch.device("cpu")
     trainer = DynamoTrainer(cfg, data, all_rows, rank, device=device)
+    del all_rows  # the other workers' rows are not needed again (~2 KB a model)
 
     shared = None
     own_ckpt = ray.train.get_checkpoint()  # this run's latest, after a worker failure or a re-run
@@ -326,7 +327,7 @@ def train_loop_per_worker(config: dict) -> None:
         trainer.step = int(shared["step"])
         trainer.meta.load_state_dict(shared["meta"])
         trainer.opt_meta.load_state_dict(shared["opt_meta"])
-        trainer.load_shard_state({m: per_model[m] for m in shard_ids})
+        trainer.load_shard_state(per_model)  # this worker's models, read one at a time
     history: list[dict] = list(shared["history"]) if shared else []
     train_seconds = float(shared["train_seconds"]) if shared else 0.0
     train_cpu_seconds = float(shared.get("train_cpu_seconds", 0.0)) if shared else 0.0
@@ -409,7 +410,8 @@ def train_loop_per_worker(config: dict) -> None:
                         "shards": [checkpoint.shard_file(r) for r in range(world)], "model_ids": ids,
                         "mlflow_run_id": run_id, "config": cfg.model_dump(mode="json"),
                         "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds}
-                checkpoint.write_shard(tmp, rank, trainer.shard_state(), test, shared_state)
+                # the live tables themselves: they are written before the next step changes them
+                checkpoint.write_shard(tmp, rank, trainer.shard_state(copy=False), test, shared_state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"checkpoint_{trainer.step:08d}_{token}")
         t_steps, cpu_steps = time.perf_counter(), time.process_time()

@@ -269,12 +269,15 @@ class DynamoTrainer:
         return {"step": self.step, "meta": checkpoint.to_cpu(self.meta.state_dict()),
                 "opt_meta": checkpoint.to_cpu(self.opt_meta.state_dict())}
 
-    def shard_state(self) -> dict:
-        """This worker's theta/V and their optimiser state, keyed by model_id (re-shardable), on the CPU."""
-        return self.embeddings.states()
+    def shard_state(self, copy: bool = True) -> model.TableStates:
+        """This worker's theta/V and their optimiser state, keyed by model_id (re-shardable), on the CPU:
+        one copy of the stacked tables (``copy=False``: CPU tables as they are, for a caller that
+        writes them before training goes on), read per model as it is read."""
+        return model.TableStates(self.embeddings.table_state(copy))
 
     def load_shard_state(self, per_model: dict) -> None:
         """Load theta/V (+ optimiser moments) for every model of this shard found in ``per_model``."""
+        per_model = checkpoint.shard_states(per_model)
         for m, i in self.embeddings.index.items():
             if m not in per_model:
                 raise ValueError(f"checkpoint has no theta/V for model {m!r}")
