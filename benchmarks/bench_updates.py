@@ -29,6 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -80,15 +81,15 @@ def _run(args: tuple) -> dict:
     from dynamo_dist import config
     from dynamo_dist.meta.local import run_meta_local
 
-    cfg_path, root, out, updates, emb_lr, per_group, num_models = args
+    cfg_path, root, out, updates, emb_lr, per_group, num_models, extra = args
     torch.set_num_threads(1)
-    over = {"meta.output_dir": str(out), "meta.num_workers": 1, "meta.updates_per_model": updates}
+    over = {**extra, "meta.output_dir": str(out), "meta.num_workers": 1, "meta.updates_per_model": updates}
     if emb_lr is not None:
         over["meta.embedding_lr"] = emb_lr
     cfg = config.load(cfg_path, overrides=over).meta
     t0 = time.perf_counter()
     summary = run_meta_local(cfg, root, progress=False)
-    return {"per_group": per_group, "num_models": num_models, "updates_per_model": updates,
+    return {"per_group": per_group, "num_models": num_models, "updates_per_model": updates, "set": extra,
             "embedding_lr": cfg.embedding_lr, "steps": summary["steps"],
             "agreement": summary["mean_agreement"], "hidden_r2": summary["mean_hidden_r2"],
             "meta_accuracy": summary["mean_meta_accuracy"], "seconds": time.perf_counter() - t0}
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--updates", type=int, nargs="+", default=[100, 400])
     ap.add_argument("--steps", type=int, help="also a run of this many steps for each --per-group")
     ap.add_argument("--embedding-lr", type=float, nargs="+", default=[None])
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a meta field for every run (e.g. output_weight=30); repeatable")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--workdir", default="/tmp/bench_updates")
     ap.add_argument("--out", default=str(RESULTS / "updates.json"))
@@ -112,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     from dynamo_dist import config
 
-    meta = config.load(args.config).meta
+    extra = {f"meta.{k}": yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    tag = "".join(f"-{k[5:]}{v}" for k, v in sorted(extra.items()))
+    meta = config.load(args.config, overrides=extra).meta
     points, sizes = [], {}
     for k in args.per_group:
         root = work / f"sub-{k}-s{args.seed}"
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         updates = set(args.updates)
         if args.steps:
             updates.add(max(1, round(args.steps * meta.models_per_step / sizes[k])))
-        points += [(args.config, str(root), work / f"meta-k{k}-u{u}-elr{e}", u, e, k, sizes[k])
+        points += [(args.config, str(root), work / f"meta-k{k}-u{u}-elr{e}{tag}", u, e, k, sizes[k], extra)
                    for e in args.embedding_lr for u in updates]
     points.sort(key=lambda p: -p[3] * p[6])  # longest first: the pool's jobs end together
     with ProcessPoolExecutor(args.jobs) as pool:

@@ -267,12 +267,20 @@ def test_row_state_round_trip_and_views_write_the_tables():
 def test_live_leaves_are_bounded_and_tables_stay_exact():
     _, emb = _tiny_meta()
     emb.live_rows = 2
-    first = emb.parameters_of(0)
+    with torch.no_grad():  # readers (evaluation): the least recently used leaves are dropped
+        emb.parameters_of(0)[0].fill_(0.5)
+        emb.parameters_of(1), emb.parameters_of(2)
+        assert len(emb._live) == 2 and 0 not in emb._live
+        assert emb.theta[0].tolist() == [0.5] * 3  # evicted leaves were views: nothing lost
+    # a training step over more models than live_rows keeps every leaf a gradient reaches until the update
+    before = emb.theta_matrix()
+    emb.theta_rows([0, 1, 2]).sum().backward()
+    emb.adam_step([0, 1, 2], lr=0.1)
+    assert (emb.theta_matrix() != before).all() and emb.steps[:, 0].eq(1).all()
+    assert not emb._pinned
     with torch.no_grad():
-        first[0].fill_(0.5)
-    emb.parameters_of(1), emb.parameters_of(2)
-    assert len(emb._live) == 2 and 0 not in emb._live
-    assert emb.theta[0].detach().tolist() == [0.5] * 3  # evicted leaves were views: nothing lost
+        emb.parameters_of(0)
+    assert len(emb._live) == 2
 
 
 def test_heads_route_by_output_group():

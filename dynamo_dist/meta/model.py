@@ -313,8 +313,9 @@ class ModelEmbeddings(nn.Module):
 
     ``theta[i]``, ``maps[i]`` and ``parameters_of(i)`` are leaf Parameters (and modules around
     them) that share the tables' memory, made for the rows in use and kept for the most
-    recently used ``live_rows``: in-place writes, optimiser steps and ``load_state_dict``
-    land in the tables; a model's gradients sit on its live leaves until ``adam_step``.
+    recently used ``live_rows``, and every row read with gradients enabled until ``adam_step`` or
+    ``release`` (a backward pass must find the leaves the forward used): in-place writes, optimiser
+    steps and ``load_state_dict`` land in the tables.
     """
 
     def __init__(self, model_ids: Sequence[str], embedding_dim: int, meta_dims: Sequence[int],
@@ -346,6 +347,7 @@ class ModelEmbeddings(nn.Module):
         self.steps = torch.zeros(n, 1 + 2 * len(self.meta_dims))
         self._live: OrderedDict[int, list[nn.Parameter]] = OrderedDict()
         self._live_modules: dict[int, nn.ModuleList] = {}
+        self._pinned: set[int] = set()
         self.theta = _Rows(self, lambda i: self.live(i)[0])
         self.maps = _Rows(self, self._modules_of)
 
@@ -355,6 +357,7 @@ class ModelEmbeddings(nn.Module):
     def _apply(self, fn, recurse=True):
         self._live.clear()  # .to() replaces the tables: leaves of the old ones would be stale
         self._live_modules.clear()
+        self._pinned.clear()
         return super()._apply(fn, recurse)
 
     def __len__(self) -> int:
@@ -362,6 +365,8 @@ class ModelEmbeddings(nn.Module):
 
     def live(self, row: int) -> list[nn.Parameter]:
         """theta_n and V_n's parameters of model ``row`` as leaves sharing the tables' memory."""
+        if torch.is_grad_enabled():  # a forward that gradients will flow back through: keep its leaves
+            self._pinned.add(row)
         params = self._live.get(row)
         if params is not None:
             self._live.move_to_end(row)
@@ -369,10 +374,27 @@ class ModelEmbeddings(nn.Module):
         params = [nn.Parameter(self.theta_table[row])] + [nn.Parameter(v) for v in
                                                           self._map_views(row, self.maps_table)]
         self._live[row] = params
-        if len(self._live) > self.live_rows:
-            old, _ = self._live.popitem(last=False)
-            self._live_modules.pop(old, None)
+        self._trim()
         return params
+
+    def _trim(self) -> None:
+        """Drop leaves beyond ``live_rows``, least recently used first, never a pinned row's."""
+        if len(self._live) <= self.live_rows:
+            return
+        for old in [r for r in self._live if r not in self._pinned]:
+            if len(self._live) <= self.live_rows:
+                break
+            del self._live[old]
+            self._live_modules.pop(old, None)
+
+    def release(self, rows: Sequence[int] | None = None) -> None:
+        """Unpin ``rows`` (default all): their leaves may be dropped again (``adam_step`` does this for
+        the rows it updates; a caller optimising leaves with its own optimiser calls it when done)."""
+        if rows is None:
+            self._pinned.clear()
+        else:
+            self._pinned.difference_update(rows)
+        self._trim()
 
     def _modules_of(self, row: int) -> nn.ModuleList:
         """V_n as modules (``nn.Linear``/``nn.Conv2d`` per tap) around the live leaves of ``row``."""
@@ -431,6 +453,7 @@ class ModelEmbeddings(nn.Module):
                       lr=lr, weight_decay=weight_decay, eps=eps, maximize=False)
         for p in params:
             p.grad = None
+        self.release(rows)
 
     # ---------------------------------------------------------------- per-model state (checkpoints)
 

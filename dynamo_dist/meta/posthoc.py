@@ -98,6 +98,7 @@ def embed_new_models(meta_output_dir: str | Path, population_root: str, model_id
         m = emulation_metrics(meta, emb, i, task, family, test_in.x[sel], test_in.lengths[sel], test_in.y[sel],
                               [h.float() for h in test.hiddens], test.outputs.float())
         out[mid] = {"theta": emb.theta[i].detach().tolist(), **m, "seconds": seconds}
+        emb.release([i])  # its leaves were this model's optimiser's; they need not stay
     return out
 
 
