@@ -9,6 +9,9 @@ Measured, per N:
 * ``preflight_seconds``: ``validate_population`` (footers and manifest only);
 * ``worker_peak_rss_mb``: each Train worker's peak resident set (VmHWM from /proc, sampled
   every 0.2 s while it lives), and ``driver_peak_rss_mb`` (this process, getrusage);
+  ``worker_peak_rss_anon_mb``: the peak of its anonymous part (RssAnon), without the pages of
+  mapped files, which are shared between processes (importing the CUDA build of torch alone
+  maps ~690 MB of its libraries into every worker's resident set);
 * ``cold_seconds_per_step`` (first report interval: every model read for the first time)
   and ``warm_seconds_per_step`` (the rest), from the per-report ``train_seconds`` the
   workers record in ``history.parquet``;
@@ -98,6 +101,7 @@ class WorkerMemory:
 
     def __init__(self, interval: float = 0.2):
         self.peak_kb: dict[int, int] = {}
+        self.peak_anon_kb: dict[int, int] = {}  # RssAnon: without the pages of mapped files (torch's libraries)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
 
@@ -122,6 +126,9 @@ class WorkerMemory:
                         if line.startswith("VmHWM:"):
                             kb = int(line.split()[1])
                             self.peak_kb[int(pid)] = max(self.peak_kb.get(int(pid), 0), kb)
+                        elif line.startswith("RssAnon:"):
+                            kb = int(line.split()[1])
+                            self.peak_anon_kb[int(pid)] = max(self.peak_anon_kb.get(int(pid), 0), kb)
                 except OSError:
                     continue
             self._stop.wait(interval)
@@ -170,6 +177,7 @@ def run_size(work: Path, n: int, args, spill_mb: int = 0) -> dict:
         "preflight_seconds": preflight, "fit_and_finalize_seconds": fit_seconds,
         "cold_seconds_per_step": cold, "warm_seconds_per_step": warm, "resume_seconds": resume_seconds,
         "worker_peak_rss_mb": sorted(kb / 1024 for kb in mem.peak_kb.values()),
+        "worker_peak_rss_anon_mb": sorted(kb / 1024 for kb in mem.peak_anon_kb.values()),
         "resume_worker_peak_rss_mb": sorted(kb / 1024 for kb in mem_resume.peak_kb.values()),
         "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -217,6 +225,8 @@ def main() -> None:
         tag = "" if spill == args.spill_mb[0] else f"_spill{spill}"
         ratios |= {
             f"worker_peak_rss_largest_over_smallest{tag}": max(large["worker_peak_rss_mb"]) / max(small["worker_peak_rss_mb"]),
+            f"worker_peak_rss_anon_largest_over_smallest{tag}":
+                max(large["worker_peak_rss_anon_mb"]) / max(small["worker_peak_rss_anon_mb"]),
             f"warm_step_largest_over_smallest{tag}": large["warm_seconds_per_step"] / small["warm_seconds_per_step"],
             f"cold_step_largest_over_smallest{tag}": large["cold_seconds_per_step"] / small["cold_seconds_per_step"],
         }
