@@ -250,6 +250,11 @@ class TableLayout:
             at += b * m + b
         return views
 
+    def param_views(self, row: int, theta_table: torch.Tensor, maps_table: torch.Tensor) -> list[torch.Tensor]:
+        """Model ``row``'s parameters in ``parameters_of`` order (theta, then weight, bias per tap),
+        as views of a theta-layout and a maps-layout table (the parameters or a moment)."""
+        return [theta_table[row], *self.map_views(row, maps_table)]
+
     def row_state(self, row: int, tables: Mapping[str, torch.Tensor]) -> dict:
         """Model ``row``'s ``{"theta", "maps": V state dict, "opt": AdamW state per parameter}`` as views
         of ``tables``; ``opt`` entries are None for parameters never updated and where the tables hold
@@ -257,8 +262,8 @@ class TableLayout:
         state = {"theta": tables["theta"][row], "maps": dict(zip(self.names, self.map_views(row, tables["maps"])))}
         if "steps" not in tables:
             return {**state, "opt": [None] * (1 + len(self.names))}
-        m_views = [tables["theta_m"][row], *self.map_views(row, tables["maps_m"])]
-        v_views = [tables["theta_v"][row], *self.map_views(row, tables["maps_v"])]
+        m_views = self.param_views(row, tables["theta_m"], tables["maps_m"])
+        v_views = self.param_views(row, tables["theta_v"], tables["maps_v"])
         steps = tables["steps"]
         opt = [None if float(steps[row, k]) == 0 else {"step": steps[row, k], "exp_avg": m, "exp_avg_sq": v}
                for k, (m, v) in enumerate(zip(m_views, v_views))]
@@ -308,8 +313,9 @@ class ModelEmbeddings(nn.Module):
     model's V_n parameters lie in one flat float32 table (model i's from ``offsets[i]``),
     and their AdamW moments in tables of the same layout, with a step count per model and
     parameter (0: never updated). One Python Parameter and module per model and parameter,
-    with AdamW state dicts beside them, cost ~50 KB per model whatever its size (measured:
-    5,000 models with a 32->16 map took 257 MB this way, 6.4 KB of them numbers).
+    with AdamW state dicts beside them, cost ~54 KB per model whatever its size (measured,
+    ``benchmarks/bench_theta_table.py``: 5,000 models with a 32->16 map, 6.4 KB of numbers each
+    with their moments, took 271 MB that way and take 62 MB as tables).
 
     ``theta[i]``, ``maps[i]`` and ``parameters_of(i)`` are leaf Parameters (and modules around
     them) that share the tables' memory, made for the rows in use and kept for the most
@@ -333,12 +339,13 @@ class ModelEmbeddings(nn.Module):
         self.register_buffer("theta_table", torch.zeros(n, embedding_dim))
         self.register_buffer("maps_table", torch.empty(total))
         for i in range(n):
-            for w, b in zip(*[iter(self._map_views(i, self.maps_table))] * 2):
+            views = self.layout.map_views(i, self.maps_table)
+            for w, b in zip(views[::2], views[1::2]):
                 # nn.Linear / nn.Conv2d's reset_parameters, in their order: the same draws as modules
                 nn.init.kaiming_uniform_(w, a=math.sqrt(5))
                 bound = 1.0 / math.sqrt(w[0].numel()) if w[0].numel() else 0.0
                 nn.init.uniform_(b, -bound, bound)
-        # AdamW state: not part of state_dict (the checkpoint keeps it per model, ``row_state``)
+        # AdamW state: not part of state_dict (checkpoints keep it, ``table_state``)
         self.register_buffer("theta_exp_avg", torch.zeros(n, embedding_dim), persistent=False)
         self.register_buffer("theta_exp_avg_sq", torch.zeros(n, embedding_dim), persistent=False)
         self.register_buffer("maps_exp_avg", torch.zeros(total), persistent=False)
@@ -350,9 +357,6 @@ class ModelEmbeddings(nn.Module):
         self._pinned: set[int] = set()
         self.theta = _Rows(self, lambda i: self.live(i)[0])
         self.maps = _Rows(self, self._modules_of)
-
-    def _map_views(self, row: int, table: torch.Tensor) -> list[torch.Tensor]:
-        return self.layout.map_views(row, table)
 
     def _apply(self, fn, recurse=True):
         self._live.clear()  # .to() replaces the tables: leaves of the old ones would be stale
@@ -371,8 +375,7 @@ class ModelEmbeddings(nn.Module):
         if params is not None:
             self._live.move_to_end(row)
             return params
-        params = [nn.Parameter(self.theta_table[row])] + [nn.Parameter(v) for v in
-                                                          self._map_views(row, self.maps_table)]
+        params = [nn.Parameter(v) for v in self.layout.param_views(row, self.theta_table, self.maps_table)]
         self._live[row] = params
         self._trim()
         return params
@@ -437,8 +440,8 @@ class ModelEmbeddings(nn.Module):
         their moments, stay exactly as they were (a sparse update of the embedding table)."""
         params, grads, avgs, avg_sqs, steps = [], [], [], [], []
         for r in dict.fromkeys(rows):
-            m_views = [self.theta_exp_avg[r], *self._map_views(r, self.maps_exp_avg)]
-            v_views = [self.theta_exp_avg_sq[r], *self._map_views(r, self.maps_exp_avg_sq)]
+            m_views = self.layout.param_views(r, self.theta_exp_avg, self.maps_exp_avg)
+            v_views = self.layout.param_views(r, self.theta_exp_avg_sq, self.maps_exp_avg_sq)
             for k, p in enumerate(self.live(r)):
                 if p.grad is None:
                     continue
@@ -482,7 +485,7 @@ class ModelEmbeddings(nn.Module):
         maps = state["maps"]
         if set(maps) != set(names):
             raise ValueError(f"model {self.model_ids[row]!r}: V state has {sorted(maps)}, expected {names}")
-        targets = [self.theta_table[row], *self._map_views(row, self.maps_table)]
+        targets = self.layout.param_views(row, self.theta_table, self.maps_table)
         sources = [state["theta"], *(maps[n] for n in names)]
         for t, s in zip(targets, sources):
             if tuple(t.shape) != tuple(s.shape):
@@ -491,8 +494,8 @@ class ModelEmbeddings(nn.Module):
         with torch.no_grad():
             for t, s in zip(targets, sources):
                 t.copy_(s)
-            m_views = [self.theta_exp_avg[row], *self._map_views(row, self.maps_exp_avg)]
-            v_views = [self.theta_exp_avg_sq[row], *self._map_views(row, self.maps_exp_avg_sq)]
+            m_views = self.layout.param_views(row, self.theta_exp_avg, self.maps_exp_avg)
+            v_views = self.layout.param_views(row, self.theta_exp_avg_sq, self.maps_exp_avg_sq)
             for k, st in enumerate(state.get("opt") or [None] * len(targets)):
                 if st is None:
                     self.steps[row, k] = 0.0
