@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rec), flush=True)
             runs.append(rec)
     doc = {"what": "test agreement against updates per model (single-process meta runs on a sub-population)",
-           "command": "python benchmarks/bench_updates.py " + " ".join(argv or os.sys.argv[1:]),
+           "command": "python benchmarks/bench_updates.py " + " ".join(argv or sys.argv[1:]),
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
            "population": args.population, "num_models": sizes, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
