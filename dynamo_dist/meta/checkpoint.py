@@ -208,13 +208,9 @@ class _Chained(Mapping):
 
 def _cloned(obj):
     """A copy of a nested state whose tensors no longer reference the memory-mapped file."""
-    if torch.is_tensor(obj):
-        return obj.clone()
-    if isinstance(obj, dict):
-        return {k: _cloned(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_cloned(v) for v in obj]
-    return obj
+    from .model import _map_tensors
+
+    return _map_tensors(obj, torch.clone)
 
 
 def merged_state(shared: dict, per_model: dict[str, dict]) -> dict:
