@@ -74,10 +74,8 @@ def meta_stage(cfg: PipelineConfig, address: str | None = None, progress: bool =
         tracking.check_model_name(register_model)  # before any work
     mlflow_store = tracking_store(cfg).for_stage(note("meta", cfg), parent_run_id, started)
     connect(address, mlflow_store)
-    summary = run_meta(cfg.meta, cfg.population.root, address, progress, tracking_store=mlflow_store)
-    if register_model is not None:
-        summary["registered_model"] = tracking.register_meta_model(mlflow_store, summary, register_model)
-    return summary
+    return run_meta(cfg.meta, cfg.population.root, address, progress, tracking_store=mlflow_store,
+                    register_model=register_model)
 
 
 def sweep_stage(cfg: PipelineConfig, address: str | None = None, *, parent_run_id: str | None = None) -> list[dict]:

@@ -411,14 +411,19 @@ def check_model_name(name: str) -> str:
     return name
 
 
+def check_registrable(store: Store | None, name: str) -> None:
+    """ValueError unless ``name`` is a registered model's name and there is a store to register in."""
+    check_model_name(name)
+    if store is None:
+        raise ValueError(f"--register-model {name}: the meta run was not logged to MLflow (tracking is off), "
+                         "so there is no model to register; run it with a tracking store")
+
+
 def register_meta_model(store: Store | None, summary: dict, name: str) -> str:
     """Register the MLflow Model a meta run logged (``summary["mlflow_model_uri"]``) in the store's
     Model Registry under ``name`` (created when new; each call adds a version). Returns
     ``models:/<name>/<version>``. ValueError when the run was not logged to MLflow."""
-    check_model_name(name)
-    if store is None or not summary.get("mlflow_model_uri"):
-        raise ValueError(f"--register-model {name}: the meta run was not logged to MLflow (tracking is off), "
-                         "so there is no model to register; run it with a tracking store")
+    check_registrable(store if summary.get("mlflow_model_uri") else None, name)
     client = store.client()
     try:
         client.create_registered_model(name)

@@ -131,6 +131,32 @@ def test_smoke_pipeline_with_a_sweep_on_a_bucket_is_readable_from_the_bucket(s3,
             os.environ.pop(k, None)
 
 
+def test_a_ctrl_c_between_a_puts_open_and_its_write_leaves_the_whole_object(s3, monkeypatch):
+    """An object-store stream closed by an exception puts what it holds, so an interrupt landing just after
+    the open (the driver writes the manifest right after a model's weights land, when a user presses Ctrl-C)
+    put an empty manifest once in CI. The put finishes whole, then the interrupt is raised."""
+    from dynamo_dist.data import fsio
+
+    for k, v in s3.items():
+        monkeypatch.setenv(k, v)
+    path = fsio.as_path("s3://bucket/deferred/manifest.parquet")
+    real_fs, fs_path = fsio.filesystem(path.uri)
+
+    class InterruptedAfterOpen:  # the real filesystem; SIGINT arrives once the stream is open
+        def open_output_stream(self, p):
+            stream = real_fs.open_output_stream(p)
+            signal.raise_signal(signal.SIGINT)
+            return stream
+
+    monkeypatch.setattr(fsio, "filesystem", lambda uri: (InterruptedAfterOpen(), fs_path))
+    data = os.urandom(4096)
+    with pytest.raises(KeyboardInterrupt):
+        path.write_bytes(data)
+    with real_fs.open_input_file(fs_path) as f:
+        assert f.read() == data
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_an_interrupted_population_on_a_bucket_resumes_without_retraining(s3, tmp_path):
     root = "s3://bucket/interrupted/population"
     cfg = {"run_dir": str(tmp_path / "run"),

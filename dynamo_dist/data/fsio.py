@@ -22,6 +22,7 @@ import fnmatch
 import os
 import posixpath
 import shutil
+import signal
 import tempfile
 import threading
 import uuid
@@ -215,9 +216,12 @@ class RemotePath:
         return self.read_bytes().decode(encoding)
 
     def write_bytes(self, data: bytes) -> None:
-        """One put of the whole object: readers see the old object or the new one, never a part."""
+        """One put of the whole object: readers see the old object or the new one, never a part.
+
+        An output stream closed by an exception puts what it holds so far, so a Ctrl-C landing between
+        the open and the write would put an empty object: the put runs with interrupts deferred."""
         try:
-            with self.fs.open_output_stream(self.fs_path) as f:
+            with interrupts_deferred(), self.fs.open_output_stream(self.fs_path) as f:
                 f.write(data)
         except OSError as err:
             raise store_error(self.uri, "write", err) from None
@@ -243,6 +247,36 @@ class RemotePath:
 
 
 AnyPath = Path | RemotePath
+_DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM that arrive in the block and deliver them, to the handlers they would
+    have reached, when it ends. Python runs signal handlers in the main thread only, so elsewhere
+    (and for signals whose handler Python does not own, or ignores) this changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[tuple[int, object]] = []
+    previous = {}
+    for sig in _DEFERRED_SIGNALS:
+        handler = signal.getsignal(sig)
+        if handler is None or handler == signal.SIG_IGN:
+            continue
+        previous[sig] = handler
+        signal.signal(sig, lambda signum, frame: caught.append((signum, frame)))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum, frame in caught:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)  # default_int_handler: KeyboardInterrupt, here
+            else:  # SIG_DFL: what the signal does by default (SIGTERM ends the process)
+                signal.raise_signal(signum)
 _DENIED = ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "credentials")
 
 

@@ -504,7 +504,8 @@ def _as_checkpoint(obj):
 
 
 def finalize(cfg: MetaConfig, population_root: str, result, *, tracking_store=None,
-             wall_seconds: float | None = None, manifest: list[dict] | None = None) -> dict:
+             wall_seconds: float | None = None, manifest: list[dict] | None = None,
+             register_model: str | None = None) -> dict:
     """Write the standard meta run outputs from the final checkpoint, without merging its shards.
 
     ``result`` is the ``ray.train.Result`` of ``fit()`` (or anything with a ``checkpoint``
@@ -514,7 +515,8 @@ def finalize(cfg: MetaConfig, population_root: str, result, *, tracking_store=No
     come from the workers; if the checkpoint lacks them (not a final one, e.g. a trial ASHA stopped)
     they are computed here, from the whole state. With a ``tracking_store``, the summary, per-model
     metrics and artifacts go to the run rank 0 logged into (ended FINISHED), or to a new run with
-    the full history when training did not log. Returns the summary.
+    the full history when training did not log; ``register_model`` registers its MLflow Model under
+    that name before the run ends (summary key ``registered_model``). Returns the summary.
     """
     root, cfg = store.absolute(population_root), cfg.replace(output_dir=store.absolute(cfg.output_dir))
     ckpt = _as_checkpoint(result if isinstance(result, (str, os.PathLike)) else getattr(result, "checkpoint", None))
@@ -522,11 +524,11 @@ def finalize(cfg: MetaConfig, population_root: str, result, *, tracking_store=No
         raise ValueError("finalize: the training result has no checkpoint (did training report one?)")
     manifest = store.manifest_rows(root) if manifest is None else manifest
     with ckpt.as_directory() as d:
-        return _finalize_from(cfg, root, Path(d), ckpt.path, manifest, tracking_store, wall_seconds)
+        return _finalize_from(cfg, root, Path(d), ckpt.path, manifest, tracking_store, wall_seconds, register_model)
 
 
 def _finalize_from(cfg: MetaConfig, root: str, d: Path, ckpt_path: str, manifest: list[dict], tracking_store,
-                   wall_seconds: float | None) -> dict:
+                   wall_seconds: float | None, register_model: str | None) -> dict:
     shared = checkpoint.safe_load(d / checkpoint.SHARED_FILE)
     thetas = checkpoint.read_thetas(d)
     test_metrics = checkpoint.read_test_metrics(d, shared)
@@ -558,6 +560,8 @@ def _finalize_from(cfg: MetaConfig, root: str, d: Path, ckpt_path: str, manifest
             with tracking.ending(run):
                 tracking.log_meta_results(run, summary, test_metrics, logged, outputs.artifacts(out))
                 summary["mlflow_model_uri"] = tracking.log_meta_model(run, out, manifest)
+                if register_model is not None:  # part of the stage: inside its run's span
+                    summary["registered_model"] = tracking.register_meta_model(tracking_store, summary, register_model)
             summary["mlflow_run_id"] = run.run_id
             outputs.write_summary(out, summary)
     return summary
@@ -574,14 +578,19 @@ def _evaluate_state(cfg: MetaConfig, population_root: str, state: dict, manifest
 
 
 def run_meta(cfg: MetaConfig, population_root: str, address: str | None = None, progress: bool = True, *,
-             tracking_store=None) -> dict:
+             tracking_store=None, register_model: str | None = None) -> dict:
     """Validate the population, train on Ray Train (``cfg.num_workers`` workers), write the outputs.
 
     Re-running with the same ``output_dir`` resumes from that run's latest checkpoint.
-    ``tracking_store``: the ``tracking.Store`` to log to (None: no MLflow).
+    ``tracking_store``: the ``tracking.Store`` to log to (None: no MLflow); ``register_model``: register
+    the run's MLflow Model under this name (needs a store; checked before any work).
     Returns the summary (also ``<output_dir>/summary.json``).
     """
     t0 = time.perf_counter()
+    if register_model is not None:
+        from .. import tracking
+
+        tracking.check_registrable(tracking_store, register_model)
     root = store.absolute(population_root)
     with lock.hold(root, "meta", shared=True, what="population root"):
         manifest = validate_population(cfg, root)  # read once here, passed down
@@ -598,7 +607,7 @@ def run_meta(cfg: MetaConfig, population_root: str, address: str | None = None, 
                                     manifest=manifest, progress_queue=queue)
             result = fit_bounded(trainer, cfg, queue)
             return finalize(cfg, root, result, tracking_store=tracking_store, wall_seconds=time.perf_counter() - t0,
-                            manifest=manifest)
+                            manifest=manifest, register_model=register_model)
 
 
 WAIT_NOTICE_S = 60.0  # a meta run with no report for this long says what it waits for, again every period
