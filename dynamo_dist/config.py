@@ -214,6 +214,12 @@ class MetaConfig(_Config):
                                     "keeps on local disk (a private temp dir, removed at exit): a model evicted "
                                     "from the cache_bytes LRU and sampled again is read back, not decoded from "
                                     "Parquet again; for populations larger than cache_bytes; None/0 = none")
+    table_bytes: int | None = Field(4 * 1024 ** 3, ge=0, description="bytes of V tables (every model's maps and "
+                                    "their two AdamW moments) each meta worker keeps in memory; a shard whose "
+                                    "tables are larger keeps them in memory-mapped files on local disk (the temp "
+                                    "dir, gone with the worker) that the OS pages, a step's rows resident while "
+                                    "it updates them: CNN populations of thousands of models (~4 MB each) fit; "
+                                    "on a GPU the tables are in its memory whatever this is; None = always in memory")
     device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="where the meta-model trains; auto = cuda "
                                                    "when each worker/process sees a GPU; on Ray, cuda makes Ray Train "
                                                    "give each worker one GPU (and NCCL)")

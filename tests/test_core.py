@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynamo_dist import config, zoo
-from dynamo_dist.meta.model import MetaResNet, MetaRNN, ModelEmbeddings, build_meta_model
+from dynamo_dist.meta.model import MetaResNet, MetaRNN, ModelEmbeddings, TableStates, build_meta_model
 from dynamo_dist.meta.objective import Chunk, dynamo_loss, embedding_penalty, hidden_loss, output_loss, step_mask
 from dynamo_dist.meta.trainer import check_population, cosine_factor
 
@@ -281,6 +281,37 @@ def test_live_leaves_are_bounded_and_tables_stay_exact():
     with torch.no_grad():
         emb.parameters_of(0)
     assert len(emb._live) == 2
+
+
+def test_tables_on_disk_train_exactly_as_tables_in_memory(tmp_path):
+    """With memory_bytes below the size of V's tables, V and its moments are memory-mapped files (unlinked at
+    once: nothing is left in table_dir) whose rows are handed back to the OS after each step; the draws, the
+    AdamW steps and a checkpoint round trip are exactly those of tables in memory."""
+    ids, dims = ["m0", "m1", "m2", "m3"], [[5, 3], [7, 2], [5, 3], [4, 4]]
+    built = {}
+    for name, budget in (("memory", 10 ** 9), ("disk", 0)):
+        torch.manual_seed(0)
+        built[name] = ModelEmbeddings(ids, 3, [6, 4], dims, "cnn", memory_bytes=budget, table_dir=str(tmp_path))
+    mem, disk = built["memory"], built["disk"]
+    assert disk.on_disk and not mem.on_disk and not list(tmp_path.iterdir())
+    torch.manual_seed(1)
+    x = [torch.randn(2, 6, 3, 3), torch.randn(2, 4, 3, 3)]
+    for rows in ([0, 2], [1, 3], [0, 1, 2, 3], [3]):
+        for emb in (mem, disk):
+            loss = emb.theta_rows(rows).pow(2).sum() + sum(h.pow(2).sum() for r in rows for h in emb.apply_maps(r, x))
+            loss.backward()
+            emb.adam_step(rows, lr=0.05, weight_decay=0.01)
+    want = mem.table_state()["tables"]
+    assert want["steps"].gt(0).all() and want["maps_v"].gt(0).any()
+    got = disk.table_state()["tables"]
+    assert all(torch.equal(want[k], got[k]) for k in want), [k for k in want if not torch.equal(want[k], got[k])]
+    assert disk.to("cpu").on_disk  # the same tables: still the files
+    torch.save(disk.table_state(copy=False), tmp_path / "shard.pt")
+    loaded = TableStates(torch.load(tmp_path / "shard.pt", mmap=True))
+    again = ModelEmbeddings(ids, 3, [6, 4], dims, "cnn", memory_bytes=0, table_dir=str(tmp_path))
+    for r, m in enumerate(ids):
+        again.load_row_state(r, loaded[m])
+    assert all(torch.equal(want[k], again.table_state()["tables"][k]) for k in want)
 
 
 def test_heads_route_by_output_group():

@@ -112,6 +112,12 @@ def test_resnet_population_trains_meta_resnet(tmp_path):
     hist = tr.fit()
     assert len(hist) == 3 and all(np.isfinite(h["loss"]) for h in hist)
     assert set(summarize(evaluate(tr, "test"))) >= {"mean_agreement", "mean_hidden_r2"}
+    # meta.table_bytes below the V tables (~1.4 MB of maps a model here): the same run on tables in files
+    on_disk = DynamoTrainer(mcfg.replace(table_bytes=0), load_population(str(root)))
+    assert on_disk.embeddings.on_disk and not tr.embeddings.on_disk
+    assert [h["loss"] for h in on_disk.fit()] == [h["loss"] for h in hist]
+    assert torch.equal(on_disk.embeddings.theta_matrix(), tr.embeddings.theta_matrix())
+    assert torch.equal(on_disk.embeddings.maps_exp_avg_sq, tr.embeddings.maps_exp_avg_sq)
 
 
 def test_the_embedding_penalty_shrinks_theta_and_is_reported(pop_root, tmp_path):

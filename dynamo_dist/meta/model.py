@@ -9,6 +9,9 @@ wrapped in DDP, like a sharded embedding table beside dense layers.
 from __future__ import annotations
 
 import math
+import mmap
+import os
+import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
@@ -206,7 +209,8 @@ def build(rows: Sequence[Mapping], cfg, model_ids: Sequence[str], base_dims: Seq
                             hidden_size=cfg.hidden_size, embed_dim=cfg.embed_dim, resnet_arch=cfg.resnet_arch)
     if embeddings_seed is not None:
         torch.manual_seed(embeddings_seed)
-    return meta, ModelEmbeddings(model_ids, cfg.embedding_dim, meta.tap_dims, base_dims, family)
+    return meta, ModelEmbeddings(model_ids, cfg.embedding_dim, meta.tap_dims, base_dims, family,
+                                 memory_bytes=cfg.table_bytes)
 
 
 def build_meta_model(family: str, input_spec: ArchSpec, output_sizes: Mapping[str, int], *, embedding_dim: int,
@@ -322,10 +326,18 @@ class ModelEmbeddings(nn.Module):
     recently used ``live_rows``, and every row read with gradients enabled until ``adam_step`` or
     ``release`` (a backward pass must find the leaves the forward used): in-place writes, optimiser
     steps and ``load_state_dict`` land in the tables.
+
+    ``memory_bytes``: when V's table and its two moment tables together are larger, they are
+    memory-mapped files on local disk (``table_dir``, default the temp dir; unlinked at once, so
+    they go with the process, a crash included) that the OS pages in as rows are used (``on_disk``).
+    The rows used last stay resident up to ``memory_bytes``; older ones are handed back to the OS
+    (``page_out``), their values kept in the file. theta and the step counts stay in memory
+    (N x E). ``.to(device)`` moves every table into that device's memory, as always.
     """
 
     def __init__(self, model_ids: Sequence[str], embedding_dim: int, meta_dims: Sequence[int],
-                 base_dims: Sequence[Sequence[int]], family: str, live_rows: int = 1024):
+                 base_dims: Sequence[Sequence[int]], family: str, live_rows: int = 1024,
+                 memory_bytes: int | None = None, table_dir: str | None = None):
         super().__init__()
         if len(model_ids) != len(base_dims):
             raise ValueError("base_dims: one entry per model id is required")
@@ -336,8 +348,19 @@ class ModelEmbeddings(nn.Module):
         self.meta_dims = self.layout.meta_dims
         self.live_rows = live_rows
         n, total = len(self.model_ids), self.layout.total
+        self._mapped: dict[str, tuple[mmap.mmap, int]] = {}  # tables in files: name -> (mapping, data_ptr)
+        self._resident: OrderedDict[int, int] = OrderedDict()  # rows of the files paged in: row -> bytes
+        self._resident_bytes, self._memory_bytes = 0, memory_bytes
+        on_disk = memory_bytes is not None and 3 * 4 * total > memory_bytes and total > 0
+        maps_tables = {}
+        for name in ("maps_table", "maps_exp_avg", "maps_exp_avg_sq"):
+            if on_disk:
+                maps_tables[name], mm = _file_table(total, table_dir)
+                self._mapped[name] = (mm, maps_tables[name].data_ptr())
+            else:
+                maps_tables[name] = torch.zeros(total)
         self.register_buffer("theta_table", torch.zeros(n, embedding_dim))
-        self.register_buffer("maps_table", torch.empty(total))
+        self.register_buffer("maps_table", maps_tables["maps_table"])
         for i in range(n):
             views = self.layout.map_views(i, self.maps_table)
             for w, b in zip(views[::2], views[1::2]):
@@ -345,11 +368,14 @@ class ModelEmbeddings(nn.Module):
                 nn.init.kaiming_uniform_(w, a=math.sqrt(5))
                 bound = 1.0 / math.sqrt(w[0].numel()) if w[0].numel() else 0.0
                 nn.init.uniform_(b, -bound, bound)
+            if self._mapped and i % 256 == 255:
+                self.page_out(range(i - 255, i + 1))
         # AdamW state: not part of state_dict (checkpoints keep it, ``table_state``)
         self.register_buffer("theta_exp_avg", torch.zeros(n, embedding_dim), persistent=False)
         self.register_buffer("theta_exp_avg_sq", torch.zeros(n, embedding_dim), persistent=False)
-        self.register_buffer("maps_exp_avg", torch.zeros(total), persistent=False)
-        self.register_buffer("maps_exp_avg_sq", torch.zeros(total), persistent=False)
+        self.register_buffer("maps_exp_avg", maps_tables["maps_exp_avg"], persistent=False)
+        self.register_buffer("maps_exp_avg_sq", maps_tables["maps_exp_avg_sq"], persistent=False)
+        self.page_out()
         # on the CPU whatever the device, as AdamW keeps "step" when not capturable
         self.steps = torch.zeros(n, 1 + 2 * len(self.meta_dims))
         self._live: OrderedDict[int, list[nn.Parameter]] = OrderedDict()
@@ -362,7 +388,66 @@ class ModelEmbeddings(nn.Module):
         self._live.clear()  # .to() replaces the tables: leaves of the old ones would be stale
         self._live_modules.clear()
         self._pinned.clear()
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        self._mapped = {k: (mm, ptr) for k, (mm, ptr) in self._mapped.items()  # tables .to() moved are not
+                        if getattr(self, k).device.type == "cpu" and getattr(self, k).data_ptr() == ptr}
+        return out
+
+    @property
+    def on_disk(self) -> bool:
+        """Whether V and its moments are memory-mapped files (``memory_bytes``) rather than in memory."""
+        return bool(self._mapped)
+
+    def _touch(self, row: int) -> None:
+        """Count ``row``'s pages of the files as resident (most recent last); hand the oldest back
+        beyond ``memory_bytes``."""
+        if row not in self._resident:
+            end = self.layout.offsets[row + 1] if row + 1 < len(self) else self.layout.total
+            self._resident[row] = 4 * len(self._mapped) * (end - self.layout.offsets[row])
+            self._resident_bytes += self._resident[row]
+        self._resident.move_to_end(row)
+        self._trim_resident()
+
+    def _trim_resident(self) -> None:
+        """Page out the least recently used rows, never one a pending backward pass needs, until the
+        resident rows fit half of ``memory_bytes`` (one batch of madvise calls, not one a row)."""
+        if self._resident_bytes <= (self._memory_bytes or 0):
+            return
+        out = []
+        for row in list(self._resident):
+            if self._resident_bytes <= (self._memory_bytes or 0) // 2:
+                break
+            if row not in self._pinned:
+                self._resident_bytes -= self._resident.pop(row)
+                out.append(row)
+        self._page_out(out)
+
+    def page_out(self, rows: Sequence[int] | None = None) -> None:
+        """Hand the pages of ``rows`` (default every row) of the file-backed tables back to the OS: they
+        leave this process's resident set, their values stay in the file (the page cache writes them
+        back), and the next read pages them in again. Nothing to do for tables in memory."""
+        if rows is None:
+            self._resident.clear()
+            self._resident_bytes = 0
+        else:
+            for r in rows:
+                self._resident_bytes -= self._resident.pop(r, 0)
+        self._page_out(rows)
+
+    def _page_out(self, rows: Sequence[int] | None) -> None:
+        if not self._mapped or not len(self) or (rows is not None and not len(rows)):
+            return
+        page = mmap.PAGESIZE
+        if rows is None:
+            spans = [(0, 4 * self.layout.total)]
+        else:
+            ends = self.layout.offsets[1:] + [self.layout.total]
+            spans = [(4 * self.layout.offsets[r], 4 * ends[r]) for r in sorted(set(rows))]
+        for mm, _ in self._mapped.values():
+            for lo, hi in spans:
+                lo, hi = lo - lo % page, min(-(-hi // page) * page, len(mm))
+                if hi > lo:
+                    mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def __len__(self) -> int:
         return len(self.model_ids)
@@ -371,6 +456,8 @@ class ModelEmbeddings(nn.Module):
         """theta_n and V_n's parameters of model ``row`` as leaves sharing the tables' memory."""
         if torch.is_grad_enabled():  # a forward that gradients will flow back through: keep its leaves
             self._pinned.add(row)
+        if self._mapped:
+            self._touch(row)
         params = self._live.get(row)
         if params is not None:
             self._live.move_to_end(row)
@@ -457,6 +544,7 @@ class ModelEmbeddings(nn.Module):
         for p in params:
             p.grad = None
         self.release(rows)
+        self._trim_resident()
 
     # ---------------------------------------------------------------- per-model state (checkpoints)
 
@@ -520,6 +608,25 @@ class _Rows(Sequence):
         if not -len(self) <= row < len(self):
             raise IndexError(f"row {row} out of range for {len(self)} models")
         return self._get(row % len(self))
+
+
+def _file_table(numel: int, directory: str | None) -> tuple[torch.Tensor, mmap.mmap]:
+    """A float32 table of ``numel`` zeros in a shared memory map of a new file under ``directory``
+    (default the temp dir). The file is unlinked at once (it goes with the mapping) and its blocks
+    are reserved up front, so a full disk fails here, naming the directory, not as a SIGBUS later."""
+    fd, path = tempfile.mkstemp(prefix="dynamo-table-", suffix=".f32", dir=directory)
+    try:
+        os.unlink(path)
+        try:
+            os.posix_fallocate(fd, 0, 4 * numel)
+        except OSError as err:
+            raise OSError(err.errno, f"cannot reserve {4 * numel / 2 ** 30:.2f} GiB for a theta/V table "
+                          f"on disk ({err.strerror}); free space or raise meta.table_bytes",
+                          os.path.dirname(path)) from None
+        mm = mmap.mmap(fd, 4 * numel)
+    finally:
+        os.close(fd)
+    return torch.frombuffer(mm, dtype=torch.float32, count=numel), mm
 
 
 def _map_tensors(obj, fn):

@@ -282,6 +282,9 @@ class DynamoTrainer:
             if m not in per_model:
                 raise ValueError(f"checkpoint has no theta/V for model {m!r}")
             self.embeddings.load_row_state(i, per_model[m])
+            if i % 256 == 255:  # tables on disk: what was written leaves the resident set as it goes
+                self.embeddings.page_out(range(i - 255, i + 1))
+        self.embeddings.page_out()
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
