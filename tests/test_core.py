@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -312,6 +314,23 @@ def test_tables_on_disk_train_exactly_as_tables_in_memory(tmp_path):
     for r, m in enumerate(ids):
         again.load_row_state(r, loaded[m])
     assert all(torch.equal(want[k], again.table_state()["tables"][k]) for k in want)
+
+
+def test_tables_that_do_not_fit_on_disk_fail_at_build_naming_the_directory(tmp_path):
+    """The files' blocks are reserved when the tables are made: no room is an error naming the directory
+    and meta.table_bytes then, not a SIGBUS in the middle of training (here a 1 MiB file-size limit)."""
+    code = f"""
+import resource, signal
+from dynamo_dist.meta.model import ModelEmbeddings
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+ModelEmbeddings(["a", "b"], 3, [512], [[512], [512]], "rnn", memory_bytes=0, table_dir={str(tmp_path)!r})
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert "cannot reserve" in last and "meta.table_bytes" in last and str(tmp_path) in last, last
+    assert not list(tmp_path.iterdir())
 
 
 def test_heads_route_by_output_group():

@@ -8,6 +8,7 @@ wrapped in DDP, like a sharded embedding table beside dense layers.
 
 from __future__ import annotations
 
+import errno
 import math
 import mmap
 import os
@@ -620,9 +621,12 @@ def _file_table(numel: int, directory: str | None) -> tuple[torch.Tensor, mmap.m
         try:
             os.posix_fallocate(fd, 0, 4 * numel)
         except OSError as err:
-            raise OSError(err.errno, f"cannot reserve {4 * numel / 2 ** 30:.2f} GiB for a theta/V table "
-                          f"on disk ({err.strerror}); free space or raise meta.table_bytes",
-                          os.path.dirname(path)) from None
+            if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem that cannot reserve: sparse
+                os.ftruncate(fd, 4 * numel)
+            else:
+                raise OSError(err.errno, f"cannot reserve {4 * numel / 2 ** 30:.2f} GiB for a theta/V table "
+                              f"on disk ({err.strerror}); free space or raise meta.table_bytes",
+                              os.path.dirname(path)) from None
         mm = mmap.mmap(fd, 4 * numel)
     finally:
         os.close(fd)
