@@ -20,7 +20,29 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import sys
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+
+@contextmanager
+def signal_handlers_kept() -> Iterator[None]:
+    """Put back the SIGINT/SIGUSR1 handlers when the block ends. Ray Train's ``fit`` (in the main
+    thread) and Ray Tune's install their own for the run and leave them: a Ctrl-C in a later stage of
+    the same process would ask a finished run's controller to abort (starting a new Ray to do it, or
+    exiting 0) instead of interrupting the stage."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kept = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for sig, handler in kept.items():
+            if handler is not None:  # None: installed outside Python; nothing to put back
+                signal.signal(sig, handler)
 
 
 def verbose() -> bool:

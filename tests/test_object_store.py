@@ -150,11 +150,15 @@ def test_a_ctrl_c_between_a_puts_open_and_its_write_leaves_the_whole_object(s3, 
 
     monkeypatch.setattr(fsio, "filesystem", lambda uri: (InterruptedAfterOpen(), fs_path))
     data = os.urandom(4096)
-    with pytest.raises(KeyboardInterrupt):
-        path.write_bytes(data)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever ran before
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            path.write_bytes(data)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
     with real_fs.open_input_file(fs_path) as f:
         assert f.read() == data
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_an_interrupted_population_on_a_bucket_resumes_without_retraining(s3, tmp_path):

@@ -9,6 +9,7 @@ sweep of 4 trials with 2 at a time, and read everything back with ``MlflowClient
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -382,7 +383,10 @@ def test_pipeline_with_a_sweep_logs_every_stage_to_one_store(ray_session, popula
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_dir = tmp_path / "run"
+    handler = signal.getsignal(signal.SIGINT)
     summary = run_pipeline(_pipeline_cfg(population, run_dir), progress=False, register_model="dynamo-pipeline")
+    # Ray Train's fit and Ray Tune's leave their SIGINT handlers behind: a later Ctrl-C would go to a finished run
+    assert signal.getsignal(signal.SIGINT) is handler
 
     assert sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("mlflow.db")) == ["mlflow.db"]
     assert summary["tracking_uri"] == f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"

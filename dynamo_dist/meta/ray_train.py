@@ -38,7 +38,7 @@ from torch import nn
 from .. import config as config_mod
 from ..config import MetaConfig
 from ..data import fsio, lock, store
-from ..ray_utils import init_ray, verbose
+from ..ray_utils import init_ray, signal_handlers_kept, verbose
 from . import checkpoint, outputs
 from .metrics import evaluate
 from .model import output_sizes
@@ -666,7 +666,8 @@ def fit_bounded(trainer, cfg: MetaConfig, progress_queue=None):
 
     try:
         if progress_queue is None:
-            return trainer.fit()
+            with signal_handlers_kept():
+                return trainer.fit()
         done, out = threading.Event(), {}
 
         def fit():

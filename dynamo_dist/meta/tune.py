@@ -468,7 +468,7 @@ def _sweep(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, root: Path, population_
     from ray.tune.schedulers import ASHAScheduler
 
     from .. import tracking
-    from ..ray_utils import init_ray
+    from ..ray_utils import init_ray, signal_handlers_kept
 
     tracking_store = tracking_store or tracking.Store.at(root)
     sweep_cfg, rows = validate(meta_cfg, sweep_cfg, population_root, tracking_store)
@@ -546,7 +546,8 @@ def _sweep(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, root: Path, population_
                 run_config=tune.RunConfig(name=name, **fsio.ray_storage_kwargs(experiment_dir), callbacks=[callback],
                                           failure_config=tune.FailureConfig(max_failures=meta_cfg.max_failures),
                                           verbose=1))
-        results = tuner.fit()
+        with signal_handlers_kept():
+            results = tuner.fit()
         table = rank_trials(_finished_rows(sweep_dir), sweep_cfg.metric)
         _log_summary(parent, table, sweep_cfg.metric, sweep_dir)
         ok = [r for r in table if r["status"] != "ERROR"]
