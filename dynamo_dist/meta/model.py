@@ -246,6 +246,10 @@ class TableLayout:
         self.total = self.offsets[-1] + sizes[-1] if sizes else 0
         self.names = [f"{t}.{k}" for t in range(len(self.meta_dims)) for k in ("weight", "bias")]
 
+    def bounds(self, row: int) -> tuple[int, int]:
+        """Where model ``row``'s V parameters start and end in a maps-layout table."""
+        return self.offsets[row], self.offsets[row + 1] if row + 1 < len(self.offsets) else self.total
+
     def map_views(self, row: int, table: torch.Tensor) -> list[torch.Tensor]:
         """Views of model ``row``'s V parameters in a maps-layout ``table``: weight, bias per tap."""
         views, at = [], self.offsets[row]
@@ -403,8 +407,8 @@ class ModelEmbeddings(nn.Module):
         """Count ``row``'s pages of the files as resident (most recent last); hand the oldest back
         beyond ``memory_bytes``."""
         if row not in self._resident:
-            end = self.layout.offsets[row + 1] if row + 1 < len(self) else self.layout.total
-            self._resident[row] = 4 * len(self._mapped) * (end - self.layout.offsets[row])
+            start, end = self.layout.bounds(row)
+            self._resident[row] = 4 * len(self._mapped) * (end - start)
             self._resident_bytes += self._resident[row]
         self._resident.move_to_end(row)
         self._trim_resident()
@@ -442,8 +446,7 @@ class ModelEmbeddings(nn.Module):
         if rows is None:
             spans = [(0, 4 * self.layout.total)]
         else:
-            ends = self.layout.offsets[1:] + [self.layout.total]
-            spans = [(4 * self.layout.offsets[r], 4 * ends[r]) for r in sorted(set(rows))]
+            spans = [tuple(4 * b for b in self.layout.bounds(r)) for r in sorted(set(rows))]
         for mm, _ in self._mapped.values():
             for lo, hi in spans:
                 lo, hi = lo - lo % page, min(-(-hi // page) * page, len(mm))
