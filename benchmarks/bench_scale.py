@@ -12,9 +12,13 @@ Measured, per N:
   ``worker_peak_rss_anon_mb``: the peak of its anonymous part (RssAnon), without the pages of
   mapped files, which are shared between processes (importing the CUDA build of torch alone
   maps ~690 MB of its libraries into every worker's resident set);
-* ``cold_seconds_per_step`` (first report interval: every model read for the first time)
-  and ``warm_seconds_per_step`` (the rest), from the per-report ``train_seconds`` the
-  workers record in ``history.parquet``;
+* ``cold_seconds_per_step`` (first report interval: every model read for the first time),
+  ``warm_seconds_per_step`` (the rest), ``interval_seconds_per_step`` (each report interval)
+  and ``steady_seconds_per_step`` (the last one), from the per-report ``train_seconds`` the
+  workers record in ``history.parquet``. A worker of M models sampling k a step has read about
+  1 - exp(-k s / M) of them after s steps: "warm" after the first interval still includes
+  first reads (Parquet decodes) unless s >> M / k; the last interval of a run of several M / k
+  steps is the steady state (``--steps 9000`` for M = 5,000, k = 4);
 * ``resume_seconds``: wall time of a run resumed from the final checkpoint for
   ``--eval-every`` more steps (Ray Train start, every worker loading its shards, the steps).
 
@@ -99,8 +103,11 @@ class WorkerMemory:
     """Samples VmHWM of this process's Ray Train workers (cmdline 'ray::RayTrainWorker', started by
     the local Ray this process runs: other Ray clusters on the machine are not counted) until stopped."""
 
-    def __init__(self, interval: float = 0.2):
+    def __init__(self, interval: float = 0.2, timeline: bool = False):
         self.peak_kb: dict[int, int] = {}
+        self.t0 = time.perf_counter()
+        # with ``timeline``: per worker, [seconds, VmRSS, RssAnon, RssFile] (MB) about once a second
+        self.timeline: dict[int, list[list[float]]] | None = {} if timeline else None
         self.peak_anon_kb: dict[int, int] = {}  # RssAnon: without the pages of mapped files (torch's libraries)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
@@ -122,7 +129,10 @@ class WorkerMemory:
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
                     if b"RayTrainWorker" not in cmd or not _descends_from(int(pid), os.getpid()):
                         continue
-                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    status = Path(f"/proc/{pid}/status").read_text()
+                    if self.timeline is not None:
+                        self._sample(int(pid), status)
+                    for line in status.splitlines():
                         if line.startswith("VmHWM:"):
                             kb = int(line.split()[1])
                             self.peak_kb[int(pid)] = max(self.peak_kb.get(int(pid), 0), kb)
@@ -133,18 +143,27 @@ class WorkerMemory:
                     continue
             self._stop.wait(interval)
 
+    def _sample(self, pid: int, status: str) -> None:
+        t = time.perf_counter() - self.t0
+        series = self.timeline.setdefault(pid, [])
+        if series and t - series[-1][0] < 1.0:
+            return
+        kb = {line.split(":")[0]: int(line.split()[1]) for line in status.splitlines()
+              if line.startswith(("VmRSS:", "RssAnon:", "RssFile:"))}
+        series.append([round(t, 1), *(round(kb.get(k, 0) / 1024, 1) for k in ("VmRSS", "RssAnon", "RssFile"))])
 
-def step_seconds(out: Path, eval_every: int) -> tuple[float, float]:
-    """(cold, warm) seconds per step from the report rows of history.parquet."""
+
+def step_seconds(out: Path) -> tuple[float, float, list[float]]:
+    """(cold, warm, per report interval) seconds per step from the report rows of history.parquet."""
     hist = pq.read_table(out / "history.parquet").to_pylist()
-    marks = [(h["step"], h["train_seconds"]) for h in hist if h.get("train_seconds") is not None]
-    if not marks:
-        return float("nan"), float("nan")
-    cold = marks[0][1] / marks[0][0]
-    if len(marks) < 2:
-        return cold, float("nan")
-    warm = (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])
-    return cold, warm
+    marks = [(0, 0.0)] + [(h["step"], h["train_seconds"]) for h in hist if h.get("train_seconds") is not None]
+    intervals = [(b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(marks, marks[1:])]
+    if not intervals:
+        return float("nan"), float("nan"), []
+    if len(intervals) < 2:
+        return intervals[0], float("nan"), intervals
+    warm = (marks[-1][1] - marks[1][1]) / (marks[-1][0] - marks[1][0])
+    return intervals[0], warm, intervals
 
 
 def run_size(work: Path, n: int, args, spill_mb: int = 0) -> dict:
@@ -155,16 +174,17 @@ def run_size(work: Path, n: int, args, spill_mb: int = 0) -> dict:
     cfg = MetaConfig(output_dir=str(out), hidden_size=32, embedding_dim=4, steps=args.steps, batch_size=16,
                      models_per_step=4, num_workers=args.workers, eval_every=args.eval_every,
                      checkpoint_every=args.steps, cache_bytes=args.cache_mb * 2 ** 20, val_models=args.val_models,
-                     spill_bytes=spill_mb * 2 ** 20 or None)
+                     spill_bytes=spill_mb * 2 ** 20 or None,
+                     **({} if args.table_mb is None else {"table_bytes": args.table_mb * 2 ** 20}))
     t = time.perf_counter()
     manifest = ray_train.validate_population(cfg, str(root))
     preflight = time.perf_counter() - t
     t = time.perf_counter()
-    with WorkerMemory() as mem:
+    with WorkerMemory(timeline=args.timeline) as mem:
         result = ray_train.build_trainer(cfg, str(root), progress=False, manifest=manifest).fit()
         ray_train.finalize(cfg, str(root), result, manifest=manifest)
     fit_seconds = time.perf_counter() - t
-    cold, warm = step_seconds(out, args.eval_every)
+    cold, warm, intervals = step_seconds(out)
     resumed = cfg.replace(output_dir=str(work / f"meta-{n}-spill{spill_mb}-resumed"), steps=args.steps + args.eval_every)
     t = time.perf_counter()
     with WorkerMemory() as mem_resume:
@@ -176,12 +196,16 @@ def run_size(work: Path, n: int, args, spill_mb: int = 0) -> dict:
         "num_models": n, "spill_mb": spill_mb, "write_seconds": write_seconds, "trajectory_disk_mb": disk / 2 ** 20,
         "preflight_seconds": preflight, "fit_and_finalize_seconds": fit_seconds,
         "cold_seconds_per_step": cold, "warm_seconds_per_step": warm, "resume_seconds": resume_seconds,
+        # the last interval: steady state once every model has been read (and spilled) at least once
+        "interval_seconds_per_step": intervals, "steady_seconds_per_step": intervals[-1] if intervals else None,
         "worker_peak_rss_mb": sorted(kb / 1024 for kb in mem.peak_kb.values()),
         "worker_peak_rss_anon_mb": sorted(kb / 1024 for kb in mem.peak_anon_kb.values()),
         "resume_worker_peak_rss_mb": sorted(kb / 1024 for kb in mem_resume.peak_kb.values()),
         "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    print(json.dumps(rec), flush=True)
+    if mem.timeline is not None:  # [seconds since fit started, VmRSS, RssAnon, RssFile] per worker
+        rec["worker_timeline_mb"] = list(mem.timeline.values())
+    print(json.dumps({k: v for k, v in rec.items() if k != "worker_timeline_mb"}), flush=True)
     if not args.keep:
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(work / f"meta-{n}-spill{spill_mb}-resumed", ignore_errors=True)
@@ -198,10 +222,13 @@ def main() -> None:
     ap.add_argument("--cache-mb", type=int, default=256)
     ap.add_argument("--spill-mb", type=int, nargs="+", default=[0], help="meta.spill_bytes in MiB (0 = none); "
                     "each value runs at every size but the smallest (which fits the cache: nothing to spill)")
+    ap.add_argument("--table-mb", type=int, help="meta.table_bytes in MiB (default: the config's)")
     ap.add_argument("--hidden", type=int, default=16)
     ap.add_argument("--num-probe", type=int, default=64)
     ap.add_argument("--num-test", type=int, default=32)
     ap.add_argument("--workdir", help="keep populations here between runs (default: a temp dir, removed)")
+    ap.add_argument("--timeline", action="store_true", help="record each worker's VmRSS/RssAnon/RssFile about once "
+                    "a second (worker_timeline_mb)")
     ap.add_argument("--keep", action="store_true", help="keep the meta outputs")
     ap.add_argument("--out", default=str(RESULTS / "scale.json"))
     args = ap.parse_args()
@@ -229,11 +256,12 @@ def main() -> None:
                 max(large["worker_peak_rss_anon_mb"]) / max(small["worker_peak_rss_anon_mb"]),
             f"warm_step_largest_over_smallest{tag}": large["warm_seconds_per_step"] / small["warm_seconds_per_step"],
             f"cold_step_largest_over_smallest{tag}": large["cold_seconds_per_step"] / small["cold_seconds_per_step"],
+            f"steady_step_largest_over_smallest{tag}": large["steady_seconds_per_step"] / small["steady_seconds_per_step"],
         }
     doc = {"what": "meta stage memory and time against N (synthetic float16 trajectories, real store files)",
            "command": "python benchmarks/bench_scale.py " + " ".join(
                f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-               for k, v in vars(args).items() if k not in ("out", "workdir", "keep")),
+               for k, v in vars(args).items() if k not in ("out", "workdir", "keep", "timeline") and v is not None),
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
            "cache_mb": args.cache_mb, "runs": runs, "ratios": ratios}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -92,7 +92,8 @@ def child(args) -> dict:
         if tables:
             from dynamo_dist.meta import checkpoint, model
 
-            checkpoint.write_shard(d, 0, model.TableStates(emb.table_state(copy=False)))
+            files = getattr(emb, "table_files", dict)()  # as that checkout's worker writes it
+            checkpoint.write_shard(d, 0, model.TableStates(emb.table_state(copy=False)), **({"files": files} if files else {}))
             peak_anon = max(peak_anon, _mem()["RssAnon"])
             getattr(emb, "page_out", lambda: None)()  # as the worker does after a checkpoint
         else:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -282,7 +284,7 @@ def test_live_leaves_are_bounded_and_tables_stay_exact():
     assert not emb._pinned
     with torch.no_grad():
         emb.parameters_of(0)
-    assert len(emb._live) == 2
+    assert list(emb._live) == [2, 0]  # the least recently used unpinned leaves went first (0, then 1)
 
 
 def test_tables_on_disk_train_exactly_as_tables_in_memory(tmp_path):
@@ -314,6 +316,62 @@ def test_tables_on_disk_train_exactly_as_tables_in_memory(tmp_path):
     for r, m in enumerate(ids):
         again.load_row_state(r, loaded[m])
     assert all(torch.equal(want[k], again.table_state()["tables"][k]) for k in want)
+
+
+def _mapping_rss_kb(ptr: int) -> int:
+    """Resident kB of this process's mapping that holds address ``ptr`` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= ptr < hi
+        elif inside and line.startswith("Rss:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {ptr:#x}")
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_a_shard_of_tables_on_disk_is_copied_from_the_files_not_paged_in(tmp_path, monkeypatch, kernel_copy):
+    """write_shard(files=...) writes the same checkpoint torch.save does (exact tensors, loaded with and
+    without mmap, read per model), without paging the file-backed tables into the process: their
+    mapping's resident set stays empty, where torch.save's write (the control) makes all of it resident.
+    Also where the kernel cannot copy between the files (pread/pwrite in chunks)."""
+    from dynamo_dist.meta import checkpoint
+
+    if not kernel_copy:
+        def refuse(*_a, **_k):
+            raise OSError(errno.EXDEV, "cross-device")
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    ids = [f"m{i}" for i in range(64)]
+    torch.manual_seed(0)
+    disk = ModelEmbeddings(ids, 3, [64, 32], [[48, 16]] * len(ids), "cnn", memory_bytes=0, table_dir=str(tmp_path))
+    x = [torch.randn(2, 64, 2, 2), torch.randn(2, 32, 2, 2)]
+    for rows in ([0, 5, 9], [63, 1]):
+        (disk.theta_rows(rows).sum() + sum(h.sum() for r in rows for h in disk.apply_maps(r, x))).backward()
+        disk.adam_step(rows, lr=0.05)
+    assert disk.on_disk and len(disk.table_files()) == 3
+    state = TableStates(disk.table_state(copy=False))
+    maps_ptr = disk.maps_table.data_ptr()
+    disk.page_out()
+    assert _mapping_rss_kb(maps_ptr) == 0
+    (tmp_path / "streamed").mkdir()
+    (tmp_path / "plain").mkdir()
+    checkpoint.write_shard(tmp_path / "streamed", 0, state, files=disk.table_files())
+    assert _mapping_rss_kb(maps_ptr) == 0  # nothing of the tables came through this process
+    checkpoint.write_shard(tmp_path / "plain", 0, state)
+    assert _mapping_rss_kb(maps_ptr) >= disk.maps_table.numel() * 4 // 1024 - 4  # the control: all of it
+    name = checkpoint.shard_file(0)
+    want = torch.load(tmp_path / "plain" / name, weights_only=True)
+    for mmap in (False, True):
+        got = torch.load(tmp_path / "streamed" / name, weights_only=True, mmap=mmap)
+        assert got.keys() == want.keys() and got["tables"].keys() == want["tables"].keys()
+        assert all(torch.equal(got["tables"][k], want["tables"][k]) for k in want["tables"])
+    assert want["tables"]["maps_m"].ne(0).any()
+    per_model = TableStates(torch.load(tmp_path / "streamed" / name, weights_only=True, mmap=True))
+    for m in ("m0", "m9", "m63"):
+        a, b = per_model[m], state[m]
+        assert torch.equal(a["theta"], b["theta"]) and all(torch.equal(a["maps"][k], b["maps"][k]) for k in b["maps"])
 
 
 def test_tables_that_do_not_fit_on_disk_fail_at_build_naming_the_directory(tmp_path):

@@ -223,8 +223,10 @@ def test_killed_worker_resumes_exactly(clean_w2, pop_root, tmp_path):
 
 
 def test_resume_with_other_worker_count(clean_w2, pop_root, tmp_path):
+    """W=2 -> W=1, the resumed worker's V tables in files on disk (meta.table_bytes=0): every model a
+    later step did not sample keeps its theta and V exactly, through the file-to-file shard write."""
     more = 2
-    cfg = meta_cfg(pop_root, tmp_path / "w1-resumed", num_workers=1, steps=STEPS + more)
+    cfg = meta_cfg(pop_root, tmp_path / "w1-resumed", num_workers=1, steps=STEPS + more, table_bytes=0)
     result = meta_ray.build_trainer(cfg, pop_root, progress=False,
                                     resume_from_checkpoint=clean_w2["result"].checkpoint).fit()
     summary = meta_ray.finalize(cfg, pop_root, result)
@@ -239,9 +241,13 @@ def test_resume_with_other_worker_count(clean_w2, pop_root, tmp_path):
                                                                           replace=False)}
     untouched = [m for m in ids if m not in sampled]
     assert len(untouched) >= len(ids) - more * cfg.models_per_step > 0
+    _, resumed_maps = checkpoint_format.read_model_state(Path(cfg.output_dir) / "checkpoint")
+    _, clean_maps = checkpoint_format.read_model_state(Path(clean_w2["out"]) / "checkpoint")
     for m in untouched:
         assert np.array_equal(resumed[m], clean_theta[m]), m
+        assert all(torch.equal(resumed_maps[m]["maps"][k], v) for k, v in clean_maps[m]["maps"].items()), m
     assert any(not np.array_equal(resumed[m], clean_theta[m]) for m in sampled)  # the control: they trained on
+    assert any(not torch.equal(resumed_maps[m]["maps"][k], v) for m in sampled for k, v in clean_maps[m]["maps"].items())
     hist = history_of(result.checkpoint)
     assert [h["step"] for h in hist] == list(range(1, STEPS + more + 1))
     clean = history_of(clean_w2["result"].checkpoint)

@@ -26,11 +26,21 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from . import store
+
+
+class Spilled(NamedTuple):
+    """A spilled trajectory: its tensors' bytes, where they start in its file, each one's (dtype, shape);
+    no layout yet while the file is being written."""
+
+    size: int
+    offset: int = 0
+    layout: list[tuple[str, tuple[int, ...]]] | None = None
 
 
 class SpillFiles:
@@ -43,7 +53,7 @@ class SpillFiles:
         self.budget_bytes = budget_bytes
         self.dir = tempfile.mkdtemp(prefix="dynamo-spill-", dir=parent)
         self._cleanup = weakref.finalize(self, _remove_tree, self.dir)
-        self._files: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._files: OrderedDict[tuple[str, str], Spilled] = OrderedDict()
         self._lock = threading.Lock()
         self.nbytes = 0
         self.reads = 0  # trajectories read back from here
@@ -53,18 +63,22 @@ class SpillFiles:
 
     def get(self, key: tuple[str, str]) -> store.Trajectory | None:
         with self._lock:
-            if key not in self._files:
-                return None
+            entry = self._files.get(key)
+        if entry is None or entry.layout is None:  # none, or still being written
+            return None
+        buf = bytearray(entry.size)  # the layout is known: one read of the tensors' bytes, nothing parsed
         try:
-            with open(self._path(key), "rb") as f:
-                head = json.loads(f.readline())
-                tensors = []
-                for dtype, shape in head["tensors"]:
-                    buf = bytearray(int(np.prod(shape)) * np.dtype(dtype).itemsize)
-                    f.readinto(buf)
-                    tensors.append(torch.from_numpy(np.frombuffer(buf, dtype=dtype).reshape(shape)))
+            with open(self._path(key), "rb", buffering=0) as f:
+                got = os.preadv(f.fileno(), [buf], entry.offset)
         except FileNotFoundError:  # deleted for room since the check: decode it again
             return None
+        if got != entry.size:
+            return None
+        tensors, at = [], 0
+        for dtype, shape in entry.layout:
+            count = int(np.prod(shape))
+            tensors.append(torch.from_numpy(np.frombuffer(buf, dtype=dtype, count=count, offset=at).reshape(shape)))
+            at += count * np.dtype(dtype).itemsize
         with self._lock:
             self.reads += 1
         return store.Trajectory(model_id=key[0], hiddens=tensors[:-1], outputs=tensors[-1])
@@ -76,20 +90,26 @@ class SpillFiles:
             if key in self._files or size > self.budget_bytes:
                 return
             while self._files and self.nbytes + size > self.budget_bytes:
-                old, old_size = self._files.popitem(last=False)
-                self.nbytes -= old_size
+                old, spilled = self._files.popitem(last=False)
+                self.nbytes -= spilled.size
                 _unlink(self._path(old))
-            self._files[key] = size  # claimed now: a second put of the key returns above
+            self._files[key] = Spilled(size)  # claimed now: a second put of the key returns above, get() waits
             self.nbytes += size
         path = self._path(key)
         tmp = f"{path}.{threading.get_ident()}.tmp"
-        head = {"tensors": [[str(t.numpy().dtype), list(t.shape)] for t in tensors]}
+        layout = [(str(t.numpy().dtype), tuple(t.shape)) for t in tensors]
+        head = json.dumps({"tensors": [[d, list(s)] for d, s in layout]}).encode() + b"\n"
         try:
             with open(tmp, "wb") as f:
-                f.write(json.dumps(head).encode() + b"\n")
+                f.write(head)
                 for t in tensors:
-                    f.write(np.ascontiguousarray(t.numpy()).tobytes())
+                    f.write(memoryview(np.ascontiguousarray(t.numpy())).cast("B"))
             os.replace(tmp, path)
+            with self._lock:
+                if key in self._files:
+                    self._files[key] = Spilled(size, len(head), layout)
+                else:  # evicted for room while it was written
+                    _unlink(path)
         except OSError:  # e.g. the disk is full: no copy of this one, nothing half-written kept
             _unlink(tmp)
             with self._lock:

@@ -30,9 +30,11 @@ on CPUs and the other way round.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -123,14 +125,103 @@ def safe_load(path: str | os.PathLike):
 
 
 def write_shard(directory: str | os.PathLike, rank: int, shard_state: dict,
-                test_metrics: dict[str, dict] | None = None, shared: dict | None = None) -> None:
-    """One worker's files of a sharded checkpoint; rank 0 passes ``shared`` (see module docstring)."""
+                test_metrics: dict[str, dict] | None = None, shared: dict | None = None,
+                files: Mapping[int, int] | None = None) -> None:
+    """One worker's files of a sharded checkpoint; rank 0 passes ``shared`` (see module docstring).
+    ``files``: ``{data_ptr: fd}`` of tables that are memory-mapped files (``ModelEmbeddings.table_files``),
+    copied into the shard from the file (``save_streamed``), not read through the mapping."""
     d = Path(directory)
     if shared is not None:
         torch.save({"format": FORMAT, **shared}, d / SHARED_FILE)
-    torch.save(_plain(shard_state), d / shard_file(rank))
+    if files:
+        save_streamed(_plain(shard_state), d / shard_file(rank), files)
+    else:
+        torch.save(_plain(shard_state), d / shard_file(rank))
     if test_metrics is not None:
         (d / metrics_file(rank)).write_text(json.dumps(test_metrics))
+
+
+def save_streamed(obj, path: str | os.PathLike, files: Mapping[int, int], chunk_bytes: int = 64 * 2 ** 20) -> None:
+    """``torch.save(obj, path)`` to a local file, the same file for ``torch.load`` (with or without
+    mmap), written so that a tensor whose storage is a memory-mapped file never passes through this
+    process: ``files`` maps such a storage's data_ptr to the file's descriptor, and its bytes are
+    copied from there by the kernel (``os.copy_file_range``; ``pread``/``pwrite`` of ``chunk_bytes``
+    where that is not supported). ``torch.save`` reading a 4 GB table through its mapping made all of
+    it resident at once (``benchmarks/bench_theta_table.py``).
+
+    How: ``torch.save`` under ``torch.serialization.skip_data`` writes everything but the storages'
+    bytes (their records keep their size and place); the file's own records, loaded memory-mapped,
+    tell where each storage's bytes go; then every storage is written there. The zip records keep
+    a CRC of 0, which ``torch.load`` does not check."""
+    path = Path(path)
+    with torch.serialization.skip_data():
+        torch.save(obj, path)
+    reader = torch._C.PyTorchFileReader(str(path))
+    records = {reader.get_record_offset(n): reader.get_record_size(n) for n in reader.get_all_records()
+               if re.fullmatch(r"data/\d+", n)}
+    skeleton = torch.load(path, weights_only=True, mmap=True, map_location="cpu")  # views of the file
+    pairs = {}  # by storage, as torch.save counts them (zero-size ones may share a data_ptr)
+    for src, skel in _tensor_pairs(obj, skeleton):
+        st = src.untyped_storage()
+        pairs.setdefault(st._cdata, (st, skel.untyped_storage().data_ptr()))
+    del skeleton, reader
+    if len(pairs) != len(records):
+        raise RuntimeError(f"save_streamed: {len(pairs)} storages but {len(records)} records in {path}")
+    base = min(p for _, p in pairs.values()) - min(records)  # where the mapping of the file began
+    writes = []
+    for st, skel_ptr in pairs.values():
+        offset = skel_ptr - base
+        if records.get(offset) != st.nbytes():
+            raise RuntimeError(f"save_streamed: a storage of {st.nbytes()} bytes has no record at {offset} in {path}")
+        writes.append((offset, st, files.get(st.data_ptr()) if st.nbytes() else None))
+    with open(path, "r+b") as f:
+        out = f.fileno()
+        for offset, st, fd in writes:
+            if fd is not None:
+                _copy_file(fd, out, st.nbytes(), offset, chunk_bytes)
+            else:
+                data = memoryview(torch.empty(0, dtype=torch.uint8).set_(st).numpy())
+                for lo in range(0, len(data), chunk_bytes):
+                    _pwrite_all(out, data[lo:lo + chunk_bytes], offset + lo)
+
+
+def _tensor_pairs(a, b):
+    """The tensors of two states of the same structure, side by side."""
+    if torch.is_tensor(a):
+        yield a, b
+    elif isinstance(a, Mapping):
+        for k in a:
+            yield from _tensor_pairs(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        for x, y in zip(a, b):
+            yield from _tensor_pairs(x, y)
+
+
+def _copy_file(src: int, dst: int, count: int, dst_offset: int, chunk_bytes: int) -> None:
+    """``count`` bytes of file ``src`` from its start to ``dst`` at ``dst_offset``, file to file."""
+    done = 0
+    try:
+        while done < count:
+            n = os.copy_file_range(src, dst, count - done, done, dst_offset + done)
+            if n == 0:
+                raise OSError(f"copy_file_range: source ended after {done} of {count} bytes")
+            done += n
+        return
+    except OSError as err:
+        if err.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+            raise
+    while done < count:  # the kernel cannot copy between these files: bounded reads and writes
+        data = os.pread(src, min(chunk_bytes, count - done), done)
+        if not data:
+            raise OSError(f"pread: source ended after {done} of {count} bytes")
+        _pwrite_all(dst, memoryview(data), dst_offset + done)
+        done += len(data)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
 
 
 def read_sharded(path: str | os.PathLike, model_ids: list[str] | None = None,

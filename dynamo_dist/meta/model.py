@@ -13,8 +13,10 @@ import math
 import mmap
 import os
 import tempfile
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -353,15 +355,15 @@ class ModelEmbeddings(nn.Module):
         self.meta_dims = self.layout.meta_dims
         self.live_rows = live_rows
         n, total = len(self.model_ids), self.layout.total
-        self._mapped: dict[str, tuple[mmap.mmap, int]] = {}  # tables in files: name -> (mapping, data_ptr)
+        self._mapped: dict[str, _FileTable] = {}  # tables in files, by buffer name
         self._resident: OrderedDict[int, int] = OrderedDict()  # rows of the files paged in: row -> bytes
         self._resident_bytes, self._memory_bytes = 0, memory_bytes
         on_disk = memory_bytes is not None and 3 * 4 * total > memory_bytes and total > 0
         maps_tables = {}
         for name in ("maps_table", "maps_exp_avg", "maps_exp_avg_sq"):
             if on_disk:
-                maps_tables[name], mm = _file_table(total, table_dir)
-                self._mapped[name] = (mm, maps_tables[name].data_ptr())
+                maps_tables[name], self._mapped[name] = _file_table(total, table_dir)
+                weakref.finalize(self, os.close, self._mapped[name].fd)
             else:
                 maps_tables[name] = torch.zeros(total)
         self.register_buffer("theta_table", torch.zeros(n, embedding_dim))
@@ -394,14 +396,20 @@ class ModelEmbeddings(nn.Module):
         self._live_modules.clear()
         self._pinned.clear()
         out = super()._apply(fn, recurse)
-        self._mapped = {k: (mm, ptr) for k, (mm, ptr) in self._mapped.items()  # tables .to() moved are not
-                        if getattr(self, k).device.type == "cpu" and getattr(self, k).data_ptr() == ptr}
+        self._mapped = {k: f for k, f in self._mapped.items()  # tables .to() moved are not
+                        if getattr(self, k).device.type == "cpu" and getattr(self, k).data_ptr() == f.ptr}
         return out
 
     @property
     def on_disk(self) -> bool:
         """Whether V and its moments are memory-mapped files (``memory_bytes``) rather than in memory."""
         return bool(self._mapped)
+
+    def table_files(self) -> dict[int, int]:
+        """``{data_ptr: file descriptor}`` of the tables that are files: a checkpoint writer copies
+        them from the file (``checkpoint.save_streamed``) instead of reading them through the mapping,
+        which would page every row into this process at once."""
+        return {f.ptr: f.fd for f in self._mapped.values()}
 
     def _touch(self, row: int) -> None:
         """Count ``row``'s pages of the files as resident (most recent last); hand the oldest back
@@ -447,7 +455,7 @@ class ModelEmbeddings(nn.Module):
             spans = [(0, 4 * self.layout.total)]
         else:
             spans = [tuple(4 * b for b in self.layout.bounds(r)) for r in sorted(set(rows))]
-        for mm, _ in self._mapped.values():
+        for mm, _, _ in self._mapped.values():
             for lo, hi in spans:
                 lo, hi = lo - lo % page, min(-(-hi // page) * page, len(mm))
                 if hi > lo:
@@ -473,11 +481,16 @@ class ModelEmbeddings(nn.Module):
 
     def _trim(self) -> None:
         """Drop leaves beyond ``live_rows``, least recently used first, never a pinned row's."""
-        if len(self._live) <= self.live_rows:
+        excess = len(self._live) - self.live_rows
+        if excess <= 0:
             return
-        for old in [r for r in self._live if r not in self._pinned]:
-            if len(self._live) <= self.live_rows:
-                break
+        drop = []  # the oldest unpinned rows; the scan stops there (a step costs O(its rows), not O(live_rows))
+        for r in self._live:
+            if r not in self._pinned:
+                drop.append(r)
+                if len(drop) == excess:
+                    break
+        for old in drop:
             del self._live[old]
             self._live_modules.pop(old, None)
 
@@ -614,10 +627,17 @@ class _Rows(Sequence):
         return self._get(row % len(self))
 
 
-def _file_table(numel: int, directory: str | None) -> tuple[torch.Tensor, mmap.mmap]:
+class _FileTable(NamedTuple):
+    mm: mmap.mmap  # the shared mapping the table's tensor views
+    ptr: int       # the tensor's data_ptr
+    fd: int        # the (unlinked) file, kept open for copies that bypass the mapping
+
+
+def _file_table(numel: int, directory: str | None) -> tuple[torch.Tensor, _FileTable]:
     """A float32 table of ``numel`` zeros in a shared memory map of a new file under ``directory``
-    (default the temp dir). The file is unlinked at once (it goes with the mapping) and its blocks
-    are reserved up front, so a full disk fails here, naming the directory, not as a SIGBUS later."""
+    (default the temp dir). The file is unlinked at once (it goes with the mapping and the returned
+    descriptor, which the caller closes) and its blocks are reserved up front, so a full disk fails
+    here, naming the directory, not as a SIGBUS later."""
     fd, path = tempfile.mkstemp(prefix="dynamo-table-", suffix=".f32", dir=directory)
     try:
         os.unlink(path)
@@ -631,9 +651,11 @@ def _file_table(numel: int, directory: str | None) -> tuple[torch.Tensor, mmap.m
                               f"on disk ({err.strerror}); free space or raise meta.table_bytes",
                               os.path.dirname(path)) from None
         mm = mmap.mmap(fd, 4 * numel)
-    finally:
+    except BaseException:
         os.close(fd)
-    return torch.frombuffer(mm, dtype=torch.float32, count=numel), mm
+        raise
+    table = torch.frombuffer(mm, dtype=torch.float32, count=numel)
+    return table, _FileTable(mm, table.data_ptr(), fd)
 
 
 def _map_tensors(obj, fn):

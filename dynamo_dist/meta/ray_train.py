@@ -411,8 +411,8 @@ def train_loop_per_worker(config: dict) -> None:
                         "mlflow_run_id": run_id, "config": cfg.model_dump(mode="json"),
                         "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds}
                 # the live tables themselves: they are written before the next step changes them
-                checkpoint.write_shard(tmp, rank, trainer.shard_state(copy=False), test, shared_state)
-                trainer.embeddings.page_out()  # tables on disk: the pages the write read go back to the OS
+                checkpoint.write_shard(tmp, rank, trainer.shard_state(copy=False), test, shared_state,
+                                       files=trainer.embeddings.table_files())  # tables on disk: file to file
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"checkpoint_{trainer.step:08d}_{token}")
         t_steps, cpu_steps = time.perf_counter(), time.process_time()
