@@ -15,7 +15,8 @@ the step's models), then writes the shard of a checkpoint as that trainer does. 
   AdamW moments; ``updated_anon_mb``, ``peak_anon_mb``: the anonymous part of it (RssAnon, what the
   OS cannot page out to a file), after the updates and at its highest (sampled each step and around
   the checkpoint);
-* ``checkpoint_peak_mb``: the peak above the updated state while the shard is made and saved;
+* ``checkpoint_peak_mb``: the peak above the updated state while the shard is made and saved
+  (VmHWM, reset after the updates);
 * ``update_ms``: mean wall time of one 4-model optimiser step (backward not included);
 * ``shard_mb``, ``checkpoint_seconds``: the shard file and the time to make and save it.
 
@@ -87,6 +88,9 @@ def child(args) -> dict:
         seconds += time.perf_counter() - t
         peak_anon = max(peak_anon, _mem()["RssAnon"])
     updated = _mem()
+    # the peak from here on is the checkpoint's alone (the build's, e.g. initialising 256 rows of V
+    # in the files between page-outs, is not counted): writing 5 to clear_refs resets VmHWM to VmRSS
+    Path("/proc/self/clear_refs").write_text("5")
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
         if tables:

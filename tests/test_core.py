@@ -374,6 +374,34 @@ def test_a_shard_of_tables_on_disk_is_copied_from_the_files_not_paged_in(tmp_pat
         assert torch.equal(a["theta"], b["theta"]) and all(torch.equal(a["maps"][k], b["maps"][k]) for k in b["maps"])
 
 
+def test_an_inference_copy_takes_the_tables_out_of_the_shard_file_file_to_file(tmp_path, monkeypatch):
+    """write_inference_copy (what the MLflow Model keeps) copies theta and V out of a table-form shard by
+    the kernel, not through the process (every byte it writes of them goes through _copy_file), and
+    drops the optimiser state; the models' theta and V read back exactly."""
+    from dynamo_dist.meta import checkpoint
+
+    ids = [f"m{i}" for i in range(16)]
+    emb = ModelEmbeddings(ids, 3, [8], [[5]] * len(ids), "rnn")
+    (emb.theta_rows([0, 3]).sum() + sum(h.sum() for r in (0, 3) for h in emb.apply_maps(r, [torch.ones(2, 8)]))).backward()
+    emb.adam_step([0, 3], lr=0.1)
+    src, dest = tmp_path / "ckpt", tmp_path / "copy"
+    src.mkdir()
+    checkpoint.write_shard(src, 0, TableStates(emb.table_state()), shared={
+        "step": 1, "meta": {}, "opt_meta": {}, "history": [], "model_ids": ids, "shards": [checkpoint.shard_file(0)]})
+    copied = []
+    real = checkpoint._copy_file
+    monkeypatch.setattr(checkpoint, "_copy_file", lambda *a: (copied.append(a[4]), real(*a)))
+    checkpoint.write_inference_copy(src, dest)
+    kept = torch.load(dest / checkpoint.shard_file(0), weights_only=True)
+    assert set(kept["tables"]) == {"theta", "maps"}  # no AdamW moments or step counts
+    assert sorted(copied) == sorted(t.numel() * 4 for t in kept["tables"].values())
+    (_, want), (_, got) = checkpoint.read_model_state(src), checkpoint.read_model_state(dest)
+    assert sorted(got) == sorted(ids) and want["m3"]["maps"]["0.weight"].ne(emb.maps[5][0].weight.detach()).any()
+    for m in ids:
+        assert torch.equal(got[m]["theta"], want[m]["theta"])
+        assert all(torch.equal(got[m]["maps"][k], v) for k, v in want[m]["maps"].items())
+
+
 def test_tables_that_do_not_fit_on_disk_fail_at_build_naming_the_directory(tmp_path):
     """The files' blocks are reserved when the tables are made: no room is an error naming the directory
     and meta.table_bytes then, not a SIGBUS in the middle of training (here a 1 MiB file-size limit)."""

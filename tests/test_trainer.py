@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dynamo_dist import config
-from dynamo_dist.meta import outputs
+from dynamo_dist.meta import checkpoint, outputs
 from dynamo_dist.meta.local import run_meta_local
 from dynamo_dist.population import train as population
 from dynamo_dist.data import store
@@ -83,6 +83,13 @@ def test_meta_run_outputs_and_reload(pop_root, tmp_path):
     run = outputs.load_meta_run(tmp_path / "meta")
     np.testing.assert_allclose(run.theta(), np.array(emb.column("theta").to_pylist()), rtol=1e-6)
     assert set(run.meta.heads) == {"mnist1d", "mnist1d_parity"}
+    # V tables in files (meta.table_bytes=0): the checkpoint, written file to file, holds the same values
+    run_meta_local(cfg.replace(output_dir=str(tmp_path / "meta-disk"), table_bytes=0), pop_root, progress=False)
+    (_, want), (_, got) = (checkpoint.read_model_state(tmp_path / d / "checkpoint") for d in ("meta", "meta-disk"))
+    assert sorted(got) == sorted(want)
+    for m in want:
+        assert torch.equal(got[m]["theta"], want[m]["theta"]) and want[m]["maps"].keys() == got[m]["maps"].keys()
+        assert all(torch.equal(got[m]["maps"][k], v) for k, v in want[m]["maps"].items())
 
 
 def test_metrics_known_answers_for_a_perfect_emulator(pop_root, tmp_path):

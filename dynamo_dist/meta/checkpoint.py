@@ -30,6 +30,7 @@ on CPUs and the other way round.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -90,11 +91,22 @@ def _plain(obj):
     return obj
 
 
-def save_atomic(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` whole (``fsio.write_bytes_atomic``): readers never see half a file."""
+def save_atomic(obj, path: str | os.PathLike, files: Mapping[int, tuple[int, int]] | None = None) -> None:
+    """``torch.save`` whole (``fsio.write_bytes_atomic``): readers never see half a file. ``files``
+    (a local ``path`` only): tensors that are file-backed, copied file to file (``save_streamed``)
+    into a temporary file that then replaces ``path``, never held in memory."""
+    where = fsio.as_path(path)
+    if files and not isinstance(where, fsio.RemotePath):
+        tmp = where.with_name(f".{where.name}.tmp-{os.getpid()}")
+        try:
+            save_streamed(_plain(obj), tmp, files)
+            os.replace(tmp, where)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
     buf = io.BytesIO()
     torch.save(_plain(obj), buf)
-    fsio.write_bytes_atomic(fsio.as_path(path), buf.getvalue())
+    fsio.write_bytes_atomic(where, buf.getvalue())
 
 
 def load(path: str | os.PathLike) -> dict:
@@ -141,13 +153,14 @@ def write_shard(directory: str | os.PathLike, rank: int, shard_state: dict,
         (d / metrics_file(rank)).write_text(json.dumps(test_metrics))
 
 
-def save_streamed(obj, path: str | os.PathLike, files: Mapping[int, int], chunk_bytes: int = 64 * 2 ** 20) -> None:
+def save_streamed(obj, path: str | os.PathLike, files: Mapping[int, tuple[int, int]],
+                  chunk_bytes: int = 64 * 2 ** 20) -> None:
     """``torch.save(obj, path)`` to a local file, the same file for ``torch.load`` (with or without
     mmap), written so that a tensor whose storage is a memory-mapped file never passes through this
-    process: ``files`` maps such a storage's data_ptr to the file's descriptor, and its bytes are
-    copied from there by the kernel (``os.copy_file_range``; ``pread``/``pwrite`` of ``chunk_bytes``
-    where that is not supported). ``torch.save`` reading a 4 GB table through its mapping made all of
-    it resident at once (``benchmarks/bench_theta_table.py``).
+    process: ``files`` maps such a storage's data_ptr to (descriptor, offset) of its bytes in their
+    file, and they are copied from there by the kernel (``os.copy_file_range``; ``pread``/``pwrite``
+    of ``chunk_bytes`` where that is not supported). ``torch.save`` reading a 4 GB table through its
+    mapping made all of it resident at once (``benchmarks/bench_theta_table.py``).
 
     How: ``torch.save`` under ``torch.serialization.skip_data`` writes everything but the storages'
     bytes (their records keep their size and place); the file's own records, loaded memory-mapped,
@@ -156,33 +169,42 @@ def save_streamed(obj, path: str | os.PathLike, files: Mapping[int, int], chunk_
     path = Path(path)
     with torch.serialization.skip_data():
         torch.save(obj, path)
-    reader = torch._C.PyTorchFileReader(str(path))
-    records = {reader.get_record_offset(n): reader.get_record_size(n) for n in reader.get_all_records()
-               if re.fullmatch(r"data/\d+", n)}
     skeleton = torch.load(path, weights_only=True, mmap=True, map_location="cpu")  # views of the file
     pairs = {}  # by storage, as torch.save counts them (zero-size ones may share a data_ptr)
     for src, skel in _tensor_pairs(obj, skeleton):
         st = src.untyped_storage()
-        pairs.setdefault(st._cdata, (st, skel.untyped_storage().data_ptr()))
-    del skeleton, reader
-    if len(pairs) != len(records):
-        raise RuntimeError(f"save_streamed: {len(pairs)} storages but {len(records)} records in {path}")
-    base = min(p for _, p in pairs.values()) - min(records)  # where the mapping of the file began
-    writes = []
-    for st, skel_ptr in pairs.values():
-        offset = skel_ptr - base
-        if records.get(offset) != st.nbytes():
-            raise RuntimeError(f"save_streamed: a storage of {st.nbytes()} bytes has no record at {offset} in {path}")
-        writes.append((offset, st, files.get(st.data_ptr()) if st.nbytes() else None))
+        pairs.setdefault(st._cdata, (st, skel.untyped_storage()))
+    where = record_offsets(path, [skel for _, skel in pairs.values()])
+    del skeleton
     with open(path, "r+b") as f:
         out = f.fileno()
-        for offset, st, fd in writes:
-            if fd is not None:
-                _copy_file(fd, out, st.nbytes(), offset, chunk_bytes)
+        for (st, _), offset in zip(pairs.values(), where):
+            source = files.get(st.data_ptr()) if st.nbytes() else None
+            if source is not None:
+                _copy_file(source[0], source[1], out, offset, st.nbytes(), chunk_bytes)
             else:
                 data = memoryview(torch.empty(0, dtype=torch.uint8).set_(st).numpy())
                 for lo in range(0, len(data), chunk_bytes):
                     _pwrite_all(out, data[lo:lo + chunk_bytes], offset + lo)
+
+
+def record_offsets(path: str | os.PathLike, storages: list) -> list[int]:
+    """Where in the torch.save file ``path`` the bytes of each of ``storages`` lie: ``storages`` are
+    every storage of ``torch.load(path, mmap=True)`` (one mapping of the file, so their addresses are
+    its records' offsets plus one base). RuntimeError when they do not match the file's records."""
+    reader = torch._C.PyTorchFileReader(str(path))
+    records = {reader.get_record_offset(n): reader.get_record_size(n) for n in reader.get_all_records()
+               if re.fullmatch(r"data/\d+", n)}
+    if len(storages) != len(records):
+        raise RuntimeError(f"{path}: {len(storages)} storages but {len(records)} tensor records")
+    base = min(st.data_ptr() for st in storages) - min(records)  # where the mapping of the file begins
+    out = []
+    for st in storages:
+        offset = st.data_ptr() - base
+        if records.get(offset) != st.nbytes():
+            raise RuntimeError(f"{path}: a storage of {st.nbytes()} bytes has no record at offset {offset}")
+        out.append(offset)
+    return out
 
 
 def _tensor_pairs(a, b):
@@ -197,12 +219,12 @@ def _tensor_pairs(a, b):
             yield from _tensor_pairs(x, y)
 
 
-def _copy_file(src: int, dst: int, count: int, dst_offset: int, chunk_bytes: int) -> None:
-    """``count`` bytes of file ``src`` from its start to ``dst`` at ``dst_offset``, file to file."""
+def _copy_file(src: int, src_offset: int, dst: int, dst_offset: int, count: int, chunk_bytes: int) -> None:
+    """``count`` bytes of file ``src`` from ``src_offset`` to file ``dst`` at ``dst_offset``."""
     done = 0
     try:
         while done < count:
-            n = os.copy_file_range(src, dst, count - done, done, dst_offset + done)
+            n = os.copy_file_range(src, dst, count - done, src_offset + done, dst_offset + done)
             if n == 0:
                 raise OSError(f"copy_file_range: source ended after {done} of {count} bytes")
             done += n
@@ -211,7 +233,7 @@ def _copy_file(src: int, dst: int, count: int, dst_offset: int, chunk_bytes: int
         if err.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
             raise
     while done < count:  # the kernel cannot copy between these files: bounded reads and writes
-        data = os.pread(src, min(chunk_bytes, count - done), done)
+        data = os.pread(src, min(chunk_bytes, count - done), src_offset + done)
         if not data:
             raise OSError(f"pread: source ended after {done} of {count} bytes")
         _pwrite_all(dst, memoryview(data), dst_offset + done)
@@ -348,12 +370,13 @@ def run_shard_file(rank: int, step: int) -> str:
 
 
 def write_run_checkpoint(dest: str | os.PathLike, source: str | os.PathLike | None = None, *,
-                         state: dict | None = None, shared: dict | None = None) -> None:
+                         state: dict | None = None, shared: dict | None = None,
+                         files: Mapping[int, tuple[int, int]] | None = None) -> None:
     """A meta run's final checkpoint in ``dest`` (a local directory), from a sharded checkpoint
     directory ``source`` (its shard files hard-linked, or copied across filesystems: no tensor is
     loaded) or from a merged ``state`` of one process (one shard; ``shared``: the extra shared
-    fields, see ``ray_train``). Shards first, then ``shared.pt`` (atomic), then shard files no
-    longer named are removed."""
+    fields, see ``ray_train``; ``files``: its file-backed tables, see ``save_streamed``). Shards first,
+    then ``shared.pt`` (atomic), then shard files no longer named are removed."""
     d = Path(dest)
     d.mkdir(parents=True, exist_ok=True)
     if source is not None:
@@ -367,7 +390,7 @@ def write_run_checkpoint(dest: str | os.PathLike, source: str | os.PathLike | No
         head = {"format": FORMAT, "step": state["step"], "meta": state["meta"], "opt_meta": state["opt_meta"],
                 "num_workers": 1, "model_ids": sorted(state["shard"]), **(shared or {})}
         names = [run_shard_file(0, int(state["step"]))]
-        save_atomic(state["shard"], d / names[0])
+        save_atomic(state["shard"], d / names[0], files)
     save_atomic({**head, "shards": names}, d / SHARED_FILE)
     for f in d.glob("shard-*.pt"):
         if f.name not in names:
@@ -403,6 +426,31 @@ def _mapped(f: fsio.AnyPath) -> dict:
         return shard_states(torch.load(f, weights_only=True, mmap=True, map_location="cpu"))
     except Exception:  # noqa: BLE001 - safe_load names the file and the reason
         return shard_states(safe_load(f))
+
+
+def _sources_in(path: Path, fd: int, loaded) -> dict[int, tuple[int, int]] | None:
+    """``{data_ptr: (fd, offset)}`` of every tensor of ``loaded`` (all of ``path`` read memory-mapped, as
+    ``_mapped`` does) in the file; None when they are not views of its mapping (it was read whole)."""
+    storages = {}
+    for t in _tensors(loaded):
+        st = t.untyped_storage()
+        storages.setdefault(st._cdata, st)
+    try:
+        offsets = record_offsets(path, list(storages.values()))
+    except RuntimeError:
+        return None
+    return {st.data_ptr(): (fd, off) for st, off in zip(storages.values(), offsets) if st.nbytes()}
+
+
+def _tensors(obj):
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
 
 
 def read_thetas(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -450,6 +498,15 @@ def write_inference_copy(source: str | os.PathLike, dest: str | os.PathLike) -> 
 
     for f in files:
         states = _mapped(f)
-        save_atomic(states.without_moments() if isinstance(states, TableStates) else
-                    {m: {"theta": s["theta"], "maps": s["maps"]} for m, s in states.items()}, d / f.name)
+        if not isinstance(states, TableStates):  # per-model shards of earlier runs
+            save_atomic({m: {"theta": s["theta"], "maps": s["maps"]} for m, s in states.items()}, d / f.name)
+            continue
+        keep = states.without_moments()
+        with contextlib.ExitStack() as stack:
+            sources = None
+            if not isinstance(f, fsio.RemotePath):  # the tables are copied out of the shard file, file to file
+                fd = os.open(f, os.O_RDONLY)
+                stack.callback(os.close, fd)
+                sources = _sources_in(f, fd, states.raw)
+            save_atomic(keep, d / f.name, sources)
     save_atomic({k: v for k, v in shared.items() if k not in ("opt_meta", "history")}, d / SHARED_FILE)

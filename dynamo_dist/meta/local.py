@@ -46,10 +46,12 @@ def _train_and_write(cfg: MetaConfig, root: str, data, device, t0: float, progre
     def save() -> None:
         nonlocal summary, per_model
         per_model = evaluate(trainer, "test")
-        summary = write_outputs(cfg, root, trainer.state_dict(), trainer.embedding_rows(), per_model,
+        # the live tables, written before training goes on (tables on disk: file to file, never copied)
+        state = {**trainer.shared_state(), "shard": trainer.shard_state(copy=False)}
+        summary = write_outputs(cfg, root, state, trainer.embedding_rows(), per_model,
                                 trainer.history, data.rows,
                                 {"wall_seconds": time.perf_counter() - t0, "num_workers": 1, "steps": trainer.step},
-                                tracking_store=store_dict)
+                                tracking_store=store_dict, files=trainer.embeddings.table_files())
 
     def report(records: list[dict], final: bool) -> None:
         val = validation_means(trainer)

@@ -405,11 +405,11 @@ class ModelEmbeddings(nn.Module):
         """Whether V and its moments are memory-mapped files (``memory_bytes``) rather than in memory."""
         return bool(self._mapped)
 
-    def table_files(self) -> dict[int, int]:
-        """``{data_ptr: file descriptor}`` of the tables that are files: a checkpoint writer copies
+    def table_files(self) -> dict[int, tuple[int, int]]:
+        """``{data_ptr: (file descriptor, 0)}`` of the tables that are files: a checkpoint writer copies
         them from the file (``checkpoint.save_streamed``) instead of reading them through the mapping,
         which would page every row into this process at once."""
-        return {f.ptr: f.fd for f in self._mapped.values()}
+        return {f.ptr: (f.fd, 0) for f in self._mapped.values()}
 
     def _touch(self, row: int) -> None:
         """Count ``row``'s pages of the files as resident (most recent last); hand the oldest back

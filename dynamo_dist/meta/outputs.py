@@ -100,11 +100,13 @@ def run_checkpoint(output_dir: str | Path) -> AnyPath:
 def write_outputs(cfg: MetaConfig, population_root: str, state: dict | Path, theta_rows: list[dict],
                   per_model: dict[str, dict], history: list[dict], manifest: list[dict],
                   extra_summary: dict | None = None, tracking_store: dict | None = None,
-                  into: Path | None = None) -> dict:
+                  into: Path | None = None, files: dict[int, tuple[int, int]] | None = None) -> dict:
     """Write every output file of a meta run (each atomically); returns the summary.
 
     ``state``: the merged state of a single-process run, or a sharded checkpoint directory (Ray
     Train's final one), whose files are linked or copied into ``checkpoint/`` without loading them.
+    ``files``: the merged state's tables that are files on disk (``ModelEmbeddings.table_files``),
+    copied into the checkpoint file to file.
 
     ``tracking_store``: the MLflow store the run logs to (``tracking.Store`` as a dict), recorded so
     that later stages (analysis) log beside it. ``into``: a local directory the files go to instead
@@ -113,7 +115,7 @@ def write_outputs(cfg: MetaConfig, population_root: str, state: dict | Path, the
     if into is None and fsio.is_uri(cfg.output_dir):  # written locally, put file by file, summary.json last
         with fsio.staged(cfg.output_dir, last=(SUMMARY_FILE,)) as staging:
             return write_outputs(cfg, population_root, state, theta_rows, per_model, history, manifest,
-                                 extra_summary, tracking_store, into=staging)
+                                 extra_summary, tracking_store, into=staging, files=files)
     out = fsio.as_path(into or cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_mod.dump(cfg, out / CONFIG_FILE)
@@ -123,7 +125,7 @@ def write_outputs(cfg: MetaConfig, population_root: str, state: dict | Path, the
                              "tracking": tracking_store}, out / CONTEXT_FILE)
     if isinstance(state, dict):
         checkpoint.write_run_checkpoint(out / CHECKPOINT_DIR, state=state, shared={
-            "history": history, "config": cfg.model_dump(mode="json"), **(extra_summary or {})})
+            "history": history, "config": cfg.model_dump(mode="json"), **(extra_summary or {})}, files=files)
     else:
         checkpoint.write_run_checkpoint(out / CHECKPOINT_DIR, state)
     emb = embeddings_table(theta_rows, manifest)
