@@ -11,7 +11,9 @@ output directory; measured there:
 * ``seconds``: wall time of ``finalize`` (no MLflow);
 * ``peak_rss_mb``: the process's VmHWM from /proc minus its VmRSS just before the call
   (imports and the population's manifest are already loaded then);
-* ``output_mb``: what the run directory adds on disk (files hard-linked to the checkpoint's not counted).
+* ``output_mb``: what the run directory adds on disk (files hard-linked to the checkpoint's not counted);
+* with ``--inference-copy``: ``copy_seconds`` and ``copy_peak_rss_mb`` (VmHWM reset before it) of
+  ``checkpoint.write_inference_copy``, the MLflow Model's copy without optimiser state.
 
     python benchmarks/bench_finalize.py --models 2000 --checkout before=/tmp/old --checkout after=.
 """
@@ -51,17 +53,25 @@ before = status("VmRSS:")
 t0 = time.perf_counter()
 ray_train.finalize(cfg, root, ckpt, manifest=manifest)
 seconds = time.perf_counter() - t0
-print(json.dumps({"seconds": seconds, "peak_rss_mb": (status("VmHWM:") - before) / 1024,
-                  "rss_before_mb": before / 1024}))
+got = {"seconds": seconds, "peak_rss_mb": (status("VmHWM:") - before) / 1024, "rss_before_mb": before / 1024}
+if sys.argv[6] == "copy":  # the MLflow Model's copy of the run's checkpoint, without optimiser state
+    from dynamo_dist.meta import checkpoint
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the copy's own peak
+    before = status("VmRSS:")
+    t0 = time.perf_counter()
+    checkpoint.write_inference_copy(Path(out) / "checkpoint", Path(out) / "model-copy")
+    got.update(copy_seconds=time.perf_counter() - t0, copy_peak_rss_mb=(status("VmHWM:") - before) / 1024)
+print(json.dumps(got))
 """
 
 
 def write_checkpoint(d: Path, ids: list[str], workers: int, dim: int, base_hidden: int, meta_hidden: int,
-                     cfg: dict) -> float:
-    """A final sharded checkpoint of ``ids`` in ``d``; returns its size in MB."""
+                     cfg: dict, table_form: bool = False) -> float:
+    """A final sharded checkpoint of ``ids`` in ``d``; returns its size in MB. ``table_form``: shards
+    as workers write them now (``ModelEmbeddings.table_state``), else a dict per model (earlier runs)."""
     import torch
 
-    from dynamo_dist.meta import checkpoint
+    from dynamo_dist.meta import checkpoint, model
 
     d.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
@@ -73,7 +83,13 @@ def write_checkpoint(d: Path, ids: list[str], workers: int, dim: int, base_hidde
     for r in range(workers):
         own = ids[r::workers]
         shard = {}
-        for m in own:
+        if table_form:
+            emb = model.ModelEmbeddings(own, dim, [meta_hidden], [[base_hidden]] * len(own), "rnn")
+            for t in (emb.theta_table, emb.theta_exp_avg, emb.theta_exp_avg_sq, emb.maps_exp_avg, emb.maps_exp_avg_sq):
+                t.copy_(torch.rand(t.shape, generator=g))
+            emb.steps.fill_(100.0)
+            shard = model.TableStates(emb.table_state(copy=False))
+        for m in own if not table_form else ():
             theta = torch.randn(dim, generator=g)
             maps = {"0.weight": torch.randn(base_hidden, meta_hidden, generator=g),
                     "0.bias": torch.randn(base_hidden, generator=g)}
@@ -87,6 +103,7 @@ def write_checkpoint(d: Path, ids: list[str], workers: int, dim: int, base_hidde
                       "mlflow_run_id": None, "config": cfg, "train_seconds": 1.0, "train_cpu_seconds": 1.0}
         checkpoint.write_shard(d, r, shard, metrics, shared)
         del shard
+        emb = None
     return sum(f.stat().st_size for f in d.iterdir()) / 2 ** 20
 
 
@@ -104,6 +121,9 @@ def main() -> None:
     ap.add_argument("--base-hidden", type=int, default=128)
     ap.add_argument("--meta-hidden", type=int, default=256)
     ap.add_argument("--checkout", action="append", default=None, help="NAME=PATH of a dynamo_dist checkout")
+    ap.add_argument("--table-form", action="store_true", help="shards in the table form workers write now")
+    ap.add_argument("--inference-copy", action="store_true", help="also time write_inference_copy (the MLflow "
+                    "Model's copy of the checkpoint) after finalize: copy_seconds, copy_peak_rss_mb")
     ap.add_argument("--out", default=str(RESULTS / "finalize.json"))
     args = ap.parse_args()
     checkouts = dict(c.split("=", 1) for c in (args.checkout or [f"this={HERE.parent}"]))
@@ -121,11 +141,13 @@ def main() -> None:
         work = Path(tmp)
         write_population(work / "population", args.models, args.base_hidden, 8, 8)
         ids = [f"m-{i:05d}" for i in range(args.models)]
-        ckpt_mb = write_checkpoint(work / "ckpt", ids, args.workers, args.dim, args.base_hidden, args.meta_hidden, cfg)
+        ckpt_mb = write_checkpoint(work / "ckpt", ids, args.workers, args.dim, args.base_hidden, args.meta_hidden, cfg,
+                                   args.table_form)
         for name, path in checkouts.items():
             out = work / f"out-{name}"
             res = subprocess.run([sys.executable, "-c", CHILD, str(Path(path).resolve()), str(work / "population"),
-                                  str(work / "ckpt"), str(out), json.dumps(cfg)], capture_output=True, text=True,
+                                  str(work / "ckpt"), str(out), json.dumps(cfg),
+                                  "copy" if args.inference_copy else "-"], capture_output=True, text=True,
                                  env={**os.environ, "PYTHONPATH": str(Path(path).resolve())})
             if res.returncode != 0:
                 raise SystemExit(f"checkout {name} ({path}) failed:\n{res.stderr[-3000:]}")
@@ -142,6 +164,8 @@ def main() -> None:
         a, b = (runs[n] for n in names)
         result["ratios"] = {f"peak_rss_{names[1]}_over_{names[0]}": b["peak_rss_mb"] / a["peak_rss_mb"],
                             f"seconds_{names[1]}_over_{names[0]}": b["seconds"] / a["seconds"]}
+        if "copy_seconds" in a and "copy_seconds" in b:
+            result["ratios"][f"copy_seconds_{names[1]}_over_{names[0]}"] = b["copy_seconds"] / a["copy_seconds"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result.get("ratios", {}), indent=1))
