@@ -211,7 +211,7 @@ class MetaConfig(_Config):
     cache_bytes: int | None = Field(2 * 1024 ** 3, ge=1, description="decoded trajectory bytes each meta worker "
                                     "keeps in memory (LRU, read on demand); None = keep every trajectory read")
     spill_bytes: int | None = Field(None, ge=0, description="raw copies of decoded trajectories each meta worker "
-                                    "keeps on local disk (a private temp dir, removed at exit): a model evicted "
+                                    "keeps on local disk (one unlinked file of the temp dir, gone with the worker): a model evicted "
                                     "from the cache_bytes LRU and sampled again is read back, not decoded from "
                                     "Parquet again; for populations larger than cache_bytes; None/0 = none")
     table_bytes: int | None = Field(4 * 1024 ** 3, ge=0, description="bytes of V tables (every model's maps and "

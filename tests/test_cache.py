@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -164,10 +166,22 @@ def test_a_split_read_once_streams_through_without_being_held(root):
     assert cache.nbytes == store.trajectory_info(root, "m-0").decoded_bytes
 
 
-def test_spilled_copies_are_read_back_exactly_within_their_budget_and_removed_with_the_cache(root, monkeypatch):
+def _spill_fds(directory: Path) -> list[str]:
+    """This process's open files in ``directory`` (unlinked ones read '<path> (deleted)')."""
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    return [link for link in links if link.startswith(str(directory))]
+
+
+def test_spilled_copies_are_read_back_exactly_within_their_budget_and_go_with_the_cache(root, monkeypatch, tmp_path):
     one = store.trajectory_info(root, "r-0", "test").decoded_bytes  # the largest file
-    cache = TrajectoryCache(root, budget_bytes=one, spill_bytes=2 * one)  # memory: 1 to 4 of them, disk more
-    spill_dir = Path(cache.spill.dir)
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    cache = TrajectoryCache(root, budget_bytes=one, spill_bytes=2 * one, spill_dir=str(spill_dir))
     keys = [(f"m-{i}", "probe") for i in range(6)] + [("r-0", "test")]
     first = {k: cache.get(*k) for k in keys}
     decoded = []
@@ -185,20 +199,54 @@ def test_spilled_copies_are_read_back_exactly_within_their_budget_and_removed_wi
         assert torch.equal(got.outputs, want.outputs) and got.model_id == k[0]
         got.outputs.add_(0)  # writable, like a decoded one
         assert cache.spill.nbytes <= 2 * one
-    files = sorted(p.name for p in spill_dir.iterdir())
-    assert not [f for f in files if f.endswith(".tmp")] and len(files) == len(cache.spill._files) < len(keys)
     assert cache.spill.reads >= 2 and len(decoded) < len(keys)  # some came back from disk, not Parquet
+    # one file, unlinked when made: nothing in the directory even now, and it closes with the cache
+    assert not list(spill_dir.iterdir())
+    assert [link.endswith("(deleted)") for link in _spill_fds(spill_dir)] == [True]
     streamed = TrajectoryCache(root, budget_bytes=None, spill_bytes=10 ** 9)
     streamed.get("r-0", "test", keep=False)
-    assert not streamed.spill._files  # a split evaluated once is not copied to disk
+    assert not streamed.spill._entries  # a split evaluated once is not copied to disk
     streamed.close()
     cache.close()
-    assert not spill_dir.exists()
+    assert not _spill_fds(spill_dir)
 
 
-def test_a_spill_that_cannot_be_written_loses_nothing(root, tmp_path):
+def test_the_spill_ring_drops_the_oldest_copies_it_overwrites_and_returns_the_rest_exactly(root):
+    from dynamo_dist.data.cache import SpillRing
+
+    trajs = {m: store.read_trajectory(root, m, "probe", dtype=None) for m in [f"m-{i}" for i in range(6)]}
+    trajs["r-0"] = store.read_trajectory(root, "r-0", "test", dtype=None)
+    size = {m: sum(h.numel() * h.element_size() for h in t.hiddens) + t.outputs.numel() * t.outputs.element_size()
+            for m, t in trajs.items()}
+    budget = 3 * size["m-0"] + size["m-0"] // 2
+    assert size["r-0"] <= budget
+    ring = SpillRing(budget)
+    order = ["m-0", "m-1", "m-2", "m-3", "r-0", "m-4", "m-5", "m-0", "m-1", "r-0", "m-2"]
+    held: list[str] = []
+    for m in order:
+        ring.put((m, "probe"), trajs[m])
+        now = [k[0] for k in ring._entries]
+        written = held + ([m] if m not in held else [])
+        assert now == written[len(written) - len(now):] and now[-1] == m  # the newest copies, oldest dropped
+        held = now
+        assert ring.nbytes == sum(size[k] for k in held) <= budget
+        spans = sorted((e.offset, e.offset + e.size) for e in ring._entries.values())
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])) and spans[-1][1] <= budget  # no overlap
+        for k in held:
+            got = ring.get((k, "probe"))
+            assert torch.equal(got.outputs, trajs[k].outputs) and all(
+                torch.equal(a, b) for a, b in zip(got.hiddens, trajs[k].hiddens))
+    assert ring.get(("m-3", "probe")) is None  # overwritten long ago
+    ring.close()
+
+
+def test_a_spill_that_cannot_be_written_loses_nothing(root, monkeypatch):
     cache = TrajectoryCache(root, budget_bytes=None, spill_bytes=10 ** 9)
-    Path(cache.spill.dir).rmdir()  # as if the disk went away: every write fails
+
+    def full(*_a):  # as if the disk were full: every write fails
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
     got = cache.get("m-1")
     assert torch.equal(got.outputs, store.read_trajectory(root, "m-1", dtype=None).outputs)
-    assert cache.spill.nbytes == 0 and not cache.spill._files and cache.spill.get(("m-1", "probe")) is None
+    assert cache.spill.nbytes == 0 and not cache.spill._entries and cache.spill.get(("m-1", "probe")) is None

@@ -9,16 +9,14 @@ without decoding it. ``prefetch`` decodes models a later step will sample on a
 background thread (pyarrow decodes without the GIL), so a step rarely waits on a read.
 
 With ``spill_bytes``, every decoded trajectory is also written once, raw, to a private
-directory on local disk (``SpillFiles``, removed with the cache): a trajectory evicted from
-memory and sampled again is read back from there, a plain file read, instead of being decoded
-from Parquet again (``benchmarks/bench_spill.py``: 0.18 vs 3.5 ms for a 133 KB float16 trajectory on
-a busy 2-core machine). Populations whose
-decoded size exceeds ``budget_bytes`` re-read models all the time; that is the case it is for.
+unlinked file on local disk (``SpillRing``; it goes with the process): a trajectory evicted from
+memory and sampled again is read back from there, one ``preadv``, instead of being decoded from
+Parquet again (``benchmarks/bench_spill.py``). Populations whose decoded size exceeds
+``budget_bytes`` re-read models all the time; that is the case it is for.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import threading
@@ -35,102 +33,111 @@ from . import store
 
 
 class Spilled(NamedTuple):
-    """A spilled trajectory: its tensors' bytes, where they start in its file, each one's (dtype, shape);
-    no layout yet while the file is being written."""
+    """A spilled trajectory: where its bytes lie in the spill file, how many, and each tensor's
+    (dtype, shape); no layout yet while they are being written."""
 
+    offset: int
     size: int
-    offset: int = 0
     layout: list[tuple[str, tuple[int, ...]]] | None = None
 
 
-class SpillFiles:
-    """Decoded trajectories as raw files in a private temporary directory, at most ``budget_bytes``
-    of them (the oldest written are deleted first). A file is a JSON header line (each tensor's
-    dtype and shape) and the tensors' bytes; it is written under a temporary name and renamed, so
-    a reader sees a whole file or none. The directory goes when this object does."""
+class SpillRing:
+    """Decoded trajectories as raw bytes in one file on local disk, at most ``budget_bytes`` of them:
+    a ring, written front to back and then again from the start, each new copy dropping the oldest
+    ones it overwrites. The file is made in ``parent`` (default the temp dir) and unlinked at once,
+    so it goes with the process, a crash included; blocks are taken as copies are written (a full
+    disk fails that put, which then keeps nothing). A put is one ``pwrite``, a get one ``preadv``
+    into a fresh buffer (writable tensors), checked afterwards against a copy overwritten meanwhile.
+    The layouts are kept here, in memory (about 100 bytes a trajectory)."""
 
     def __init__(self, budget_bytes: int, parent: str | None = None):
         self.budget_bytes = budget_bytes
-        self.dir = tempfile.mkdtemp(prefix="dynamo-spill-", dir=parent)
-        self._cleanup = weakref.finalize(self, _remove_tree, self.dir)
-        self._files: OrderedDict[tuple[str, str], Spilled] = OrderedDict()
+        self.fd, path = tempfile.mkstemp(prefix="dynamo-spill-", suffix=".raw", dir=parent)
+        os.unlink(path)
+        self.dir = os.path.dirname(path)
+        self._cleanup = weakref.finalize(self, os.close, self.fd)
+        self._entries: OrderedDict[tuple[str, str], Spilled] = OrderedDict()  # oldest written first
+        self._head = 0  # where the next copy goes
         self._lock = threading.Lock()
-        self.nbytes = 0
+        self.nbytes = 0  # bytes of the copies held
         self.reads = 0  # trajectories read back from here
-
-    def _path(self, key: tuple[str, str]) -> str:
-        return os.path.join(self.dir, f"{key[0]}.{key[1]}.raw")  # model ids are file-name safe (store)
 
     def get(self, key: tuple[str, str]) -> store.Trajectory | None:
         with self._lock:
-            entry = self._files.get(key)
+            entry = self._entries.get(key)
         if entry is None or entry.layout is None:  # none, or still being written
             return None
-        buf = bytearray(entry.size)  # the layout is known: one read of the tensors' bytes, nothing parsed
+        buf = bytearray(entry.size)
         try:
-            with open(self._path(key), "rb", buffering=0) as f:
-                got = os.preadv(f.fileno(), [buf], entry.offset)
-        except FileNotFoundError:  # deleted for room since the check: decode it again
+            got = os.preadv(self.fd, [buf], entry.offset)
+        except OSError:  # closed with the cache meanwhile
             return None
-        if got != entry.size:
-            return None
+        with self._lock:
+            if got != entry.size or self._entries.get(key) is not entry:  # overwritten while it was read
+                return None
+            self.reads += 1
         tensors, at = [], 0
         for dtype, shape in entry.layout:
             count = int(np.prod(shape))
             tensors.append(torch.from_numpy(np.frombuffer(buf, dtype=dtype, count=count, offset=at).reshape(shape)))
             at += count * np.dtype(dtype).itemsize
-        with self._lock:
-            self.reads += 1
         return store.Trajectory(model_id=key[0], hiddens=tensors[:-1], outputs=tensors[-1])
 
     def put(self, key: tuple[str, str], traj: store.Trajectory) -> None:
         tensors = [*traj.hiddens, traj.outputs]
         size = sum(t.numel() * t.element_size() for t in tensors)
         with self._lock:
-            if key in self._files or size > self.budget_bytes:
+            if key in self._entries or size > self.budget_bytes or not self._make_room(size):
                 return
-            while self._files and self.nbytes + size > self.budget_bytes:
-                old, spilled = self._files.popitem(last=False)
-                self.nbytes -= spilled.size
-                _unlink(self._path(old))
-            self._files[key] = Spilled(size)  # claimed now: a second put of the key returns above, get() waits
+            entry = Spilled(self._head, size)  # claimed now: a second put of the key returns above
+            self._entries[key] = entry
+            self._head += size
             self.nbytes += size
-        path = self._path(key)
-        tmp = f"{path}.{threading.get_ident()}.tmp"
-        layout = [(str(t.numpy().dtype), tuple(t.shape)) for t in tensors]
-        head = json.dumps({"tensors": [[d, list(s)] for d, s in layout]}).encode() + b"\n"
         try:
-            with open(tmp, "wb") as f:
-                f.write(head)
-                for t in tensors:
-                    f.write(memoryview(np.ascontiguousarray(t.numpy())).cast("B"))
-            os.replace(tmp, path)
+            at = entry.offset
+            for t in tensors:
+                data = memoryview(np.ascontiguousarray(t.numpy())).cast("B")
+                while len(data):
+                    n = os.pwrite(self.fd, data, at)
+                    data, at = data[n:], at + n
+        except OSError:  # e.g. the disk is full: no copy of this one
             with self._lock:
-                if key in self._files:
-                    self._files[key] = Spilled(size, len(head), layout)
-                else:  # evicted for room while it was written
-                    _unlink(path)
-        except OSError:  # e.g. the disk is full: no copy of this one, nothing half-written kept
-            _unlink(tmp)
-            with self._lock:
-                if self._files.pop(key, None) is not None:
+                if self._entries.get(key) is entry:
+                    del self._entries[key]
                     self.nbytes -= size
+            return
+        with self._lock:
+            if self._entries.get(key) is entry:
+                self._entries[key] = entry._replace(layout=[(str(t.numpy().dtype), tuple(t.shape)) for t in tensors])
+
+    def _make_room(self, size: int) -> bool:
+        """Move the head where ``size`` bytes fit (back to the start past the end) and drop the copies
+        they overlap, oldest first (caller holds the lock). False when that would drop a copy still
+        being written: this one is not kept."""
+        if self._head + size > self.budget_bytes:
+            # what lies beyond this lap's last copy is older than every copy of the lap: it goes now
+            while self._entries and next(iter(self._entries.values())).offset >= self._head:
+                if not self._drop_oldest():
+                    return False
+            self._head = 0
+        while self._entries:
+            first = next(iter(self._entries.values()))
+            if first.offset >= self._head + size or first.offset + first.size <= self._head:
+                break  # the oldest copy lies clear of [head, head + size): so do the newer ones
+            if not self._drop_oldest():
+                return False
+        return True
+
+    def _drop_oldest(self) -> bool:
+        key, entry = next(iter(self._entries.items()))
+        if entry.layout is None:
+            return False
+        del self._entries[key]
+        self.nbytes -= entry.size
+        return True
 
     def close(self) -> None:
         self._cleanup()
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _remove_tree(path: str) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class TrajectoryCache:
@@ -138,7 +145,7 @@ class TrajectoryCache:
 
     ``budget_bytes`` None keeps everything once read (the small-population fast path). A
     trajectory larger than the whole budget is a ValueError naming ``meta.cache_bytes``.
-    ``spill_bytes``: the raw copies kept on local disk (``SpillFiles``, under ``spill_dir``,
+    ``spill_bytes``: the raw copies kept on local disk (``SpillRing``, in ``spill_dir``,
     default the system's temp dir); None or 0 = none.
     """
 
@@ -146,7 +153,7 @@ class TrajectoryCache:
                  spill_dir: str | None = None):
         self.root = root
         self.budget_bytes = budget_bytes
-        self.spill = SpillFiles(spill_bytes, spill_dir) if spill_bytes else None
+        self.spill = SpillRing(spill_bytes, spill_dir) if spill_bytes else None
         self._items: OrderedDict[tuple[str, str], store.Trajectory] = OrderedDict()
         self._sizes: dict[tuple[str, str], int] = {}
         self._infos: dict[tuple[str, str], store.TrajectoryInfo] = {}
