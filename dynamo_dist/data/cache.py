@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from . import store
+from . import fsio, store
 
 
 class Spilled(NamedTuple):
@@ -97,9 +97,8 @@ class SpillRing:
             at = entry.offset
             for t in tensors:
                 data = memoryview(np.ascontiguousarray(t.numpy())).cast("B")
-                while len(data):
-                    n = os.pwrite(self.fd, data, at)
-                    data, at = data[n:], at + n
+                fsio.pwrite_all(self.fd, data, at)
+                at += len(data)
         except OSError:  # e.g. the disk is full: no copy of this one
             with self._lock:
                 if self._entries.get(key) is entry:

@@ -322,6 +322,13 @@ def open_input(path: AnyPath) -> pa.NativeFile:
     return path.open_input() if isinstance(path, RemotePath) else pa.OSFile(str(path))
 
 
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """All of ``data`` into file ``fd`` at ``offset`` (``os.pwrite`` may write less than asked)."""
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
 def write_bytes_atomic(path: AnyPath, data: bytes) -> None:
     """Write a whole file so no reader sees part of it: a put remotely, temp-and-rename locally."""
     if isinstance(path, RemotePath):

@@ -138,10 +138,10 @@ def safe_load(path: str | os.PathLike):
 
 def write_shard(directory: str | os.PathLike, rank: int, shard_state: dict,
                 test_metrics: dict[str, dict] | None = None, shared: dict | None = None,
-                files: Mapping[int, int] | None = None) -> None:
+                files: Mapping[int, tuple[int, int]] | None = None) -> None:
     """One worker's files of a sharded checkpoint; rank 0 passes ``shared`` (see module docstring).
-    ``files``: ``{data_ptr: fd}`` of tables that are memory-mapped files (``ModelEmbeddings.table_files``),
-    copied into the shard from the file (``save_streamed``), not read through the mapping."""
+    ``files``: the tables that are memory-mapped files (``ModelEmbeddings.table_files``), copied into
+    the shard from their files (``save_streamed``), not read through the mapping."""
     d = Path(directory)
     if shared is not None:
         torch.save({"format": FORMAT, **shared}, d / SHARED_FILE)
@@ -185,7 +185,7 @@ def save_streamed(obj, path: str | os.PathLike, files: Mapping[int, tuple[int, i
             else:
                 data = memoryview(torch.empty(0, dtype=torch.uint8).set_(st).numpy())
                 for lo in range(0, len(data), chunk_bytes):
-                    _pwrite_all(out, data[lo:lo + chunk_bytes], offset + lo)
+                    fsio.pwrite_all(out, data[lo:lo + chunk_bytes], offset + lo)
 
 
 def record_offsets(path: str | os.PathLike, storages: list) -> list[int]:
@@ -236,14 +236,8 @@ def _copy_file(src: int, src_offset: int, dst: int, dst_offset: int, count: int,
         data = os.pread(src, min(chunk_bytes, count - done), src_offset + done)
         if not data:
             raise OSError(f"pread: source ended after {done} of {count} bytes")
-        _pwrite_all(dst, memoryview(data), dst_offset + done)
+        fsio.pwrite_all(dst, memoryview(data), dst_offset + done)
         done += len(data)
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while len(data):
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n
 
 
 def read_sharded(path: str | os.PathLike, model_ids: list[str] | None = None,
@@ -432,7 +426,7 @@ def _sources_in(path: Path, fd: int, loaded) -> dict[int, tuple[int, int]] | Non
     """``{data_ptr: (fd, offset)}`` of every tensor of ``loaded`` (all of ``path`` read memory-mapped, as
     ``_mapped`` does) in the file; None when they are not views of its mapping (it was read whole)."""
     storages = {}
-    for t in _tensors(loaded):
+    for t, _ in _tensor_pairs(loaded, loaded):
         st = t.untyped_storage()
         storages.setdefault(st._cdata, st)
     try:
@@ -440,17 +434,6 @@ def _sources_in(path: Path, fd: int, loaded) -> dict[int, tuple[int, int]] | Non
     except RuntimeError:
         return None
     return {st.data_ptr(): (fd, off) for st, off in zip(storages.values(), offsets) if st.nbytes()}
-
-
-def _tensors(obj):
-    if torch.is_tensor(obj):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
 
 
 def read_thetas(path: str | os.PathLike) -> dict[str, torch.Tensor]:
