@@ -628,7 +628,7 @@ class _Rows(Sequence):
 
 
 class _FileTable(NamedTuple):
-    mm: mmap.mmap  # the shared mapping the table's tensor views
+    mm: mmap.mmap  # the shared mapping the table's tensor is a view of
     ptr: int       # the tensor's data_ptr
     fd: int        # the (unlinked) file, kept open for copies that bypass the mapping
 
