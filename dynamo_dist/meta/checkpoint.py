@@ -190,8 +190,9 @@ def save_streamed(obj, path: str | os.PathLike, files: Mapping[int, tuple[int, i
 
 def record_offsets(path: str | os.PathLike, storages: list) -> list[int]:
     """Where in the torch.save file ``path`` the bytes of each of ``storages`` lie: ``storages`` are
-    every storage of ``torch.load(path, weights_only=True, mmap=True)`` (one mapping of the file: their addresses are
-    its records' offsets plus one base). RuntimeError when they do not match the file's records."""
+    every storage of ``torch.load(path, weights_only=True, mmap=True)`` (one mapping of the file:
+    their addresses are its records' offsets plus one base). RuntimeError when they do not match
+    the file's records."""
     reader = torch._C.PyTorchFileReader(str(path))
     records = {reader.get_record_offset(n): reader.get_record_size(n) for n in reader.get_all_records()
                if re.fullmatch(r"data/\d+", n)}
