@@ -68,6 +68,15 @@ def test_training_reduces_loss_and_checkpoint_resumes_exactly(pop_root, tmp_path
     resumed.restore(tmp_path / "ck.pt")
     rest = [r["loss"] for r in resumed.fit()]
     np.testing.assert_allclose(rest, losses[20:], rtol=1e-5, atol=1e-6)
+    # the same through V tables in files (meta.table_bytes=0): saved file to file, restored exactly
+    on_disk = DynamoTrainer(cfg.replace(table_bytes=0), data)
+    on_disk.fit(steps=20)
+    assert on_disk.embeddings.on_disk
+    on_disk.save(tmp_path / "ck-disk.pt")
+    again = DynamoTrainer(cfg, data)
+    again.restore(tmp_path / "ck-disk.pt")
+    assert torch.equal(again.embeddings.maps_exp_avg, half.embeddings.maps_exp_avg)
+    np.testing.assert_allclose([r["loss"] for r in again.fit()], losses[20:], rtol=1e-5, atol=1e-6)
 
 
 def test_meta_run_outputs_and_reload(pop_root, tmp_path):

@@ -293,7 +293,9 @@ class DynamoTrainer:
         self.load_shard_state(state["shard"])
 
     def save(self, path: str | Path) -> None:
-        checkpoint.save_atomic(self.state_dict(), path)
+        """The merged state to ``path``, written from the live tables (tables on disk file to file)."""
+        state = {**self.shared_state(), "shard": self.shard_state(copy=False)}
+        checkpoint.save_atomic(state, path, self.embeddings.table_files())
 
     def restore(self, path: str | Path) -> None:
         self.load_state_dict(checkpoint.load(path))
