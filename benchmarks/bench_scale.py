@@ -129,27 +129,25 @@ class WorkerMemory:
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
                     if b"RayTrainWorker" not in cmd or not _descends_from(int(pid), os.getpid()):
                         continue
-                    status = Path(f"/proc/{pid}/status").read_text()
-                    if self.timeline is not None:
-                        self._sample(int(pid), status)
-                    for line in status.splitlines():
-                        if line.startswith("VmHWM:"):
-                            kb = int(line.split()[1])
-                            self.peak_kb[int(pid)] = max(self.peak_kb.get(int(pid), 0), kb)
-                        elif line.startswith("RssAnon:"):
-                            kb = int(line.split()[1])
-                            self.peak_anon_kb[int(pid)] = max(self.peak_anon_kb.get(int(pid), 0), kb)
+                    kb = {line.split(":")[0]: int(line.split()[1]) for line in
+                          Path(f"/proc/{pid}/status").read_text().splitlines()
+                          if line.startswith(("VmHWM:", "VmRSS:", "RssAnon:", "RssFile:"))}
                 except OSError:
                     continue
+                pid = int(pid)
+                if "VmHWM" in kb:  # not a zombie
+                    self.peak_kb[pid] = max(self.peak_kb.get(pid, 0), kb["VmHWM"])
+                if "RssAnon" in kb:
+                    self.peak_anon_kb[pid] = max(self.peak_anon_kb.get(pid, 0), kb["RssAnon"])
+                if self.timeline is not None:
+                    self._sample(pid, kb)
             self._stop.wait(interval)
 
-    def _sample(self, pid: int, status: str) -> None:
+    def _sample(self, pid: int, kb: dict[str, int]) -> None:
         t = time.perf_counter() - self.t0
         series = self.timeline.setdefault(pid, [])
         if series and t - series[-1][0] < 1.0:
             return
-        kb = {line.split(":")[0]: int(line.split()[1]) for line in status.splitlines()
-              if line.startswith(("VmRSS:", "RssAnon:", "RssFile:"))}
         series.append([round(t, 1), *(round(kb.get(k, 0) / 1024, 1) for k in ("VmRSS", "RssAnon", "RssFile"))])
 
 
