@@ -435,6 +435,46 @@ def trajectory_info(root: str | os.PathLike, model_id: str, split: str = "probe"
                           path.stat().st_size)
 
 
+def check_same_recording(root: str | os.PathLike, infos: list[TrajectoryInfo],
+                         tasks: dict[str, str]) -> None:
+    """Refuse a root whose models were recorded with different settings, from their footers only.
+
+    ``infos``: every model's ``trajectory_info`` (probe and test); ``tasks``: model_id -> task (the
+    manifest's). Per task and split every model must have the same number of examples (rows of the
+    task's inputs) and steps; the storage precision must be one for the whole root. ``population``
+    refuses to create such a root, but one assembled by hand or by ``add-models`` with other
+    settings would otherwise train silently on mismatched probe sets. ValueError names the models
+    and the setting.
+    """
+    fields = (("num_examples", "rows"), ("num_steps", "steps"))
+    for split in ("probe", "test"):
+        for task in sorted(set(tasks.values())):
+            group = [i for i in infos if i.split == split and tasks.get(i.model_id) == task]
+            for field, what in fields:
+                _refuse_mixed(root, group, field, f"{split} trajectory {what} (dynamo.{field}) of task {task!r}")
+    _refuse_mixed(root, list(infos), "dtype", "trajectory precision (population.dtype)")
+
+
+def _refuse_mixed(root, infos: list[TrajectoryInfo], field: str, what: str) -> None:
+    by: dict = {}
+    for i in infos:
+        by.setdefault(getattr(i, field), set()).add(i.model_id)
+    if len(by) < 2:
+        return
+    # the most common value is the root's; the others are the odd ones out
+    ranked = sorted(by.items(), key=lambda kv: (-len(kv[1]), str(kv[0])))
+    detail = "; ".join(f"{v!r} for {_some(ids)}" for v, ids in ranked)
+    raise ValueError(f"population root {root}: models disagree on the {what}: {detail}. Every model of a root must "
+                     "be recorded with the same settings: record the odd models again with the root's "
+                     "population.json settings, or give them a population root of their own")
+
+
+def _some(ids: set[str], shown: int = 5) -> str:
+    ids = sorted(ids)
+    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
+    return f"{len(ids)} model(s) {ids[:shown]}{more}"
+
+
 def _footer_max(md: pq.FileMetaData, column: str) -> int:
     """Largest value of an integer column from its row-group statistics (0 when absent)."""
     best = 0

@@ -83,8 +83,9 @@ def validate_population(cfg: MetaConfig, population_root: str) -> list[dict]:
     """Check a population root before any training starts; returns its complete manifest rows.
 
     Root and schema, manifest, every row's trajectory paths, every trajectory file's footer
-    (readable, row counts within the task inputs), the task inputs, consistent input/output
-    sizes, and ``num_workers`` <= number of models. No values are decoded: the store refuses
+    (readable, row counts within the task inputs, the same recording settings for every model:
+    ``store.check_same_recording``), the task inputs, consistent input/output sizes, and
+    ``num_workers`` <= number of models. No values are decoded: the store refuses
     NaN/Inf when a trajectory is written, and a file whose size differs from the one recorded
     in the manifest at write time is the one file decoded here (NaN/Inf -> ValueError naming it).
     Raises FileNotFoundError / ValueError naming the path, model or field.
@@ -118,6 +119,7 @@ def validate_population(cfg: MetaConfig, population_root: str) -> list[dict]:
     keys = [(r["model_id"], split) for r in rows for split in ("probe", "test")]
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         infos = dict(zip(keys, pool.map(lambda k: store.trajectory_info(root, *k), keys)))
+    store.check_same_recording(root, list(infos.values()), {r["model_id"]: r["task"] for r in rows})
     counts = {k: info.num_examples for k, info in infos.items()}
     largest = max((infos[r["model_id"], "probe"] for r in rows), key=lambda i: i.decoded_bytes)
     if cfg.cache_bytes is not None and largest.decoded_bytes > cfg.cache_bytes:
