@@ -104,7 +104,7 @@ def test_a_lost_manifest_is_rebuilt_from_the_files_without_retraining(root, caps
     assert sorted(after) == IDS
     for mid, r in before.items():
         for k in ("group", "seed", "train_fraction", "test_accuracy", "probe_bytes", "test_bytes", "weights_bytes",
-                  "hidden_size", "arch"):
+                  "hidden_size", "arch", "train_seconds"):
             assert after[mid][k] == r[k], (mid, k)
 
 

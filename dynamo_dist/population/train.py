@@ -133,12 +133,13 @@ def record(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 256) -> tu
 
 
 def record_member(root: str, cfg: PopulationConfig, model_id: str, model: torch.nn.Module, task_name: str,
-                  labels: dict) -> dict:
-    """Save weights, record probe/test trajectories, return the member's manifest row."""
+                  labels: dict, started: float | None = None) -> dict:
+    """Save weights, record probe/test trajectories, return the member's manifest row
+    (``started``: ``write_member``'s)."""
     task = task_for(cfg, task_name)
     recorded = {split: record(model, data.x[:n]) for split, data, n in recorded_splits(cfg, task)}
     return write_member(root, cfg, model_id, model, task_name, labels, recorded,
-                        accuracy(model, task.test.x, task.test.y))
+                        accuracy(model, task.test.x, task.test.y), started)
 
 
 def recorded_splits(cfg: PopulationConfig, task: TaskData) -> list[tuple[str, object, int]]:
@@ -150,10 +151,13 @@ def recorded_splits(cfg: PopulationConfig, task: TaskData) -> list[tuple[str, ob
 
 def write_member(root: str, cfg: PopulationConfig, model_id: str, model: torch.nn.Module, task_name: str,
                  labels: dict, recorded: dict[str, tuple[list[torch.Tensor], torch.Tensor]],
-                 test_accuracy: float) -> dict:
+                 test_accuracy: float, started: float | None = None) -> dict:
     """Write a member's trajectories (``recorded``: split -> (hiddens, outputs)) and weights; its manifest row.
 
-    The weights file is written last, carrying the row: a model is on disk once it is."""
+    The weights file is written last, carrying the row: a model is on disk once it is.
+    ``started``: ``time.perf_counter()`` when its training began; the row's ``train_seconds`` is
+    the time from then to its weights being written (None: no ``train_seconds``, a model trained elsewhere).
+    """
     task = task_for(cfg, task_name)
     layout = store.Layout.at(root)
     spec = model.spec
@@ -171,6 +175,8 @@ def write_member(root: str, cfg: PopulationConfig, model_id: str, model: torch.n
         "test_bytes": store.file_bytes(root, paths["test"]),
         **labels,
     }
+    if started is not None:
+        row["train_seconds"] = time.perf_counter() - started
     # the row travels in the weights file too: a lost manifest is rebuilt from the files (repair.py)
     zoo.save(model, layout.path(wrel), extra={"model_id": model_id, ROW_KEY: store.to_json(row, indent=None)})
     row["weights_bytes"] = store.file_bytes(root, wrel)
@@ -188,13 +194,11 @@ def train_and_record(root: str, cfg: PopulationConfig, job: ModelJob) -> list[di
     def on_epoch(epoch, model):
         if g.every_epoch and epoch >= g.first_recorded_epoch:
             rows.append(record_member(root, cfg, epoch_model_id(g.name, job.seed, epoch), model, g.task,
-                                      {**labels, "epoch": epoch}))
+                                      {**labels, "epoch": epoch}, t0))
 
     model = train_model(g, task, job.seed, on_epoch=on_epoch, device=resolve_device(cfg.device))
     if not g.every_epoch:
-        rows.append(record_member(root, cfg, job.model_id, model, g.task, {**labels, "epoch": g.epochs}))
-    for r in rows:
-        r["train_seconds"] = time.perf_counter() - t0
+        rows.append(record_member(root, cfg, job.model_id, model, g.task, {**labels, "epoch": g.epochs}, t0))
     return rows
 
 
@@ -262,7 +266,7 @@ def train_and_record_stack(root: str, cfg: PopulationConfig, jobs: list[ModelJob
                     labels = {"group": g.name, "train_fraction": g.train_fraction, "seed": job.seed, "epoch": epoch}
                     member = {split: ([hs[i]], outs[i]) for split, (hs, outs) in recorded.items()}
                     futures.append((job, mid, writer.submit(write_member, root, cfg, mid, stack.model(k), g.task,
-                                                            labels, member, accs[k])))  # model(k): a CPU copy
+                                                            labels, member, accs[k], t0)))  # model(k): a CPU copy
                 _wait_all(futures[:-chunk])  # at most two chunks of trajectories held at once
             clock["record_s"] += time.perf_counter() - t
 
@@ -282,8 +286,7 @@ def train_and_record_stack(root: str, cfg: PopulationConfig, jobs: list[ModelJob
         try:
             row = fut.result()
         except MODEL_ERRORS as err:
-            row = {**failed_rows(job, str(err))[0], "model_id": mid}
-        row["train_seconds"] = time.perf_counter() - t0
+            row = {**failed_rows(job, str(err))[0], "model_id": mid, "train_seconds": time.perf_counter() - t0}
         rows.append(row)
     if timings is not None:
         timings.update(clock)
