@@ -285,7 +285,11 @@ def _embed(args, cfg: config_mod.PipelineConfig) -> int:
 
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    path = run_posthoc(args.meta_dir or cfg.meta.output_dir, args.root or cfg.population.root, args.models,
+    root = store.absolute(args.root or cfg.population.root)
+    rows = store.manifest_rows(root)
+    # damaged files of the models to embed: refused before the meta run is loaded or anything written
+    store.check_intact(root, [r for r in rows if not args.models or r["model_id"] in args.models])
+    path = run_posthoc(args.meta_dir or cfg.meta.output_dir, root, args.models,
                        steps=args.steps, out_dir=args.out, progress=True)
     rows = store.read_parquet(path, "post-hoc embeddings").to_pylist()  # local, or in a bucket
     shown = set(args.models) if args.models else {r["model_id"] for r in rows}

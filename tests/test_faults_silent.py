@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from test_faults import _battery_case, _cli, _digests, _smoke_args, meta_run, trained  # noqa: F401 -- fixtures
+from test_faults import _battery_case, _cli, _digests, _smoke_args, _truncate, meta_run, trained  # noqa: F401
 
 from dynamo_dist.data import store
 
@@ -52,8 +52,8 @@ def test_meta_refuses_models_recorded_with_other_settings(run_root, tmp_path, ca
         _rerecord(run_root, "a-s001", split, keep=16)
         needles = [f"models disagree on the {split} trajectory rows (dynamo.num_examples) of task 'mnist1d'",
                    "32 for 2 model(s) ['a-s000', 'b-s000']", "16 for 1 model(s) ['a-s001']"]
-    res = _battery_case(tmp_path, ["meta", *_smoke_args(tmp_path / "run", "meta.steps=5")], 2,
-                        [f"population root {run_root}", *needles], new_files=True)
+    _battery_case(tmp_path, ["meta", *_smoke_args(tmp_path / "run", "meta.steps=5")], 2,
+                  [f"population root {run_root}", *needles], new_files=True)
     assert not (tmp_path / "run" / "meta").exists()  # refused before the output directory
 
 
@@ -92,3 +92,89 @@ def test_repair_restores_every_manifest_column(run_root, tmp_path):
         assert not lost, (mid, lost)  # every column comes back (weights_bytes from the file itself)
         assert after[mid] == r, mid
     assert {k: v for k, v in _digests(run_root).items() if k != "manifest.parquet"} == digests  # only it written
+
+
+# ---------------------------------------------------------------- integrity errors say what to do
+
+REMEDY = "run `dynamo-dist repair --root {root}`"
+RERUN = "then rerun the stage"
+
+
+def _nan_trajectory(root: Path, model_id: str, split: str = "probe") -> Path:
+    """Write NaN into one model's trajectory file (schema and metadata kept): what a faulty disk or
+    an outside tool leaves, never what the store writes."""
+    import numpy as np
+    import pyarrow as pa
+
+    path = root / f"trajectories/split={split}/model_id={model_id}/part-0.parquet"
+    table = pq.read_table(path)
+    hidden = table.column("hidden").combine_chunks()
+    values = hidden.values.to_numpy(zero_copy_only=False).copy()
+    values[0] = np.nan
+    column = pa.ListArray.from_arrays(hidden.offsets, pa.array(values))
+    table = table.set_column(table.schema.get_field_index("hidden"), "hidden", column)
+    pq.write_table(table.replace_schema_metadata(table.schema.metadata), path)
+    return path
+
+
+def test_meta_on_a_nan_trajectory_names_the_file_and_the_repair(run_root, tmp_path):
+    path = _nan_trajectory(run_root, "a-s001")
+    _battery_case(tmp_path, ["meta", *_smoke_args(tmp_path / "run", "meta.steps=5")], 2,
+                  [f"trajectory file {path} contains NaN/Inf values", REMEDY.format(root=run_root), RERUN],
+                  new_files=True)
+    assert not (tmp_path / "run" / "meta").exists()
+
+
+@pytest.fixture
+def copied_run(meta_run, tmp_path):  # noqa: F811 -- the imported fixture
+    """A copy of the finished meta run's run dir (population beside it), the original untouched."""
+    run_dir, _ = meta_run
+    return Path(shutil.copytree(run_dir, tmp_path / "copy", symlinks=True))
+
+
+def _safetensors_dtype_flip(path: Path) -> None:
+    """Damage a weights file so that its header still parses and its size is unchanged (so
+    ``store.damage`` passes it) but safetensors refuses its tensors: F32 -> F16 in the header."""
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = bytes(data[8:8 + n]).replace(b'"F32"', b'"F16"', 1)
+    data[8:8 + n] = header
+    path.write_bytes(bytes(data))
+
+
+def test_analyze_on_damaged_weights_is_refused_before_any_work(copied_run, tmp_path):
+    root, weights = copied_run / "population", copied_run / "population/weights/a-s001.safetensors"
+    _truncate(weights)
+    res = _battery_case(tmp_path, ["analyze", "--meta-dir", str(copied_run / "meta"), "--no-log"], 2,
+                        [f"model 'a-s001': weights file {weights} has", REMEDY.format(root=root), RERUN],
+                        new_files=True)
+    assert "damaged files" in res.stderr
+    assert not [p for p in (copied_run / "meta/analysis").rglob("*") if p.name != ".dynamo.lock"]
+
+
+def test_a_failed_analysis_leaves_the_earlier_one_and_no_partial_files(copied_run, tmp_path):
+    """Weights damaged past the cheap checks fail the analysis mid-way (after sections wrote figures):
+    the earlier analysis stays as it was, nothing new appears."""
+    root, weights = copied_run / "population", copied_run / "population/weights/a-s000.safetensors"
+    _safetensors_dtype_flip(weights)
+    earlier = copied_run / "meta/analysis"
+    (earlier / "figures").mkdir(parents=True)
+    (earlier / "analysis.json").write_text('{"headline": {"earlier": true}}')
+    (earlier / "report.html").write_text("<html>earlier</html>")
+    (earlier / "figures" / "embedding_pca.png").write_bytes(b"earlier figure")
+    res = _battery_case(tmp_path, ["analyze", "--meta-dir", str(copied_run / "meta"), "--no-log"], 2,
+                        [f"weights file {weights} is not a readable safetensors file", REMEDY.format(root=root),
+                         RERUN], new_files=True)
+    assert "Traceback" not in res.stderr
+    left = sorted(str(p.relative_to(earlier)) for p in earlier.rglob("*") if p.name != ".dynamo.lock")
+    assert left == ["analysis.json", "figures", "figures/embedding_pca.png", "report.html"]
+
+
+def test_embed_of_a_damaged_model_names_it_and_the_repair(copied_run, tmp_path):
+    root = copied_run / "population"
+    probe = root / "trajectories/split=probe/model_id=b-s000/part-0.parquet"
+    _truncate(probe)
+    _battery_case(tmp_path, ["embed", "--meta-dir", str(copied_run / "meta"), "--root", str(root),
+                             "--models", "b-s000", "--steps", "5"], 2,
+                  [f"model 'b-s000': probe file {probe} has", REMEDY.format(root=root), RERUN], new_files=True)
+    assert not (copied_run / "meta/posthoc/embeddings.parquet").exists()

@@ -102,12 +102,15 @@ def run_analysis(meta_dir: str, cfg: AnalyzeConfig, out_dir: str | None = None, 
     with lock.hold(meta_path, "analyze", shared=True, what="meta run directory"), \
             lock.hold(out, "analyze", what="analysis directory"):
         run = load_meta_run(meta_path)
-        earlier = _keep_earlier(out)
+        store.check_intact(run.population_root, run.rows)  # damaged model files: refused before any work
+        # Written whole: in a staging directory (on a bucket: a local one, put file by file,
+        # analysis.json last), published only when every section is done. A failed analysis
+        # leaves the earlier one where it was and no partial files.
+        with fsio.staged(out, last=("analysis.json",), whole=True) as local:
+            result = _analyze(run, meta_path, cfg, local, log, progress)
+            earlier = _keep_earlier(out)
         if earlier is not None and progress:
             print(f"the earlier analysis in {out} is kept in {earlier}", flush=True)
-        # on a bucket: written in a local staging directory, put file by file, analysis.json last
-        with fsio.staged(out, last=("analysis.json",)) as local:
-            result = _analyze(run, meta_path, cfg, local, log, progress)
         for key in ("report", "analysis_json"):
             result[key] = str(out / Path(result[key]).relative_to(local))
         return result
@@ -380,17 +383,14 @@ def _baseline_activations(ctx: _Ctx) -> tuple[list[list[np.ndarray]], str]:
         hiddens = {m: [h.float() for h in ctx.pop.probe[m].hiddens] for m in ids}
         source = f"recorded probe trajectories of task {tasks[0]!r}"
     else:
-        from .. import zoo
-
         inputs = ctx.pop.probe_inputs[tasks[0]]
         n = min(len(inputs), 512)
         inputs = inputs.subset(slice(0, n))
-        layout = store.Layout.at(ctx.run.population_root)
         hiddens = {}
         for i in ctx.sample:
             r = ctx.run.rows[i]
             with torch.no_grad():
-                hiddens[r["model_id"]] = zoo.load(layout.path(r["weights_path"])).trajectories(inputs.x)[0]
+                hiddens[r["model_id"]] = _base_model(ctx, r).trajectories(inputs.x)[0]
         source = (f"every model re-run from its weights on the probe inputs of task {tasks[0]!r} "
                   f"({n} examples; the models span tasks {tasks})")
     n = min(h[0].shape[0] for h in hiddens.values())
@@ -496,15 +496,23 @@ def _test_logits(ctx: _Ctx) -> tuple[np.ndarray | None, str]:
     return np.stack([ctx.pop.test[m].outputs[:n, -1].float().numpy() for m in ids]), ""
 
 
-def _raw_weights(ctx: _Ctx) -> tuple[np.ndarray | None, str]:
-    """(N, P) flattened parameters of the sampled models, or None and why they cannot be compared."""
+def _base_model(ctx: _Ctx, row: dict):
+    """A base model of the run rebuilt from its weights file; a damaged file's error says what to do."""
     from .. import zoo
 
-    layout = store.Layout.at(ctx.run.population_root)
+    root = ctx.run.population_root
+    try:
+        return zoo.load(store.Layout.at(root).path(row["weights_path"]))
+    except ValueError as err:
+        raise ValueError(f"{err}; {store.repair_remedy(root)}") from None
+
+
+def _raw_weights(ctx: _Ctx) -> tuple[np.ndarray | None, str]:
+    """(N, P) flattened parameters of the sampled models, or None and why they cannot be compared."""
     first_shapes, first_row, vectors = None, None, []
     for i in ctx.sample:
         r = ctx.run.rows[i]
-        params = list(zoo.load(layout.path(r["weights_path"])).named_parameters())
+        params = list(_base_model(ctx, r).named_parameters())
         shapes = [(k, tuple(p.shape)) for k, p in params]
         if first_shapes is None:
             first_shapes, first_row = shapes, r
@@ -699,7 +707,6 @@ def _cover(land: ThetaLandscape, path_S2: np.ndarray, ctx: _Ctx, geo: EmbeddingG
 
 def _fixed_points(ctx: _Ctx, sec: Section, results: dict) -> dict:
     from . import figures
-    from .. import zoo
 
     if ctx.run.family != "rnn":
         sec.skip("Fixed points are defined for recurrent dynamics; this is a ResNet (CNN) population.")
@@ -760,10 +767,9 @@ def _fixed_points(ctx: _Ctx, sec: Section, results: dict) -> dict:
     path_head = _fixed_point_path(ctx, sec, finder)
 
     # base models from the zoo: each in its own hidden space
-    layout = store.Layout.at(ctx.run.population_root)
     base_rows, base_panels = [], []
     for r in _base_models_for_fp(ctx):
-        model = zoo.load(layout.path(r["weights_path"]))
+        model = _base_model(ctx, r)
         probe = ctx.pop.probe_inputs[r["task"]].subset(slice(0, NUM_FP_PROBE))
         visited = base_visited_states(model, probe.x, probe.lengths)
         f = _clone(finder).fit(base_dynamics(model), visited)

@@ -388,19 +388,48 @@ def _first_line(err: BaseException) -> str:
 
 
 @contextmanager
-def staged(dest: str | os.PathLike | RemotePath, last: tuple[str, ...] = ()) -> Iterator[Path]:
+def staged(dest: str | os.PathLike | RemotePath, last: tuple[str, ...] = (), whole: bool = False) -> Iterator[Path]:
     """A local directory to write ``dest``'s files into: ``dest`` itself when local; for a URI a
     temporary directory uploaded (one put per file, ``last`` names put after all others, e.g. the
-    file whose presence says a run finished) when the block ends without an error."""
+    file whose presence says a run finished) when the block ends without an error.
+
+    ``whole``: a local ``dest`` too gets its files only when the block ends without an error: they
+    are written in a hidden staging directory inside it, renamed into place at the end (each
+    top-level entry replacing its namesake, ``last`` last) and deleted on an error, so a failed
+    stage leaves ``dest`` as it was, with no partial outputs."""
     target = as_path(dest)
     if not isinstance(target, RemotePath):
         target.mkdir(parents=True, exist_ok=True)
-        yield target
+        if not whole:
+            yield target
+            return
+        staging = target / f".staging-{uuid.uuid4().hex}"
+        staging.mkdir()
+        try:
+            yield staging
+            _publish(staging, target, last)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return
     with tempfile.TemporaryDirectory(prefix="dynamo-stage-") as tmp:
         local = Path(tmp)
         yield local
         upload_dir(local, target, last=last)
+
+
+def _publish(staging: Path, target: Path, last: tuple[str, ...]) -> None:
+    """Rename ``staging``'s top-level entries into ``target`` (same filesystem: each rename is atomic),
+    replacing entries of the same name; ``last`` names go after the others."""
+    entries = sorted(staging.iterdir(), key=lambda p: (p.name in last, p.name))
+    for p in entries:
+        dest = target / p.name
+        if dest.is_dir() and not dest.is_symlink():
+            old = target / f".replaced-{uuid.uuid4().hex}"  # a directory cannot be renamed over a full one
+            dest.rename(old)
+            p.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(p, dest)
 
 
 def upload_dir(local: Path, dest: RemotePath, last: tuple[str, ...] = ()) -> None:

@@ -159,8 +159,9 @@ def remove_temp_files(root: str | os.PathLike) -> list[Path]:
 absolute = fsio.absolute
 
 
-def read_parquet(path: AnyPath, what: str) -> pa.Table:
-    """Read a Parquet file; a missing one is FileNotFoundError, an unreadable one ValueError, both naming it."""
+def read_parquet(path: AnyPath, what: str, remedy: str = "delete it and re-run its stage") -> pa.Table:
+    """Read a Parquet file; a missing one is FileNotFoundError, an unreadable one ValueError, both naming
+    it (the latter ends with ``remedy``)."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
@@ -172,7 +173,13 @@ def read_parquet(path: AnyPath, what: str) -> pa.Table:
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} not found: {path}") from None
     except (pa.ArrowInvalid, OSError) as err:
-        raise ValueError(f"{what} {path} is not a readable Parquet file ({err}); delete it and re-run its stage") from None
+        raise ValueError(f"{what} {path} is not a readable Parquet file ({err}); {remedy}") from None
+
+
+def repair_remedy(root: str | os.PathLike) -> str:
+    """What to do about a damaged model file of ``root``: every integrity error ends with it."""
+    return (f"run `dynamo-dist repair --root {root}` (it marks the damaged models failed; the next "
+            "`dynamo-dist population` retrains them), then rerun the stage")
 
 
 # ---------------------------------------------------------------- population info
@@ -418,7 +425,7 @@ def trajectory_info(root: str | os.PathLike, model_id: str, split: str = "probe"
             meta = schema.metadata or {}
             step_max = _footer_max(md, "step")
     except (pa.ArrowInvalid, OSError) as err:
-        raise ValueError(f"{what} {path} is not a readable Parquet file ({err}); delete it and re-run its stage") from None
+        raise ValueError(f"{what} {path} is not a readable Parquet file ({err}); {repair_remedy(root)}") from None
     try:
         shapes = [tuple(s) for s in json.loads(meta[b"dynamo.hidden_shapes"])]
         family = meta[b"dynamo.family"].decode()
@@ -506,7 +513,7 @@ def read_trajectory(root: str | os.PathLike, model_id: str, split: str = "probe"
     """
     layout = Layout.at(root)
     path = layout.path(layout.trajectory_rel(model_id, split))
-    table = read_parquet(path, f"trajectory of model {model_id!r} ({split})")
+    table = read_parquet(path, f"trajectory of model {model_id!r} ({split})", repair_remedy(root))
     meta = table.schema.metadata or {}
     try:
         shapes = [tuple(s) for s in json.loads(meta[b"dynamo.hidden_shapes"])]
@@ -522,7 +529,7 @@ def read_trajectory(root: str | os.PathLike, model_id: str, split: str = "probe"
     hidden = hidden.astype(dtype or hidden.dtype, copy=not hidden.flags.writeable or dtype not in (None, hidden.dtype))
     output = output.astype(dtype or output.dtype, copy=not output.flags.writeable or dtype not in (None, output.dtype))
     if not (np.isfinite(hidden).all() and np.isfinite(output).all()):
-        raise ValueError(f"trajectory file {path} contains NaN/Inf values (model {model_id!r})")
+        raise ValueError(f"trajectory file {path} contains NaN/Inf values (model {model_id!r}); {repair_remedy(root)}")
     if family == "rnn":
         hiddens = [torch.from_numpy(hidden.reshape((n, t_len) + shapes[0]))]
         outputs = torch.from_numpy(output.reshape(n, t_len, -1))
@@ -563,6 +570,20 @@ def damage(root: str | os.PathLike, row: dict) -> str | None:
         except Exception as err:  # noqa: BLE001 -- safetensors and Arrow raise their own error types
             return f"{kind} file {path} is unreadable ({str(err).splitlines()[0][:200]})"
     return None
+
+
+def check_intact(root: str | os.PathLike, rows: list[dict]) -> None:
+    """Refuse, before a stage does any work, models whose files cannot be trusted (``damage``: sizes,
+    headers and footers; nothing decoded). ValueError names each damaged file and the remedy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # file opens dominate on network filesystems
+        problems = list(pool.map(lambda r: damage(root, r), rows))
+    bad = [f"model {r['model_id']!r}: {why}" for r, why in zip(rows, problems) if why]
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise ValueError(f"{len(bad)} model(s) of population root {root} have damaged files: "
+                         f"{'; '.join(bad[:5])}{more}; {repair_remedy(root)}")
 
 
 def safetensors_header(path: AnyPath) -> dict:
