@@ -178,3 +178,34 @@ def test_embed_of_a_damaged_model_names_it_and_the_repair(copied_run, tmp_path):
                              "--models", "b-s000", "--steps", "5"], 2,
                   [f"model 'b-s000': probe file {probe} has", REMEDY.format(root=root), RERUN], new_files=True)
     assert not (copied_run / "meta/posthoc/embeddings.parquet").exists()
+
+
+# ---------------------------------------------------------------- half-written checkpoints
+
+
+def test_a_half_written_checkpoint_folder_is_removed_on_resume(meta_run, tmp_path):  # noqa: F811
+    """A folder Ray Train's workers were still uploading into when the run was killed (not in Ray's
+    checkpoint manager snapshot) is deleted by the re-run, which resumes from the listed checkpoint."""
+    import hashlib
+    import json
+
+    run_dir, args = meta_run
+    copy = Path(shutil.copytree(run_dir, tmp_path / "copy", symlinks=True))
+    args = [a.replace(f"run_dir={run_dir}", f"run_dir={copy}") for a in args]
+    runs = copy / "meta/ray_results/meta"
+    snapshot = json.loads((runs / "checkpoint_manager_snapshot.json").read_text())
+    listed = {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
+    latest = runs / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    half = runs / "checkpoint_2099-01-01_00-00-00.000000"  # newer than every real one
+    half.mkdir()
+    shutil.copy(latest / "shared.pt", half / "shared.pt")
+    (half / "shard-0.pt").write_bytes((latest / "shard-0.pt").read_bytes()[:1000])  # cut mid-upload
+    kept = {p.name: hashlib.sha256((latest / p.name).read_bytes()).hexdigest() for p in latest.iterdir()}
+
+    res = _cli("meta", *args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"removed 1 checkpoint folder(s) an interrupted run left half-written: {half.name}" in res.stdout
+    assert not half.exists()
+    assert {p.name for p in runs.glob("checkpoint_*") if p.is_dir()} >= listed  # the listed ones are kept
+    assert {p.name: hashlib.sha256((latest / p.name).read_bytes()).hexdigest() for p in latest.iterdir()} == kept
+    assert json.loads((copy / "meta/summary.json").read_text())["steps"] == 10  # resumed at its last step

@@ -177,9 +177,8 @@ def check_resumable(cfg: MetaConfig, model_ids: list[str]) -> None:
     """The run's latest checkpoint in ``meta.output_dir`` (which a re-run resumes from) fits ``cfg``
     and the population: checked here, once, instead of in every Train worker after Ray started
     (where Ray Train would retry the error ``max_failures`` times)."""
-    run_dir = outputs.ray_storage(cfg.output_dir) / "meta"
-    found = sorted((p for p in run_dir.glob("checkpoint_*") if (p / checkpoint.SHARED_FILE).is_file()),
-                   key=str) if run_dir.is_dir() else []
+    listed, _ = _checkpoint_folders(cfg)
+    found = [p for p in listed if (p / checkpoint.SHARED_FILE).is_file()]
     if not found:
         return
     shared = checkpoint.safe_load(found[-1] / checkpoint.SHARED_FILE)
@@ -188,6 +187,39 @@ def check_resumable(cfg: MetaConfig, model_ids: list[str]) -> None:
     except ValueError as err:
         raise ValueError(f"{err}. meta.output_dir {cfg.output_dir} holds that run and a re-run resumes it: give "
                          "another meta.output_dir to start a new one") from None
+
+
+def _checkpoint_folders(cfg: MetaConfig) -> tuple[list[fsio.AnyPath], list[fsio.AnyPath]]:
+    """(listed, unlisted): the checkpoint folders of ``meta.output_dir``'s Ray Train run that Ray's
+    checkpoint manager snapshot lists (what a re-run resumes from) and those it does not: folders an
+    interrupted run was still writing (its workers upload their files into the folder before the
+    controller registers it). Both sorted by name (= time). An unreadable snapshot lists them all
+    (Ray reports it; nothing is taken for half-written)."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    run_dir = outputs.ray_storage(cfg.output_dir) / "meta"
+    folders = sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=str) if run_dir.is_dir() else []
+    snapshot = run_dir / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+    if not folders or not snapshot.is_file():
+        return [], folders
+    try:
+        state = json.loads(snapshot.read_text())
+    except ValueError:
+        return folders, []
+    results = state.get("checkpoint_results", []) + state.get("pending_training_results", []) + \
+        [state.get("latest_checkpoint_result") or {}]
+    names = {r["checkpoint_dir_name"] for r in results if r.get("checkpoint_dir_name")}
+    return [p for p in folders if p.name in names], [p for p in folders if p.name not in names]
+
+
+def remove_partial_checkpoints(cfg: MetaConfig) -> list[fsio.AnyPath]:
+    """Delete the checkpoint folders an interrupted run left half-written (``_checkpoint_folders``'
+    unlisted ones): Ray resumes from listed checkpoints only and never deletes the others, so they
+    would stay forever. Call with the output directory's lock held (no writer). Returns them."""
+    _, stale = _checkpoint_folders(cfg)
+    for p in stale:
+        fsio.remove_tree(p)
+    return stale
 
 
 # ---------------------------------------------------------------- the worker
@@ -604,6 +636,10 @@ def run_meta(cfg: MetaConfig, population_root: str, address: str | None = None, 
         if cfg.device != "cpu":  # the cluster's GPUs decide; a missing one fails before the output
             cfg = for_cluster(cfg, init_ray(address))  # directory is created (its lock) or written
         with lock.hold(cfg.output_dir, "meta", what="meta output directory"):
+            stale = remove_partial_checkpoints(cfg)
+            if stale and progress:
+                print(f"removed {len(stale)} checkpoint folder(s) an interrupted run left half-written: "
+                      f"{', '.join(p.name for p in stale)}", flush=True)
             init_ray(address)
             queue = _progress_queue() if progress else None
             trainer = build_trainer(cfg, root, tracking_store=tracking_store, progress=progress and verbose(),
@@ -700,5 +736,5 @@ def fit_bounded(trainer, cfg: MetaConfig, progress_queue=None):
                            f"checkpoint in {cfg.output_dir}") from None
 
 
-__all__ = ["assign_shards", "validate_population", "for_cluster", "train_loop_per_worker", "build_trainer", "finalize",
-           "run_meta"]
+__all__ = ["assign_shards", "validate_population", "for_cluster", "remove_partial_checkpoints", "train_loop_per_worker",
+           "build_trainer", "finalize", "run_meta"]
