@@ -17,21 +17,21 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .data.fsio import URI_SCHEMES  # the schemes a path field may have (fsio owns them)
+
 SEQUENCE_ARCHS = ("gru", "rnn", "lstm")
 RESNET_ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50")
 ARCHS = SEQUENCE_ARCHS + RESNET_ARCHS
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-# URI schemes pyarrow.fs opens natively (pyarrow.fs.FileSystem.from_uri); file:// is a local path
-URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 
 
 def check_location(v: str) -> str:
-    """A path field: a local path or a URI whose scheme pyarrow.fs knows (checked without network)."""
+    """A path field: a local path or a URI with a supported scheme (``fsio.URI_SCHEMES``; checked without network)."""
     scheme, sep, rest = v.partition("://")
     if sep and scheme != "file":
         if scheme not in URI_SCHEMES:
-            raise ValueError(f"{v!r}: pyarrow.fs has no filesystem for the scheme {scheme!r}; give a local path "
-                             f"or a URI with one of {', '.join(s + '://' for s in URI_SCHEMES)}")
+            raise ValueError(f"{v!r}: dynamo_dist cannot store files at a {scheme}:// URI; give a local path or a "
+                             f"URI with one of the supported schemes {', '.join(s + '://' for s in URI_SCHEMES)}")
         if not rest.split("/", 1)[0]:
             raise ValueError(f"{v!r}: no bucket or host after {scheme}://")
     return v

@@ -209,3 +209,46 @@ def test_a_half_written_checkpoint_folder_is_removed_on_resume(meta_run, tmp_pat
     assert {p.name for p in runs.glob("checkpoint_*") if p.is_dir()} >= listed  # the listed ones are kept
     assert {p.name: hashlib.sha256((latest / p.name).read_bytes()).hexdigest() for p in latest.iterdir()} == kept
     assert json.loads((copy / "meta/summary.json").read_text())["steps"] == 10  # resumed at its last step
+
+
+# ---------------------------------------------------------------- URIs that cannot work, stores without credentials
+
+AZURE = "abfs://c@acct.dfs.core.windows.net/studies/pop"
+SUPPORTED = "supported schemes s3://, gs://, gcs://, hdfs://, viewfs://"
+
+
+def test_an_abfs_root_is_refused_at_validation_with_the_supported_schemes(tmp_path):
+    _battery_case(tmp_path, ["population", *_smoke_args(tmp_path / "run", f"population.root={AZURE}")], 2,
+                  ["population.root", AZURE, "cannot store files at a abfs:// URI", SUPPORTED])
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_abfs_meta_dir_is_refused_naming_it(tmp_path):
+    _battery_case(tmp_path, ["analyze", "--meta-dir", AZURE, "--no-log"], 2, [AZURE, SUPPORTED])
+
+
+def test_an_s3_root_without_credentials_says_none_were_found(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from servers import s3_server
+
+    work, logs = tmp_path / "work", tmp_path / "s3"  # the server's log changes: outside the checked files
+    home = work / "home"  # no ~/.aws
+    home.mkdir(parents=True)
+    (home / ".bashrc").write_text("# a file that must stay as it is\n")
+    logs.mkdir()
+    with s3_server(logs, buckets=("bucket",), auth=True) as server:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update(HOME=str(home), AWS_ENDPOINT_URL=server["AWS_ENDPOINT_URL"], AWS_DEFAULT_REGION="us-east-1",
+                   AWS_EC2_METADATA_DISABLED="true")
+        before = _digests(work)
+        res = subprocess.run([sys.executable, "-m", "dynamo_dist.cli", "population",
+                              *_smoke_args(work / "run", "population.root=s3://bucket/pop")],
+                             capture_output=True, text=True, timeout=180, env=env)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "s3://bucket/pop" in res.stderr and "no credentials found: set AWS_ACCESS_KEY_ID" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert _digests(work) == before  # nothing changed, nothing written
+    assert not (work / "run").exists()

@@ -206,7 +206,7 @@ def test_an_interrupted_population_on_a_bucket_resumes_without_retraining(s3, tm
 
 @pytest.mark.parametrize("override, expected", [
     (["--set", "run_dir=s3://no-such-bucket/run"], "the bucket 'no-such-bucket' does not exist"),
-    (["--set", "run_dir=ftp://host/run"], "no filesystem for the scheme 'ftp'"),
+    (["--set", "run_dir=ftp://host/run"], "cannot store files at a ftp:// URI"),
     (["--set", "population.root=s3://bucket/x", "--set", "run_dir=s3://bucket/y"], "tracking.tracking_uri"),
 ])
 def test_bad_locations_fail_before_any_work_naming_the_uri_or_field(s3, tmp_path, override, expected):

@@ -35,6 +35,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 BUCKET_SCHEMES = ("s3", "gs", "gcs")  # the URI's host is a bucket, part of the filesystem path
+# The URI schemes a path may have (file:// is a local path). Object stores map bucket/key as above;
+# hdfs/viewfs map host + /path. Not abfs/abfss: pyarrow's AzureFileSystem names a container as
+# ``container@account`` and wants ``container/path`` inside it, a mapping nothing here makes or
+# tests (each abfs:// root failed with "Location cannot start with a separator").
+URI_SCHEMES = BUCKET_SCHEMES + ("hdfs", "viewfs")
 _filesystems: dict[tuple[str, str], pafs.FileSystem] = {}
 _fs_lock = threading.Lock()
 
@@ -55,9 +60,13 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     (and per endpoint and credentials in the environment: a process that points AWS_ENDPOINT_URL or
     its keys elsewhere gets a filesystem for them, not the one made for the old ones).
 
-    A scheme pyarrow does not know is a ValueError naming the URI.
+    A scheme pyarrow does not know, or one this module cannot map (``URI_SCHEMES``), is a ValueError
+    naming the URI and the supported schemes.
     """
     scheme, _, rest = uri.partition("://")
+    if scheme not in URI_SCHEMES:
+        raise ValueError(f"{uri}: dynamo_dist cannot store files at a {scheme}:// URI; give a local path or a URI "
+                         f"with one of the supported schemes {', '.join(s + '://' for s in URI_SCHEMES)}")
     bucket = rest.split("/", 1)[0]
     key = (scheme, bucket, tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_CONNECTION_ENV))))
     with _fs_lock:
@@ -281,12 +290,34 @@ _DENIED = ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoes
 
 
 def store_error(uri: str, action: str, err: OSError) -> OSError:
-    """An object-store error that names the URI, and the credentials when the store refused them."""
+    """An object-store error that names the URI, and the credentials when the store refused them
+    or none were found."""
     hint = ("; check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE; for gs://, "
             "GOOGLE_APPLICATION_CREDENTIALS)") if any(d in str(err) for d in _DENIED) else ""
+    hint = _no_credentials(uri) or hint
     out = OSError(f"cannot {action} {uri}: {_first_line(err)}{hint}")
     out.strerror = str(out)
     return out
+
+
+_AWS_SOURCES = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+
+
+def _no_credentials(uri: str) -> str:
+    """For an s3:// URI and a process with no AWS credentials anywhere the AWS SDK looks (the
+    environment, ~/.aws, web identity, container), the sentence that says so; else "". A store
+    asked without credentials answers with errors that do not say it (moto: "AWS Error UNKNOWN
+    (HTTP status 500)"), so a failed request is explained here. Only an EC2 instance role is not
+    looked for (that needs the network)."""
+    if not str(uri).startswith("s3://") or any(os.environ.get(k) for k in _AWS_SOURCES):
+        return ""
+    files = (os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+             os.environ.get("AWS_CONFIG_FILE", "~/.aws/config"))
+    if any(os.path.isfile(os.path.expanduser(f)) for f in files):
+        return ""
+    return ("; no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE with "
+            "~/.aws/credentials (an EC2 instance role is the only source not looked for)")
 
 
 def as_path(p: str | os.PathLike | RemotePath) -> AnyPath:
@@ -368,9 +399,10 @@ def check_writable(path: AnyPath, what: str) -> None:
     try:
         found = path.fs.get_file_info(bucket).type != pafs.FileType.NotFound
     except OSError as err:
-        raise ValueError(f"{what} {path}: cannot reach its store ({_first_line(err)}); check the endpoint "
-                         "(AWS_ENDPOINT_URL) and credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
-                         "AWS_PROFILE)") from None
+        missing = _no_credentials(str(path))
+        raise ValueError(f"{what} {path}: cannot reach its store ({_first_line(err)})" + (missing or
+                         "; check the endpoint (AWS_ENDPOINT_URL) and credentials (AWS_ACCESS_KEY_ID/"
+                         "AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")) from None
     if not found:
         raise ValueError(f"{what} {path}: the bucket {bucket!r} does not exist (or these credentials cannot see "
                          "it); create it first or give another URI")
@@ -379,8 +411,8 @@ def check_writable(path: AnyPath, what: str) -> None:
         probe.write_bytes(b"")
         probe.unlink(missing_ok=True)
     except OSError as err:
-        raise ValueError(f"{what} {path} is not writable: {_first_line(err)}; check the credentials "
-                         "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)") from None
+        raise ValueError(f"{what} {path} is not writable: {_first_line(err)}" + (_no_credentials(str(path)) or
+                         "; check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")) from None
 
 
 def _first_line(err: BaseException) -> str:
