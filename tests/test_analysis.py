@@ -370,20 +370,30 @@ def _tiny_meta(seed: int = 0, dim: int = 2) -> MetaRNN:
     return MetaRNN(spec, hidden_size=12, embedding_dim=dim, output_sizes={"t": 3}).eval()
 
 
-def test_centroid_of_identical_thetas_is_that_theta():
+def test_centroids_are_mean_thetas_and_the_meta_model_is_run_at_them():
     theta = np.array([0.3, -1.2, 0.7])
     c = centroids(np.tile(theta, (5, 1)), ["g"] * 5)
     np.testing.assert_array_equal(c["g"], theta)
     two = centroids(np.array([[0.0, 0.0], [2.0, 4.0], [5.0, 5.0]]), ["a", "a", "b"])
     np.testing.assert_allclose(two["a"], [1.0, 2.0])
-    # the meta-model at the centroid of identical members is exactly the members' meta-model
+    # the meta-model is run at the centroid of distinct members: labelled with its own decisions
+    # at the hand-computed mean theta, the centroid row scores 1 and the members do not
     meta = _tiny_meta()
-    th = np.tile([0.4, -0.9], (3, 1))
-    test = Split(torch.randn(40, 8, 2), torch.randint(0, 3, (40,)), torch.full((40,), 8))
-    avg = ModelAveraging().fit(meta, th, ["m0", "m1", "m2"], ["g"] * 3, ["t"] * 3, {"t": test},
-                               {"m0": 0.5, "m1": 0.6, "m2": 0.7})
+    th = np.array([[0.0, 0.0], [6.0, -3.0], [-3.0, 9.0]])  # mean (1, 2)
+    x = torch.randn(40, 8, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y_at_mean = meta(x, torch.tensor([[1.0, 2.0]]).expand(40, -1))[1]["t"][:, -1].argmax(-1)
+    test = Split(x, y_at_mean, torch.full((40,), 8))
+    avg = ModelAveraging(pairs=[("m1", "m2")]).fit(meta, th, ["m0", "m1", "m2"], ["g"] * 3, ["t"] * 3, {"t": test},
+                                                   {"m0": 0.5, "m1": 0.6, "m2": 0.7})
     cen = next(r for r in avg.table_ if r["kind"] == "centroid")
-    assert cen["meta_accuracy"] == pytest.approx(avg.member_meta_accuracy_[0])
+    assert cen["theta"] == [1.0, 2.0] and cen["meta_accuracy"] == 1.0
+    # the control: at each member's theta the meta-model decides otherwise on some inputs, so a
+    # centroid row evaluated anywhere but the mean would score below 1
+    assert (avg.member_meta_accuracy_ < 1.0).all() and cen["member_meta_mean"] < 1.0
+    mid = next(r for r in avg.table_ if r["kind"].startswith("midpoint"))
+    assert mid["theta"] == [1.5, 3.0]
+    assert mid["meta_accuracy"] == pytest.approx(accuracies(meta, np.array([1.5, 3.0]), "t", test)[0])
     assert cen["member_base_mean"] == pytest.approx(0.6) and cen["member_base_max"] == pytest.approx(0.7)
 
 

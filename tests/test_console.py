@@ -30,3 +30,51 @@ def test_smoke_pipeline_console_is_the_projects_own(tmp_path):
     assert any(ln.startswith("meta:") and "agreement=" in ln for ln in lines)  # live val metrics on the bar
     assert any(ln.startswith("analyze:") for ln in lines)
     assert "== dynamo_dist pipeline finished in" in res.stdout
+
+
+def test_ctrl_c_is_one_line_and_a_rerun_resumes(tmp_path):
+    """Ctrl-C during the population stage prints one line and exits 130; the same command run
+    again trains only what was left, leaving the models completed before the interrupt untouched."""
+    import hashlib
+    import signal
+    import time
+
+    from dynamo_dist.data import store
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DYNAMO_VERBOSE")}
+    root = tmp_path / "run" / "population"
+    # group a (2 epochs) completes first, group b (100 epochs, ~8 s a model here) is still training
+    cmd = [sys.executable, "-m", "dynamo_dist.cli", "population", "--recipe", "smoke",
+           "--set", f"run_dir={tmp_path / 'run'}", "--set", "population.groups.1.epochs=100"]
+
+    def complete() -> list[str]:
+        try:
+            return [r["model_id"] for r in store.manifest_rows(root)]
+        except (FileNotFoundError, ValueError, OSError):  # not written yet
+            return []
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not complete() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    lines = [ln for ln in err.splitlines() if "interrupted" in ln]
+    assert lines == ["dynamo-dist population: interrupted; completed work is kept (every file is written whole), "
+                     "re-run the same command to resume"], err[-3000:]
+    assert "Traceback" not in err and not list(root.rglob("*.tmp"))  # nothing half-written left behind
+    done = complete()
+    assert 1 <= len(done) < 4, done  # something to keep and something to resume
+    kept = {m: hashlib.sha256((root / "weights" / f"{m}.safetensors").read_bytes()).hexdigest() for m in done}
+    mtimes = {m: (root / "weights" / f"{m}.safetensors").stat().st_mtime_ns for m in done}
+
+    dry = subprocess.run(cmd + ["--dry-run"], capture_output=True, text=True, env=env, timeout=120)
+    assert f"total: {4 - len(done)} of 4 to train" in dry.stdout, dry.stdout + dry.stderr[-2000:]
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "4 complete models in" in again.stdout and "Traceback" not in again.stderr
+    assert sorted(complete()) == ["a-s000", "a-s001", "b-s000", "b-s001"]
+    for m in done:  # the models completed before Ctrl-C were resumed past, not retrained
+        assert (root / "weights" / f"{m}.safetensors").stat().st_mtime_ns == mtimes[m], m
+        assert hashlib.sha256((root / "weights" / f"{m}.safetensors").read_bytes()).hexdigest() == kept[m], m

@@ -439,9 +439,17 @@ def test_meta_rnn_h0_independent_of_theta_and_theta_changes_dynamics():
     h_a = meta(x, torch.zeros(2, 3))[0][0]
     h_b = meta(x, torch.ones(2, 3))[0][0]
     assert not torch.allclose(h_a, h_b)
-    # one step from h_0 = 0 with .step equals the first state of the forward pass
-    h1 = meta.step(meta.encode(x)[:, 0], torch.zeros(2, 3), torch.zeros(2, 6))
-    torch.testing.assert_close(h1, h_a[:, 0])
+    # h_0 = 0 whatever theta: for every theta (not only theta = 0, where a theta-dependent h_0 such
+    # as W theta would vanish too), one .step from h = 0 gives the forward pass's first state
+    u0 = meta.encode(x)[:, 0]
+    thetas = [torch.zeros(2, 3), torch.ones(2, 3), torch.randn(2, 3, generator=torch.Generator().manual_seed(1)) * 3]
+    for theta in thetas:
+        first = meta(x, theta)[0][0][:, 0]
+        torch.testing.assert_close(meta.step(u0, theta, torch.zeros(2, 6)), first)
+    # the control: a start that depends on theta gives another first state, so the check above can fail
+    theta = thetas[2]
+    h0_of_theta = torch.tanh(theta @ torch.ones(3, 6))
+    assert not torch.allclose(meta.step(u0, theta, h0_of_theta), meta(x, theta)[0][0][:, 0], atol=1e-3)
 
 
 def test_meta_resnet_shares_w_across_blocks_of_equal_width():

@@ -101,18 +101,83 @@ def test_meta_run_outputs_and_reload(pop_root, tmp_path):
         assert all(torch.equal(got[m]["maps"][k], v) for k, v in want[m]["maps"].items())
 
 
+def _recorded_from_the_meta_model(tr) -> dict:
+    """Test trajectories that the meta-model emulates exactly: for each model, its hidden states at
+    theta_n cut to the base width (V_n = [I | 0], set by hand) and its head's outputs at theta_n."""
+    data, emb, test = tr.data, tr.embeddings, {}
+    with torch.no_grad():
+        for i, row in enumerate(data.rows):
+            emb.theta[i].copy_(torch.tensor([i - 1.5, 1.0, -0.5 * i]))  # distinct, non-zero thetas
+            (v,) = emb.maps[i]
+            v.weight.copy_(torch.eye(*v.weight.shape))
+            v.bias.zero_()
+            x = data.test_inputs[row["task"]].x[: data.test[row["model_id"]].num_examples]
+            (h,), outs = tr.meta.eval()(x, emb.theta[i].detach()[None].expand(len(x), -1))
+            test[row["model_id"]] = store.Trajectory(row["model_id"], [h[..., : v.weight.shape[0]].clone()],
+                                                     outs[row["task"]].clone())
+    return test
+
+
 def test_metrics_known_answers_for_a_perfect_emulator(pop_root, tmp_path):
-    """A meta-model whose V_n reproduces h exactly scores R^2 = 1; a zero map scores R^2 <= 0."""
+    """Base trajectories recorded from the meta-model itself score agreement 1 and hidden R^2 1;
+    known distortions of them score the R^2 and agreement computed by hand."""
+    import dataclasses
+
+    from dynamo_dist.meta.objective import step_mask
+
     data = load_population(pop_root)
     tr = DynamoTrainer(_meta_cfg(pop_root, tmp_path), data)
-    m = summarize(evaluate(tr, "test"))
-    assert m["mean_hidden_r2"] < 0.5  # untrained
-    for maps in tr.embeddings.maps:
-        for v in maps:
-            torch.nn.init.zeros_(v.weight)
-            torch.nn.init.zeros_(v.bias)
-    zero = summarize(evaluate(tr, "test"))
-    assert zero["mean_hidden_r2"] <= 0.0
+    assert summarize(evaluate(tr, "test"))["mean_hidden_r2"] < 0.5  # the real, unfitted population
+    perfect = _recorded_from_the_meta_model(tr)
+    tr.data = dataclasses.replace(data, test=perfect)
+    per_model = evaluate(tr, "test")
+    assert sorted(per_model) == sorted(perfect)
+    for mid, m in per_model.items():
+        assert m["agreement"] == 1.0 and m["hidden_r2"] == pytest.approx(1.0, abs=1e-6), mid
+        assert m["meta_accuracy"] == m["base_accuracy"]
+
+    # Distorted copies, each with an answer known in closed form:
+    # * base = p + (p - mean_p) on half the units (mean over valid steps and examples, per unit), base = p on
+    #   the others: pooled R^2 = 1 - S_a / (4 S_a + S_b), S the sum of squares around the unit means;
+    #   an uncentred SST, a per-unit mean of R^2s or SST around one grand mean give other values.
+    # * the final-step outputs of the first k examples rolled by one class: agreement = 1 - k / n.
+    distorted, want_r2, want_agree = {}, {}, {}
+    for mid, traj in perfect.items():
+        row = data.row(mid)
+        p = traj.hiddens[0]
+        n, t_len, units = p.shape
+        mask = step_mask(data.test_inputs[row["task"]].lengths[:n], t_len)
+        valid = p[mask].double()  # (valid steps, units)
+        centred = p.double() - valid.mean(0)
+        half = units // 2
+        base = p.double().clone()
+        base[..., :half] += centred[..., :half]
+        ss = (valid - valid.mean(0)).pow(2).sum(0)
+        want_r2[mid] = 1.0 - float(ss[:half].sum()) / float(4 * ss[:half].sum() + ss[half:].sum())
+        k = n // 4
+        outputs = traj.outputs.clone()
+        outputs[:k, -1] = torch.eye(outputs.shape[-1])[(traj.outputs[:k, -1].argmax(-1) + 1) % outputs.shape[-1]]
+        want_agree[mid] = 1.0 - k / n
+        distorted[mid] = store.Trajectory(mid, [base.float()], outputs)
+    tr.data = dataclasses.replace(data, test=distorted)
+    for mid, m in evaluate(tr, "test").items():
+        assert m["hidden_r2"] == pytest.approx(want_r2[mid], abs=1e-5), mid
+        assert m["agreement"] == pytest.approx(want_agree[mid]), mid
+        assert 0.2 < want_r2[mid] < 0.9  # the control: far from 1, so a metric blind to the distortion fails
+
+    # a zero map predicts h = 0: R^2 = -n * sum(mean^2) / SST <= 0 (exactly, pooled)
+    tr.data = dataclasses.replace(data, test=perfect)
+    with torch.no_grad():
+        for i in range(len(data.rows)):
+            for v in tr.embeddings.maps[i]:
+                v.weight.zero_()
+                v.bias.zero_()
+    for mid, m in evaluate(tr, "test").items():
+        h = perfect[mid].hiddens[0]
+        valid = h[step_mask(data.test_inputs[data.row(mid)["task"]].lengths[: len(h)], h.shape[1])].double()
+        sst = float((valid - valid.mean(0)).pow(2).sum())
+        assert m["hidden_r2"] == pytest.approx(1.0 - float(valid.pow(2).sum()) / sst, rel=1e-5), mid
+        assert m["hidden_r2"] <= 0.0
 
 
 def test_resnet_population_trains_meta_resnet(tmp_path):
