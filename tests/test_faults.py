@@ -25,6 +25,7 @@ from dynamo_dist.data import lock, store
 from dynamo_dist.population import repair as repair_mod
 from dynamo_dist.population import train as population
 
+pytestmark = pytest.mark.integration  # starts Ray (and CLI subprocesses that do)
 GROUPS = (GroupSpec(name="a", task="mnist1d", arch="gru", hidden_size=8, num_seeds=2, epochs=1, batch_size=64),
           GroupSpec(name="b", task="mnist1d", arch="rnn", hidden_size=8, num_seeds=1, epochs=1, batch_size=64))
 IDS = ["a-s000", "a-s001", "b-s000"]
