@@ -517,6 +517,19 @@ class ModelEmbeddings(nn.Module):
             self._live_modules[row] = mods
         return mods
 
+    def maps_of(self, row: int) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """V_n of model ``row`` as (weight, bias) leaves per tap (views of the tables: writes land there)."""
+        params = self.live(row)
+        return list(zip(params[1::2], params[2::2]))
+
+    def maps_solved(self, row: int) -> bool:
+        """Whether V_n of model ``row`` has been set before (solved, stepped or loaded): its step counts."""
+        return bool(float(self.steps[row, 1]) > 0)
+
+    def mark_maps_solved(self, row: int) -> None:
+        """Count a closed-form solve of V_n as one update of its parameters (checkpointed, like AdamW's)."""
+        self.steps[row, 1:] += 1
+
     def parameters_of(self, row: int) -> list[nn.Parameter]:
         """theta_n and V_n's parameters of one model (a row of this shard)."""
         return self.live(row)

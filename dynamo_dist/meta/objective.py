@@ -87,15 +87,78 @@ class Chunk:
                        outputs=move(self.outputs))
 
 
+def _rows(h: torch.Tensor, family: str, mask_BT: torch.Tensor | None) -> torch.Tensor:
+    """States as rows of features: RNN (B,T,H) -> (valid steps, H); CNN (B,C,H,W) -> (B*H*W, C)."""
+    if family == "rnn":
+        return h[mask_BT] if mask_BT is not None else h.reshape(-1, h.shape[-1])
+    return h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+
+
+def ridge_map(h_NM: torch.Tensor, y_NH: torch.Tensor, rho: float, prior_W: torch.Tensor | None = None,
+              prior_b: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form affine map ``y ~ W h + b`` (variable projection of V_n, Golub & Pereyra 1973).
+
+    Minimises ``1/N ||[h 1] [W b]^T - y||^2 + r ||[W b] - [W0 b0]||^2`` with ``r = rho * tr(G) / (M+1)``,
+    ``G = [h 1]^T [h 1] / N`` (rho is relative to the mean eigenvalue of the states' Gram matrix, so it
+    means the same whatever their scale); the prior ``[W0 b0]`` (default 0: plain ridge) carries what
+    earlier batches taught. Solved in float64; returns ``W`` (H,M), ``b`` (H,), detached, in h's dtype.
+    """
+    x = torch.cat([h_NM.detach().double(), h_NM.new_ones(h_NM.shape[0], 1, dtype=torch.float64)], dim=1)
+    y = y_NH.detach().double()
+    n, m1 = x.shape
+    gram = x.T @ x / max(n, 1)
+    r = rho * float(torch.diagonal(gram).sum()) / m1 + 1e-12
+    rhs = x.T @ y / max(n, 1)
+    if prior_W is not None:
+        rhs = rhs + r * torch.cat([prior_W.detach().double().T, prior_b.detach().double()[None]], dim=0)
+    sol = torch.linalg.solve(gram + r * torch.eye(m1, dtype=torch.float64, device=x.device), rhs)  # (M+1, H)
+    return sol[:-1].T.to(h_NM.dtype), sol[-1].to(h_NM.dtype)
+
+
+def solve_maps(embeddings, row: int, hiddens: list[torch.Tensor], targets: list[torch.Tensor],
+               mask_BT: torch.Tensor | None, rho: float) -> list[torch.Tensor]:
+    """Variable projection of model ``row``'s V_n on one batch: each tap's map is solved in closed form
+    (``ridge_map``, the prior its current value once it has been solved before), written into the
+    embedding table, and the states mapped by it are returned -- detached from V, so the meta-model's
+    and theta's gradients are those of the projected loss (at the optimum of V the derivative
+    through the solve vanishes: the gradient of min_V L is dL/dh at V*)."""
+    family = embeddings.family
+    maps = embeddings.maps_of(row)
+    seen = embeddings.maps_solved(row)
+    mapped = []
+    with torch.autocast(hiddens[0].device.type, enabled=False):
+        for (w, b), h, y in zip(maps, hiddens, targets):
+            h = h.float()
+            w_new, b_new = ridge_map(_rows(h, family, mask_BT), _rows(y.float(), family, mask_BT), rho,
+                                     w.reshape(w.shape[0], -1) if seen else None, b if seen else None)
+            w_new = w_new.reshape(w.shape)
+            mapped.append(F.linear(h, w_new, b_new) if family == "rnn" else F.conv2d(h, w_new, b_new))
+            with torch.no_grad():
+                w.copy_(w_new)
+                b.copy_(b_new)
+    embeddings.mark_maps_solved(row)
+    return mapped
+
+
 def dynamo_loss(meta, embeddings, chunks: list[Chunk], output_weight: float, hidden_distance: str = "l2",
-                output_distance: str = "kl") -> tuple[torch.Tensor, dict[str, float]]:
+                output_distance: str = "kl", *, maps_ridge: float | None = None,
+                normalize_hidden: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """Eq. 4/7 on a step's sampled models: mean over models of L_hidden + lambda * L_output.
 
     ``meta`` is the shared meta-model (possibly DDP-wrapped); one forward over all chunks,
     each example conditioned on its own model's theta.
+
+    ``maps_ridge``: V_n by variable projection (``solve_maps``, L2 only) with this relative ridge,
+    instead of V_n as learned parameters (None, Algorithm 1). ``normalize_hidden``: each model's
+    L_hidden divided by the variance of its batch's target states (summed over units, per step or
+    position, as L_hidden sums), so that it reads as 1 - R^2 and a model with small hidden
+    states weighs as much as one with large ones; ``loss_hidden`` in the stats is then that ratio.
     """
     if output_weight < 0:
         raise ValueError(f"output_weight (lambda) must be >= 0, got {output_weight}")
+    if maps_ridge is not None and hidden_distance != "l2":
+        raise ValueError(f"maps_ridge: V_n is solved in closed form only for hidden_distance 'l2', got "
+                         f"{hidden_distance!r}")
     sizes = [c.x.shape[0] for c in chunks]
     x = torch.cat([c.x for c in chunks])
     theta = embeddings.theta_rows([c.row for c in chunks for _ in range(c.x.shape[0])])
@@ -107,15 +170,36 @@ def dynamo_loss(meta, embeddings, chunks: list[Chunk], output_weight: float, hid
     for c, n in zip(chunks, sizes):
         sl = slice(start, start + n)
         start += n
-        mapped = embeddings.apply_maps(c.row, [h[sl] for h in hiddens])
         mask = step_mask(c.lengths, c.outputs.shape[1]) if family == "rnn" else None
+        states = [h[sl] for h in hiddens]
+        if maps_ridge is None:
+            mapped = embeddings.apply_maps(c.row, states)
+        else:
+            mapped = solve_maps(embeddings, c.row, states, c.hiddens, mask, maps_ridge)
         lh = hidden_loss(mapped, c.hiddens, family, hidden_distance, mask).mean()
+        if normalize_hidden:
+            lh = lh / target_scale(c.hiddens, family, hidden_distance, mask)
         lo = output_loss(outputs[c.group][sl], c.outputs, output_distance, mask).mean()
         total = total + lh + output_weight * lo
         sum_h += float(lh.detach())
         sum_o += float(lo.detach())
     k = len(chunks)
     return total / k, {"loss_hidden": sum_h / k, "loss_output": sum_o / k}
+
+
+@torch.no_grad()
+def target_scale(targets: list[torch.Tensor], family: str, distance: str = "l2",
+                 mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """What ``hidden_loss`` of the best constant prediction (each unit's batch mean) would be: the
+    targets' variance in the loss's own units (L1: mean absolute deviation from the median), a
+    detached scalar, floored so that a model with constant states does not divide by zero."""
+    rows = []
+    for t in targets:
+        r = _rows(t.float(), family, mask_BT)
+        dev = (r - r.mean(0)).pow(2) if distance == "l2" else (r - r.median(0).values).abs()
+        # RNN: summed over units per step; CNN: averaged over channels (and positions), then over taps
+        rows.append(dev.sum(1).mean() if family == "rnn" else dev.mean())
+    return torch.stack(rows).mean().clamp_min(1e-8)
 
 
 def embedding_penalty(meta, theta_KE: torch.Tensor, alpha: float, num_models: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ from ..data import store
 from ..data.cache import TrajectoryCache
 from ..data.tasks import Split
 from ..zoo import family_of
-from . import checkpoint, model
+from . import checkpoint, model, signature
 from .metrics import evaluate, summarize
 from .objective import Chunk, dynamo_loss, embedding_penalty
 
@@ -172,6 +172,10 @@ class DynamoTrainer:
         # theta and V: AdamW without weight decay (theta starts at 0 and is the quantity under study),
         # stepped row-sparse by the embeddings themselves (``ModelEmbeddings.adam_step``)
         self._emb_lr_now = self._emb_lr
+        # variable projection solves V_n for the L2 distance; under L1 V_n stays learned
+        self._maps_ridge = cfg.maps_ridge if cfg.method == "varpro" and cfg.hidden_distance == "l2" else None
+        self._output_sizes = model.output_sizes(all_rows)
+        self._theta_started = False
         self.step = 0
         self.history: list[dict] = []
         self._train_idx = {t: np.arange(int(len(s) * (1 - VAL_FRACTION)) or len(s))
@@ -214,6 +218,42 @@ class DynamoTrainer:
                                 hiddens=[h[idx].float() for h in traj.hiddens], outputs=traj.outputs[idx].float()))
         return chunks
 
+    # ---------------------------------------------------------------- theta's start
+
+    def start_theta(self, num_examples: int = 64) -> None:
+        """theta_n of this shard's models from their output signatures (``signature.py``) on the first
+        ``num_examples`` probe inputs of their task; a collective call when Ray Train runs the
+        shards (the population's moments are summed over workers). Called by the first step."""
+        self._theta_started = True
+        if self.cfg.theta_init_scale == 0:
+            return
+        first = {t: min(num_examples, len(idx)) for t, idx in self._train_idx.items()}
+        space = signature.SignatureSpace(self._output_sizes, {t: first.get(t, num_examples)
+                                                              for t in self._output_sizes})
+        sigs = []
+        for mid, row in zip(self._ids, self.data.rows):
+            outputs = self.data.probe[mid].outputs
+            k = min(first[row["task"]], outputs.shape[0])
+            sigs.append(space.place(row["task"], signature.output_signature(outputs[:k], self.cfg.output_distance)))
+        theta = signature.principal_theta(torch.stack(sigs), self.cfg.embedding_dim, self.cfg.theta_init_scale,
+                                          self._all_reduce())
+        with torch.no_grad():
+            self.embeddings.theta_table.copy_(theta.to(self.embeddings.theta_table.device))
+
+    def _all_reduce(self):
+        """A sum over the Ray Train workers (None in one process): on the training device (NCCL needs it)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(self.device)
+            dist.all_reduce(t)
+            return t.cpu()
+
+        return reduce
+
     # ---------------------------------------------------------------- training
 
     def _set_lr(self) -> None:
@@ -233,9 +273,12 @@ class DynamoTrainer:
         self.meta.train()
         self._set_lr()
         chunks = [c.to(self.device) for c in self.sample(self.step)]
+        if self.step == 0 and self.cfg.method == "varpro" and not self._theta_started:
+            self.start_theta()
         with self.autocast():
             loss, stats = dynamo_loss(self.forward_module, self.embeddings, chunks, self.cfg.output_weight,
-                                      self.cfg.hidden_distance, self.cfg.output_distance)
+                                      self.cfg.hidden_distance, self.cfg.output_distance,
+                                      maps_ridge=self._maps_ridge, normalize_hidden=self.cfg.method == "varpro")
         if self.cfg.embedding_penalty:
             penalty = embedding_penalty(self.meta, self.embeddings.theta_rows([c.row for c in chunks]),
                                         self.cfg.embedding_penalty, self.num_models)

@@ -1,0 +1,185 @@
+"""Emulation quality and theta-space structure against updates per model, for meta recipes side by side.
+
+Issue 27's yardstick: how many updates of each model's theta_n/V_n (and how much wall time) a meta
+recipe needs to reach a test agreement / hidden R^2, and how clean its theta-space is on the same
+runs. For each ``--methods`` x ``--seeds`` it runs a single-process meta run (``DynamoTrainer``,
+one intra-op thread, ``--jobs`` side by side) on a recorded population with the meta settings of
+``--config``, scheduled for the largest ``--updates`` (``meta.updates_per_model``), and at every
+``--updates`` point measures, on every model:
+
+* ``agreement``, ``hidden_r2`` (test split means, ``meta.metrics``), ``seconds`` of training so far;
+* theta structure (``analysis.geometry``): ``components_95`` (PCA components for 95% of theta's
+  variance), ``silhouette`` of the population's groups on theta distances, ``ari`` of k-means
+  (k = number of groups) against them.
+
+Once per population: the CKA+MDS baseline's silhouette and ARI on the same models (probe
+activations); per method with several seeds: the ARI between the seeds' k-means labelings at the
+last point. JSON in ``benchmarks/results/``, a plot of the curves beside it.
+
+    python benchmarks/bench_convergence.py --population runs/demo/population --config configs/demo.yaml \\
+        --methods varpro paper --updates 50 100 200 400 --seeds 0 1 2 --jobs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _structure(theta: np.ndarray, labels: list[str], seed: int) -> dict:
+    from dynamo_dist.analysis.geometry import EmbeddingGeometry
+
+    geo = EmbeddingGeometry(0.95, random_state=seed).fit(theta, labels)
+    return {"components_95": int(geo.num_components_), "silhouette": geo.scores_["silhouette"],
+            "ari": geo.scores_["adjusted_rand"]}
+
+
+def _kmeans_labels(theta: np.ndarray, k: int, seed: int) -> list[int]:
+    from sklearn.cluster import KMeans
+
+    return KMeans(n_clusters=k, n_init=10, random_state=seed).fit(theta).labels_.tolist()
+
+
+def _run(args: tuple) -> dict:
+    import torch
+
+    from dynamo_dist import config
+    from dynamo_dist.meta.metrics import evaluate, summarize
+    from dynamo_dist.meta.trainer import DynamoTrainer, load_population
+
+    cfg_path, root, method, seed, updates, extra, label_key = args
+    torch.set_num_threads(1)
+    over = {**extra, "meta.method": method, "meta.seed": seed, "meta.num_workers": 1,
+            "meta.updates_per_model": max(updates)}
+    data = load_population(root)
+    cfg = config.load(cfg_path, overrides=over).meta.for_population(len(data.rows))
+    per_step = min(cfg.models_per_step, len(data.rows))
+    at_steps = {max(1, round(u * len(data.rows) / per_step)): u for u in updates}
+    labels = [str(r[label_key]) for r in data.rows]
+    trainer = DynamoTrainer(cfg, data)
+    points, train_s = [], 0.0
+    while trainer.step < cfg.steps:
+        t0 = time.perf_counter()
+        trainer.train_step()
+        train_s += time.perf_counter() - t0
+        if trainer.step in at_steps or trainer.step == cfg.steps:
+            means = summarize(evaluate(trainer, "test"))
+            theta = trainer.embeddings.theta_matrix().cpu().double().numpy()
+            points.append({"updates_per_model": trainer.step * per_step / len(data.rows), "step": trainer.step,
+                           "seconds": train_s, "agreement": means["mean_agreement"],
+                           "hidden_r2": means["mean_hidden_r2"], **_structure(theta, labels, seed),
+                           "kmeans": _kmeans_labels(theta, len(set(labels)), seed)})
+            print(json.dumps({"method": method, "seed": seed, **{k: v for k, v in points[-1].items()
+                                                                  if k != "kmeans"}}), flush=True)
+    return {"method": method, "seed": seed, "set": extra, "steps": cfg.steps, "points": points}
+
+
+def cka_baseline(root: str, label_key: str, seed: int, max_rows: int = 4096) -> dict:
+    """The CKA+MDS baseline's silhouette (CKA distances) and k-means ARI (2-d MDS) on the population."""
+    from dynamo_dist.analysis.baseline import RepresentationBaseline, activation_taps
+    from dynamo_dist.meta.trainer import load_population
+
+    data = load_population(root, with_test=False)
+    taps = []
+    for r in data.rows:
+        traj = data.probe[r["model_id"]]
+        lengths = data.probe_inputs[r["task"]].lengths
+        taps.append(activation_taps([h.float() for h in traj.hiddens], data.family, lengths))
+    labels = [str(r[label_key]) for r in data.rows]
+    fit = RepresentationBaseline("cka", max_rows=max_rows, random_state=seed).fit(taps, labels)
+    return {"silhouette": fit.scores_["silhouette"], "ari": fit.scores_["adjusted_rand"]}
+
+
+def between_seed_ari(runs: list[dict]) -> dict[str, float]:
+    """Per method, the mean (and min) ARI between the k-means labelings of its seeds at the last point."""
+    from sklearn.metrics import adjusted_rand_score
+
+    out = {}
+    for method in sorted({r["method"] for r in runs}):
+        labs = [r["points"][-1]["kmeans"] for r in runs if r["method"] == method]
+        pairs = [adjusted_rand_score(a, b) for a, b in itertools.combinations(labs, 2)]
+        if pairs:
+            out[method] = {"mean": float(np.mean(pairs)), "min": float(np.min(pairs))}
+    return out
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    colours = {}
+    for run in doc["runs"]:
+        c = colours.setdefault(run["method"], f"C{len(colours)}")
+        u = [p["updates_per_model"] for p in run["points"]]
+        s = [p["seconds"] for p in run["points"]]
+        lab = f"{run['method']} seed {run['seed']}"
+        axes[0].plot(u, [p["agreement"] for p in run["points"]], "o-", color=c, label=lab, alpha=0.8)
+        axes[1].plot(s, [p["agreement"] for p in run["points"]], "o-", color=c, alpha=0.8)
+        axes[2].plot(u, [p["hidden_r2"] for p in run["points"]], "o-", color=c, alpha=0.8)
+        axes[3].plot(u, [p["silhouette"] for p in run["points"]], "o-", color=c, alpha=0.8)
+    axes[3].axhline(doc["cka_mds"]["silhouette"], color="k", ls="--", label="CKA-MDS")
+    for ax, (xl, yl) in zip(axes, [("updates per model", "test agreement"), ("training seconds", "test agreement"),
+                                   ("updates per model", "test hidden R²"), ("updates per model", "θ silhouette")]):
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    axes[3].legend(fontsize=7)
+    fig.suptitle(f"{doc['population']} ({doc['num_models']} models)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--population", required=True, help="a recorded population root")
+    ap.add_argument("--config", required=True, help="pipeline YAML whose meta section is used")
+    ap.add_argument("--methods", nargs="+", default=["varpro", "paper"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--updates", type=int, nargs="+", default=[50, 100, 200, 400])
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a meta field for every run (e.g. maps_ridge=0.3); repeatable")
+    ap.add_argument("--label", default="group", help="manifest column whose values are the groups")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--out", default=str(RESULTS / "convergence.json"))
+    args = ap.parse_args(argv)
+
+    extra = {f"meta.{k}": yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    t0 = time.perf_counter()
+    points = [(args.config, args.population, m, s, sorted(args.updates), extra, args.label)
+              for m in args.methods for s in args.seeds]
+    with ProcessPoolExecutor(args.jobs) as pool:
+        runs = list(pool.map(_run, points))
+    from dynamo_dist.data import store
+
+    doc = {"what": "test agreement, hidden R2 and theta structure against updates per model, per meta method",
+           "command": "python benchmarks/bench_convergence.py " + " ".join(argv or sys.argv[1:]),
+           "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+           "population": args.population, "num_models": len(store.manifest_rows(args.population)),
+           "cka_mds": cka_baseline(args.population, args.label, args.seeds[0]),
+           "between_seed_ari": between_seed_ari(runs), "runs": runs, "wall_seconds": time.perf_counter() - t0}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    plot(doc, out.with_suffix(".png"))
+    print(json.dumps({k: doc[k] for k in ("cka_mds", "between_seed_ari", "wall_seconds")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
