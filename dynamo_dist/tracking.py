@@ -39,6 +39,7 @@ import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import mlflow
 import mlflow.data
@@ -78,6 +79,11 @@ def experiment_name(run_dir: str | os.PathLike) -> str:
 
 def artifact_root(run_dir: str | os.PathLike) -> str:
     return (Path(run_dir).resolve() / "mlartifacts").as_uri()
+
+
+def _local_path(location: str) -> Path:
+    """A local artifact location (a ``file:`` URI or a path) as a path."""
+    return Path(unquote(urlparse(location).path)) if location.startswith("file:") else Path(location)
 
 
 def check_cluster_store(uri: str, num_nodes: int) -> None:
@@ -268,7 +274,33 @@ class Store:
         return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
     def check_reachable(self) -> None:
+        """A tracking server that does not answer, or a run directory's store copied from another
+        (``check_home``): ValueError naming the store(s), before any work."""
         check_reachable(self.uri)
+        self.check_home()
+
+    def check_home(self) -> None:
+        """Refuse a run directory's embedded store (``mlflow.db`` beside ``mlartifacts``) with an
+        experiment that keeps its artifacts in another run directory's ``mlartifacts``: a store copied
+        (``cp -a``) or moved from there. MLflow records an experiment's artifact folder as an absolute
+        path, so a run logged through the copy (a new one in that experiment, or a resumed one) would
+        add its files to the original's ``mlartifacts``."""
+        from mlflow.entities import ViewType
+
+        if not self.artifact_root or not self.uri.startswith("sqlite:///"):
+            return
+        db, home = Path(self.uri[len("sqlite:///"):]), _local_path(self.artifact_root)
+        if db.parent != home.parent or not db.is_file():
+            return  # a store the user named, shared by run dirs; or a new one
+        # only folders of this layout: MLflow's own Default experiment points at ./mlruns
+        foreign = sorted({_local_path(e.artifact_location) for e in self.client().search_experiments(
+            view_type=ViewType.ALL)} - {home}, key=str)
+        foreign = [p for p in foreign if p.name == home.name]
+        if foreign:
+            raise ValueError(f"the MLflow store {db} was copied or moved from another run directory: its experiments "
+                             f"keep their artifacts in {foreign[0]}, not in {home} beside it, so this run would "
+                             "write into that store's artifacts. Log to a store of its own (--tracking-uri "
+                             "sqlite:///<path>/other.db, or a tracking server), or do not log (analyze --no-log)")
 
     def start_run(self, run_name: str, parent_run_id: str | None = None,
                   tags: Mapping[str, str] | None = None, description: str | None = None) -> Run:

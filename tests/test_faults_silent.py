@@ -252,3 +252,36 @@ def test_an_s3_root_without_credentials_says_none_were_found(tmp_path):
     assert "Traceback" not in res.stderr
     assert _digests(work) == before  # nothing changed, nothing written
     assert not (work / "run").exists()
+
+
+# ---------------------------------------------------------------- a copied run dir never writes into the original
+
+
+@pytest.mark.parametrize("stage", ["analyze", "meta"])
+def test_a_copied_run_dir_does_not_log_into_the_original(meta_run, tmp_path, stage):  # noqa: F811
+    """``cp -a`` of a finished run dir: its MLflow store (mlflow.db, mlartifacts/) names the original's
+    artifact folder, so logging through it would write there; the stage is refused before any work,
+    naming both, and no file of the original changes."""
+    import subprocess
+
+    run_dir, args = meta_run
+    original = _digests(run_dir)
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(run_dir), str(copy)], check=True)
+    if stage == "analyze":
+        cmd = ["analyze", "--meta-dir", str(copy / "meta")]
+    else:
+        cmd = ["meta", *[a.replace(f"run_dir={run_dir}", f"run_dir={copy}") for a in args], "--set", "meta.steps=15"]
+    res = _battery_case(tmp_path, cmd, 2, [f"the MLflow store {copy / 'mlflow.db'} was copied or moved",
+                                          f"keep their artifacts in {run_dir.resolve() / 'mlartifacts'}",
+                                          f"not in {copy.resolve() / 'mlartifacts'}"], new_files=True)
+    assert "Traceback" not in res.stderr
+    assert _digests(run_dir) == original  # every file of the original, and no new one
+    if stage == "analyze":
+        assert not [p for p in (copy / "meta/analysis").rglob("*") if p.name != ".dynamo.lock"]  # no work done
+    # the same copy analysed without logging works and still leaves the original alone
+    if stage == "analyze":
+        res = _cli("analyze", "--meta-dir", str(copy / "meta"), "--no-log")
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert (copy / "meta/analysis/report.html").is_file()
+        assert _digests(run_dir) == original

@@ -103,6 +103,8 @@ def run_analysis(meta_dir: str, cfg: AnalyzeConfig, out_dir: str | None = None, 
             lock.hold(out, "analyze", what="analysis directory"):
         run = load_meta_run(meta_path)
         store.check_intact(run.population_root, run.rows)  # damaged model files: refused before any work
+        if log:  # a store that does not answer, or one copied from another run dir: refused before any work
+            _tracking_store(run, meta_path).check_reachable()
         # Written whole: in a staging directory (on a bucket: a local one, put file by file,
         # analysis.json last), published only when every section is done. A failed analysis
         # leaves the earlier one where it was and no partial files.
@@ -1142,14 +1144,18 @@ def _write_table(rows: list[dict], path: Path) -> None:
         store.write_table_atomic(pa.Table.from_pylist(rows), path)
 
 
+def _tracking_store(run: MetaRun, meta_dir: fsio.AnyPath):
+    """The store the analysis logs to: the meta run's (``outputs.tracking_store_of``), else its run dir's."""
+    from .. import tracking
+
+    return tracking.Store(**run.tracking_store) if run.tracking_store else tracking.Store.at(meta_dir.parent)
+
+
 def _log_mlflow(run: MetaRun, meta_dir: Path, cfg: AnalyzeConfig, headline: dict, out: Path, summary: dict,
                 started: float) -> str:
     """A run named "analyze" in the meta run's store and experiment, nested under the meta run when known,
     starting when the analyses did (``started``, ``time.time()``): its duration is theirs."""
-    from .. import tracking
-
-    tracking_store = tracking.Store(**run.tracking_store) if run.tracking_store else tracking.Store.at(meta_dir.parent)
-    stage = tracking_store.for_stage(f"analyses and report of the meta run {meta_dir}", summary.get("mlflow_run_id"),
+    stage = _tracking_store(run, meta_dir).for_stage(f"analyses and report of the meta run {meta_dir}", summary.get("mlflow_run_id"),
                                      started)
     with stage.run("analyze", tags={"dynamo.meta_dir": str(meta_dir)}) as mrun:
         mrun.log_params({**cfg.model_dump(mode="json"), "meta_dir": str(meta_dir)})

@@ -25,8 +25,10 @@ directory and put one by one, ``summary.json`` (what says a run finished) last.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pyarrow as pa
@@ -240,6 +242,29 @@ def population_root_of(output_dir: AnyPath, context: dict) -> str:
     return recorded
 
 
+def tracking_store_of(output_dir: AnyPath, context: dict) -> dict | None:
+    """The MLflow store later stages of a meta run (analyze) log to, as ``population_root_of`` finds its
+    population: when the run directory was moved or copied together with its embedded store (the
+    SQLite file and artifact folder at the same place relative to the meta directory as when it was
+    written), that copy's store, so a copy never logs into the original's; else the recorded one."""
+    recorded = context.get("tracking")
+    old_out = context.get("output_dir")
+    if not recorded or old_out in (None, store.absolute(output_dir)) or fsio.is_uri(old_out) or \
+            not str(recorded.get("uri", "")).startswith("sqlite:///") or not recorded.get("artifact_root"):
+        return recorded
+    new_out = Path(store.absolute(output_dir))
+
+    def moved(path: str) -> Path:
+        return Path(os.path.normpath(new_out / os.path.relpath(path, old_out)))
+
+    db = moved(recorded["uri"][len("sqlite:///"):])
+    if not db.is_file():
+        return recorded  # the meta directory alone was copied: its store stayed where it was
+    artifacts = recorded["artifact_root"]
+    artifacts = moved(unquote(urlparse(artifacts).path) if artifacts.startswith("file:") else artifacts).as_uri()
+    return {**recorded, "uri": f"sqlite:///{db}", "artifact_root": artifacts}
+
+
 def check_meta_run(output_dir: str | Path) -> AnyPath:
     """``output_dir`` as a path if it holds a finished meta run; FileNotFoundError naming what is missing."""
     out = fsio.as_path(output_dir)
@@ -267,4 +292,4 @@ def load_meta_run(output_dir: str | Path) -> MetaRun:
         raise ValueError(f"meta run {out}: models {missing[:5]} are no longer complete in {root}")
     meta, emb = build_loaded(all_rows, cfg, meta_state, per_model)
     return MetaRun(cfg=cfg, meta=meta, embeddings=emb, rows=[by_id[m] for m in ids], output_dir=out,
-                   population_root=root, tracking_store=context.get("tracking"))
+                   population_root=root, tracking_store=tracking_store_of(out, context))
