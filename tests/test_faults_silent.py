@@ -18,6 +18,8 @@ from test_faults import _battery_case, _cli, _digests, _smoke_args, _truncate, m
 
 from dynamo_dist.data import store
 
+pytestmark = pytest.mark.integration  # starts Ray and CLI subprocesses (as test_faults.py)
+
 
 @pytest.fixture
 def run_root(trained, tmp_path):  # noqa: F811 -- the imported fixture

@@ -1155,8 +1155,8 @@ def _log_mlflow(run: MetaRun, meta_dir: Path, cfg: AnalyzeConfig, headline: dict
                 started: float) -> str:
     """A run named "analyze" in the meta run's store and experiment, nested under the meta run when known,
     starting when the analyses did (``started``, ``time.time()``): its duration is theirs."""
-    stage = _tracking_store(run, meta_dir).for_stage(f"analyses and report of the meta run {meta_dir}", summary.get("mlflow_run_id"),
-                                     started)
+    stage = _tracking_store(run, meta_dir).for_stage(f"analyses and report of the meta run {meta_dir}",
+                                                     summary.get("mlflow_run_id"), started)
     with stage.run("analyze", tags={"dynamo.meta_dir": str(meta_dir)}) as mrun:
         mrun.log_params({**cfg.model_dump(mode="json"), "meta_dir": str(meta_dir)})
         metrics = {}
