@@ -29,13 +29,7 @@ from dynamo_dist.data.store import Trajectory
 from dynamo_dist.meta.trainer import DynamoTrainer, PopulationData
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and fair to tests running beside these."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster, and fair to tests beside
 
 
 def _linear(W: np.ndarray, b: np.ndarray) -> Dynamics:

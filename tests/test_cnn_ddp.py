@@ -40,13 +40,6 @@ GROUPS = tuple(GroupSpec(name=name, task="digits", arch="resnet10", lr=lr, num_s
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def pop_root(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("cnn_ddp") / "population")
     run_local(PopulationConfig(root=root, groups=GROUPS, num_examples=600, num_probe=64, num_test=48),
@@ -55,7 +48,7 @@ def pop_root(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def w2_run(ray_session, pop_root, tmp_path_factory):
+def w2_run(local_ray, pop_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("w2") / "meta"
     cfg = MetaConfig(output_dir=str(out), embedding_dim=2, steps=STEPS, batch_size=8, models_per_step=2,
                      eval_every=10, checkpoint_every=STEPS, num_workers=2, lr=3e-3, embedding_lr=3e-2, seed=0)

@@ -18,12 +18,7 @@ GRID = np.linspace(0.0, 1.0, 11)
 STARTS = torch.linspace(-1.5, 1.5, 31)[:, None] + 0.013  # off the maxima of q
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _finder(**kw) -> FixedPointFinder:

@@ -46,13 +46,6 @@ GROUPS = (
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def pop_root(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("meta_ray") / "population")
     run_local(PopulationConfig(root=root, groups=GROUPS, num_examples=1000, num_probe=64, num_test=64),
@@ -79,7 +72,7 @@ def thetas(out: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def clean_w2(ray_session, pop_root, tmp_path_factory):
+def clean_w2(local_ray, pop_root, tmp_path_factory):
     """A W=2 run with per-step parameter checksums, finalised with MLflow logging."""
     out = tmp_path_factory.mktemp("w2") / "meta"
     sums = out.parent / "checksums"
@@ -179,7 +172,7 @@ def test_shared_weights_synchronised_theta_v_not(clean_w2, pop_root):
 # ---------------------------------------------------------------- W=1 == single process
 
 
-def test_one_worker_matches_single_process(ray_session, pop_root, tmp_path):
+def test_one_worker_matches_single_process(local_ray, pop_root, tmp_path):
     cfg = meta_cfg(pop_root, tmp_path / "w1", num_workers=1)
     result = meta_ray.build_trainer(cfg, pop_root, progress=False).fit()
     ray_hist = history_of(result.checkpoint)
@@ -326,7 +319,7 @@ def test_a_cache_smaller_than_one_trajectory_fails_before_training(pop_root, tmp
     assert not (tmp_path / "meta").exists()
 
 
-def test_cuda_on_a_cluster_without_gpus_fails_before_anything_is_written(ray_session, pop_root, tmp_path):
+def test_cuda_on_a_cluster_without_gpus_fails_before_anything_is_written(local_ray, pop_root, tmp_path):
     if ray.cluster_resources().get("GPU"):
         pytest.skip("this Ray cluster has GPUs")
     cfg = meta_cfg(pop_root, tmp_path / "meta", device="cuda")

@@ -21,7 +21,7 @@ from dynamo_dist.config import GroupSpec, PopulationConfig
 from dynamo_dist.population.actors import run_population
 from scripts_util import load_script
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
 
 GROUPS = (
     GroupSpec(name="g8", task="mnist1d", arch="gru", hidden_size=8, num_seeds=6, epochs=1, batch_size=64),
@@ -35,13 +35,6 @@ NUM_PROBE, NUM_TEST, T = 64, 64, 40
 def _cfg(root, **kw) -> PopulationConfig:
     return PopulationConfig(root=str(root), groups=GROUPS, num_examples=1000, num_probe=NUM_PROBE,
                             num_test=NUM_TEST, **kw)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

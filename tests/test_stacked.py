@@ -22,14 +22,7 @@ def _mixed(arch: str, task: str = "mnist1d") -> list[GroupSpec]:
     return [base, base.replace(name="b", lr=4e-3, train_fraction=0.37), base.replace(name="c", weight_decay=0.05)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on one intra-op thread (as population actors run them): two spinning OpenMP
-    threads on a busy 2-core machine made these tests 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models, as population actors run them
 
 
 @pytest.fixture(scope="module")

@@ -65,15 +65,6 @@ def test_rank_trials_and_names():
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def population(tmp_path_factory) -> str:
     from dynamo_dist.population.train import run_local
 
@@ -104,7 +95,7 @@ def _sweep(population: str, tracking_uri: str | None, experiment: str, sweep_cfg
 
 
 @pytest.fixture(scope="module")
-def sweep(ray_session, population, mlflow_server, tmp_path_factory):
+def sweep(local_ray, population, mlflow_server, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("sweep_run")
     sweep_cfg = SweepConfig(**GRID, max_concurrent_trials=2, metric="val_hidden_r2")
     table = _sweep(population, mlflow_server, "sweep-test", sweep_cfg, str(run_dir))
@@ -259,7 +250,7 @@ def test_search_spaces_beyond_grids():
 
 @pytest.mark.integration
 @pytest.mark.parametrize("search", ["random", "optuna"])
-def test_a_search_algorithm_sweep_draws_its_trials_from_the_space(ray_session, population, tmp_path, search):
+def test_a_search_algorithm_sweep_draws_its_trials_from_the_space(local_ray, population, tmp_path, search):
     if search == "optuna":
         pytest.importorskip("optuna")
     sweep_cfg = SweepConfig(search=search, output_weight_range=(0.1, 10.0), embedding_dim=(2, 3), num_samples=3,
@@ -283,7 +274,7 @@ def test_unreachable_tracking_uri_fails_before_any_trial(population, tmp_path):
 
 
 @pytest.mark.integration
-def test_trials_that_cannot_fit_the_cluster_fail_before_any_trial(ray_session, population, tmp_path):
+def test_trials_that_cannot_fit_the_cluster_fail_before_any_trial(local_ray, population, tmp_path):
     # 3 Train workers need 3 CPUs; the module's Ray has 2
     with pytest.raises(ValueError, match=r"workers_per_trial=3: a trial needs 3 CPUs .* has 2"):
         _sweep(population, None, "bad", SweepConfig(workers_per_trial=3), str(tmp_path / "run"))
@@ -369,7 +360,7 @@ def _git_commit() -> str | None:
 
 
 @pytest.mark.integration
-def test_pipeline_with_a_sweep_logs_every_stage_to_one_store(ray_session, population, tmp_path, monkeypatch):
+def test_pipeline_with_a_sweep_logs_every_stage_to_one_store(local_ray, population, tmp_path, monkeypatch):
     """Default SQLite store: population, meta, the sweep (parent + trials) and analyze land in
     <run_dir>/mlflow.db, the store `dynamo-dist ui <run_dir>` serves; no other store is created.
     They are nested under one run "pipeline", each spans its stage, carries its source and a note,
@@ -445,7 +436,7 @@ def test_pipeline_with_a_sweep_logs_every_stage_to_one_store(ray_session, popula
 
 
 @pytest.mark.integration
-def test_a_failing_stage_fails_the_pipeline_run_with_its_error(ray_session, population, tmp_path, monkeypatch):
+def test_a_failing_stage_fails_the_pipeline_run_with_its_error(local_ray, population, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from dynamo_dist.pipeline import run_pipeline
