@@ -287,3 +287,90 @@ def test_a_copied_run_dir_does_not_log_into_the_original(meta_run, tmp_path, sta
         assert res.returncode == 0, res.stderr[-3000:]
         assert (copy / "meta/analysis/report.html").is_file()
         assert _digests(run_dir) == original
+
+
+# ---------------------------------------------------------------- the embedded Ray: loopback only, gone with its driver
+
+
+def _loopback(ip: str) -> bool:
+    import ipaddress
+
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return addr.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def _http_status(host: str, port: int) -> int | None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except Exception:  # noqa: BLE001 -- not HTTP (gRPC), refused, reset: no answer
+        return None
+
+
+def test_an_in_process_run_listens_on_loopback_only_and_dies_with_its_driver(tmp_path):
+    """A real in-process stage (population of the smoke recipe, Ray actors training): every listener
+    of its Ray is on loopback (Prometheus metrics endpoints included: they answer HTTP there, and
+    nothing answers on the host's other addresses); a SIGKILL of the driver leaves none of its Ray
+    processes alive 10 s later."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    root = tmp_path / "run" / "population"
+    args = ["population", *_smoke_args(tmp_path / "run", "population.groups.0.epochs=60")]
+    proc = subprocess.Popen([sys.executable, "-m", "dynamo_dist.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    tree: list = []
+    try:
+        deadline = time.monotonic() + 180
+        while not (root / "inputs").exists() and time.monotonic() < deadline:
+            assert proc.poll() is None, "the population stage ended before training"
+            time.sleep(0.2)
+        time.sleep(3)  # the agents' metrics exporters start a moment after the node
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        listeners = set()
+        for p in tree:
+            try:
+                listeners |= {(p.name(), c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet")
+                              if c.status == psutil.CONN_LISTEN}
+            except psutil.Error:
+                continue
+        assert any(name == "raylet" for name, _, _ in listeners), listeners  # the scan sees Ray's listeners
+        assert [x for x in listeners if not _loopback(x[1])] == []
+        answering = {port for _, _, port in listeners if _http_status("127.0.0.1", port) == 200}
+        assert answering, listeners  # control: the metrics endpoints exist and the probe reaches them
+        hosts = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                 if a.family == socket.AF_INET and not _loopback(a.address)}
+        for host in hosts:  # on every other address of the machine, no port of this Ray answers
+            for _, _, port in listeners:
+                with socket.socket() as s:
+                    s.settimeout(1)
+                    assert s.connect_ex((host, port)) != 0, (host, port)
+
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        killed = time.monotonic()
+        alive = tree
+        while alive and time.monotonic() - killed < 10:
+            time.sleep(0.5)
+            alive = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert alive == [], [(p.pid, p.name()) for p in alive]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in tree:  # our own processes, whatever the outcome
+            try:
+                p.kill()
+            except psutil.Error:
+                pass

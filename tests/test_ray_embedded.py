@@ -29,8 +29,11 @@ CONNECT = "import sys, ray; ray.init(address=sys.argv[1]); print('CONNECTED', fl
 
 
 def _env(**extra) -> dict:
+    """This environment without Ray auth or address; a client on this machine, as every client of an
+    embedded Ray must be (its node is 127.0.0.1: a client that takes the host's address for its own
+    waits for a node of that address forever)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
-    return {**env, **extra}
+    return {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **extra}
 
 
 def test_embedded_ray_refuses_a_client_without_its_token():
