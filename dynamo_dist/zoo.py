@@ -3,7 +3,9 @@
 Every model implements ``trajectories(x) -> (hiddens, outputs)``:
 
 * sequence models: ``hiddens = [h_BTH]`` (one tap, the hidden state at every step) and
-  ``outputs = y_BTC`` (the readout G(h_t) at every step);
+  ``outputs = y_BTC`` (the readout G(h_t) at every step). A multi-layer or bidirectional
+  RNN's state is every layer's states side by side (``layer_states``): H = layers x
+  directions x hidden_size, one tap;
 * ResNets: ``hiddens = [h1_BCHW, ..., h4_BCHW]`` (the four stage outputs, appendix A)
   and ``outputs = y_B1C`` (the logits, one "step").
 
@@ -26,6 +28,7 @@ from .config import RESNET_ARCHS, SEQUENCE_ARCHS
 from .data import fsio
 
 FORMAT_VERSION = 1
+CUSTOM_ARCH = "custom"  # a user's module whose hidden tap is not an nn.GRU/LSTM/RNN (adapters.HookedModel)
 
 
 def family_of(arch: str) -> str:
@@ -37,17 +40,25 @@ def family_of(arch: str) -> str:
 class ArchSpec:
     """Everything needed to rebuild a base model (stored beside its weights)."""
 
-    arch: str                      # gru | rnn | lstm | resnet10/18/34/50
+    arch: str                      # gru | rnn | lstm | resnet10/18/34/50 | custom (users' modules only)
     input_kind: str                # sequence | tokens | image
     input_shape: tuple[int, ...]   # per-example input shape: (T, D), (T,), (C, H, W)
     num_classes: int
     hidden_size: int = 64          # RNN hidden units
     embed_dim: int = 64            # token embedding width
     vocab_size: int | None = None  # token inputs only
+    num_layers: int = 1            # stacked recurrent layers (RNNs)
+    bidirectional: bool = False    # RNNs: a backward direction beside the forward one
 
     def __post_init__(self):
-        if self.arch not in SEQUENCE_ARCHS + RESNET_ARCHS:
+        if self.arch not in SEQUENCE_ARCHS + RESNET_ARCHS + (CUSTOM_ARCH,):
             raise ValueError(f"arch: unknown architecture {self.arch!r}; known: {SEQUENCE_ARCHS + RESNET_ARCHS}")
+        if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 1:
+            raise ValueError(f"num_layers: must be an int >= 1, got {self.num_layers!r}")
+        if not isinstance(self.bidirectional, bool):
+            raise ValueError(f"bidirectional: must be true or false, got {self.bidirectional!r}")
+        if self.arch in RESNET_ARCHS and (self.num_layers != 1 or self.bidirectional):
+            raise ValueError(f"num_layers/bidirectional: recurrent options, not for {self.arch}")
         if self.arch in RESNET_ARCHS and self.input_kind != "image":
             raise ValueError(f"arch: {self.arch} needs image inputs, task gives {self.input_kind!r}")
         if self.arch in SEQUENCE_ARCHS and self.input_kind == "image":
@@ -59,12 +70,18 @@ class ArchSpec:
     def family(self) -> str:
         return family_of(self.arch)
 
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
     @classmethod
     def from_row(cls, row: dict) -> "ArchSpec":
-        """The spec of a manifest row (``data.store.MANIFEST_COLUMNS``)."""
+        """The spec of a manifest row (``data.store.MANIFEST_COLUMNS``; rows of users' multi-layer or
+        bidirectional RNNs also carry ``num_layers``/``bidirectional``, absent or null elsewhere)."""
         return cls(arch=row["arch"], input_kind=row["input_kind"], input_shape=tuple(row["input_shape"]),
                    num_classes=int(row["num_classes"]), hidden_size=int(row["hidden_size"] or 0) or 64,
-                   vocab_size=row.get("vocab_size"))
+                   vocab_size=row.get("vocab_size"), num_layers=int(row.get("num_layers") or 1),
+                   bidirectional=bool(row.get("bidirectional") or False))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -76,8 +93,40 @@ class ArchSpec:
         return cls(**d)
 
 
+def layer_states(rnn: nn.RNNBase, u: torch.Tensor, hx=None) -> torch.Tensor:
+    """Every layer's states of ``rnn`` on input ``u``, side by side: (B, T, layers x directions x H).
+
+    ``u`` and ``hx`` as ``rnn`` takes them (``batch_first`` or not; ``hx`` None = zeros; LSTM:
+    ``(h_0, c_0)``); the result is batch first. Per step the order is layer 1 forward, layer 1
+    backward, layer 2 forward, ... ; the last ``directions x H`` columns are ``rnn(u)[0]``.
+    LSTM: h_t, not the cell state. A torch RNN returns only its top layer's states, so the
+    layers run one at a time here through single-layer copies sharing ``rnn``'s parameters.
+    """
+    if getattr(rnn, "proj_size", 0):
+        raise ValueError(f"{type(rnn).__name__} with proj_size {rnn.proj_size} is not supported")
+    if isinstance(u, nn.utils.rnn.PackedSequence):
+        raise ValueError(f"{type(rnn).__name__} given a PackedSequence: dynamo_dist records padded (B, T, D) inputs")
+    if rnn.num_layers == 1:
+        out = rnn(u, hx)[0]
+        return out if rnn.batch_first else out.transpose(0, 1)
+    dirs = 2 if rnn.bidirectional else 1
+    kw = {"nonlinearity": rnn.nonlinearity} if isinstance(rnn, nn.RNN) else {}
+    states, z = [], u
+    for k in range(rnn.num_layers):
+        one = type(rnn)(z.shape[-1], rnn.hidden_size, num_layers=1, bias=rnn.bias, batch_first=rnn.batch_first,
+                        bidirectional=rnn.bidirectional, device="meta", **kw)
+        params = {name: getattr(rnn, name.replace("_l0", f"_l{k}")) for name, _ in one.named_parameters()}
+        h0 = None
+        if hx is not None:
+            h0 = tuple(h[k * dirs:(k + 1) * dirs] for h in hx) if isinstance(hx, tuple) else hx[k * dirs:(k + 1) * dirs]
+        z = torch.func.functional_call(one, params, (z, h0))[0]
+        states.append(z if rnn.batch_first else z.transpose(0, 1))
+    return torch.cat(states, dim=-1)
+
+
 class SequenceClassifier(nn.Module):
-    """Single-layer GRU / tanh-RNN / LSTM classifier reading out at every step."""
+    """GRU / tanh-RNN / LSTM classifier (any number of layers, optionally bidirectional) reading out
+    its top layer at every step."""
 
     def __init__(self, spec: ArchSpec):
         super().__init__()
@@ -88,15 +137,21 @@ class SequenceClassifier(nn.Module):
         else:
             self.embed = None
             in_dim = spec.input_shape[-1]
+        if spec.arch not in SEQUENCE_ARCHS:
+            raise ValueError(f"arch: {spec.arch!r} is no zoo architecture; a user's module is rebuilt by its factory")
         rnn_cls = {"gru": nn.GRU, "rnn": nn.RNN, "lstm": nn.LSTM}[spec.arch]
-        self.rnn = rnn_cls(in_dim, spec.hidden_size, batch_first=True)
-        self.readout = nn.Linear(spec.hidden_size, spec.num_classes)
+        self.rnn = rnn_cls(in_dim, spec.hidden_size, num_layers=spec.num_layers, bidirectional=spec.bidirectional,
+                           batch_first=True)
+        self.readout = nn.Linear(spec.num_directions * spec.hidden_size, spec.num_classes)
 
     def trajectories(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """x: (B,T,D) float or (B,T) token ids -> ([h_BTH], y_BTC)."""
+        """x: (B,T,D) float or (B,T) token ids -> ([h_BTH], y_BTC); H = layers x directions x hidden_size."""
         u = self.embed(x) if self.embed is not None else x
-        h_BTH, _ = self.rnn(u)  # h_0 = 0; LSTM: h_t (not the cell state) is the hidden state
-        return [h_BTH], self.readout(h_BTH)
+        if self.rnn.num_layers == 1:
+            h_BTH, _ = self.rnn(u)  # h_0 = 0; LSTM: h_t (not the cell state) is the hidden state
+            return [h_BTH], self.readout(h_BTH)
+        h_BTH = layer_states(self.rnn, u)
+        return [h_BTH], self.readout(h_BTH[..., -self.readout.in_features:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits at the final step (inputs are left-padded, so it is always a real token)."""
@@ -201,8 +256,11 @@ def load_state(path: str | Path, spec: ArchSpec) -> nn.Module:
 
 
 def save(model: nn.Module, path: str | Path, extra: dict[str, str] | None = None) -> None:
-    """Write weights + architecture to one safetensors file (atomic: rename locally, one put remotely)."""
-    meta = {"arch_spec": model.spec.to_json(), "format_version": str(FORMAT_VERSION), **(extra or {})}
+    """Write weights + architecture to one safetensors file (atomic: rename locally, one put remotely).
+
+    A model from another adapter (``adapters.HookedModel``) adds how it is rebuilt (``save_metadata``)."""
+    own = model.save_metadata() if hasattr(model, "save_metadata") else {}
+    meta = {"arch_spec": model.spec.to_json(), "format_version": str(FORMAT_VERSION), **own, **(extra or {})}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     fsio.write_bytes_atomic(fsio.as_path(path), safetensors_save(state, metadata=meta))
 
@@ -226,6 +284,10 @@ def load(path: str | Path) -> nn.Module:
     state, meta = read_weights(path)
     if "arch_spec" not in meta:
         raise ValueError(f"weights file {path} has no 'arch_spec' metadata; it was not written by dynamo_dist")
+    if "adapter" in meta:  # a user's module: rebuilt by its own factory
+        from . import adapters  # noqa: PLC0415 -- adapters imports this module
+
+        return adapters.rebuild(path, state, meta)
     model = build(ArchSpec.from_json(meta["arch_spec"]))
     model.load_state_dict(state)
     return model.eval()

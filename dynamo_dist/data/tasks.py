@@ -18,7 +18,8 @@ height / width.
 * ``"image"``:    ``x`` float32 (N, C, H, W)
 
 Registered tasks: see :data:`TASKS`; users' own text data is loaded with a task name
-``csv:/path/file.csv`` or ``parquet:/path/file.parquet`` (columns ``text``, ``label``).
+``csv:/path/file.csv`` or ``parquet:/path/file.parquet`` (columns ``text``, ``label``),
+users' own arrays with ``npz:/path/file.npz`` or ``npy:/path/dir`` (``_load_user_arrays``).
 
 Plain numpy/PyTorch only: this module must import without Ray or MLflow.
 """
@@ -507,6 +508,112 @@ def _load_user_text(name: str, seed: int, max_len: int, max_vocab: int, num_exam
     return _text_task(name, texts, labels, seed, max_len, max_vocab, num_examples)
 
 
+# --------------------------------------------------------------------- user arrays
+USER_ARRAY_KEYS = ("x", "y", "x_probe", "y_probe", "x_test", "y_test", "num_classes", "vocab_size")
+
+
+def _read_user_arrays(kind: str, path: Path) -> dict[str, np.ndarray]:
+    """The arrays of ``file.npz`` or of ``dir/<key>.npy`` files; never unpickled."""
+    if kind == "npz":
+        if not path.is_file():
+            raise FileNotFoundError(f"npz file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+        except (ValueError, OSError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{path}: not a readable .npz of numeric arrays ({err})") from None
+    else:
+        if not path.is_dir():
+            raise FileNotFoundError(f"npy directory not found: {path} (it holds x.npy, y.npy, ...)")
+        arrays = {}
+        for f in sorted(path.glob("*.npy")):
+            try:
+                arrays[f.stem] = np.load(f, allow_pickle=False)
+            except (ValueError, OSError) as err:
+                raise ValueError(f"{f}: not a readable .npy of numbers ({err})") from None
+    unknown = sorted(set(arrays) - set(USER_ARRAY_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown array(s) {unknown}; known: {list(USER_ARRAY_KEYS)}")
+    for need in ("x", "y"):
+        if need not in arrays:
+            raise ValueError(f"{path}: missing array {need!r} (found {sorted(arrays)})")
+    for a, b in (("x_probe", "y_probe"), ("x_test", "y_test")):
+        if (a in arrays) != (b in arrays):
+            raise ValueError(f"{path}: {a!r} and {b!r} go together; found only {a if a in arrays else b!r}")
+    return arrays
+
+
+def _user_split(path: Path, key: str, x: np.ndarray, y: np.ndarray, kind: str, like: np.ndarray | None) -> Split:
+    """One split of users' arrays, checked: shapes, numbers, finite, integer labels >= 0."""
+    if x.dtype.kind not in "fiu" or y.dtype.kind not in "fiu":
+        raise ValueError(f"{path}: {key!r} and its labels must be numeric arrays, got {x.dtype} / {y.dtype}")
+    if like is not None and x.shape[1:] != like.shape[1:]:
+        raise ValueError(f"{path}: {key!r} has examples of shape {x.shape[1:]}, 'x' of {like.shape[1:]}")
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"{path}: labels of {key!r} have shape {y.shape}, need ({x.shape[0]},): one class id per "
+                         "example (regression targets are not supported yet)")
+    for what, a in ((repr(key), x), (f"labels of {key!r}", y)):
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise ValueError(f"{path}: {what} contain {int((~np.isfinite(a)).sum())} NaN/Inf values")
+    if y.dtype.kind == "f" and not np.array_equal(y, np.round(y)):
+        raise ValueError(f"{path}: labels of {key!r} are not integers: class ids 0..C-1 are needed "
+                         "(regression targets are not supported yet)")
+    if len(y) and y.min() < 0:
+        raise ValueError(f"{path}: labels of {key!r} hold negative values; class ids are 0..C-1")
+    if kind == "tokens" and len(x) and x.min() < 0:
+        raise ValueError(f"{path}: token ids in {key!r} are negative")
+    xt = torch.from_numpy(np.ascontiguousarray(x)).to(torch.int64 if kind == "tokens" else torch.float32)
+    steps = x.shape[1] if kind != "image" else 1
+    return Split(xt, torch.from_numpy(y.astype(np.int64)), torch.full((len(x),), steps, dtype=torch.int64))
+
+
+def _load_user_arrays(name: str, seed: int, num_examples: int | None) -> TaskData:
+    """Users' own arrays as a task, used exactly as given (no standardisation: their models were
+    trained on these values).
+
+    ``x``: float (N, T, D) sequences, integer (N, T) token ids (0 = padding) or float (N, C, H, W)
+    images; ``y``: integer class ids (N,). Declared splits: ``x_test``/``y_test`` (else a seeded
+    20% of ``x`` is held out) and ``x_probe``/``y_probe`` (else the rest of ``x`` is halved into
+    base_train/probe; with them ``x`` is all base_train). Classes: ``num_classes`` if given, else
+    the largest label + 1 (labels keep their ids: a model's output k is class k); tokens: the
+    vocabulary is ``vocab_size`` if given, else the largest id + 1. ``num_examples`` subsamples ``x``.
+    """
+    kind_prefix, _, raw = name.partition(":")
+    path = Path(raw).expanduser()
+    arrays = _read_user_arrays(kind_prefix, path)
+    x = arrays["x"]
+    kind = {3: "sequence", 2: "tokens", 4: "image"}.get(x.ndim)
+    if kind is None or (kind == "tokens") != (x.dtype.kind in "iu"):
+        raise ValueError(f"{path}: 'x' has shape {x.shape} and dtype {x.dtype}; need float (N, T, D) sequences, "
+                         "integer (N, T) token ids or float (N, C, H, W) images")
+    keep = _subsample(len(x), num_examples, seed)
+    pool = _user_split(path, "x", x[keep], arrays["y"][keep], kind, None)
+    if "x_test" in arrays:
+        test = _user_split(path, "x_test", arrays["x_test"], arrays["y_test"], kind, x)
+    else:
+        pool_idx, test_idx = _pool_test_indices(len(pool), seed)
+        pool, test = pool.subset(pool_idx), pool.subset(test_idx)
+    if "x_probe" in arrays:
+        base, probe = pool, _user_split(path, "x_probe", arrays["x_probe"], arrays["y_probe"], kind, x)
+    else:
+        base_idx, probe_idx = _halve(len(pool), seed)
+        base, probe = pool.subset(base_idx), pool.subset(probe_idx)
+    splits = {"base_train": base, "probe": probe, "test": test}
+    _check_sizes(name, splits)
+    top = max(int(s.y.max()) for s in splits.values()) + 1
+    num_classes = int(arrays["num_classes"]) if "num_classes" in arrays else top
+    if num_classes < max(top, 2):
+        raise ValueError(f"{path}: num_classes {num_classes}, but labels go up to {top - 1} (at least 2 classes)")
+    vocab_size = None
+    if kind == "tokens":
+        top_id = max(int(s.x.max()) for s in splits.values()) + 1
+        vocab_size = int(arrays["vocab_size"]) if "vocab_size" in arrays else top_id
+        if vocab_size < top_id:
+            raise ValueError(f"{path}: vocab_size {vocab_size}, but token ids go up to {top_id - 1}")
+    return TaskData(name=name, input_kind=kind, input_shape=tuple(x.shape[1:]), num_classes=num_classes,
+                    vocab_size=vocab_size, vocab=None, class_names=tuple(str(c) for c in range(num_classes)), **splits)
+
+
 # --------------------------------------------------------------------------- images
 def _load_digits(name: str, seed: int, num_examples: int | None) -> TaskData:
     from sklearn.datasets import load_digits  # noqa: PLC0415 -- ships with scikit-learn, no download
@@ -583,7 +690,8 @@ _REGISTRY: dict[str, _Builder] = {
     "fake_images": lambda n, s, d, L, V, k: _load_fake_images(n, s, k),
 }
 TASKS: tuple[str, ...] = tuple(_REGISTRY)
-USER_PREFIXES = ("csv:", "parquet:")
+USER_PREFIXES = ("csv:", "parquet:", "npz:", "npy:")
+_ARRAY_PREFIXES = ("npz:", "npy:")
 _TEXT_TASKS = ("tweets", "tweets3")
 
 
@@ -612,7 +720,8 @@ def load_task(
     if not isinstance(name, str) or not (name in _REGISTRY or name.startswith(USER_PREFIXES)):
         raise ValueError(
             f"unknown task {name!r}; known tasks: {', '.join(TASKS)}, "
-            f"or 'csv:/path/file.csv' / 'parquet:/path/file.parquet' with columns text,label"
+            f"or 'csv:/path/file.csv' / 'parquet:/path/file.parquet' with columns text,label, or arrays "
+            f"'npz:/path/file.npz' / 'npy:/path/dir' (x, y[, x_test, y_test, x_probe, y_probe])"
         )
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
@@ -627,10 +736,10 @@ def load_task(
     file_key: tuple | None = None
     if name.startswith(USER_PREFIXES):
         p = Path(name.partition(":")[2]).expanduser()
-        if p.is_file():
-            st = p.stat()
-            file_key = (st.st_size, st.st_mtime_ns)
-    if not (name in _TEXT_TASKS or name.startswith(USER_PREFIXES)):
+        files = sorted(p.glob("*.npy")) if p.is_dir() else [p] if p.is_file() else []
+        if files:
+            file_key = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if not (name in _TEXT_TASKS or name.startswith(USER_PREFIXES)) or name.startswith(_ARRAY_PREFIXES):
         max_len, max_vocab = 0, 0  # irrelevant: don't cache the same data under several keys
     return _load_task_cached(name, int(seed), root, max_len, max_vocab, num_examples, file_key)
 
@@ -639,6 +748,8 @@ def load_task(
 def _load_task_cached(
     name: str, seed: int, root: Path, max_len: int, max_vocab: int, num_examples: int | None, file_key: tuple | None
 ) -> TaskData:
+    if name.startswith(_ARRAY_PREFIXES):
+        return _load_user_arrays(name, seed, num_examples)
     if name.startswith(USER_PREFIXES):
         return _load_user_text(name, seed, max_len, max_vocab, num_examples)
     return _REGISTRY[name](name, seed, root, max_len, max_vocab, num_examples)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .. import zoo
+from .. import adapters, zoo
 from ..config import PopulationConfig
 from ..data import lock, store
 from ..data.tasks import TaskData
@@ -22,11 +22,19 @@ from .train import completed_ids, init_population, record_member, task_for
 
 
 def add_models(root: str, models: dict[str, torch.nn.Module], task: str, cfg: PopulationConfig | None = None,
-               labels: dict[str, dict] | None = None, group: str = "user", progress: bool = False) -> list[dict]:
+               labels: dict[str, dict] | None = None, group: str = "user", progress: bool = False,
+               hidden: list[str] | None = None, readout: str | None = None, factory: str | None = None,
+               factory_kwargs: dict | None = None) -> list[dict]:
     """Enter at the record step with users' own pre-trained models (``model_id -> module``).
 
-    Modules are zoo models (GRU/RNN/LSTM classifiers, small-image ResNets) or plain
-    torchvision ResNets in the small-image layout (3x3 stride-1 ``conv1``, no max-pool).
+    Modules are zoo models (GRU/RNN/LSTM classifiers, small-image ResNets), plain torchvision
+    ResNets in the small-image layout (3x3 stride-1 ``conv1``, no max-pool), or, for sequence
+    and token tasks, any module holding recurrent layers, read through forward hooks
+    (``adapters.HookedModel``): ``hidden`` names the submodules whose states are the hidden
+    state (default: every nn.GRU/LSTM/RNN), ``readout`` the one mapping the last of them to
+    outputs when forward returns only the last step (default: the last fitting nn.Linear);
+    ``factory`` (``"package.module:function"``, called with ``factory_kwargs``) is recorded so
+    that the stored weights can be rebuilt later (without it they are recorded all the same).
     Every module is checked against ``task`` before anything is written; models already
     complete in the manifest are skipped, never overwritten. ``cfg`` gives the data and
     recording settings (default: the root's own spec, else ``PopulationConfig`` defaults).
@@ -34,7 +42,8 @@ def add_models(root: str, models: dict[str, torch.nn.Module], task: str, cfg: Po
     """
     cfg = _record_cfg(root, cfg)
     data = task_for(cfg, task)
-    zoo_models = {store.check_model_id(mid): _as_zoo_model(mid, m, data) for mid, m in models.items()}
+    hook = {"hidden": hidden, "readout": readout, "factory": factory, "kwargs": factory_kwargs}
+    zoo_models = {store.check_model_id(mid): _as_zoo_model(mid, m, data, hook) for mid, m in models.items()}
     with lock.hold(root, "add-models", what="population root"):
         init_population(cfg, with_groups=False)
         done = completed_ids(root)
@@ -45,7 +54,9 @@ def add_models(root: str, models: dict[str, torch.nn.Module], task: str, cfg: Po
 
         rows = []
         for mid in tqdm(todo, desc="record", unit="model", disable=not progress):
-            row = record_member(root, cfg, mid, zoo_models[mid], task, {"group": group, **(labels or {}).get(mid, {})})
+            model = zoo_models[mid]
+            row = record_member(root, cfg, mid, model, task, {"group": group, **adapters.manifest_labels(model),
+                                                                **(labels or {}).get(mid, {})})
             store.upsert_manifest(root, [row])  # one at a time: a failure later keeps what is done
             rows.append(row)
         chance, bound = chance_bound(data.test.y)
@@ -73,14 +84,18 @@ def add_model_dir(root: str, directory: str, task: str, cfg: PopulationConfig | 
 
     A file written by dynamo_dist carries its architecture; other files (plain state dicts,
     e.g. ``safetensors.torch.save_file(model.state_dict(), ...)``) need an architecture
-    description: ``arch`` or ``<directory>/architecture.json`` with ArchSpec fields
-    (``{"arch": "gru", "hidden_size": 32}``; input kind/shape, classes and vocabulary come
-    from ``task``). An optional ``<directory>/labels.csv`` (column ``model_id`` plus any
+    description: ``arch`` or ``<directory>/architecture.json``, either ArchSpec fields
+    (``{"arch": "lstm", "hidden_size": 32, "num_layers": 2, "bidirectional": true}``, zoo key
+    names ``rnn.*``/``readout.*``; input kind/shape, classes and vocabulary come from ``task``)
+    or the user's own module (``{"factory": "mypkg.models:build", "kwargs": {...}, "hidden":
+    ["gru"], "readout": "fc"}``, the user's key names; ``hidden``/``readout`` optional, see
+    ``add_models``). An optional ``<directory>/labels.csv`` (column ``model_id`` plus any
     label columns, e.g. ``group``, ``seed``) labels the models. Group defaults to ``group``,
     else the directory's name. Every file is loaded and checked before anything is written.
     """
     base = Path(directory)
     files = sorted(base.glob("*.safetensors")) if base.is_dir() else []
+    _refuse_unreadable_formats(base, {f.stem for f in files})
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {base}")
     desc_path = base / "architecture.json"
@@ -91,9 +106,50 @@ def add_model_dir(root: str, directory: str, task: str, cfg: PopulationConfig | 
             raise ValueError(f"{desc_path} is not valid JSON: {err}") from None
     cfg = _record_cfg(root, cfg)
     data = task_for(cfg, task)
-    models = {store.check_model_id(f.stem): _load_user_file(f, arch, data, desc_path) for f in files}
+    hook = _factory_description(arch, desc_path) if arch and "factory" in arch else None
+    models = {store.check_model_id(f.stem): _load_user_file(f, arch, data, desc_path, hook) for f in files}
     labels = _read_labels(base / "labels.csv", set(models))
-    return add_models(root, models, task, cfg=cfg, labels=labels, group=group or base.name, progress=progress)
+    return add_models(root, models, task, cfg=cfg, labels=labels, group=group or base.name, progress=progress,
+                      **(hook or {}))
+
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+
+
+def _refuse_unreadable_formats(base: Path, safetensors_stems: set[str]) -> None:
+    """Refuse checkpoints dynamo_dist will not read (pickles; torch.export programs, not read yet)
+    that have no .safetensors beside them: they would be skipped without a word."""
+    if not base.is_dir():
+        return
+    odd = sorted(f for f in base.iterdir() if f.suffix in PICKLE_SUFFIXES + (".pt2",) and f.stem not in safetensors_stems)
+    if not odd:
+        return
+    pickles = [f.name for f in odd if f.suffix != ".pt2"]
+    if pickles:
+        raise ValueError(f"{base}: {pickles[:5]} are pickle checkpoints (torch.save), which dynamo_dist never loads "
+                         "(unpickling runs arbitrary code). Save each model's state dict as safetensors instead: "
+                         "safetensors.torch.save_file(model.state_dict(), '<model_id>.safetensors'), with "
+                         "architecture.json naming the factory that builds the module")
+    raise ValueError(f"{base}: {[f.name for f in odd][:5]} are torch.export programs, not read yet; save the state "
+                     "dict as <model_id>.safetensors with architecture.json naming the factory that builds the module")
+
+
+_FACTORY_FIELDS = ("factory", "kwargs", "hidden", "readout")
+
+
+def _factory_description(arch: dict, desc_path: Path) -> dict:
+    """The hook options of a factory description; ValueError naming the file and field."""
+    unknown = sorted(set(arch) - set(_FACTORY_FIELDS))
+    if unknown:
+        raise ValueError(f"{desc_path}: unknown field(s) {unknown} beside 'factory' (known: {list(_FACTORY_FIELDS)})")
+    if not isinstance(arch.get("kwargs", {}), dict):
+        raise ValueError(f"{desc_path}: field 'kwargs' must be an object of keyword arguments, got {arch['kwargs']!r}")
+    hidden = arch.get("hidden")
+    if hidden is not None and not (isinstance(hidden, list) and hidden and all(isinstance(h, str) for h in hidden)):
+        raise ValueError(f"{desc_path}: field 'hidden' must be a list of submodule names, got {hidden!r}")
+    adapters.import_factory(arch["factory"], f"{desc_path}: field 'factory'")  # fails before any file is read
+    return {"factory": arch["factory"], "factory_kwargs": arch.get("kwargs") or {}, "hidden": hidden,
+            "readout": arch.get("readout")}
 
 
 def _record_cfg(root: str, cfg: PopulationConfig | None) -> PopulationConfig:
@@ -107,11 +163,15 @@ def _record_cfg(root: str, cfg: PopulationConfig | None) -> PopulationConfig:
     return PopulationConfig(root=str(root), **{f: spec[f] for f in store.RECORDING_FIELDS if f in spec})
 
 
-def _as_zoo_model(model_id: str, module: torch.nn.Module, task: TaskData) -> torch.nn.Module:
-    """The module as a zoo model whose spec fits ``task``; ValueError naming the model otherwise."""
+def _as_zoo_model(model_id: str, module: torch.nn.Module, task: TaskData, hook: dict | None = None) -> torch.nn.Module:
+    """The module as a base model (``adapters``) whose spec fits ``task``; ValueError naming the model otherwise."""
     spec = getattr(module, "spec", None)
     if isinstance(spec, zoo.ArchSpec):
         model = module
+    elif task.input_kind != "image":
+        hook = hook or {}
+        return adapters.hooked(module, task, hidden=hook.get("hidden"), readout=hook.get("readout"),
+                               factory=hook.get("factory"), kwargs=hook.get("kwargs"), what=f"model {model_id!r}")
     else:
         from torchvision.models import ResNet  # noqa: PLC0415 -- only for users' ResNets
 
@@ -137,7 +197,8 @@ def _as_zoo_model(model_id: str, module: torch.nn.Module, task: TaskData) -> tor
     return model.eval()
 
 
-def _load_user_file(path: Path, arch: dict | None, task: TaskData, desc_path: Path) -> torch.nn.Module:
+def _load_user_file(path: Path, arch: dict | None, task: TaskData, desc_path: Path,
+                    hook: dict | None = None) -> torch.nn.Module:
     from safetensors import safe_open  # noqa: PLC0415
 
     try:
@@ -147,6 +208,9 @@ def _load_user_file(path: Path, arch: dict | None, task: TaskData, desc_path: Pa
         raise ValueError(f"weights file {path} is not a readable safetensors file: {err}") from None
     if "arch_spec" in meta:
         return zoo.load(path)
+    if hook:  # the user's own module: their factory, their key names
+        module = adapters.build_from_factory(hook["factory"], hook["factory_kwargs"], f"{desc_path}: field 'factory'")
+        return adapters.load_state_into(module, zoo.read_weights(path)[0], path)
     if not arch:
         raise ValueError(f"weights file {path} carries no architecture; describe it in {desc_path} "
                          '(e.g. {"arch": "gru", "hidden_size": 32})')
@@ -155,8 +219,9 @@ def _load_user_file(path: Path, arch: dict | None, task: TaskData, desc_path: Pa
     fields["input_shape"] = tuple(fields["input_shape"])
     try:
         spec = zoo.ArchSpec(**fields)
-    except TypeError as err:  # unknown field names
-        raise ValueError(f"architecture description for {path}: {err}") from None
+    except (TypeError, ValueError) as err:  # unknown field names, bad values
+        raise ValueError(f"architecture description {desc_path} for {path}: {err}; a module of your own class is "
+                         'described by {"factory": "package.module:function"} instead') from None
     return zoo.load_state(path, spec)
 
 

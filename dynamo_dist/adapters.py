@@ -1,0 +1,271 @@
+"""Base models from anywhere: the adapter interface, and users' own modules read through hooks.
+
+A base model, whatever built it, is an ``nn.Module`` with
+
+* ``spec``: a ``zoo.ArchSpec`` (input kind and shape, classes, recurrent shape: what the
+  manifest row and the meta-model need);
+* ``trajectories(x) -> (hiddens, outputs)``: as ``zoo`` documents it (sequence models: one
+  tap ``[h_BTH]`` and ``y_BTC``);
+* ``forward(x)``: the outputs at the final step (accuracy);
+* optionally ``save_metadata() -> dict[str, str]``: what ``zoo.save`` stores beside the
+  weights so that ``zoo.load`` can rebuild it (``rebuild`` here).
+
+Zoo models (``zoo.SequenceClassifier``, ``zoo.SmallImageResNet``) are one adapter;
+``HookedModel`` is the other: a user's module, whose hidden states are taken by forward hooks
+on named submodules and whose weights keep the user's own key names.
+
+Hidden state of a user's RNN (the paper's h_t): every hooked submodule's states at step t,
+side by side, one tap. An ``nn.GRU``/``nn.LSTM``/``nn.RNN`` submodule contributes every
+layer's states, both directions (``zoo.layer_states``: layer 1 forward, layer 1 backward,
+layer 2 forward, ...); any other submodule its output, which must be (B, T, ...), or, for
+a cell called once per step (``nn.GRUCell`` in a loop), its (B, ...) outputs stacked over steps.
+Outputs at step t: ``forward``'s own when it returns (B, T, C); when it returns (B, C) (a
+readout of the last step), the readout submodule applied to the last hooked submodule's
+output at every step, checked against ``forward`` at the last step (``check``).
+
+Shape legend: B batch, T time steps, D input features, H hidden units, C outputs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import zoo
+
+RNN_TYPES = {nn.GRU: "gru", nn.LSTM: "lstm", nn.RNN: "rnn"}
+CHECK_EXAMPLES = 16  # examples of the probe split each user's module is run on before anything is written
+
+
+class HookedModel(nn.Module):
+    """A user's module whose hidden states are captured by forward hooks on named submodules.
+
+    ``hidden``: submodule names (``module.get_submodule``) whose states form the tap, in order;
+    ``readout``: the submodule mapping the last one's output to outputs, used when ``forward``
+    returns only the last step (None when it returns every step); ``factory``/``kwargs``: the
+    import path that rebuilds ``module`` (``rebuild``), None for a module given from Python.
+    """
+
+    def __init__(self, module: nn.Module, spec: zoo.ArchSpec, hidden: list[str], readout: str | None,
+                 factory: str | None = None, kwargs: dict | None = None):
+        super().__init__()
+        self.module = module
+        self.spec = spec
+        self.hidden = list(hidden)
+        self.readout = readout
+        self.factory = factory
+        self.kwargs = dict(kwargs or {})
+
+    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(h_BTH, outputs at every step y_BTC, forward's own result) of the module on ``x``."""
+        captured: dict[str, list] = {name: [] for name in self.hidden}
+        handles = [self.module.get_submodule(name).register_forward_hook(
+            lambda mod, args, out, name=name: captured[name].append((args, out))) for name in self.hidden]
+        try:
+            result = self.module(x)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [n for n in self.hidden if not captured[n]]
+        if missing:
+            raise ValueError(f"hidden: hooks on {missing} captured nothing: {type(self.module).__name__}.forward "
+                             "never calls them; name submodules that forward runs")
+        parts, top = [], None
+        for name in self.hidden:
+            sub, calls = self.module.get_submodule(name), captured[name]
+            if isinstance(sub, nn.RNNBase):
+                if len(calls) != 1:
+                    raise ValueError(f"hidden: {name!r} ({type(sub).__name__}) is called {len(calls)} times per "
+                                     "forward; dynamo_dist reads a recurrent module run once over the sequence")
+                args, out = calls[0]
+                parts.append(zoo.layer_states(sub, args[0], args[1] if len(args) > 1 else None))
+                top = out[0] if sub.batch_first else out[0].transpose(0, 1)
+                continue
+            outs = [out[0] if isinstance(out, (tuple, list)) else out for _, out in calls]
+            if len(outs) == x.shape[1] and all(torch.is_tensor(o) and o.shape[:1] == x.shape[:1] for o in outs):
+                top = torch.stack(outs, dim=1)  # a cell called once per step: (B, ...) per call
+            elif len(outs) == 1:
+                top = outs[0]
+            else:
+                raise ValueError(f"hidden: {name!r} is called {len(outs)} times per forward, neither once nor once "
+                                 f"per step ({x.shape[1]})")
+            if not torch.is_tensor(top) or top.dim() < 3 or top.shape[:2] != x.shape[:2]:
+                got = tuple(top.shape) if torch.is_tensor(top) else type(top).__name__
+                raise ValueError(f"hidden: submodule {name!r} gave {got}, not (B, T, ...) = "
+                                 f"({x.shape[0]}, {x.shape[1]}, ...) for input {tuple(x.shape)}")
+            parts.append(top.reshape(top.shape[0], top.shape[1], -1))
+        h_BTH = torch.cat(parts, dim=-1)
+        result = result[0] if isinstance(result, (tuple, list)) else result
+        if torch.is_tensor(result) and result.dim() == 3:
+            return h_BTH, result, result
+        if self.readout is None:
+            raise ValueError(f"readout: {type(self.module).__name__}.forward returns "
+                             f"{tuple(result.shape) if torch.is_tensor(result) else type(result).__name__}, not "
+                             "outputs at every step (B, T, C); name the readout submodule applied to the last "
+                             "step (e.g. \"readout\": \"fc\")")
+        return h_BTH, self.module.get_submodule(self.readout)(top), result
+
+    def trajectories(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        h_BTH, y_BTC, _ = self.run(x)
+        return [h_BTH], y_BTC
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trajectories(x)[1][:, -1]
+
+    def save_metadata(self) -> dict[str, str]:
+        return {"adapter": json.dumps({"kind": "hooked", "factory": self.factory, "kwargs": self.kwargs,
+                                       "hidden": self.hidden, "readout": self.readout})}
+
+
+def hooked(module: nn.Module, task, hidden: list[str] | None = None, readout: str | None = None,
+           factory: str | None = None, kwargs: dict | None = None, what: str = "model") -> HookedModel:
+    """``module`` as a ``HookedModel`` for ``task`` (a ``TaskData``), defaults filled in and checked.
+
+    Defaults: ``hidden`` = every ``nn.GRU``/``nn.LSTM``/``nn.RNN`` submodule, in module order;
+    ``readout`` = the last ``nn.Linear`` whose input width is the last hooked submodule's output.
+    ValueError naming ``what`` and the field on anything that does not fit (``check``).
+    """
+    if task.input_kind == "image":
+        raise ValueError(f"{what}: {type(module).__name__} is neither a dynamo_dist zoo model nor a torchvision "
+                         "ResNet; users' own modules are taken for sequence and token tasks")
+    names = dict(module.named_modules())
+    if hidden is None:
+        hidden = [n for n, m in names.items() if isinstance(m, nn.RNNBase)]
+        if not hidden:
+            raise ValueError(f"{what}: {type(module).__name__} has no nn.GRU/nn.LSTM/nn.RNN submodule; name the "
+                             "submodules whose outputs are its hidden states (hidden: [...])")
+    if isinstance(hidden, str):
+        hidden = [hidden]
+    unknown = [n for n in hidden if n not in names or n == ""]
+    if unknown:
+        raise ValueError(f"{what}: hidden names {unknown}, not submodules of {type(module).__name__} "
+                         f"(its submodules: {sorted(n for n in names if n)[:20]})")
+    if readout is not None and readout not in names:
+        raise ValueError(f"{what}: readout {readout!r} is not a submodule of {type(module).__name__} "
+                         f"(its submodules: {sorted(n for n in names if n)[:20]})")
+    rnns = [names[n] for n in hidden if isinstance(names[n], nn.RNNBase)]
+    if readout is None:
+        last = names[hidden[-1]]
+        width = last.hidden_size * (2 if last.bidirectional else 1) if isinstance(last, nn.RNNBase) else None
+        linears = [n for n, m in names.items() if isinstance(m, nn.Linear) and width in (None, m.in_features)]
+        readout = linears[-1] if linears else None
+    first = rnns[0] if rnns else None
+    kinds = {RNN_TYPES.get(type(m)) for m in rnns}
+    spec = zoo.ArchSpec(
+        arch=kinds.pop() if len(kinds) == 1 and None not in kinds and len(rnns) == len(hidden) else zoo.CUSTOM_ARCH,
+        input_kind=task.input_kind, input_shape=tuple(task.input_shape), num_classes=task.num_classes,
+        vocab_size=task.vocab_size, hidden_size=first.hidden_size if first is not None else 0,
+        num_layers=first.num_layers if first is not None else 1,
+        bidirectional=bool(first.bidirectional) if first is not None else False)
+    model = HookedModel(module, spec, hidden, readout, factory, kwargs).eval()
+    check(model, task.probe.x[:CHECK_EXAMPLES], task.num_classes, what)
+    return model
+
+
+@torch.no_grad()
+def check(model: HookedModel, x: torch.Tensor, num_classes: int, what: str) -> None:
+    """Run ``model`` once on ``x`` and refuse what would record wrong trajectories: a forward that
+    fails, hooks that capture nothing, outputs of another width than the task's classes, a readout
+    that is not what forward applies at the last step, NaN/Inf."""
+    bad = [n for n, p in model.module.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise ValueError(f"{what}: weights {bad[:5]} contain NaN/Inf")
+    try:
+        h_BTH, y_BTC, result = model.run(x)
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from None
+    except Exception as err:  # noqa: BLE001 -- the user's forward may raise anything
+        raise ValueError(f"{what}: {type(model.module).__name__}.forward fails on the task's inputs "
+                         f"{tuple(x.shape)} {x.dtype}: {type(err).__name__}: {err}") from None
+    if y_BTC.dim() != 3 or y_BTC.shape[-1] != num_classes:
+        raise ValueError(f"{what}: outputs of shape {tuple(y_BTC.shape)}: the task has {num_classes} classes, so "
+                         f"outputs must be (B, T, {num_classes}) (readout {model.readout!r})")
+    if result.dim() == 2:
+        gap = float((y_BTC[:, -1] - result).abs().max()) if result.shape == y_BTC[:, -1].shape else float("inf")
+        if not gap <= 1e-4 * (1.0 + float(result.abs().max())):
+            raise ValueError(f"{what}: readout {model.readout!r} applied to {model.hidden[-1]!r}'s last step does "
+                             f"not give what forward returns (max difference {gap:.3g}); name the readout "
+                             "submodule, or let forward return outputs at every step (B, T, C)")
+    if not (torch.isfinite(h_BTH).all() and torch.isfinite(y_BTC).all()):
+        raise ValueError(f"{what}: hidden states or outputs contain NaN/Inf on the task's inputs")
+
+
+def import_factory(path: str, field: str = "factory"):
+    """The callable at ``"package.module:name"``; ValueError naming ``field`` when it cannot be imported.
+
+    The current directory is searched as well as ``sys.path`` (as ``uvicorn app:app`` does), so a
+    ``models.py`` beside where the command runs is found without installing it.
+    """
+    mod_name, sep, attr = str(path).partition(":")
+    if not sep or not mod_name or not attr:
+        raise ValueError(f"{field}: {path!r} is not an import path 'package.module:function'")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        obj = importlib.import_module(mod_name)
+    except Exception as err:  # noqa: BLE001 -- an import runs the user's code
+        raise ValueError(f"{field}: cannot import module {mod_name!r} of {path!r}: {type(err).__name__}: {err}") \
+            from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{field}: module {mod_name!r} has no {attr!r} (from {path!r})")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{field}: {path!r} is not callable")
+    return obj
+
+
+def build_from_factory(factory: str, kwargs: dict | None, field: str = "factory") -> nn.Module:
+    """``factory(**kwargs)``, which must return an ``nn.Module``; errors name ``field``."""
+    fn = import_factory(factory, field)
+    try:
+        module = fn(**(kwargs or {}))
+    except Exception as err:  # noqa: BLE001 -- the user's code
+        raise ValueError(f"{field}: {factory}(**{kwargs or {}}) failed: {type(err).__name__}: {err}") from None
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"{field}: {factory} returned {type(module).__name__}, not a torch.nn.Module")
+    return module
+
+
+def load_state_into(module: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> nn.Module:
+    """Load a state dict with the user's own key names; mismatches are ValueErrors naming the file."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:  # missing/unexpected keys, size mismatches
+        lines = [line.strip() for line in str(err).strip().splitlines()[1:4]]
+        raise ValueError(f"weights file {path} does not fit {type(module).__name__} as its factory builds it: "
+                         f"{' '.join(lines)}") from None
+    return module.eval()
+
+
+def rebuild(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, str]) -> HookedModel:
+    """A ``HookedModel`` from the weights file ``zoo.save`` wrote for it (its factory is imported)."""
+    info = json.loads(meta["adapter"])
+    if not info.get("factory"):
+        raise ValueError(f"weights file {path}: this model was added from a Python object without a factory, so it "
+                         "cannot be rebuilt; add it with factory='package.module:function' to make it reloadable")
+    module = build_from_factory(info["factory"], info.get("kwargs"))
+    prefix = "module."
+    load_state_into(module, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, path)
+    return HookedModel(module, zoo.ArchSpec.from_json(meta["arch_spec"]), info["hidden"], info.get("readout"),
+                       info["factory"], info.get("kwargs")).eval()
+
+
+def manifest_labels(model: nn.Module) -> dict:
+    """The manifest columns a multi-layer or bidirectional RNN adds (read back by ``ArchSpec.from_row``)."""
+    spec = model.spec
+    if spec.family != "rnn" or (spec.num_layers == 1 and not spec.bidirectional and spec.arch != zoo.CUSTOM_ARCH):
+        return {}
+    labels = {"num_layers": spec.num_layers, "bidirectional": spec.bidirectional}
+    if isinstance(model, HookedModel) and model.factory:
+        labels["factory"] = model.factory
+    return labels
+
+
+__all__ = ["HookedModel", "hooked", "check", "import_factory", "build_from_factory", "rebuild", "manifest_labels"]
