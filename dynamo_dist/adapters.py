@@ -176,6 +176,8 @@ def check(model: HookedModel, x: torch.Tensor, num_classes: int, what: str) -> N
     bad = [n for n, p in model.module.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
     if bad:
         raise ValueError(f"{what}: weights {bad[:5]} contain NaN/Inf")
+    param = next(model.module.parameters(), None)
+    x = x.to(param.device) if param is not None else x
     try:
         h_BTH, y_BTC, result = model.run(x)
     except ValueError as err:

@@ -114,8 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     am = sub.add_parser("add-models", help="record users' pre-trained models (a directory of .safetensors files) "
                                           "into a population root, in this process")
     add_common_args(am, address=False)
-    am.add_argument("directory", help="<model_id>.safetensors files [+ architecture.json] [+ labels.csv]")
-    am.add_argument("--task", required=True, help="task the models were trained on (e.g. mnist1d, csv:/path.csv)")
+    am.add_argument("directory", help="<model_id>.safetensors files [+ architecture.json: zoo fields, or "
+                    "{\"factory\": \"pkg.module:build\", ...} for your own nn.Module] [+ labels.csv] "
+                    "(docs/user-models.md)")
+    am.add_argument("--task", required=True, help="task the models were trained on (e.g. mnist1d, csv:/path.csv, "
+                    "npz:/path/data.npz, npy:/path/dir)")
     am.add_argument("--root", help="population root (default: the config's population.root)")
     am.add_argument("--group", help="group label of these models (default: the directory's name)")
     em = sub.add_parser("embed", help="place new models (e.g. from add-models) into a trained meta run's "
