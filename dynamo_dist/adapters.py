@@ -28,6 +28,7 @@ Shape legend: B batch, T time steps, D input features, H hidden units, C outputs
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -164,15 +165,17 @@ def hooked(module: nn.Module, task, hidden: list[str] | None = None, readout: st
         num_layers=first.num_layers if first is not None else 1,
         bidirectional=bool(first.bidirectional) if first is not None else False)
     model = HookedModel(module, spec, hidden, readout, factory, kwargs).eval()
-    check(model, task.probe.x[:CHECK_EXAMPLES], task.num_classes, what)
+    width = check(model, task.probe.x[:CHECK_EXAMPLES], task.num_classes, what)
+    if not rnns:  # no recurrent module to say it: the tap's width is the hidden size
+        model.spec = dataclasses.replace(spec, hidden_size=width)
     return model
 
 
 @torch.no_grad()
-def check(model: HookedModel, x: torch.Tensor, num_classes: int, what: str) -> None:
+def check(model: HookedModel, x: torch.Tensor, num_classes: int, what: str) -> int:
     """Run ``model`` once on ``x`` and refuse what would record wrong trajectories: a forward that
     fails, hooks that capture nothing, outputs of another width than the task's classes, a readout
-    that is not what forward applies at the last step, NaN/Inf."""
+    that is not what forward applies at the last step, NaN/Inf. Returns the hidden tap's width."""
     bad = [n for n, p in model.module.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
     if bad:
         raise ValueError(f"{what}: weights {bad[:5]} contain NaN/Inf")
@@ -196,6 +199,7 @@ def check(model: HookedModel, x: torch.Tensor, num_classes: int, what: str) -> N
                              "submodule, or let forward return outputs at every step (B, T, C)")
     if not (torch.isfinite(h_BTH).all() and torch.isfinite(y_BTC).all()):
         raise ValueError(f"{what}: hidden states or outputs contain NaN/Inf on the task's inputs")
+    return int(h_BTH.shape[-1])
 
 
 def import_factory(path: str, field: str = "factory"):

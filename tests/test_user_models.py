@@ -296,6 +296,91 @@ def test_architecture_json_with_num_layers_and_bidirectional(tmp_path):
     assert zoo.load(store.Layout.at(root).path("weights/deep.safetensors")).spec == spec
 
 
+class BiGRU(nn.Module):
+    """A bidirectional GRU whose forward returns outputs at every step (no readout to name)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(D, 4, batch_first=True, bidirectional=True)
+        self.out = nn.Linear(8, C)
+
+    def forward(self, x):
+        return self.out(self.rnn(x)[0])
+
+
+class CellLoop(nn.Module):
+    """A hand-written recurrence: a GRUCell called once per step (no nn.GRU to find)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.GRUCell(D, 6)
+        self.out = nn.Linear(6, C)
+
+    def forward(self, x):
+        h, ys = x.new_zeros(x.shape[0], 6), []
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+            ys.append(self.out(h))
+        return torch.stack(ys, dim=1)
+
+
+class TokenLSTM(nn.Module):
+    def __init__(self, vocab: int = 12):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 4)
+        self.lstm = nn.LSTM(4, 5, batch_first=True)
+        self.cls = nn.Linear(5, C)
+
+    def forward(self, ids):
+        return self.cls(self.lstm(self.emb(ids))[0][:, -1])
+
+
+def test_bidirectional_per_step_forward_and_a_hand_written_cell(tmp_path):
+    task_name = f"npz:{user_data(tmp_path / 'data.npz', n=120, n_test=30)}"
+    root = str(tmp_path / "root")
+    torch.manual_seed(0)
+    bi, loop = BiGRU().eval(), CellLoop().eval()
+    user_models.add_models(root, {"bi": bi}, task_name, cfg=_cfg(root))
+    user_models.add_models(root, {"loop": loop}, task_name, cfg=_cfg(root), hidden=["cell"])
+    rows = {r["model_id"]: r for r in store.manifest_rows(root)}
+    assert (rows["bi"]["arch"], rows["bi"]["bidirectional"], rows["bi"]["num_layers"]) == ("gru", True, 1)
+    assert (rows["loop"]["arch"], rows["loop"]["hidden_size"]) == ("custom", 6)
+    x = store.read_inputs(root, task_name, "probe").x
+    with torch.no_grad():
+        h_bi = bi.rnn(x)[0]
+        h_loop, h = [], torch.zeros(len(x), 6)
+        for t in range(T):
+            h = loop.cell(x[:, t], h)
+            h_loop.append(h)
+        h_loop = torch.stack(h_loop, dim=1)
+    for mid, m, h in (("bi", bi, h_bi), ("loop", loop, h_loop)):
+        hidden, output, _ = _read_back(root, mid)
+        np.testing.assert_allclose(hidden, h.numpy(), atol=1e-6, rtol=0)
+        with torch.no_grad():
+            np.testing.assert_allclose(output, m(x).numpy(), atol=1e-6, rtol=0)
+
+
+def test_token_ids_from_npz_through_the_users_embedding(tmp_path):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 12, size=(150, T))
+    np.savez(tmp_path / "tokens.npz", x=ids, y=(ids[:, -1] % C))
+    task_name = f"npz:{tmp_path / 'tokens.npz'}"
+    task = load_task(task_name)
+    assert (task.input_kind, task.vocab_size, task.input_shape) == ("tokens", 12, (T,))
+    root = str(tmp_path / "root")
+    torch.manual_seed(0)
+    m = TokenLSTM().eval()
+    user_models.add_models(root, {"tok": m}, task_name, cfg=_cfg(root))
+    hidden, output, _ = _read_back(root, "tok")
+    x = store.read_inputs(root, task_name, "probe").x
+    assert x.dtype == torch.int64
+    with torch.no_grad():
+        h = m.lstm(m.emb(x))[0]
+        np.testing.assert_allclose(hidden, h.numpy(), atol=1e-6, rtol=0)
+        np.testing.assert_allclose(output, m.cls(h).numpy(), atol=1e-6, rtol=0)
+    assert zoo.ArchSpec.from_row(store.manifest_rows(root)[0]).vocab_size == 12
+
+
 # ------------------------------------------------------------------ bad input
 
 
@@ -317,6 +402,13 @@ def test_a_factory_that_cannot_be_imported_names_the_file_and_field(tmp_path, ta
              lambda: user_models.add_model_dir(root, str(d), task_name, cfg=_cfg(root)))
     (d / "architecture.json").write_text(json.dumps({"factory": "test_user_models:no_such_builder"}))
     _refused(tmp_path, r"field 'factory': module 'test_user_models' has no 'no_such_builder'",
+             lambda: user_models.add_model_dir(root, str(d), task_name, cfg=_cfg(root)))
+    (d / "architecture.json").write_text(json.dumps({"factory": "test_user_models:build_gru",
+                                                     "kwargs": {"hiden": 8}}))
+    _refused(tmp_path, r"field 'factory': test_user_models:build_gru\(\*\*\{'hiden': 8\}\) failed: TypeError",
+             lambda: user_models.add_model_dir(root, str(d), task_name, cfg=_cfg(root)))
+    (d / "architecture.json").write_text(json.dumps({"factory": "test_user_models:build_gru", "hiden": 8}))
+    _refused(tmp_path, r"architecture.json: unknown field\(s\) \['hiden'\] beside 'factory'",
              lambda: user_models.add_model_dir(root, str(d), task_name, cfg=_cfg(root)))
     (d / "architecture.json").write_text(json.dumps({"factory": "test_user_models:build_gru",
                                                      "kwargs": {"hidden": 6}}))
@@ -357,13 +449,17 @@ def test_a_readout_that_is_not_forwards_last_step_is_refused(tmp_path, task_name
              lambda: user_models.add_models(root, {"a": Tanh()}, task_name, cfg=_cfg(root)))
 
 
-def test_a_pickle_checkpoint_points_to_safetensors(tmp_path, task_name):
+def test_a_pickle_checkpoint_points_to_safetensors(tmp_path, task_name, capsys):
     d = tmp_path / "m"
     d.mkdir()
     torch.save(MyGRU().state_dict(), d / "a.pt")
     root = str(tmp_path / "root")
     _refused(tmp_path, r"\['a.pt'\] are pickle checkpoints.*safetensors.torch.save_file",
              lambda: user_models.add_model_dir(root, str(d), task_name, cfg=_cfg(root)))
+    from dynamo_dist import cli  # the command says it too, and exits 2
+
+    assert cli.main(["add-models", str(d), "--task", task_name, "--root", root]) == 2
+    assert "are pickle checkpoints" in capsys.readouterr().err and not (tmp_path / "root").exists()
 
 
 def test_nan_weights_and_nan_data_are_refused(tmp_path, task_name):
