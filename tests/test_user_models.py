@@ -88,7 +88,8 @@ def train_plain(model: nn.Module, task, steps: int = 60, seed: int = 0) -> nn.Mo
     opt = torch.optim.Adam(model.parameters(), lr=0.03)
     x, y = task.base_train.x, task.base_train.y
     for _ in range(steps):
-        loss = nn.functional.cross_entropy(model(x), y)
+        out = model(x)
+        loss = nn.functional.cross_entropy(out[:, -1] if out.dim() == 3 else out, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -259,17 +260,37 @@ def test_adding_again_skips_complete_models(population):
     assert {p: p.stat().st_mtime_ns for p in Path(population["root"]).rglob("*.parquet")} == before
 
 
-def test_a_meta_model_embeds_the_mixed_population(population, tmp_path):
+@pytest.fixture(scope="module")
+def meta_run(population, tmp_path_factory):
     from dynamo_dist.meta.local import run_meta_local
 
-    meta = MetaConfig(output_dir=str(tmp_path / "meta"), steps=10, hidden_size=8, embedding_dim=2, batch_size=16,
+    out = tmp_path_factory.mktemp("byo_meta") / "meta"
+    meta = MetaConfig(output_dir=str(out), steps=10, hidden_size=8, embedding_dim=2, batch_size=16,
                       models_per_step=2, eval_every=10)
     run_meta_local(meta, population["root"], progress=False)
-    emb = pq.read_table(tmp_path / "meta" / "embeddings.parquet").to_pylist()
+    return out
+
+
+def test_a_meta_model_embeds_the_mixed_population(meta_run):
+    """1-layer GRUs (tap width 8) and 2-layer bidirectional LSTMs (width 20) in one meta run."""
+    emb = pq.read_table(meta_run / "embeddings.parquet").to_pylist()
     assert sorted(r["model_id"] for r in emb) == ["gru-0", "gru-1", "lstm-0", "lstm-1"]
     assert all(len(r["theta"]) == 2 and np.isfinite(r["theta"]).all() for r in emb)
-    metrics = pq.read_table(tmp_path / "meta" / "model_metrics.parquet").to_pylist()
+    metrics = pq.read_table(meta_run / "model_metrics.parquet").to_pylist()
     assert len(metrics) == 4 and all(np.isfinite(r["agreement"]) for r in metrics)
+
+
+def test_a_new_users_model_is_embedded_post_hoc(population, meta_run, tmp_path):
+    from dynamo_dist.meta.posthoc import run_posthoc
+
+    root = str(tmp_path / "new")
+    task = population["task"]
+    user_models.add_models(root, {"bi-new": train_plain(BiGRU(), task, steps=20)}, population["task_name"],
+                           cfg=_cfg(root))
+    path = run_posthoc(str(meta_run), root, steps=20)
+    rows = pq.read_table(path).to_pylist()
+    assert [r["model_id"] for r in rows] == ["bi-new"] and np.isfinite(rows[0]["theta"]).all()
+    assert rows[0]["nearest_model"] in population["models"]
 
 
 def test_architecture_json_with_num_layers_and_bidirectional(tmp_path):
