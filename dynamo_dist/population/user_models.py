@@ -194,6 +194,11 @@ def _as_zoo_model(model_id: str, module: torch.nn.Module, task: TaskData, hook: 
         names = ("input_kind", "input_shape", "num_classes", "vocab_size")
         diff = ", ".join(f"{n} {h!r} vs {w!r}" for n, h, w in zip(names, have, want) if h != w)
         raise ValueError(f"model {model_id!r} does not fit task {task.name!r} (model vs task: {diff})")
+    bad = [k for k, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:  # refused here, before anything is written, rather than at its trajectory's write
+        raise ValueError(f"model {model_id!r}: weights {bad[:5]} contain NaN/Inf")
+    if isinstance(model, adapters.HookedModel):  # rebuilt from a dynamo_dist weights file: checked as when added
+        adapters.check(model, task.probe.x[:adapters.CHECK_EXAMPLES], task.num_classes, f"model {model_id!r}")
     return model.eval()
 
 
