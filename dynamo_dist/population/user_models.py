@@ -121,7 +121,8 @@ def _refuse_unreadable_formats(base: Path, safetensors_stems: set[str]) -> None:
     that have no .safetensors beside them: they would be skipped without a word."""
     if not base.is_dir():
         return
-    odd = sorted(f for f in base.iterdir() if f.suffix in PICKLE_SUFFIXES + (".pt2",) and f.stem not in safetensors_stems)
+    odd = sorted(f for f in base.iterdir()
+                 if f.suffix in PICKLE_SUFFIXES + (".pt2",) and f.stem not in safetensors_stems)
     if not odd:
         return
     pickles = [f.name for f in odd if f.suffix != ".pt2"]
