@@ -60,6 +60,18 @@ class MyLSTM(nn.Module):
         return self.head(out[-1])
 
 
+class DeepRNN(nn.Module):
+    """A 3-layer tanh RNN whose forward gives outputs at every step."""
+
+    def __init__(self, hidden: int = 4):
+        super().__init__()
+        self.core = nn.RNN(D, hidden, num_layers=3, batch_first=True)
+        self.proj = nn.Linear(hidden, C)
+
+    def forward(self, x):
+        return self.proj(self.core(x)[0])
+
+
 def build_gru(**kwargs) -> nn.Module:
     return MyGRU(**kwargs)
 
@@ -82,18 +94,27 @@ def user_data(path: Path, n: int = 360, n_test: int = 90, seed: int = 0) -> Path
     return path
 
 
-def train_plain(model: nn.Module, task, steps: int = 60, seed: int = 0) -> nn.Module:
+def last_step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's outputs at the final step, whether its forward gives (B, C) or (B, T, C)."""
+    out = model(x)
+    return out[:, -1] if out.dim() == 3 else out
+
+
+def train_plain(model: nn.Module, task, steps: int = 60) -> nn.Module:
     """The user's own training loop on the task's base_train split."""
-    torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=0.03)
     x, y = task.base_train.x, task.base_train.y
     for _ in range(steps):
-        out = model(x)
-        loss = nn.functional.cross_entropy(out[:, -1] if out.dim() == 3 else out, y)
+        loss = nn.functional.cross_entropy(last_step(model, x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
     return model.eval()
+
+
+def trained(cls, task, seed: int = 0, steps: int = 60) -> nn.Module:
+    torch.manual_seed(seed)
+    return train_plain(cls(), task, steps)
 
 
 def layer1_states(lstm: nn.LSTM, x_BTD: torch.Tensor) -> torch.Tensor:
@@ -185,8 +206,8 @@ def population(tmp_path_factory):
     assert "." not in str(arrays)
     task_name = f"npy:{arrays}"
     task = load_task(task_name)
-    grus = {f"gru-{s}": train_plain(MyGRU(), task, seed=s) for s in range(2)}
-    lstms = {f"lstm-{s}": train_plain(MyLSTM(), task, seed=s) for s in range(2)}
+    grus = {f"gru-{s}": trained(MyGRU, task, seed=s) for s in range(2)}
+    lstms = {f"lstm-{s}": trained(MyLSTM, task, seed=s) for s in range(2)}
     gdir = _model_dir(tmp / "grus", grus, {"factory": "test_user_models:build_gru", "kwargs": {"hidden": 8}})
     ldir = _model_dir(tmp / "lstms", lstms, {"factory": "test_user_models:build_lstm"})
     root = tmp / "population"
@@ -199,18 +220,20 @@ def population(tmp_path_factory):
     assert "added 2 model(s)" in proc.stdout
     rows = user_models.add_model_dir(str(root), str(ldir), task_name)  # the root's own recording settings
     assert [r["model_id"] for r in rows] == ["lstm-0", "lstm-1"]
-    return {"root": str(root), "task": task, "task_name": task_name, "models": {**grus, **lstms},
+    rnns = {"rnn-0": trained(DeepRNN, task)}
+    user_models.add_models(str(root), rnns, task_name, group="rnns", factory="test_user_models:DeepRNN")
+    return {"root": str(root), "task": task, "task_name": task_name, "models": {**grus, **lstms, **rnns},
             "gdir": gdir, "ldir": ldir}
 
 
 def test_models_learned_the_users_task(population):
     rows = {r["model_id"]: r for r in store.manifest_rows(population["root"])}
-    assert set(rows) == {"gru-0", "gru-1", "lstm-0", "lstm-1"}
+    assert set(rows) == {"gru-0", "gru-1", "lstm-0", "lstm-1", "rnn-0"}
     for mid, m in population["models"].items():
         with torch.no_grad():
-            acc = float((m(population["task"].test.x).argmax(-1) == population["task"].test.y).float().mean())
+            acc = float((last_step(m, population["task"].test.x).argmax(-1) == population["task"].test.y).float().mean())
         assert rows[mid]["test_accuracy"] == pytest.approx(acc)
-        assert acc > 0.6  # chance is ~1/3: trained on the inputs as given
+        assert acc > user_models.chance_bound(population["task"].test.y)[1]  # learned, on the inputs as given
 
 
 def test_manifest_says_what_each_model_is(population):
@@ -233,11 +256,20 @@ def test_trajectories_equal_a_hooked_forward_of_the_users_module(population):
             if isinstance(m, MyGRU):
                 h = m.gru(x)[0]
                 y = m.fc(h)
+            elif isinstance(m, DeepRNN):  # every layer by hand: layer k's input is layer k-1's states
+                z, hs = x, []
+                for k in range(3):
+                    one = nn.RNN(z.shape[-1], 4, batch_first=True)
+                    one.load_state_dict({n.replace(f"_l{k}", "_l0"): v for n, v in m.core.state_dict().items()
+                                         if n.endswith(f"_l{k}")})
+                    z = one(z)[0]
+                    hs.append(z)
+                h, y = torch.cat(hs, dim=-1), m(x)
             else:  # every layer's states side by side: layer 1 (fwd, bwd), then layer 2 (fwd, bwd)
                 top = m.encoder(x.transpose(0, 1))[0].transpose(0, 1)
                 h = torch.cat([layer1_states(m.encoder, x), top], dim=-1)
                 y = m.head(top)
-            last = m(x)
+            last = last_step(m, x)
         assert shapes == [[h.shape[-1]]] and hidden.shape == (48, T, h.shape[-1])
         np.testing.assert_allclose(hidden, h.numpy(), rtol=0, atol=1e-5)
         np.testing.assert_allclose(output, y.numpy(), rtol=0, atol=1e-5)
@@ -252,7 +284,7 @@ def test_stored_weights_rebuild_the_users_module_through_its_factory(population)
         again = zoo.load(layout.path(layout.weights_rel(mid)))
         assert isinstance(again, adapters.HookedModel) and type(again.module) is type(m)
         with torch.no_grad():
-            torch.testing.assert_close(again(x), m(x), rtol=0, atol=1e-6)
+            torch.testing.assert_close(again(x), last_step(m, x), rtol=0, atol=1e-6)
 
 
 def test_adding_again_skips_complete_models(population):
@@ -273,12 +305,12 @@ def meta_run(population, tmp_path_factory):
 
 
 def test_a_meta_model_embeds_the_mixed_population(meta_run):
-    """1-layer GRUs (tap width 8) and 2-layer bidirectional LSTMs (width 20) in one meta run."""
+    """1-layer GRUs (tap width 8), 2-layer bidirectional LSTMs (20) and a 3-layer RNN (12) in one meta run."""
     emb = pq.read_table(meta_run / "embeddings.parquet").to_pylist()
-    assert sorted(r["model_id"] for r in emb) == ["gru-0", "gru-1", "lstm-0", "lstm-1"]
+    assert sorted(r["model_id"] for r in emb) == ["gru-0", "gru-1", "lstm-0", "lstm-1", "rnn-0"]
     assert all(len(r["theta"]) == 2 and np.isfinite(r["theta"]).all() for r in emb)
     metrics = pq.read_table(meta_run / "model_metrics.parquet").to_pylist()
-    assert len(metrics) == 4 and all(np.isfinite(r["agreement"]) for r in metrics)
+    assert len(metrics) == 5 and all(np.isfinite(r["agreement"]) for r in metrics)
 
 
 def test_a_new_users_model_is_embedded_post_hoc(population, meta_run, tmp_path):
@@ -286,7 +318,7 @@ def test_a_new_users_model_is_embedded_post_hoc(population, meta_run, tmp_path):
 
     root = str(tmp_path / "new")
     task = population["task"]
-    user_models.add_models(root, {"bi-new": train_plain(BiGRU(), task, steps=20)}, population["task_name"],
+    user_models.add_models(root, {"bi-new": trained(BiGRU, task, steps=20)}, population["task_name"],
                            cfg=_cfg(root))
     path = run_posthoc(str(meta_run), root, steps=20)
     rows = pq.read_table(path).to_pylist()
