@@ -150,23 +150,21 @@ def hooked(module: nn.Module, task, hidden: list[str] | None = None, readout: st
     if readout is not None and readout not in names:
         raise ValueError(f"{what}: readout {readout!r} is not a submodule of {type(module).__name__} "
                          f"(its submodules: {sorted(n for n in names if n)[:20]})")
-    rnns = [names[n] for n in hidden if isinstance(names[n], nn.RNNBase)]
     if readout is None:
         last = names[hidden[-1]]
         width = last.hidden_size * (2 if last.bidirectional else 1) if isinstance(last, nn.RNNBase) else None
         linears = [n for n, m in names.items() if isinstance(m, nn.Linear) and width in (None, m.in_features)]
         readout = linears[-1] if linears else None
-    first = rnns[0] if rnns else None
-    kinds = {RNN_TYPES.get(type(m)) for m in rnns}
+    # one hooked nn.GRU/LSTM/RNN names the arch and its shape; anything else is "custom", sized by its tap
+    rnn = names[hidden[0]] if len(hidden) == 1 and type(names[hidden[0]]) in RNN_TYPES else None
     spec = zoo.ArchSpec(
-        arch=kinds.pop() if len(kinds) == 1 and None not in kinds and len(rnns) == len(hidden) else zoo.CUSTOM_ARCH,
-        input_kind=task.input_kind, input_shape=tuple(task.input_shape), num_classes=task.num_classes,
-        vocab_size=task.vocab_size, hidden_size=first.hidden_size if first is not None else 0,
-        num_layers=first.num_layers if first is not None else 1,
-        bidirectional=bool(first.bidirectional) if first is not None else False)
+        arch=RNN_TYPES[type(rnn)] if rnn is not None else zoo.CUSTOM_ARCH, input_kind=task.input_kind,
+        input_shape=tuple(task.input_shape), num_classes=task.num_classes, vocab_size=task.vocab_size,
+        hidden_size=rnn.hidden_size if rnn is not None else 0, num_layers=rnn.num_layers if rnn is not None else 1,
+        bidirectional=bool(rnn.bidirectional) if rnn is not None else False)
     model = HookedModel(module, spec, hidden, readout, factory, kwargs).eval()
     width = check(model, task.probe.x[:CHECK_EXAMPLES], task.num_classes, what)
-    if not rnns:  # no recurrent module to say it: the tap's width is the hidden size
+    if rnn is None:  # no one recurrent module to say it: the tap's width is the hidden size
         model.spec = dataclasses.replace(spec, hidden_size=width)
     return model
 
@@ -264,11 +262,11 @@ def rebuild(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, st
 
 
 def manifest_labels(model: nn.Module) -> dict:
-    """The manifest columns a multi-layer or bidirectional RNN adds (read back by ``ArchSpec.from_row``)."""
-    spec = model.spec
-    if spec.family != "rnn" or (spec.num_layers == 1 and not spec.bidirectional and spec.arch != zoo.CUSTOM_ARCH):
-        return {}
-    labels = {"num_layers": spec.num_layers, "bidirectional": spec.bidirectional}
+    """The manifest columns a user's RNN adds beyond the zoo's (read back by ``ArchSpec.from_row``):
+    ``num_layers``/``bidirectional`` of a multi-layer or bidirectional one, ``factory`` when known."""
+    spec, labels = model.spec, {}
+    if spec.family == "rnn" and spec.arch != zoo.CUSTOM_ARCH and (spec.num_layers > 1 or spec.bidirectional):
+        labels.update(num_layers=spec.num_layers, bidirectional=spec.bidirectional)
     if isinstance(model, HookedModel) and model.factory:
         labels["factory"] = model.factory
     return labels

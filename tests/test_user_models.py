@@ -242,7 +242,10 @@ def test_manifest_says_what_each_model_is(population):
     assert (g["arch"], g["hidden_size"], g["group"]) == ("gru", 8, "grus")
     assert (l["arch"], l["hidden_size"], l["num_layers"], l["bidirectional"]) == ("lstm", 5, 2, True)
     assert l["group"] == "lstms"
-    assert l["factory"] == "test_user_models:build_lstm"
+    assert l["factory"] == "test_user_models:build_lstm" and g["factory"] == "test_user_models:build_gru"
+    r = rows["rnn-0"]
+    assert (r["arch"], r["hidden_size"], r["num_layers"], r["bidirectional"]) == ("rnn", 4, 3, False)
+    assert g["num_layers"] is None  # a 1-layer unidirectional GRU needs no more than the zoo's columns
     assert zoo.ArchSpec.from_row(l).num_layers == 2 and zoo.ArchSpec.from_row(g).num_layers == 1
 
 
