@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--updates", type=int, nargs="+", default=[50, 100, 200, 400])
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="a meta field for every run (e.g. maps_ridge=0.3); repeatable")
+    ap.add_argument("--set-for", action="append", default=[], metavar="METHOD:FIELD=VALUE",
+                    help="a meta field for one method's runs (e.g. paper:lr=0.003, the old recipe's value); repeatable")
     ap.add_argument("--label", default="group", help="manifest column whose values are the groups")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS / "convergence.json"))
@@ -161,7 +163,14 @@ def main(argv: list[str] | None = None) -> int:
 
     extra = {f"meta.{k}": yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     t0 = time.perf_counter()
-    points = [(args.config, args.population, m, s, sorted(args.updates), extra, args.label)
+    per_method = {m: dict(extra) for m in args.methods}
+    for item in args.set_for:
+        method, kv = item.split(":", 1)
+        if method not in per_method:
+            raise SystemExit(f"--set-for {item}: method {method!r} is not in --methods {args.methods}")
+        k, v = kv.split("=", 1)
+        per_method[method][f"meta.{k}"] = yaml.safe_load(v)
+    points = [(args.config, args.population, m, s, sorted(args.updates), per_method[m], args.label)
               for m in args.methods for s in args.seeds]
     with ProcessPoolExecutor(args.jobs) as pool:
         runs = list(pool.map(_run, points))

@@ -179,12 +179,13 @@ class MetaConfig(_Config):
     method: Literal["varpro", "paper"] = Field(
         "varpro", description="how theta_n and V_n are fitted. varpro: V_n solved in closed form (ridge) on each "
         "visit (variable projection; hidden_distance l2, else V_n by AdamW), theta_n started at the models' output "
-        "signatures (their top-d principal components), each model's hidden loss divided by its states' variance. "
+        "signatures (their top-d principal components), each model's hidden loss divided by its states' variance, "
+        "and (RNNs) the output heads read the meta states FiLM-modulated by theta. "
         "paper: Algorithm 1 as published (theta_n = 0, V_n by AdamW, plain L_hidden)")
     maps_ridge: float = Field(0.1, gt=0.0, description="varpro: ridge of each V_n solve, relative to the mean "
                               "eigenvalue of the batch's meta states (also how far a solve may move from the "
                               "last visit's V_n)")
-    theta_init_scale: float = Field(1.0, ge=0.0, description="varpro: root-mean-square ||theta_n|| of the "
+    theta_init_scale: float = Field(3.0, ge=0.0, description="varpro: root-mean-square ||theta_n|| of the "
                                     "signature start (0 = start at 0)")
     output_weight: float = Field(1.0, ge=0.0, description="lambda, weight of the output loss (eq. 4)")
     hidden_distance: Literal["l2", "l1"] = Field("l2", description="hidden-state distance: squared L2 (eq. 2) or L1")

@@ -188,7 +188,7 @@ def test_theta_starts_at_the_signatures_whatever_the_seed(pop_root, tmp_path):
         starts.append(tr.embeddings.theta_matrix())
     torch.testing.assert_close(starts[0], starts[1])
     th = starts[0]
-    assert float(th.pow(2).sum(1).mean().sqrt()) == pytest.approx(1.0, rel=1e-4)  # theta_init_scale
+    assert float(th.pow(2).sum(1).mean().sqrt()) == pytest.approx(_cfg(tmp_path).theta_init_scale, rel=1e-4)
     # 4 models in d=3: the top-3 components hold every centred signature, so theta's pairwise distances
     # are the signatures' (first 64 probe examples, as ``start_theta`` reads them) up to one scale
     sigs = torch.stack([signature.output_signature(data.probe[m].outputs[:64], "kl") for m in data.model_ids])
@@ -232,3 +232,33 @@ def test_varpro_run_resumes_exactly(pop_root, tmp_path):
     resumed.restore(tmp_path / "ck.pt")
     np.testing.assert_allclose([r["loss"] for r in resumed.fit()], full[15:], rtol=1e-5, atol=1e-6)
     assert not resumed._theta_started  # a resumed run keeps its theta, never restarts it
+
+
+def test_theta_readout_starts_as_the_papers_and_readout_is_the_forwards_head():
+    spec = ArchSpec(arch="gru", input_kind="sequence", input_shape=(7, 3), num_classes=4)
+    torch.manual_seed(0)
+    film = MetaRNN(spec, 6, 2, {"a": 4}, theta_readout=True)
+    torch.manual_seed(0)
+    plain = MetaRNN(spec, 6, 2, {"a": 4})
+    x, theta = torch.randn(5, 7, 3), torch.randn(5, 2)
+    torch.testing.assert_close(film(x, theta)[1]["a"], plain(x, theta)[1]["a"])  # A = B = 0 at the start
+    with torch.no_grad():
+        film.readout_film.normal_()
+    hs, outs = film(x, theta)
+    assert not torch.allclose(outs["a"], plain(x, theta)[1]["a"])
+    for k in range(5):  # the analyses' G~ at theta (fixed points, valence) is the forward pass's head
+        torch.testing.assert_close(film.readout("a", theta[k])(hs[0][k]), outs["a"][k])
+    assert film.theta_weights()[-1] is film.readout_film  # under the low-rank prior too
+
+
+def test_task_names_with_dots_are_heads_and_round_trip():
+    spec = ArchSpec(arch="gru", input_kind="sequence", input_shape=(7, 3), num_classes=4)
+    groups = {"npz:/data/set.v1.npz": 3, "mnist1d": 10, "odd%2E": 2}
+    meta = MetaRNN(spec, 6, 2, groups)
+    assert sorted(meta.heads) == sorted(groups) and all(g in meta.heads for g in groups)
+    _, outs = meta(torch.randn(2, 7, 3), torch.randn(2, 2))
+    assert {g: o.shape[-1] for g, o in outs.items()} == groups
+    again = MetaRNN(spec, 6, 2, groups)
+    again.load_state_dict(meta.state_dict())
+    torch.testing.assert_close(again.heads["npz:/data/set.v1.npz"].weight, meta.heads["npz:/data/set.v1.npz"].weight)
+    assert "heads.mnist1d.weight" in meta.state_dict()  # plain names keep their keys: earlier runs load

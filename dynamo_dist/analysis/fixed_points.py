@@ -60,13 +60,13 @@ def meta_dynamics(meta: nn.Module, theta_E: torch.Tensor, x_star_D: torch.Tensor
     theta_E = torch.as_tensor(theta_E, dtype=torch.float32).detach()
     in_dim = meta.cell.input_size - theta_E.shape[0]
     x_star = pad_input(meta, in_dim) if x_star_D is None else torch.as_tensor(x_star_D, dtype=torch.float32)
-    head = meta.heads[group if group is not None else next(iter(meta.heads))]
+    readout = meta.readout(group if group is not None else next(iter(meta.heads)), theta_E)
 
     def step(h_BS: torch.Tensor) -> torch.Tensor:
         b = h_BS.shape[0]
         return meta.step(x_star[None].expand(b, -1), theta_E[None].expand(b, -1), h_BS)
 
-    return Dynamics(step=step, readout=head, state_dim=meta.hidden_size)
+    return Dynamics(step=step, readout=readout, state_dim=meta.hidden_size)
 
 
 def base_dynamics(model: nn.Module, x_star_D: torch.Tensor | None = None) -> Dynamics:

@@ -77,13 +77,13 @@ class WordValence:
                              f"(missing: {self.missing_words_})")
         ordered = [w for k in ("positive", "negative", "neutral") for w in self.words_[k]]
         ids = torch.tensor([[word_ids[w]] for w in ordered], dtype=torch.long)
-        head = meta.heads[group]
-        sentiment = lambda h: head(h)[:, positive_class] - head(h)[:, negative_class]  # noqa: E731
         thetas = np.atleast_2d(np.asarray(thetas_KE, dtype=np.float64))
         x, lengths = x[: self.num_probe], lengths[: self.num_probe]
         scores, values, neutral, counts = [], [], [], []
         for k, th in enumerate(thetas):
             theta = torch.tensor(th, dtype=torch.float32)
+            head = meta.readout(group, theta)  # G~ at this theta (theta-dependent under a FiLM readout)
+            sentiment = lambda h, head=head: head(h)[:, positive_class] - head(h)[:, negative_class]  # noqa: E731
             finder = _clone(self.finder, self.random_state)
             finder.fit(meta_dynamics(meta, theta, group=group), meta_visited_states(meta, theta, x, lengths))
             with torch.no_grad():

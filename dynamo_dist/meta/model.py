@@ -26,13 +26,55 @@ from torch.optim.adamw import adamw
 from ..zoo import ArchSpec, family_of
 
 
+def _escape(group: str) -> str:
+    return group.replace("%", "%25").replace(".", "%2E")
+
+
+def _unescape(key: str) -> str:
+    return key.replace("%2E", ".").replace("%25", "%")
+
+
+class GroupHeads(nn.ModuleDict):
+    """One head per output group, keyed by the group (task) name as it is. Task names may hold dots
+    (``npz:/data/set.npz``), which module names cannot: they are escaped in the module (and
+    state-dict) keys only, reversibly; names without ``.`` or ``%`` keep their keys, so
+    earlier checkpoints load as they are."""
+
+    def __getitem__(self, group: str) -> nn.Module:
+        return self._modules[_escape(group)]
+
+    def __setitem__(self, group: str, module: nn.Module) -> None:
+        self.add_module(_escape(group), module)
+
+    def __delitem__(self, group: str) -> None:
+        del self._modules[_escape(group)]
+
+    def __contains__(self, group: object) -> bool:
+        return isinstance(group, str) and _escape(group) in self._modules
+
+    def __iter__(self):
+        return (_unescape(k) for k in self._modules)
+
+    def keys(self):
+        return list(iter(self))
+
+    def items(self):
+        return [(_unescape(k), m) for k, m in self._modules.items()]
+
+
 class MetaRNN(nn.Module):
-    """GRU fed ``[x_t; theta]`` at every step; h_0 = 0 (independent of theta); one head per output group."""
+    """GRU fed ``[x_t; theta]`` at every step; h_0 = 0 (independent of theta); one head per output group.
+
+    ``theta_readout``: the heads read ``h * (1 + A theta) + B theta`` (a FiLM of the readout by theta,
+    A and B starting at 0, so the start is the paper's theta-independent G~). Models whose
+    decisions differ by their readout more than by their dynamics (low-confidence classifiers)
+    are then matched by theta directly, not only through the recurrence (``meta.method`` varpro).
+    """
 
     family = "rnn"
 
     def __init__(self, input_spec: ArchSpec, hidden_size: int, embedding_dim: int,
-                 output_sizes: Mapping[str, int], embed_dim: int = 64):
+                 output_sizes: Mapping[str, int], embed_dim: int = 64, theta_readout: bool = False):
         super().__init__()
         self.embedding_dim = embedding_dim
         self.hidden_size = hidden_size
@@ -43,7 +85,9 @@ class MetaRNN(nn.Module):
             self.embed = None
             in_dim = input_spec.input_shape[-1]
         self.cell = nn.GRU(in_dim + embedding_dim, hidden_size, batch_first=True)
-        self.heads = nn.ModuleDict({g: nn.Linear(hidden_size, c) for g, c in sorted(output_sizes.items())})
+        self.heads = GroupHeads({g: nn.Linear(hidden_size, c) for g, c in sorted(output_sizes.items())})
+        # zeros, drawn from no generator: the other weights are those of the same seed without it
+        self.readout_film = (nn.Parameter(torch.zeros(2 * hidden_size, embedding_dim)) if theta_readout else None)
 
     @property
     def tap_dims(self) -> list[int]:
@@ -61,11 +105,27 @@ class MetaRNN(nn.Module):
         u = self.encode(x)
         th = theta_BE[:, None, :].expand(-1, u.shape[1], -1)
         h_BTM, _ = self.cell(torch.cat([u, th], dim=-1))
-        return [h_BTM], {g: head(h_BTM) for g, head in self.heads.items()}
+        z = self._film(h_BTM, theta_BE[:, None, :])
+        return [h_BTM], {g: head(z) for g, head in self.heads.items()}
+
+    def _film(self, h: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """What the heads read: h itself, or its FiLM by theta (``theta_readout``); theta broadcasts to h."""
+        if self.readout_film is None:
+            return h
+        scale, shift = F.linear(theta, self.readout_film).chunk(2, dim=-1)
+        return h * (1 + scale) + shift
+
+    def readout(self, group: str, theta_E: torch.Tensor):
+        """G~ of ``group`` at ``theta``: a function of states (..., M) -> outputs (..., C)."""
+        head = self.heads[group]
+        theta_E = torch.as_tensor(theta_E, dtype=torch.float32).detach()
+        return lambda h: head(self._film(h, theta_E))
 
     def theta_weights(self) -> list[torch.Tensor]:
-        """The weights that multiply theta: the GRU's input weights of the theta columns, (3M, E)."""
-        return [self.cell.weight_ih_l0[:, -self.embedding_dim:]]
+        """The weights that multiply theta: the GRU's input weights of the theta columns, (3M, E), and the
+        readout's FiLM (2M, E) when there is one."""
+        film = [] if self.readout_film is None else [self.readout_film]
+        return [self.cell.weight_ih_l0[:, -self.embedding_dim:], *film]
 
     def step(self, x_BD: torch.Tensor, theta_BE: torch.Tensor, h_BM: torch.Tensor) -> torch.Tensor:
         """One application of F~(theta, x, h) -> next h (for fixed-point analysis); x_BD already encoded."""
@@ -141,7 +201,7 @@ class MetaResNet(nn.Module):
                 blocks.append(ThetaBasicBlock(prev, w, stride, self.theta_proj[str(w)]))
                 prev = w
             self.stages.append(blocks)
-        self.heads = nn.ModuleDict({g: nn.Linear(prev, c) for g, c in sorted(output_sizes.items())})
+        self.heads = GroupHeads({g: nn.Linear(prev, c) for g, c in sorted(output_sizes.items())})
 
     @property
     def tap_dims(self) -> list[int]:
@@ -209,7 +269,8 @@ def build(rows: Sequence[Mapping], cfg, model_ids: Sequence[str], base_dims: Seq
     if meta_seed is not None:
         torch.manual_seed(meta_seed)
     meta = build_meta_model(family, ArchSpec.from_row(rows[0]), output_sizes(rows), embedding_dim=cfg.embedding_dim,
-                            hidden_size=cfg.hidden_size, embed_dim=cfg.embed_dim, resnet_arch=cfg.resnet_arch)
+                            hidden_size=cfg.hidden_size, embed_dim=cfg.embed_dim, resnet_arch=cfg.resnet_arch,
+                            theta_readout=cfg.method == "varpro")
     if embeddings_seed is not None:
         torch.manual_seed(embeddings_seed)
     return meta, ModelEmbeddings(model_ids, cfg.embedding_dim, meta.tap_dims, base_dims, family,
@@ -217,9 +278,11 @@ def build(rows: Sequence[Mapping], cfg, model_ids: Sequence[str], base_dims: Seq
 
 
 def build_meta_model(family: str, input_spec: ArchSpec, output_sizes: Mapping[str, int], *, embedding_dim: int,
-                     hidden_size: int = 128, embed_dim: int = 64, resnet_arch: str = "resnet10") -> nn.Module:
+                     hidden_size: int = 128, embed_dim: int = 64, resnet_arch: str = "resnet10",
+                     theta_readout: bool = False) -> nn.Module:
     if family == "rnn":
-        return MetaRNN(input_spec, hidden_size, embedding_dim, output_sizes, embed_dim=embed_dim)
+        return MetaRNN(input_spec, hidden_size, embedding_dim, output_sizes, embed_dim=embed_dim,
+                       theta_readout=theta_readout)
     if family == "cnn":
         return MetaResNet(input_spec, resnet_arch, embedding_dim, output_sizes)
     raise ValueError(f"family: unknown model family {family!r} (rnn | cnn)")

@@ -33,6 +33,7 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 import pyarrow as pa
 import torch
+import yaml
 
 from .. import config as config_mod
 from ..config import MetaConfig
@@ -281,6 +282,8 @@ def load_meta_run(output_dir: str | Path) -> MetaRun:
     out = check_meta_run(output_dir)
     # the directory as it is now (it may have been moved or copied), not where it was written
     cfg = config_mod.load(out / CONFIG_FILE, MetaConfig).replace(output_dir=store.absolute(out))
+    if "method" not in (yaml.safe_load((out / CONFIG_FILE).read_text()) or {}):
+        cfg = cfg.replace(method="paper")  # written before meta.method existed: Algorithm 1 trained it
     context = json.loads((out / CONTEXT_FILE).read_text())
     meta_state, per_model = checkpoint.read_model_state(run_checkpoint(out))
     root = population_root_of(out, context)

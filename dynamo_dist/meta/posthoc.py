@@ -1,8 +1,10 @@
 """Post-hoc embedding: place new base models into a trained model-embedding space.
 
-The meta-model of a finished meta run is frozen; only theta_new (from 0, as Algorithm 1)
-and the state map V_new of each new model are fitted on its probe trajectories, with the
-run's objective (same lambda and distances). Seconds per model instead of retraining the
+The meta-model of a finished meta run is frozen; only theta_new and the state map V_new of
+each new model are fitted on its probe trajectories, with the run's objective (same lambda
+and distances) and recipe: ``paper`` starts theta at 0 and steps theta and V by AdamW;
+``varpro`` starts theta at the trained theta that emulates the new model best and solves V
+in closed form at every step, stepping theta alone. Seconds per model instead of retraining the
 meta-model. The new models may live in another population root, as long as their inputs
 have the run's sizes and their task is one of the run's output groups (heads).
 """
@@ -70,6 +72,10 @@ def embed_new_models(meta_output_dir: str | Path, population_root: str, model_id
     # only new theta/V: the trained meta-model is the run's (the one construction is model.build)
     emb = ModelEmbeddings(data.model_ids, cfg.embedding_dim, meta.tap_dims, base_dims, family)
     bs = batch_size or cfg.batch_size
+    # the run's recipe: varpro solves V_n (L2) and starts theta from the trained thetas
+    varpro = cfg.method == "varpro" and cfg.hidden_distance == "l2"
+    loss_kw = {"maps_ridge": cfg.maps_ridge, "normalize_hidden": True} if varpro else {}
+    candidates = _candidate_thetas(run, seed) if varpro else None
     out: dict[str, dict] = {}
     from tqdm.auto import tqdm
 
@@ -79,16 +85,24 @@ def embed_new_models(meta_output_dir: str | Path, population_root: str, model_id
         traj, inputs = data.probe[mid], data.probe_inputs[task]
         n_train = int(len(inputs) * (1 - VAL_FRACTION)) or len(inputs)
         pool = np.arange(min(n_train, traj.num_examples))
-        params = [emb.theta[i], *emb.maps[i].parameters()]
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         rng = np.random.default_rng([seed, i])
+
+        def chunk_of(idx: torch.Tensor) -> Chunk:
+            return Chunk(model_id=mid, row=i, group=task, x=inputs.x[idx], lengths=inputs.lengths[idx],
+                         hiddens=[h[idx].float() for h in traj.hiddens], outputs=traj.outputs[idx].float())
+
+        if varpro:  # theta starts at the trained theta that emulates this model best; V is solved, not stepped
+            start_at_best(meta, emb, i, chunk_of(torch.from_numpy(pool[:bs])), candidates, cfg)
+            params = [emb.theta[i]]
+        else:
+            params = [emb.theta[i], *emb.maps[i].parameters()]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         for step in range(steps):
             for g in opt.param_groups:
                 g["lr"] = lr * cosine_factor(step, steps)
             idx = torch.from_numpy(rng.choice(pool, size=min(bs, len(pool)), replace=False))
-            chunk = Chunk(model_id=mid, row=i, group=task, x=inputs.x[idx], lengths=inputs.lengths[idx],
-                          hiddens=[h[idx].float() for h in traj.hiddens], outputs=traj.outputs[idx].float())
-            loss, _ = dynamo_loss(meta, emb, [chunk], cfg.output_weight, cfg.hidden_distance, cfg.output_distance)
+            loss, _ = dynamo_loss(meta, emb, [chunk_of(idx)], cfg.output_weight, cfg.hidden_distance,
+                                  cfg.output_distance, **loss_kw)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -100,6 +114,36 @@ def embed_new_models(meta_output_dir: str | Path, population_root: str, model_id
         out[mid] = {"theta": emb.theta[i].detach().tolist(), **m, "seconds": seconds}
         emb.release([i])  # its leaves were this model's optimiser's; they need not stay
     return out
+
+
+MAX_START_CANDIDATES = 64  # trained thetas tried as a new model's start: one forward pass each
+
+
+def _candidate_thetas(run, seed: int) -> torch.Tensor:
+    """(K, E): up to ``MAX_START_CANDIDATES`` of the run's trained thetas (a seeded sample beyond that)."""
+    theta = run.embeddings.theta_matrix().cpu().numpy()
+    if len(theta) > MAX_START_CANDIDATES:
+        theta = theta[np.sort(np.random.default_rng(seed).choice(len(theta), MAX_START_CANDIDATES, replace=False))]
+    return torch.from_numpy(theta)
+
+
+@torch.no_grad()
+def start_at_best(meta, emb: ModelEmbeddings, row: int, chunk: Chunk, candidates: torch.Tensor, cfg) -> None:
+    """Set theta of ``row`` to the candidate whose projected loss on ``chunk`` is lowest (V solved for
+    each, the winner's V kept): a start near the models this one computes like, whatever seed."""
+    best, best_loss, best_maps = None, float("inf"), None
+    for theta in candidates:
+        emb.theta_table[row].copy_(theta)
+        emb.steps[row, 1:] = 0  # every candidate's V from a plain solve, not the previous candidate's
+        loss, _ = dynamo_loss(meta, emb, [chunk], cfg.output_weight, cfg.hidden_distance, cfg.output_distance,
+                              maps_ridge=cfg.maps_ridge, normalize_hidden=True)
+        if float(loss) < best_loss:
+            best, best_loss = theta, float(loss)
+            best_maps = [p.detach().clone() for p in emb.parameters_of(row)[1:]]
+    emb.theta_table[row].copy_(best)
+    for p, v in zip(emb.parameters_of(row)[1:], best_maps):
+        p.copy_(v)
+    emb.steps[row, 1:] = 1
 
 
 def nearest_trained(theta_new: np.ndarray, theta_trained: np.ndarray, trained_ids: list[str]) -> list[tuple[str, float]]:
