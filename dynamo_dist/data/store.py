@@ -442,6 +442,16 @@ def trajectory_info(root: str | os.PathLike, model_id: str, split: str = "probe"
                           path.stat().st_size)
 
 
+def trajectory_infos(root: str | os.PathLike, rows: list[dict]) -> dict[tuple[str, str], TrajectoryInfo]:
+    """``trajectory_info`` of every listed model's probe and test files, keyed (model_id, split): footers
+    only, read by parallel threads (file opens dominate on network filesystems)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    keys = [(r["model_id"], split) for r in rows for split in ("probe", "test")]
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        return dict(zip(keys, pool.map(lambda k: trajectory_info(root, *k), keys)))
+
+
 def check_same_recording(root: str | os.PathLike, infos: list[TrajectoryInfo],
                          tasks: dict[str, str]) -> None:
     """Refuse a root whose models were recorded with different settings, from their footers only.

@@ -26,7 +26,6 @@ import os
 import tempfile
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -115,10 +114,7 @@ def validate_population(cfg: MetaConfig, population_root: str) -> list[dict]:
             if not layout.path(rel).is_file():
                 raise FileNotFoundError(f"{split} trajectory of model {mid!r} not found: {layout.path(rel)} "
                                         f"(manifest field {field})")
-    # Footers only, by parallel threads (file opens dominate on network filesystems).
-    keys = [(r["model_id"], split) for r in rows for split in ("probe", "test")]
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        infos = dict(zip(keys, pool.map(lambda k: store.trajectory_info(root, *k), keys)))
+    infos = store.trajectory_infos(root, rows)  # footers only
     store.check_same_recording(root, list(infos.values()), {r["model_id"]: r["task"] for r in rows})
     counts = {k: info.num_examples for k, info in infos.items()}
     largest = max((infos[r["model_id"], "probe"] for r in rows), key=lambda i: i.decoded_bytes)

@@ -211,6 +211,8 @@ def validate(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, population_root: str,
     tracking_store.check_reachable()
     rows = store.manifest_rows(population_root)
     check_population(rows, population_root)
+    infos = store.trajectory_infos(population_root, rows)  # footers only: every trial would train on them
+    store.check_same_recording(population_root, list(infos.values()), {r["model_id"]: r["task"] for r in rows})
     return sweep_cfg, rows
 
 
