@@ -201,16 +201,20 @@ def test_resnet_population_trains_meta_resnet(tmp_path):
     assert torch.equal(on_disk.embeddings.maps_exp_avg_sq, tr.embeddings.maps_exp_avg_sq)
 
 
-def test_the_embedding_penalty_shrinks_theta_and_is_reported(pop_root, tmp_path):
+@pytest.mark.parametrize("method", ["paper", "varpro"])
+def test_the_embedding_penalty_shrinks_theta_and_is_reported(pop_root, tmp_path, method):
     data = load_population(pop_root, with_test=False)
     runs = {}
     for alpha in (0.0, 1.0):
-        cfg = _meta_cfg(pop_root, tmp_path, steps=40, embedding_lr=1e-2, embedding_penalty=alpha)
+        cfg = _meta_cfg(pop_root, tmp_path, steps=40, embedding_lr=1e-2, embedding_penalty=alpha, method=method)
         trainer = DynamoTrainer(cfg, data)
         runs[alpha] = (trainer.fit(), trainer.embeddings.theta_matrix().norm(dim=1))
     (plain, theta0), (penalised, theta1) = runs[0.0], runs[1.0]
     assert "loss_penalty" not in plain[-1] and penalised[-1]["loss_penalty"] > 0
-    assert float(theta1.mean()) < 0.8 * float(theta0.mean())  # measured: 0.12 vs 0.19  # same seed and batches; only alpha differs
+    # same seed and batches; only alpha differs. paper: theta grows from 0 (measured 0.12 vs 0.19);
+    # varpro: theta starts at the signatures (RMS norm 1), 40 steps of the penalty pull it in a little
+    factor = 0.8 if method == "paper" else 1.0
+    assert float(theta1.mean()) < factor * float(theta0.mean())
 
 
 def _per_model_form(states) -> dict:

@@ -54,13 +54,21 @@ def pad_input(meta_or_model: nn.Module, in_dim: int) -> torch.Tensor:
     return torch.zeros(in_dim)
 
 
+def readout_at(meta: nn.Module, group: str, theta_E: torch.Tensor):
+    """G~ of ``group`` at ``theta``: ``meta.readout`` (a theta-modulated readout, MetaRNN), else the
+    group's head itself (a meta-model whose readout does not depend on theta)."""
+    if hasattr(meta, "readout"):
+        return meta.readout(group, theta_E)
+    return meta.heads[group]
+
+
 def meta_dynamics(meta: nn.Module, theta_E: torch.Tensor, x_star_D: torch.Tensor | None = None,
                   group: str | None = None) -> Dynamics:
     """h -> F~(theta, x*, h) of a MetaRNN; readout = the head of ``group`` (default: the first head)."""
     theta_E = torch.as_tensor(theta_E, dtype=torch.float32).detach()
     in_dim = meta.cell.input_size - theta_E.shape[0]
     x_star = pad_input(meta, in_dim) if x_star_D is None else torch.as_tensor(x_star_D, dtype=torch.float32)
-    readout = meta.readout(group if group is not None else next(iter(meta.heads)), theta_E)
+    readout = readout_at(meta, group if group is not None else next(iter(meta.heads)), theta_E)
 
     def step(h_BS: torch.Tensor) -> torch.Tensor:
         b = h_BS.shape[0]

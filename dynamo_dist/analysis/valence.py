@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from .fixed_points import FixedPointFinder, meta_dynamics, meta_visited_states
+from .fixed_points import FixedPointFinder, meta_dynamics, meta_visited_states, readout_at
 
 # Table 3 of the paper.
 POSITIVE_WORDS = ("good", "awesome", "terrific", "exciting", "fantastic", "amazing", "fine", "superior",
@@ -82,7 +82,7 @@ class WordValence:
         scores, values, neutral, counts = [], [], [], []
         for k, th in enumerate(thetas):
             theta = torch.tensor(th, dtype=torch.float32)
-            head = meta.readout(group, theta)  # G~ at this theta (theta-dependent under a FiLM readout)
+            head = readout_at(meta, group, theta)  # G~ at this theta (theta-dependent under a FiLM readout)
             sentiment = lambda h, head=head: head(h)[:, positive_class] - head(h)[:, negative_class]  # noqa: E731
             finder = _clone(self.finder, self.random_state)
             finder.fit(meta_dynamics(meta, theta, group=group), meta_visited_states(meta, theta, x, lengths))
