@@ -90,7 +90,9 @@ class Chunk:
 def _rows(h: torch.Tensor, family: str, mask_BT: torch.Tensor | None) -> torch.Tensor:
     """States as rows of features: RNN (B,T,H) -> (valid steps, H); CNN (B,C,H,W) -> (B*H*W, C)."""
     if family == "rnn":
-        return h[mask_BT] if mask_BT is not None else h.reshape(-1, h.shape[-1])
+        if mask_BT is None or bool(mask_BT.all()):  # no padding: a view, no copy
+            return h.reshape(-1, h.shape[-1])
+        return h[mask_BT]
     return h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
 
 
@@ -101,14 +103,14 @@ def ridge_map(h_NM: torch.Tensor, y_NH: torch.Tensor, rho: float, prior_W: torch
     Minimises ``1/N ||[h 1] [W b]^T - y||^2 + r ||[W b] - [W0 b0]||^2`` with ``r = rho * tr(G) / (M+1)``,
     ``G = [h 1]^T [h 1] / N`` (rho is relative to the mean eigenvalue of the states' Gram matrix, so it
     means the same whatever their scale); the prior ``[W0 b0]`` (default 0: plain ridge) carries what
-    earlier batches taught. Solved in float64; returns ``W`` (H,M), ``b`` (H,), detached, in h's dtype.
+    earlier batches taught. Products in h's precision, the solve in float64; returns ``W`` (H,M), ``b`` (H,), detached, in h's dtype.
     """
-    x = torch.cat([h_NM.detach().double(), h_NM.new_ones(h_NM.shape[0], 1, dtype=torch.float64)], dim=1)
-    y = y_NH.detach().double()
+    # the products in the states' precision (the cost is here: N rows), the small solve in float64
+    x = torch.cat([h_NM.detach(), h_NM.new_ones(h_NM.shape[0], 1)], dim=1)
     n, m1 = x.shape
-    gram = x.T @ x / max(n, 1)
+    gram = (x.T @ x).double() / max(n, 1)
     r = rho * float(torch.diagonal(gram).sum()) / m1 + 1e-12
-    rhs = x.T @ y / max(n, 1)
+    rhs = (x.T @ y_NH.detach().to(x.dtype)).double() / max(n, 1)
     if prior_W is not None:
         rhs = rhs + r * torch.cat([prior_W.detach().double().T, prior_b.detach().double()[None]], dim=0)
     sol = torch.linalg.solve(gram + r * torch.eye(m1, dtype=torch.float64, device=x.device), rhs)  # (M+1, H)
