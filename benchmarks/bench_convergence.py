@@ -14,7 +14,8 @@ one intra-op thread, ``--jobs`` side by side) on a recorded population with the 
 
 Once per population: the CKA+MDS baseline's silhouette and ARI on the same models (probe
 activations); per method with several seeds: the ARI between the seeds' k-means labelings at the
-last point. JSON in ``benchmarks/results/``, a plot of the curves beside it.
+last point. JSON in ``benchmarks/results/``, a plot of the curves and a markdown table beside it
+(``--table`` JSON...: only the tables of earlier results).
 
     python benchmarks/bench_convergence.py --population runs/demo/population --config configs/demo.yaml \\
         --methods varpro paper --updates 50 100 200 400 --seeds 0 1 2 --jobs 2
@@ -145,10 +146,34 @@ def plot(doc: dict, path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
+def markdown(doc: dict) -> str:
+    """The runs as one table: per method and point, the mean over seeds (min-max where seeds differ)."""
+    def cell(values: list[float], fmt: str = "{:.3f}") -> str:
+        lo, hi, mean = min(values), max(values), sum(values) / len(values)
+        return fmt.format(mean) if len(values) == 1 or hi - lo < 5e-4 else \
+            f"{fmt.format(mean)} ({fmt.format(lo)}-{fmt.format(hi)})"
+
+    lines = [f"{doc['population']} ({doc['num_models']} models); CKA-MDS silhouette "
+             f"{doc['cka_mds']['silhouette']:.3f}, ARI {doc['cka_mds']['ari']:.2f}",
+             "", "| method | seeds | updates/model | seconds | agreement | hidden R2 | components 95% | silhouette | "
+             "k-means ARI |", "|---|---|---|---|---|---|---|---|---|"]
+    for method in dict.fromkeys(r["method"] for r in doc["runs"]):
+        runs = [r for r in doc["runs"] if r["method"] == method]
+        for k, p in enumerate(runs[0]["points"]):
+            pts = [r["points"][k] for r in runs]
+            lines.append(f"| {method} | {len(runs)} | {p['updates_per_model']:.0f} | {cell([q['seconds'] for q in pts], '{:.0f}')} | "
+                         f"{cell([q['agreement'] for q in pts])} | {cell([q['hidden_r2'] for q in pts])} | "
+                         f"{cell([q['components_95'] for q in pts], '{:.1f}')} | {cell([q['silhouette'] for q in pts])} | "
+                         f"{cell([q['ari'] for q in pts], '{:.2f}')} |")
+    for method, v in doc["between_seed_ari"].items():
+        lines.append(f"\nbetween-seed ARI of k-means ({method}): mean {v['mean']:.2f}, min {v['min']:.2f}")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--population", required=True, help="a recorded population root")
-    ap.add_argument("--config", required=True, help="pipeline YAML whose meta section is used")
+    ap.add_argument("--population", help="a recorded population root")
+    ap.add_argument("--config", help="pipeline YAML whose meta section is used")
     ap.add_argument("--methods", nargs="+", default=["varpro", "paper"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--updates", type=int, nargs="+", default=[50, 100, 200, 400])
@@ -159,8 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--label", default="group", help="manifest column whose values are the groups")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS / "convergence.json"))
+    ap.add_argument("--table", nargs="+", metavar="JSON", help="print the markdown tables of these results and stop")
     args = ap.parse_args(argv)
+    if args.table:
+        for path in args.table:
+            print(markdown(json.loads(Path(path).read_text())))
+        return 0
 
+    if not (args.population and args.config):
+        ap.error("--population and --config are required (unless --table)")
     extra = {f"meta.{k}": yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     t0 = time.perf_counter()
     per_method = {m: dict(extra) for m in args.methods}
@@ -186,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     plot(doc, out.with_suffix(".png"))
+    out.with_suffix(".md").write_text(markdown(doc))
     print(json.dumps({k: doc[k] for k in ("cka_mds", "between_seed_ari", "wall_seconds")}))
     return 0
 
