@@ -197,14 +197,8 @@ def population(tmp_path_factory):
     """Two user GRUs via the CLI (subprocess) and two 2-layer bidirectional LSTMs from Python, one root."""
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("byo")
-    # an npy directory, not data.npz: the meta-model keys its output heads by task name in an
-    # nn.ModuleDict, which refuses names with a "." (meta/model.py output_sizes; reported)
-    arrays = tmp / "arrays"
-    arrays.mkdir()
-    for key, value in np.load(user_data(tmp / "data.npz")).items():
-        np.save(arrays / f"{key}.npy", value)
-    assert "." not in str(arrays)
-    task_name = f"npy:{arrays}"
+    # the task name holds a "." (data.npz): the meta-model's heads are keyed by it all the same
+    task_name = f"npz:{user_data(tmp / 'data.npz')}"
     task = load_task(task_name)
     grus = {f"gru-{s}": trained(MyGRU, task, seed=s) for s in range(2)}
     lstms = {f"lstm-{s}": trained(MyLSTM, task, seed=s) for s in range(2)}
