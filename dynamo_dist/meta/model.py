@@ -257,7 +257,8 @@ def tap_widths(family: str, hidden_shapes: Sequence[Sequence[int]]) -> list[int]
 
 def build(rows: Sequence[Mapping], cfg, model_ids: Sequence[str], base_dims: Sequence[Sequence[int]], *,
           meta_seed: int | None = None, embeddings_seed: int | None = None) -> tuple[nn.Module, ModelEmbeddings]:
-    """The one construction of a meta-model and the ``ModelEmbeddings`` of ``model_ids``.
+    """The construction of a meta-model and the ``ModelEmbeddings`` of ``model_ids`` (post-hoc embedding
+    builds only new ``ModelEmbeddings`` beside a loaded meta-model).
 
     ``rows``: manifest rows of the whole population (they fix the family, the input encoder
     and the output heads, identical on every worker); ``cfg``: a ``MetaConfig`` (shape
