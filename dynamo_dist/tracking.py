@@ -1,6 +1,6 @@
 """MLflow tracking: the module that talks to MLflow (``meta/pyfunc.py`` imports it only to define the
-MLflow Model's class), and the one that decides what each stage logs (``meta_params``, ``log_meta_results``; population, sweep and analysis
-runs are logged through ``Store.run``).
+MLflow Model's class), and the one that decides what each stage logs (``meta_params``,
+``log_meta_results``; population, sweep and analysis runs are logged through ``Store.run``).
 
 Every run carries where it came from (``source_tags``: the entry point, the git commit of the
 working directory, the user) and a note saying what it is. A stage's run spans the stage:
