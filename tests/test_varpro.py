@@ -262,3 +262,44 @@ def test_task_names_with_dots_are_heads_and_round_trip():
     again.load_state_dict(meta.state_dict())
     torch.testing.assert_close(again.heads["npz:/data/set.v1.npz"].weight, meta.heads["npz:/data/set.v1.npz"].weight)
     assert "heads.mnist1d.weight" in meta.state_dict()  # plain names keep their keys: earlier runs load
+
+
+def test_shards_of_different_tasks_start_where_the_whole_population_starts(tmp_path, monkeypatch):
+    """Two workers, one holding only 10-class models and one only 2-class ones, lay out the same signature
+    space and, with their moments summed (what the all-reduce does), give each model the theta that one
+    process over the whole population gives it."""
+    groups = (config.GroupSpec(name="digit", task="mnist1d", hidden_size=8, num_seeds=2, epochs=1, lr=1e-2,
+                               batch_size=64),
+              config.GroupSpec(name="parity", task="mnist1d_parity", hidden_size=12, num_seeds=2, epochs=1,
+                               lr=1e-2, batch_size=64))
+    root = str(tmp_path / "pop")
+    population.run_local(config.PopulationConfig(root=root, groups=groups, num_examples=600, num_probe=96,
+                                                 num_test=48), progress=False)
+    whole = DynamoTrainer(_cfg(tmp_path), load_population(root, with_test=False))
+    whole.start_theta()
+    want = dict(zip(whole.embeddings.model_ids, whole.embeddings.theta_matrix()))
+    all_rows = whole.data.rows
+    shards = [[m for m in want if m.startswith(g)] for g in ("digit", "parity")]
+    trainers = [DynamoTrainer(_cfg(tmp_path), load_population(root, ids, with_test=False), all_rows, rank=k)
+                for k, ids in enumerate(shards)]
+    seen = {}
+    real = signature.principal_theta
+
+    def capture(sigs, *args, **kwargs):
+        seen[len(seen)] = sigs
+        return real(sigs, *args, **kwargs)
+
+    monkeypatch.setattr(signature, "principal_theta", capture)
+    for tr in trainers:
+        tr.start_theta()
+    assert seen[0].shape[1] == seen[1].shape[1]  # one layout whatever tasks a shard holds
+
+    def moments(s):
+        return torch.cat([s.sum(0), (s.T @ s).reshape(-1), torch.tensor([float(len(s))], dtype=torch.float64)])
+
+    for k, tr in enumerate(trainers):
+        other = seen[1 - k]
+        monkeypatch.setattr(tr, "_all_reduce", lambda other=other: (lambda m: m + moments(other)))
+        tr.start_theta()
+        for m, th in zip(tr.embeddings.model_ids, tr.embeddings.theta_matrix()):
+            torch.testing.assert_close(th, want[m], rtol=1e-4, atol=1e-5)

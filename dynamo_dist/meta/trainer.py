@@ -28,6 +28,7 @@ from . import checkpoint, model, signature
 from .metrics import evaluate, summarize
 from .objective import Chunk, dynamo_loss, embedding_penalty
 
+MAX_SIGNATURE = 1024  # outputs a task contributes to a model's signature (a 1024^2 float64 moment: 8 MB)
 VAL_FRACTION = 0.1  # tail of the probe split held out for validation metrics (never trained on)
 
 
@@ -227,13 +228,15 @@ class DynamoTrainer:
         self._theta_started = True
         if self.cfg.theta_init_scale == 0:
             return
-        first = {t: min(num_examples, len(idx)) for t, idx in self._train_idx.items()}
-        space = signature.SignatureSpace(self._output_sizes, {t: first.get(t, num_examples)
-                                                              for t in self._output_sizes})
+        # K x C numbers a task: the population's moments are (sum K C)^2, so many classes take fewer
+        # examples. From the heads alone: every worker, whatever tasks its shard holds, lays out the same
+        # space (a model with fewer probe rows leaves the rest of its block at 0)
+        first = {t: min(num_examples, max(4, MAX_SIGNATURE // c)) for t, c in self._output_sizes.items()}
+        space = signature.SignatureSpace(self._output_sizes, first)
         sigs = []
         for mid, row in zip(self._ids, self.data.rows):
             outputs = self.data.probe[mid].outputs
-            k = min(first[row["task"]], outputs.shape[0])
+            k = min(first[row["task"]], outputs.shape[0], len(self._train_idx[row["task"]]))
             sigs.append(space.place(row["task"], signature.output_signature(outputs[:k], self.cfg.output_distance)))
         theta = signature.principal_theta(torch.stack(sigs), self.cfg.embedding_dim, self.cfg.theta_init_scale,
                                           self._all_reduce())
