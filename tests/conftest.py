@@ -27,3 +27,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digit_parity_root(tmp_path_factory) -> str:
+    """A tiny real population, two output groups: 2 MNIST-1D digit GRUs (hidden 8, 10 classes) and 2
+    parity GRUs (hidden 12, 2 classes), one epoch each; 96 probe and 48 test sequences recorded."""
+    from dynamo_dist import config
+    from dynamo_dist.population import train as population
+
+    groups = (
+        config.GroupSpec(name="digit", task="mnist1d", hidden_size=8, num_seeds=2, epochs=1, lr=1e-2, batch_size=64),
+        config.GroupSpec(name="parity", task="mnist1d_parity", hidden_size=12, num_seeds=2, epochs=1, lr=1e-2,
+                         batch_size=64),
+    )
+    root = tmp_path_factory.mktemp("digit-parity")
+    population.run_local(config.PopulationConfig(root=str(root), groups=groups, num_examples=600, num_probe=96,
+                                                 num_test=48), progress=False)
+    return str(root)

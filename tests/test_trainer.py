@@ -15,19 +15,9 @@ from dynamo_dist.data import store
 from dynamo_dist.meta.metrics import evaluate, summarize
 from dynamo_dist.meta.trainer import DynamoTrainer, load_population
 
-GROUPS = (
-    config.GroupSpec(name="digit", task="mnist1d", hidden_size=8, num_seeds=2, epochs=1, lr=1e-2, batch_size=64),
-    config.GroupSpec(name="parity", task="mnist1d_parity", hidden_size=12, num_seeds=2, epochs=1, lr=1e-2,
-                     batch_size=64),
-)
-
-
 @pytest.fixture(scope="module")
-def pop_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pop")
-    cfg = config.PopulationConfig(root=str(root), groups=GROUPS, num_examples=600, num_probe=96, num_test=48)
-    population.run_local(cfg, progress=False)
-    return str(root)
+def pop_root(digit_parity_root):
+    return digit_parity_root  # conftest: 2 digit + 2 parity GRUs
 
 
 def _meta_cfg(root, tmp, **kw):

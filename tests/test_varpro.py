@@ -205,15 +205,8 @@ PAPER_LOSSES = [1.1346932649612427, 1.1620820760726929, 1.0303089618682861, 1.04
                 0.9019481539726257, 1.0104767084121704]
 
 
-def test_the_paper_recipe_reproduces_its_earlier_losses(tmp_path):
-    groups = (config.GroupSpec(name="digit", task="mnist1d", hidden_size=8, num_seeds=2, epochs=1, lr=1e-2,
-                               batch_size=64),
-              config.GroupSpec(name="parity", task="mnist1d_parity", hidden_size=12, num_seeds=2, epochs=1, lr=1e-2,
-                               batch_size=64))
-    root = tmp_path / "pop"
-    population.run_local(config.PopulationConfig(root=str(root), groups=groups, num_examples=600, num_probe=96,
-                                                 num_test=48), progress=False)
-    data = load_population(str(root), with_test=False)
+def test_the_paper_recipe_reproduces_its_earlier_losses(digit_parity_root, tmp_path):
+    data = load_population(digit_parity_root, with_test=False)
     torch.set_num_threads(1)
     losses = [r["loss"] for r in DynamoTrainer(_cfg(tmp_path, method="paper"), data).fit()]
     np.testing.assert_allclose(losses, PAPER_LOSSES, rtol=1e-3)
@@ -264,17 +257,11 @@ def test_task_names_with_dots_are_heads_and_round_trip():
     assert "heads.mnist1d.weight" in meta.state_dict()  # plain names keep their keys: earlier runs load
 
 
-def test_shards_of_different_tasks_start_where_the_whole_population_starts(tmp_path, monkeypatch):
+def test_shards_of_different_tasks_start_where_the_whole_population_starts(digit_parity_root, tmp_path, monkeypatch):
     """Two workers, one holding only 10-class models and one only 2-class ones, lay out the same signature
     space and, with their moments summed (what the all-reduce does), give each model the theta that one
     process over the whole population gives it."""
-    groups = (config.GroupSpec(name="digit", task="mnist1d", hidden_size=8, num_seeds=2, epochs=1, lr=1e-2,
-                               batch_size=64),
-              config.GroupSpec(name="parity", task="mnist1d_parity", hidden_size=12, num_seeds=2, epochs=1,
-                               lr=1e-2, batch_size=64))
-    root = str(tmp_path / "pop")
-    population.run_local(config.PopulationConfig(root=root, groups=groups, num_examples=600, num_probe=96,
-                                                 num_test=48), progress=False)
+    root = digit_parity_root
     whole = DynamoTrainer(_cfg(tmp_path), load_population(root, with_test=False))
     whole.start_theta()
     want = dict(zip(whole.embeddings.model_ids, whole.embeddings.theta_matrix()))

@@ -69,7 +69,7 @@ def embed_new_models(meta_output_dir: str | Path, population_root: str, model_id
     family = run.family
     base_dims = [tap_widths(family, data.hidden_shapes(m)) for m in data.model_ids]
     torch.manual_seed(seed)
-    # only new theta/V: the trained meta-model is the run's (the one construction is model.build)
+    # only new theta/V beside the run's trained meta-model
     emb = ModelEmbeddings(data.model_ids, cfg.embedding_dim, meta.tap_dims, base_dims, family)
     bs = batch_size or cfg.batch_size
     # the run's recipe: varpro solves V_n (L2) and starts theta from the trained thetas

@@ -170,7 +170,7 @@ class DynamoTrainer:
         self._ids = data.model_ids  # the shard's model ids, in row order (sampled from every step)
         self.forward_module: nn.Module = self.meta  # the Ray job swaps in the DDP wrapper
         self.opt_meta = torch.optim.AdamW(self.meta.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        # theta and V: AdamW without weight decay (theta starts at 0 and is the quantity under study),
+        # theta (and V under paper): AdamW without weight decay (theta is the quantity under study),
         # stepped row-sparse by the embeddings themselves (``ModelEmbeddings.adam_step``)
         self._emb_lr_now = self._emb_lr
         # variable projection solves V_n for the L2 distance; under L1 V_n stays learned
