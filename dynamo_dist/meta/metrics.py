@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .objective import step_mask
+from .objective import state_rows, step_mask
 
 
 @torch.no_grad()
@@ -40,12 +40,8 @@ def emulation_metrics(meta, embeddings, row: int, group: str, family: str, x: to
         mapped = embeddings.apply_maps(row, hs)
         for t, (p, b) in enumerate(zip(mapped, base_hiddens)):
             b = b[sl].to(device)
-            if family == "rnn":
-                m = step_mask(lb, b.shape[1])
-                p, b = p[m], b[m]  # (valid steps, H)
-            else:
-                p = p.permute(0, 2, 3, 1).reshape(-1, p.shape[1])
-                b = b.permute(0, 2, 3, 1).reshape(-1, b.shape[1])
+            m = step_mask(lb, b.shape[1]) if family == "rnn" else None
+            p, b = state_rows(p, family, m), state_rows(b, family, m)  # (valid steps or positions, H)
             sse[t] += float((p - b).pow(2).sum())
             sums[t] = b.sum(0) if sums[t] is None else sums[t] + b.sum(0)
             sumsq[t] += float(b.pow(2).sum())

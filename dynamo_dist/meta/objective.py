@@ -87,7 +87,7 @@ class Chunk:
                        outputs=move(self.outputs))
 
 
-def _rows(h: torch.Tensor, family: str, mask_BT: torch.Tensor | None) -> torch.Tensor:
+def state_rows(h: torch.Tensor, family: str, mask_BT: torch.Tensor | None) -> torch.Tensor:
     """States as rows of features: RNN (B,T,H) -> (valid steps, H); CNN (B,C,H,W) -> (B*H*W, C)."""
     if family == "rnn":
         if mask_BT is None or bool(mask_BT.all()):  # no padding: a view, no copy
@@ -103,7 +103,8 @@ def ridge_map(h_NM: torch.Tensor, y_NH: torch.Tensor, rho: float, prior_W: torch
     Minimises ``1/N ||[h 1] [W b]^T - y||^2 + r ||[W b] - [W0 b0]||^2`` with ``r = rho * tr(G) / (M+1)``,
     ``G = [h 1]^T [h 1] / N`` (rho is relative to the mean eigenvalue of the states' Gram matrix, so it
     means the same whatever their scale); the prior ``[W0 b0]`` (default 0: plain ridge) carries what
-    earlier batches taught. Products in h's precision, the solve in float64; returns ``W`` (H,M), ``b`` (H,), detached, in h's dtype.
+    earlier batches taught. Products in h's precision, the solve in float64; returns ``W`` (H,M),
+    ``b`` (H,), detached, in h's dtype.
     """
     # the products in the states' precision (the cost is here: N rows), the small solve in float64
     x = torch.cat([h_NM.detach(), h_NM.new_ones(h_NM.shape[0], 1)], dim=1)
@@ -131,7 +132,7 @@ def solve_maps(embeddings, row: int, hiddens: list[torch.Tensor], targets: list[
     with torch.autocast(hiddens[0].device.type, enabled=False):
         for (w, b), h, y in zip(maps, hiddens, targets):
             h = h.float()
-            w_new, b_new = ridge_map(_rows(h, family, mask_BT), _rows(y.float(), family, mask_BT), rho,
+            w_new, b_new = ridge_map(state_rows(h, family, mask_BT), state_rows(y.float(), family, mask_BT), rho,
                                      w.reshape(w.shape[0], -1) if seen else None, b if seen else None)
             w_new = w_new.reshape(w.shape)
             mapped.append(F.linear(h, w_new, b_new) if family == "rnn" else F.conv2d(h, w_new, b_new))
@@ -197,7 +198,7 @@ def target_scale(targets: list[torch.Tensor], family: str, distance: str = "l2",
     detached scalar, floored so that a model with constant states does not divide by zero."""
     rows = []
     for t in targets:
-        r = _rows(t.float(), family, mask_BT)
+        r = state_rows(t.float(), family, mask_BT)
         dev = (r - r.mean(0)).pow(2) if distance == "l2" else (r - r.median(0).values).abs()
         # RNN: summed over units per step; CNN: averaged over channels (and positions), then over taps
         rows.append(dev.sum(1).mean() if family == "rnn" else dev.mean())
