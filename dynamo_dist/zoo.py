@@ -36,6 +36,12 @@ def family_of(arch: str) -> str:
     return "cnn" if arch in RESNET_ARCHS else "rnn"
 
 
+def output_kind_of(row: dict) -> str:
+    """A manifest row's output kind: "regression" when its task has real-valued targets (the row says so),
+    else "classification" (rows written before regression existed carry no ``output_kind``)."""
+    return row.get("output_kind") or "classification"
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     """Everything needed to rebuild a base model (stored beside its weights)."""

@@ -62,6 +62,12 @@ def output_loss(pred_BTC: torch.Tensor, target_BTC: torch.Tensor, distance: str 
     return _masked_time_mean(per_step, mask_BT)
 
 
+def distance_for(output_kind: str, output_distance: str) -> str:
+    """The output distance for a model's outputs: ``output_distance`` for classifiers; MSE for regression
+    (real-valued outputs: a softmax over them, which KL compares, would discard their scale and offset)."""
+    return "mse" if output_kind == "regression" else output_distance
+
+
 @dataclass
 class Chunk:
     """A minibatch drawn for one base model: its inputs and its recorded trajectories."""
@@ -73,6 +79,7 @@ class Chunk:
     lengths: torch.Tensor       # (B,)
     hiddens: list[torch.Tensor]  # base hidden states per tap
     outputs: torch.Tensor       # base outputs (B, T, C)
+    output_kind: str = "classification"  # or "regression": outputs compared by MSE (``distance_for``)
 
     def to(self, device: torch.device) -> Chunk:
         """This chunk on ``device`` (itself on the CPU). Batches are cut on the host; a GPU gets them
@@ -182,7 +189,7 @@ def dynamo_loss(meta, embeddings, chunks: list[Chunk], output_weight: float, hid
         lh = hidden_loss(mapped, c.hiddens, family, hidden_distance, mask).mean()
         if normalize_hidden:
             lh = lh / target_scale(c.hiddens, family, hidden_distance, mask)
-        lo = output_loss(outputs[c.group][sl], c.outputs, output_distance, mask).mean()
+        lo = output_loss(outputs[c.group][sl], c.outputs, distance_for(c.output_kind, output_distance), mask).mean()
         total = total + lh + output_weight * lo
         sum_h += float(lh.detach())
         sum_o += float(lo.detach())

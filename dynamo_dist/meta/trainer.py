@@ -23,10 +23,10 @@ from ..config import MetaConfig
 from ..data import store
 from ..data.cache import TrajectoryCache
 from ..data.tasks import Split
-from ..zoo import family_of
+from ..zoo import family_of, output_kind_of
 from . import checkpoint, model, signature
 from .metrics import evaluate, summarize
-from .objective import Chunk, dynamo_loss, embedding_penalty
+from .objective import Chunk, distance_for, dynamo_loss, embedding_penalty
 
 MAX_SIGNATURE = 1024  # outputs a task contributes to a model's signature (a 1024^2 float64 moment: 8 MB)
 VAL_FRACTION = 0.1  # tail of the probe split held out for validation metrics (never trained on)
@@ -216,7 +216,8 @@ class DynamoTrainer:
             idx = torch.from_numpy(rng.choice(pool, size=min(self.cfg.batch_size, len(pool)), replace=False))
             inputs = self.data.probe_inputs[row["task"]]
             chunks.append(Chunk(model_id=mid, row=i, group=row["task"], x=inputs.x[idx], lengths=inputs.lengths[idx],
-                                hiddens=[h[idx].float() for h in traj.hiddens], outputs=traj.outputs[idx].float()))
+                                hiddens=[h[idx].float() for h in traj.hiddens], outputs=traj.outputs[idx].float(),
+                                output_kind=output_kind_of(row)))
         return chunks
 
     # ---------------------------------------------------------------- theta's start
@@ -237,7 +238,8 @@ class DynamoTrainer:
         for mid, row in zip(self._ids, self.data.rows):
             outputs = self.data.probe[mid].outputs
             k = min(first[row["task"]], outputs.shape[0], len(self._train_idx[row["task"]]))
-            sigs.append(space.place(row["task"], signature.output_signature(outputs[:k], self.cfg.output_distance)))
+            distance = distance_for(output_kind_of(row), self.cfg.output_distance)
+            sigs.append(space.place(row["task"], signature.output_signature(outputs[:k], distance)))
         theta = signature.principal_theta(torch.stack(sigs), self.cfg.embedding_dim, self.cfg.theta_init_scale,
                                           self._all_reduce())
         with torch.no_grad():
