@@ -211,9 +211,11 @@ def _dispatch(args) -> int:
         from .pipeline import meta_stage
 
         s = meta_stage(cfg, address=args.address, register_model=args.register_model)
-        print(f"embedded {s['num_models']} models with {s['num_workers']} workers: agreement "
-              f"{s.get('mean_agreement', float('nan')):.3f}, hidden R2 {s.get('mean_hidden_r2', float('nan')):.3f} "
-              f"(test split); outputs in {cfg.meta.output_dir}")
+        # classifiers' agreement, regression models' output R2 (a population may hold both)
+        agree = [f"{name} {s[k]:.3f}" for k, name in (("mean_agreement", "agreement"), ("mean_output_r2", "output R2"))
+                 if k in s] or ["agreement nan"]
+        print(f"embedded {s['num_models']} models with {s['num_workers']} workers: {', '.join(agree)}, hidden R2 "
+              f"{s.get('mean_hidden_r2', float('nan')):.3f} (test split); outputs in {cfg.meta.output_dir}")
         if s.get("registered_model"):
             print(f"registered the meta-model as {s['registered_model']}")
     elif args.cmd == "sweep":

@@ -283,14 +283,20 @@ def write_inputs(root: str | os.PathLike, task: str, split: str, data: Split, li
     n = len(data) if limit is None else min(limit, len(data))
     x = data.x[:n]
     flat = x.reshape(n, -1).numpy()
+    meta = {"dynamo.schema_version": str(SCHEMA_VERSION), "dynamo.x_shape": json.dumps(list(x.shape[1:])),
+            "dynamo.x_dtype": str(x.dtype).replace("torch.", "")}
+    if data.y.is_floating_point():  # regression targets (N, K) or (N, T, K): a float list per example
+        y = data.y[:n].reshape(n, -1).numpy().astype(np.float32)
+        label = pa.FixedSizeListArray.from_arrays(pa.array(y.reshape(-1)), y.shape[1])
+        meta["dynamo.y_shape"] = json.dumps(list(data.y.shape[1:]))
+    else:
+        label = pa.array(data.y[:n].numpy().astype(np.int64))
     table = pa.table({
         "sample": pa.array(np.arange(n, dtype=np.int32)),
         "x": pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1]),
         "length": pa.array(data.lengths[:n].numpy().astype(np.int32)),
-        "label": pa.array(data.y[:n].numpy().astype(np.int64)),
-    }).replace_schema_metadata({"dynamo.schema_version": str(SCHEMA_VERSION),
-                                "dynamo.x_shape": json.dumps(list(x.shape[1:])),
-                                "dynamo.x_dtype": str(x.dtype).replace("torch.", "")})
+        "label": label,
+    }).replace_schema_metadata(meta)
     write_table_atomic(table, layout.path(rel))
     return rel
 
@@ -305,7 +311,12 @@ def read_inputs(root: str | os.PathLike, task: str, split: str) -> Split:
     n = table.num_rows
     flat = table.column("x").combine_chunks().values.to_numpy(zero_copy_only=False)
     x = torch.from_numpy(np.array(flat).reshape([n] + shape)).to(dtype)
-    return Split(x=x, y=torch.from_numpy(table.column("label").to_numpy().copy()),
+    if b"dynamo.y_shape" in meta:  # regression targets
+        y_flat = table.column("label").combine_chunks().values.to_numpy(zero_copy_only=False)
+        y = torch.from_numpy(np.array(y_flat, dtype=np.float32).reshape([n] + json.loads(meta[b"dynamo.y_shape"])))
+    else:
+        y = torch.from_numpy(table.column("label").to_numpy().copy())
+    return Split(x=x, y=y,
                  lengths=torch.from_numpy(table.column("length").to_numpy().astype(np.int64)))
 
 

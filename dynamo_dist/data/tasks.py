@@ -1,4 +1,4 @@
-"""Offline classification tasks and the paper's base/probe/test splits.
+"""Offline tasks (classification; users' arrays also regression) and the paper's base/probe/test splits.
 
 Every task is built locally (no download at run time) and split the way the DYNAMO
 paper does: a *training pool* is shuffled with ``seed`` and halved into
@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 INPUT_KINDS = ("sequence", "tokens", "image")
+OUTPUT_KINDS = ("classification", "regression")
 
 PAD_ID = 0
 UNK_ID = 1
@@ -68,7 +69,8 @@ class Split:
 
     x: float32 (N, T, D) for "sequence"; int64 (N, T) left-padded token ids for
        "tokens"; float32 (N, C, H, W) for "image".
-    y: int64 (N,) class ids.
+    y: int64 (N,) class ids; regression tasks (``TaskData.output_kind``): float32 targets, (N, K)
+       for the last step or (N, T, K) for every step.
     lengths: int64 (N,) valid (non-pad) steps per example; == T for sequences, == 1
        for images.
     """
@@ -79,13 +81,16 @@ class Split:
 
     def __post_init__(self) -> None:
         n = self.x.shape[0]
-        if self.y.shape != (n,) or self.lengths.shape != (n,):
+        y_dims_ok = self.y.dim() in (2, 3) if self.y.is_floating_point() else self.y.dim() == 1
+        if self.y.shape[:1] != (n,) or not y_dims_ok or self.lengths.shape != (n,):
             raise ValueError(
                 f"Split: x has {n} rows but y has shape {tuple(self.y.shape)} and lengths "
-                f"{tuple(self.lengths.shape)}; both must be ({n},)"
+                f"{tuple(self.lengths.shape)}; need y ({n},) class ids or ({n}, K) / ({n}, T, K) targets, "
+                f"lengths ({n},)"
             )
-        if self.y.dtype != torch.int64 or self.lengths.dtype != torch.int64:
-            raise ValueError(f"Split: y and lengths must be int64, got {self.y.dtype} / {self.lengths.dtype}")
+        if self.y.dtype not in (torch.int64, torch.float32) or self.lengths.dtype != torch.int64:
+            raise ValueError(f"Split: y must be int64 (classes) or float32 (targets) and lengths int64, got "
+                             f"{self.y.dtype} / {self.lengths.dtype}")
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -112,16 +117,18 @@ class TaskData:
     name: str
     input_kind: str
     input_shape: tuple[int, ...]  # per example: (T, D) sequence, (T,) tokens, (C, H, W) image
-    num_classes: int
+    num_classes: int  # classification: classes; regression: outputs K per step
     vocab_size: int | None  # tokens only; includes <pad>=0 and <unk>=1
     vocab: tuple[str, ...] | None  # tokens only; id -> word
     class_names: tuple[str, ...]
     base_train: Split
     probe: Split
     test: Split
+    output_kind: str = "classification"  # or "regression": real-valued targets, outputs compared by MSE
 
     def __post_init__(self) -> None:
         assert self.input_kind in INPUT_KINDS, self.input_kind
+        assert self.output_kind in OUTPUT_KINDS, self.output_kind
         assert len(self.class_names) == self.num_classes
 
     @cached_property
@@ -543,28 +550,40 @@ def _read_user_arrays(kind: str, path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _user_split(path: Path, key: str, x: np.ndarray, y: np.ndarray, kind: str, like: np.ndarray | None) -> Split:
-    """One split of users' arrays, checked: shapes, numbers, finite, integer labels >= 0."""
+def _user_split(path: Path, key: str, x: np.ndarray, y: np.ndarray, kind: str, like: np.ndarray | None,
+                like_y: np.ndarray | None = None) -> Split:
+    """One split of users' arrays, checked: shapes, numbers, finite, integer labels >= 0 (classification) or
+    real targets (N, K) / (N, T, K) (regression: ``y`` with more than one dimension)."""
     if x.dtype.kind not in "fiu" or y.dtype.kind not in "fiu":
         raise ValueError(f"{path}: {key!r} and its labels must be numeric arrays, got {x.dtype} / {y.dtype}")
     if like is not None and x.shape[1:] != like.shape[1:]:
         raise ValueError(f"{path}: {key!r} has examples of shape {x.shape[1:]}, 'x' of {like.shape[1:]}")
-    if y.shape != (x.shape[0],):
+    steps = x.shape[1] if kind != "image" else 1
+    regression = y.ndim > 1
+    if regression:
+        if y.shape[0] != x.shape[0] or y.ndim > 3 or (y.ndim == 3 and (kind == "image" or y.shape[1] != steps)):
+            per_step = "" if kind == "image" else f" or ({x.shape[0]}, {steps}, K) (every step)"
+            raise ValueError(f"{path}: targets of {key!r} have shape {y.shape}, need ({x.shape[0]},) class ids, or "
+                             f"regression targets ({x.shape[0]}, K) (the last step){per_step}")
+        if like_y is not None and y.shape[1:] != like_y.shape[1:]:
+            raise ValueError(f"{path}: targets of {key!r} have shape {y.shape[1:]} per example, those of 'x' "
+                             f"{like_y.shape[1:]}")
+    elif y.shape != (x.shape[0],):
         raise ValueError(f"{path}: labels of {key!r} have shape {y.shape}, need ({x.shape[0]},): one class id per "
-                         "example (regression targets are not supported yet)")
+                         f"example (or regression targets ({x.shape[0]}, K) / ({x.shape[0]}, T, K))")
     for what, a in ((repr(key), x), (f"labels of {key!r}", y)):
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             raise ValueError(f"{path}: {what} contain {int((~np.isfinite(a)).sum())} NaN/Inf values")
-    if y.dtype.kind == "f" and not np.array_equal(y, np.round(y)):
+    if not regression and y.dtype.kind == "f" and not np.array_equal(y, np.round(y)):
         raise ValueError(f"{path}: labels of {key!r} are not integers: class ids 0..C-1 are needed "
-                         "(regression targets are not supported yet)")
-    if len(y) and y.min() < 0:
+                         f"(regression targets have shape ({x.shape[0]}, K) or ({x.shape[0]}, T, K))")
+    if not regression and len(y) and y.min() < 0:
         raise ValueError(f"{path}: labels of {key!r} hold negative values; class ids are 0..C-1")
     if kind == "tokens" and len(x) and x.min() < 0:
         raise ValueError(f"{path}: token ids in {key!r} are negative")
     xt = torch.from_numpy(np.ascontiguousarray(x)).to(torch.int64 if kind == "tokens" else torch.float32)
-    steps = x.shape[1] if kind != "image" else 1
-    return Split(xt, torch.from_numpy(y.astype(np.int64)), torch.full((len(x),), steps, dtype=torch.int64))
+    yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32 if regression else np.int64))
+    return Split(xt, yt, torch.full((len(x),), steps, dtype=torch.int64))
 
 
 def _load_user_arrays(name: str, seed: int, num_examples: int | None) -> TaskData:
@@ -572,7 +591,8 @@ def _load_user_arrays(name: str, seed: int, num_examples: int | None) -> TaskDat
     trained on these values).
 
     ``x``: float (N, T, D) sequences, integer (N, T) token ids (0 = padding) or float (N, C, H, W)
-    images; ``y``: integer class ids (N,). Declared splits: ``x_test``/``y_test`` (else a seeded
+    images; ``y``: integer class ids (N,), or real-valued regression targets (N, K) (the last step) or
+    (N, T, K) (every step): a regression task, whose K outputs are compared by MSE. Declared splits: ``x_test``/``y_test`` (else a seeded
     20% of ``x`` is held out) and ``x_probe``/``y_probe`` (else the rest of ``x`` is halved into
     base_train/probe; with them ``x`` is all base_train). Classes: ``num_classes`` if given, else
     the largest label + 1 (labels keep their ids: a model's output k is class k); tokens: the
@@ -587,23 +607,30 @@ def _load_user_arrays(name: str, seed: int, num_examples: int | None) -> TaskDat
         raise ValueError(f"{path}: 'x' has shape {x.shape} and dtype {x.dtype}; need float (N, T, D) sequences, "
                          "integer (N, T) token ids or float (N, C, H, W) images")
     keep = _subsample(len(x), num_examples, seed)
-    pool = _user_split(path, "x", x[keep], arrays["y"][keep], kind, None)
+    y = arrays["y"]
+    pool = _user_split(path, "x", x[keep], y[keep], kind, None)
     if "x_test" in arrays:
-        test = _user_split(path, "x_test", arrays["x_test"], arrays["y_test"], kind, x)
+        test = _user_split(path, "x_test", arrays["x_test"], arrays["y_test"], kind, x, y)
     else:
         pool_idx, test_idx = _pool_test_indices(len(pool), seed)
         pool, test = pool.subset(pool_idx), pool.subset(test_idx)
     if "x_probe" in arrays:
-        base, probe = pool, _user_split(path, "x_probe", arrays["x_probe"], arrays["y_probe"], kind, x)
+        base, probe = pool, _user_split(path, "x_probe", arrays["x_probe"], arrays["y_probe"], kind, x, y)
     else:
         base_idx, probe_idx = _halve(len(pool), seed)
         base, probe = pool.subset(base_idx), pool.subset(probe_idx)
     splits = {"base_train": base, "probe": probe, "test": test}
     _check_sizes(name, splits)
-    top = max(int(s.y.max()) for s in splits.values()) + 1
-    num_classes = int(arrays["num_classes"]) if "num_classes" in arrays else top
-    if num_classes < max(top, 2):
-        raise ValueError(f"{path}: num_classes {num_classes}, but labels go up to {top - 1} (at least 2 classes)")
+    output_kind = "regression" if y.ndim > 1 else "classification"
+    if output_kind == "regression":
+        if "num_classes" in arrays:
+            raise ValueError(f"{path}: 'num_classes' is for class labels; 'y' holds regression targets {y.shape}")
+        num_classes = int(y.shape[-1])
+    else:
+        top = max(int(s.y.max()) for s in splits.values()) + 1
+        num_classes = int(arrays["num_classes"]) if "num_classes" in arrays else top
+        if num_classes < max(top, 2):
+            raise ValueError(f"{path}: num_classes {num_classes}, but labels go up to {top - 1} (at least 2 classes)")
     vocab_size = None
     if kind == "tokens":
         top_id = max(int(s.x.max()) for s in splits.values()) + 1
@@ -611,7 +638,8 @@ def _load_user_arrays(name: str, seed: int, num_examples: int | None) -> TaskDat
         if vocab_size < top_id:
             raise ValueError(f"{path}: vocab_size {vocab_size}, but token ids go up to {top_id - 1}")
     return TaskData(name=name, input_kind=kind, input_shape=tuple(x.shape[1:]), num_classes=num_classes,
-                    vocab_size=vocab_size, vocab=None, class_names=tuple(str(c) for c in range(num_classes)), **splits)
+                    vocab_size=vocab_size, vocab=None, class_names=tuple(str(c) for c in range(num_classes)),
+                    output_kind=output_kind, **splits)
 
 
 # --------------------------------------------------------------------------- images

@@ -5,6 +5,15 @@
 * ``hidden_r2``: 1 - SSE/SST of V_n(h_meta) against the base hidden states, pooled over
   valid steps/positions and units (SST around the per-unit mean);
 * ``meta_accuracy`` / ``base_accuracy``: accuracy of each against the true labels.
+
+Regression models (real-valued outputs, ``output_kind`` "regression") have no decision to agree
+on; in place of ``agreement`` and the accuracies they get
+
+* ``output_r2``: 1 - SSE/SST of the meta outputs against the base model's outputs, pooled over
+  valid steps and outputs (SST around each output's mean): the regression agreement measure;
+* ``output_mse``: the mean squared difference of those outputs (what the output loss compares).
+
+``summarize`` averages each metric over the models that have it.
 """
 
 from __future__ import annotations
@@ -12,14 +21,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..zoo import output_kind_of
 from .objective import state_rows, step_mask
 
 
 @torch.no_grad()
 def emulation_metrics(meta, embeddings, row: int, group: str, family: str, x: torch.Tensor, lengths: torch.Tensor,
                       labels: torch.Tensor | None, base_hiddens: list[torch.Tensor], base_outputs: torch.Tensor,
-                      batch_size: int = 512) -> dict[str, float]:
-    """Metrics of one model on one split (inputs aligned with its trajectories).
+                      batch_size: int = 512, output_kind: str = "classification") -> dict[str, float]:
+    """Metrics of one model on one split (inputs aligned with its trajectories); ``output_kind``
+    "regression": ``output_r2``/``output_mse`` in place of agreement and accuracies (``labels`` unused).
 
     Inputs and trajectories stay on the host; each batch goes to the device of the embeddings,
     and only scalars come back (float32 throughout, whatever ``meta.precision`` trained with).
@@ -31,6 +42,8 @@ def emulation_metrics(meta, embeddings, row: int, group: str, family: str, x: to
     sumsq = np.zeros(len(base_hiddens))
     counts = np.zeros(len(base_hiddens))
     agree = correct_meta = correct_base = 0
+    out_sse = out_sum = out_sumsq = out_count = 0.0
+    regression = output_kind == "regression"
     theta = embeddings.theta[row].detach()
     device = theta.device
     for s in range(0, n, batch_size):
@@ -46,6 +59,15 @@ def emulation_metrics(meta, embeddings, row: int, group: str, family: str, x: to
             sums[t] = b.sum(0) if sums[t] is None else sums[t] + b.sum(0)
             sumsq[t] += float(b.pow(2).sum())
             counts[t] += b.shape[0]
+        if regression:
+            m = step_mask(lb, base_outputs.shape[1]) if family == "rnn" else None
+            p = state_rows(outs[group].float(), "rnn", m)  # (valid steps, C)
+            b = state_rows(base_outputs[sl].to(device), "rnn", m)
+            out_sse += float((p - b).pow(2).sum())
+            out_sum = out_sum + b.sum(0)
+            out_sumsq += float(b.pow(2).sum())
+            out_count += b.shape[0]
+            continue
         pred = outs[group][:, -1].argmax(-1).cpu()
         base = base_outputs[sl, -1].argmax(-1)
         agree += int((pred == base).sum())
@@ -54,6 +76,10 @@ def emulation_metrics(meta, embeddings, row: int, group: str, family: str, x: to
             correct_base += int((base == labels[sl]).sum())
     sst = np.array([sq - float(sm.pow(2).sum()) / c for sq, sm, c in zip(sumsq, sums, counts)])
     r2 = 1.0 - sse.sum() / max(sst.sum(), 1e-12)
+    if regression:
+        out_sst = out_sumsq - float(out_sum.pow(2).sum()) / out_count
+        return {"output_r2": 1.0 - out_sse / max(out_sst, 1e-12), "hidden_r2": float(r2),
+                "output_mse": out_sse / (out_count * base_outputs.shape[-1])}
     out = {"agreement": agree / n, "hidden_r2": float(r2)}
     if labels is not None:
         out["meta_accuracy"] = correct_meta / n
@@ -85,7 +111,8 @@ def evaluate(trainer, split: str = "test") -> dict[str, dict[str, float]]:
             continue
         results[mid] = emulation_metrics(
             trainer.meta, trainer.embeddings, i, task, data.family,
-            inputs.x[idx], inputs.lengths[idx], labels, [h[idx].float() for h in traj.hiddens], traj.outputs[idx].float())
+            inputs.x[idx], inputs.lengths[idx], labels, [h[idx].float() for h in traj.hiddens], traj.outputs[idx].float(),
+            output_kind=output_kind_of(row))
     return results
 
 
@@ -93,5 +120,5 @@ def summarize(per_model: dict[str, dict[str, float]]) -> dict[str, float]:
     """Mean of every metric over models, keys prefixed ``mean_``."""
     if not per_model:
         return {}
-    keys = next(iter(per_model.values())).keys()
-    return {f"mean_{k}": float(np.mean([m[k] for m in per_model.values()])) for k in keys}
+    keys = dict.fromkeys(k for m in per_model.values() for k in m)  # classifiers' and regressions' keys, in order
+    return {f"mean_{k}": float(np.mean([m[k] for m in per_model.values() if k in m])) for k in keys}

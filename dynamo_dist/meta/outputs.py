@@ -10,7 +10,8 @@ Output directory (the contract later stages read)::
                                 ({model_id: theta/V/opt}); torch.load(weights_only=True). Runs written
                                 before this layout have one merged checkpoint.pt instead (still read)
       embeddings.parquet        model_id, theta (list<float32>), theta_0..theta_{d-1}, manifest labels
-      model_metrics.parquet     model_id, agreement, hidden_r2, meta_accuracy, base_accuracy (test split)
+      model_metrics.parquet     model_id, agreement, hidden_r2, meta_accuracy, base_accuracy (test split;
+                                regression models: output_r2, output_mse in place of agreement/accuracies)
       history.parquet           step, loss, loss_hidden, loss_output (+ val_* rows where evaluated)
       summary.json              mean metrics, wall time, population size, mlflow run id
       embedding_pca.png         theta in its first two principal components, coloured by group
@@ -133,8 +134,10 @@ def write_outputs(cfg: MetaConfig, population_root: str, state: dict | Path, the
         checkpoint.write_run_checkpoint(out / CHECKPOINT_DIR, state)
     emb = embeddings_table(theta_rows, manifest)
     store.write_table_atomic(emb, out / EMBEDDINGS_FILE)
-    store.write_table_atomic(pa.Table.from_pylist([{"model_id": m, **v} for m, v in sorted(per_model.items())]),
-                             out / METRICS_FILE)
+    # every model's keys (classifiers: agreement; regression models: output_r2), null where a model has none
+    metric_keys = list(dict.fromkeys(k for v in per_model.values() for k in v))
+    store.write_table_atomic(pa.Table.from_pylist([{"model_id": m, **{k: v.get(k) for k in metric_keys}}
+                                                   for m, v in sorted(per_model.items())]), out / METRICS_FILE)
     if history:
         keys = sorted({k for h in history for k in h})
         store.write_table_atomic(pa.Table.from_pylist([{k: h.get(k) for k in keys} for h in history]),

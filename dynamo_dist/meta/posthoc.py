@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..data import fsio, lock, store
-from ..zoo import ArchSpec, family_of
+from ..zoo import ArchSpec, family_of, output_kind_of
 from . import outputs
 from .metrics import emulation_metrics
 from .model import ModelEmbeddings, tap_widths
@@ -89,7 +89,8 @@ def embed_new_models(meta_output_dir: str | Path, population_root: str, model_id
 
         def chunk_of(idx: torch.Tensor) -> Chunk:
             return Chunk(model_id=mid, row=i, group=task, x=inputs.x[idx], lengths=inputs.lengths[idx],
-                         hiddens=[h[idx].float() for h in traj.hiddens], outputs=traj.outputs[idx].float())
+                         hiddens=[h[idx].float() for h in traj.hiddens], outputs=traj.outputs[idx].float(),
+                         output_kind=output_kind_of(row))
 
         if varpro:  # theta starts at the trained theta that emulates this model best; V is solved, not stepped
             start_at_best(meta, emb, i, chunk_of(torch.from_numpy(pool[:bs])), candidates, cfg)
@@ -110,7 +111,7 @@ def embed_new_models(meta_output_dir: str | Path, population_root: str, model_id
         test, test_in = data.test[mid], data.test_inputs[task]
         sel = torch.arange(test.num_examples)
         m = emulation_metrics(meta, emb, i, task, family, test_in.x[sel], test_in.lengths[sel], test_in.y[sel],
-                              [h.float() for h in test.hiddens], test.outputs.float())
+                              [h.float() for h in test.hiddens], test.outputs.float(), output_kind=output_kind_of(row))
         out[mid] = {"theta": emb.theta[i].detach().tolist(), **m, "seconds": seconds}
         emb.release([i])  # its leaves were this model's optimiser's; they need not stay
     return out

@@ -305,11 +305,12 @@ def _all_reduce(values: list[float]) -> list[float]:
 
 
 def _population_means(per_model: dict[str, dict], keys: tuple[str, ...], prefix: str) -> dict[str, float]:
-    """Means over every worker's models of per-model metrics (all_reduce of sums and counts)."""
-    sums = [sum(m[k] for m in per_model.values()) for k in keys] + [float(len(per_model))]
-    tot = _all_reduce(sums)
-    n = tot[-1]
-    return {f"{prefix}_{k}": (tot[i] / n if n else float("nan")) for i, k in enumerate(keys)}
+    """Means over every worker's models of per-model metrics (all_reduce of sums and counts), each over the
+    models that have it (classifiers: agreement; regression models: output_r2); a key no model has is left out."""
+    sums = [sum(m[k] for m in per_model.values() if k in m) for k in keys]
+    counts = [float(sum(k in m for m in per_model.values())) for k in keys]
+    tot = _all_reduce(sums + counts)
+    return {f"{prefix}_{k}": tot[i] / tot[len(keys) + i] for i, k in enumerate(keys) if tot[len(keys) + i]}
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -410,7 +411,7 @@ def train_loop_per_worker(config: dict) -> None:
                      "loss_output": flat[3 * i + 2] / world} for i, r in enumerate(pending)]
         else:
             recs = []
-        val = _population_means(evaluate(trainer, "val"), ("agreement", "hidden_r2"), "val")
+        val = _population_means(evaluate(trainer, "val"), ("agreement", "output_r2", "hidden_r2"), "val")
         metrics = {"step": trainer.step, **val}
         if recs:
             recs[-1].update(val, train_seconds=train_seconds)  # report rows: val metrics, cumulative train time
@@ -420,7 +421,7 @@ def train_loop_per_worker(config: dict) -> None:
         test = None
         if final:
             test = evaluate(trainer, "test")
-            metrics.update(_population_means(test, ("agreement", "hidden_r2", "meta_accuracy"), "test"))
+            metrics.update(_population_means(test, ("agreement", "output_r2", "hidden_r2", "meta_accuracy"), "test"))
         if run is not None and recs:
             run.log_history(recs)
         checkpoint_due = final or trainer.step % cfg.checkpoint_every == 0

@@ -222,10 +222,10 @@ def train_stack(groups: list[GroupSpec], task: TaskData, seeds: list[int], devic
     if len(keys) != 1 or None in keys:
         raise ValueError(f"groups {sorted({g.name for g in groups})} do not stack: they differ in task, arch, "
                          "hidden_size, embed_dim, batch_size, epochs or every_epoch (or their arch does not stack)")
+    from .train import arch_spec  # noqa: PLC0415 -- train imports this module
+
     g0 = groups[0]
-    spec = zoo.ArchSpec(arch=g0.arch, input_kind=task.input_kind, input_shape=tuple(task.input_shape),
-                        num_classes=task.num_classes, hidden_size=g0.hidden_size, embed_dim=g0.embed_dim,
-                        vocab_size=task.vocab_size)
+    spec = arch_spec(g0, task)  # as train_model's (a regression task is refused there)
     members, models = [], []
     for g, seed in zip(groups, seeds):
         torch.manual_seed(seed)  # as train_model: the seed fixes the initial weights ...

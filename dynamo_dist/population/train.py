@@ -63,9 +63,28 @@ def task_for(cfg: PopulationConfig, task: str) -> TaskData:
 
 
 def arch_spec(group: GroupSpec, task: TaskData) -> zoo.ArchSpec:
+    if task.output_kind != "classification":  # the zoo's models are trained by cross-entropy
+        raise ValueError(f"group {group.name!r}: task {task.name!r} has {task.output_kind} targets; the population "
+                         "stage trains classifiers only: train regression models in your own code and bring them "
+                         "in with add-models")
     return zoo.ArchSpec(arch=group.arch, input_kind=task.input_kind, input_shape=tuple(task.input_shape),
                         num_classes=task.num_classes, hidden_size=group.hidden_size, embed_dim=group.embed_dim,
                         vocab_size=task.vocab_size)
+
+
+@torch.no_grad()
+def regression_scores(model: torch.nn.Module, split, batch_size: int = 256) -> dict[str, float]:
+    """``test_mse`` and ``test_r2`` of a regression model's outputs against ``split``'s targets: (N, T, K)
+    targets against the outputs at every step, (N, K) against the last step's; R^2 = 1 - SSE/SST,
+    SST around each output's mean, pooled over outputs (and steps)."""
+    _, y_NTK = record(model, split.x, batch_size)
+    target = split.y.float()
+    pred = y_NTK if target.dim() == 3 else y_NTK[:, -1]
+    if pred.shape != target.shape:
+        raise ValueError(f"outputs {tuple(pred.shape)} do not match the targets {tuple(target.shape)}")
+    sse = float((pred - target).pow(2).sum())
+    sst = float((target - target.reshape(-1, target.shape[-1]).mean(0)).pow(2).sum())
+    return {"test_mse": sse / max(target.numel(), 1), "test_r2": 1.0 - sse / max(sst, 1e-12)}
 
 
 @torch.no_grad()
@@ -138,6 +157,10 @@ def record_member(root: str, cfg: PopulationConfig, model_id: str, model: torch.
     (``started``: ``write_member``'s)."""
     task = task_for(cfg, task_name)
     recorded = {split: record(model, data.x[:n]) for split, data, n in recorded_splits(cfg, task)}
+    if task.output_kind == "regression":  # no accuracy: the row says so and carries the fit to the targets
+        return write_member(root, cfg, model_id, model, task_name,
+                            {**labels, "output_kind": "regression", **regression_scores(model, task.test)},
+                            recorded, None, started)
     return write_member(root, cfg, model_id, model, task_name, labels, recorded,
                         accuracy(model, task.test.x, task.test.y), started)
 
@@ -151,7 +174,7 @@ def recorded_splits(cfg: PopulationConfig, task: TaskData) -> list[tuple[str, ob
 
 def write_member(root: str, cfg: PopulationConfig, model_id: str, model: torch.nn.Module, task_name: str,
                  labels: dict, recorded: dict[str, tuple[list[torch.Tensor], torch.Tensor]],
-                 test_accuracy: float, started: float | None = None) -> dict:
+                 test_accuracy: float | None, started: float | None = None) -> dict:
     """Write a member's trajectories (``recorded``: split -> (hiddens, outputs)) and weights; its manifest row.
 
     The weights file is written last, carrying the row: a model is on disk once it is.

@@ -59,6 +59,13 @@ def add_models(root: str, models: dict[str, torch.nn.Module], task: str, cfg: Po
                                                                 **(labels or {}).get(mid, {})})
             store.upsert_manifest(root, [row])  # one at a time: a failure later keeps what is done
             rows.append(row)
+        if data.output_kind == "regression":
+            for row in rows:
+                if not row["test_r2"] > 0:
+                    print(f"warning: model {row['model_id']!r} has test R^2 {row['test_r2']:.3f} on {task!r}: its "
+                          "outputs fit the targets no better than their mean does. Was it trained on this task's "
+                          "inputs as given? It is recorded all the same.", file=sys.stderr, flush=True)
+            return rows
         chance, bound = chance_bound(data.test.y)
         for row in rows:
             if row["test_accuracy"] <= bound:
