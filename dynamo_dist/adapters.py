@@ -14,6 +14,12 @@ Zoo models (``zoo.SequenceClassifier``, ``zoo.SmallImageResNet``) are one adapte
 ``HookedModel`` is the other: a user's module, whose hidden states are taken by forward hooks
 on named submodules and whose weights keep the user's own key names.
 
+A ``torch.export`` program (``.pt2``, ``load_program``: read without unpickling anything) is a
+``HookedModel`` too: ``torch.export.unflatten`` gives back the module hierarchy under the names the
+exported module had, so its hidden states are named submodules as for any module (``hidden`` is
+required: nothing in a program says which submodule is recurrent). An exported ``nn.GRU``/``nn.LSTM``
+is a graph, not an ``nn.RNNBase``: its tap is what it returned to its caller (the top layer's states).
+
 Hidden state of a user's RNN (the paper's h_t): every hooked submodule's states at step t,
 side by side, one tap. An ``nn.GRU``/``nn.LSTM``/``nn.RNN`` submodule contributes every
 layer's states, both directions (``zoo.layer_states``: layer 1 forward, layer 1 backward,
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import io
 import json
 import os
 import sys
@@ -50,11 +57,12 @@ class HookedModel(nn.Module):
     ``hidden``: submodule names (``module.get_submodule``) whose states form the tap, in order;
     ``readout``: the submodule mapping the last one's output to outputs, used when ``forward``
     returns only the last step (None when it returns every step); ``factory``/``kwargs``: the
-    import path that rebuilds ``module`` (``rebuild``), None for a module given from Python.
+    import path that rebuilds ``module`` (``rebuild``), None for a module given from Python;
+    ``program``: the ``.pt2`` file ``module`` was unflattened from (``rebuild`` reads it again).
     """
 
     def __init__(self, module: nn.Module, spec: zoo.ArchSpec, hidden: list[str], readout: str | None,
-                 factory: str | None = None, kwargs: dict | None = None):
+                 factory: str | None = None, kwargs: dict | None = None, program: str | None = None):
         super().__init__()
         self.module = module
         self.spec = spec
@@ -62,6 +70,7 @@ class HookedModel(nn.Module):
         self.readout = readout
         self.factory = factory
         self.kwargs = dict(kwargs or {})
+        self.program = program
 
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(h_BTH, outputs at every step y_BTC, forward's own result) of the module on ``x``."""
@@ -120,12 +129,16 @@ class HookedModel(nn.Module):
         return self.trajectories(x)[1][:, -1]
 
     def save_metadata(self) -> dict[str, str]:
+        if self.program is not None:
+            return {"adapter": json.dumps({"kind": "export", "program": self.program, "hidden": self.hidden,
+                                           "readout": self.readout})}
         return {"adapter": json.dumps({"kind": "hooked", "factory": self.factory, "kwargs": self.kwargs,
                                        "hidden": self.hidden, "readout": self.readout})}
 
 
 def hooked(module: nn.Module, task, hidden: list[str] | None = None, readout: str | None = None,
-           factory: str | None = None, kwargs: dict | None = None, what: str = "model") -> HookedModel:
+           factory: str | None = None, kwargs: dict | None = None, what: str = "model",
+           program: str | None = None) -> HookedModel:
     """``module`` as a ``HookedModel`` for ``task`` (a ``TaskData``), defaults filled in and checked.
 
     Defaults: ``hidden`` = every ``nn.GRU``/``nn.LSTM``/``nn.RNN`` submodule, in module order;
@@ -162,7 +175,7 @@ def hooked(module: nn.Module, task, hidden: list[str] | None = None, readout: st
         input_shape=tuple(task.input_shape), num_classes=task.num_classes, vocab_size=task.vocab_size,
         hidden_size=rnn.hidden_size if rnn is not None else 0, num_layers=rnn.num_layers if rnn is not None else 1,
         bidirectional=bool(rnn.bidirectional) if rnn is not None else False)
-    model = HookedModel(module, spec, hidden, readout, factory, kwargs).eval()
+    model = HookedModel(module, spec, hidden, readout, factory, kwargs, program).eval()
     width = check(model, task.probe.x[:CHECK_EXAMPLES], task.num_classes, what)
     if rnn is None:  # no one recurrent module to say it: the tap's width is the hidden size
         model.spec = dataclasses.replace(spec, hidden_size=width)
@@ -249,8 +262,18 @@ def load_state_into(module: nn.Module, state: dict[str, torch.Tensor], path: str
 
 
 def rebuild(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, str]) -> HookedModel:
-    """A ``HookedModel`` from the weights file ``zoo.save`` wrote for it (its factory is imported)."""
+    """A ``HookedModel`` from the weights file ``zoo.save`` wrote for it (its factory is imported, or its
+    ``.pt2`` program read again; the recorded weights are loaded into either)."""
     info = json.loads(meta["adapter"])
+    if info.get("kind") == "export":
+        program = info["program"]
+        if not Path(program).is_file():
+            raise ValueError(f"weights file {path}: this model was added from the torch.export program {program}, "
+                             "which is no longer there; it is rebuilt from that file")
+        module = from_program(load_program(program), program)
+        load_state_into(module, {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")}, path)
+        return HookedModel(module, zoo.ArchSpec.from_json(meta["arch_spec"]), info["hidden"], info.get("readout"),
+                           program=program).eval()
     if not info.get("factory"):
         raise ValueError(f"weights file {path}: this model was added from a Python object without a factory, so it "
                          "cannot be rebuilt; add it with factory='package.module:function' to make it reloadable")
@@ -261,6 +284,84 @@ def rebuild(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, st
                        info["factory"], info.get("kwargs")).eval()
 
 
+EXPORT_SUFFIX = ".pt2"
+
+
+def load_program(path: str | Path) -> "torch.export.ExportedProgram":
+    """The ``torch.export`` program saved at ``path`` (``torch.export.save``), read without unpickling.
+
+    ``torch.export.load`` falls back to ``pickle``/``torch.load(weights_only=False)`` for some payloads
+    (legacy archives, pickled weights or constants, custom objects, sample inputs a safe load refuses);
+    the archive is checked first and any of those is a ValueError naming the file.
+    """
+    import zipfile  # noqa: PLC0415
+
+    from torch.export.pt2_archive import constants as pt2  # noqa: PLC0415
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"torch.export program not found: {path}")
+    unsafe = []
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            root = names[0].split("/", 1)[0] + "/" if names else ""
+            inner = {n[len(root):]: n for n in names if n.startswith(root)}
+            if pt2.ARCHIVE_FORMAT_PATH not in inner or z.read(inner[pt2.ARCHIVE_FORMAT_PATH]).decode().strip() != \
+                    pt2.ARCHIVE_FORMAT_VALUE:
+                raise ValueError("not a pt2 archive (no archive_format 'pt2')")
+            models = [n[len(pt2.MODELS_DIR):-len(".json")] for n in inner
+                      if n.startswith(pt2.MODELS_DIR) and n.endswith(".json")]
+            if not models:
+                raise ValueError("no exported program in it (models/*.json)")
+            for name in models:
+                for fmt in (pt2.WEIGHTS_CONFIG_FILENAME_FORMAT, pt2.CONSTANTS_CONFIG_FILENAME_FORMAT):
+                    cfg_name = fmt.format(name)
+                    if cfg_name not in inner:
+                        raise ValueError(f"no {cfg_name} (an archive from an older torch: its weights are a pickle)")
+                    for fqn, item in json.loads(z.read(inner[cfg_name]))["config"].items():
+                        if item.get("use_pickle") or (fmt == pt2.CONSTANTS_CONFIG_FILENAME_FORMAT and not
+                                                      item["path_name"].startswith(pt2.TENSOR_CONSTANT_FILENAME_PREFIX)):
+                            unsafe.append(fqn)
+                sample = pt2.SAMPLE_INPUTS_FILENAME_FORMAT.format(name)
+                if sample in inner:
+                    try:
+                        torch.load(io.BytesIO(z.read(inner[sample])), weights_only=True)
+                    except Exception:  # noqa: BLE001 -- anything a safe load refuses
+                        unsafe.append(sample)
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, ValueError) as err:
+        raise ValueError(f"{path} is not a torch.export program written by torch.export.save: {err}") from None
+    if unsafe:
+        raise ValueError(f"{path}: {unsafe[:5]} would be unpickled to load this program, and dynamo_dist never "
+                         "unpickles; export a module whose weights and constants are plain tensors")
+    try:
+        return torch.export.load(str(path))
+    except Exception as err:  # noqa: BLE001 -- a damaged or incompatible archive
+        raise ValueError(f"{path}: torch.export.load fails: {type(err).__name__}: {err}") from None
+
+
+def from_program(program: "torch.export.ExportedProgram", what: str) -> nn.Module:
+    """The program as a module with its original submodule names (``torch.export.unflatten``), so that its
+    hidden states are hooked by name. A batch size fixed at export is refused: dynamo_dist runs batches of
+    its own size."""
+    user_inputs = [n for n in program.graph.nodes if n.op == "placeholder"
+                   and n.name in program.graph_signature.user_inputs]
+    for node in user_inputs:
+        val = node.meta.get("val")
+        if torch.is_tensor(val) and val.dim() and isinstance(val.shape[0], int):
+            raise ValueError(f"{what}: exported with a fixed batch size {val.shape[0]} (input {node.name!r}); "
+                             "export with a dynamic batch dimension: torch.export.export(model, (x,), "
+                             "dynamic_shapes=({0: torch.export.Dim('batch')},))")
+    if len(user_inputs) != 1:
+        raise ValueError(f"{what}: the program takes {len(user_inputs)} inputs; dynamo_dist calls it with one "
+                         "batch of the task's inputs")
+    try:
+        return torch.export.unflatten(program)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"{what}: torch.export.unflatten fails, so its submodules cannot be hooked by name: "
+                         f"{type(err).__name__}: {err}") from None
+
+
 def manifest_labels(model: nn.Module) -> dict:
     """The manifest columns a user's RNN adds beyond the zoo's (read back by ``ArchSpec.from_row``):
     ``num_layers``/``bidirectional`` of a multi-layer or bidirectional one, ``factory`` when known."""
@@ -269,7 +370,10 @@ def manifest_labels(model: nn.Module) -> dict:
         labels.update(num_layers=spec.num_layers, bidirectional=spec.bidirectional)
     if isinstance(model, HookedModel) and model.factory:
         labels["factory"] = model.factory
+    if isinstance(model, HookedModel) and model.program:
+        labels["program"] = Path(model.program).name
     return labels
 
 
-__all__ = ["HookedModel", "hooked", "check", "import_factory", "build_from_factory", "rebuild", "manifest_labels"]
+__all__ = ["HookedModel", "hooked", "check", "import_factory", "build_from_factory", "rebuild", "manifest_labels",
+           "load_program", "from_program"]

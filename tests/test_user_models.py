@@ -505,7 +505,7 @@ def test_a_pickle_checkpoint_points_to_safetensors(tmp_path, task_name, capsys):
     d.mkdir()
     torch.save(MyGRU().state_dict(), d / "a.pt")
     root = str(tmp_path / "root")
-    _refused(tmp_path, r"\['a.pt'\] are pickle checkpoints.*safetensors.torch.save_file",
+    _refused(tmp_path, r"\['a.pt'\] are pickle checkpoints.*safetensors.torch.save_file.*as a torch.export program",
              lambda: user_models.add_model_dir(root, str(d), task_name, cfg=_cfg(root)))
     from dynamo_dist import cli  # the command says it too, and exits 2
 
@@ -530,3 +530,82 @@ def test_nan_weights_and_nan_data_are_refused(tmp_path, task_name):
     np.savez(tmp_path / "reg.npz", **raw)
     _refused(tmp_path, r"reg.npz: labels of 'x' are not integers",
              lambda: user_models.add_models(root, {"a": MyGRU()}, f"npz:{tmp_path / 'reg.npz'}", cfg=_cfg(root)))
+
+
+# ------------------------------------------------------------------ torch.export programs
+
+
+def _export(model: nn.Module, path: Path, batch: int = 4, dynamic: bool = True) -> Path:
+    x = torch.randn(batch, T, D)
+    shapes = ({0: torch.export.Dim("batch")},) if dynamic else None
+    torch.export.save(torch.export.export(model.eval(), (x,), dynamic_shapes=shapes), str(path))
+    return path
+
+
+def test_torch_export_programs_are_hooked_by_submodule_name(tmp_path, task_name):
+    """.pt2 files (no class to import): hidden states by the exported module's submodule names, through
+    torch.export.unflatten; a last-step forward with its readout named, and a per-step one from Python."""
+    d = tmp_path / "programs"
+    d.mkdir()
+    torch.manual_seed(0)
+    grus = {"p0": MyGRU().eval(), "p1": MyGRU(hidden=8).eval()}
+    for mid, m in grus.items():
+        _export(m, d / f"{mid}.pt2")
+    (d / "architecture.json").write_text(json.dumps({"hidden": ["gru"], "readout": "fc"}))
+    root = str(tmp_path / "root")
+    rows = user_models.add_model_dir(root, str(d), task_name, cfg=_cfg(root))
+    assert [r["model_id"] for r in rows] == ["p0", "p1"] and rows[0]["program"] == "p0.pt2"
+    bi = BiGRU().eval()
+    program = torch.export.export(bi, (torch.randn(4, T, D),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    user_models.add_models(root, {"bi": program}, task_name, hidden=["rnn"])
+    x = store.read_inputs(root, task_name, "probe").x
+    for mid, m in {**grus, "bi": bi}.items():
+        hidden, output, shapes = _read_back(root, mid)
+        with torch.no_grad():
+            if mid == "bi":
+                h, y = m.rnn(x)[0], m(x)
+            else:
+                h = m.gru(x)[0]
+                y = m.fc(h)
+        assert shapes == [[h.shape[-1]]]
+        np.testing.assert_allclose(hidden, h.numpy(), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(output, y.numpy(), atol=1e-5, rtol=0)
+    # the stored weights rebuild the program's module from its file
+    again = zoo.load(store.Layout.at(root).path("weights/p1.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x[:5]), grus["p1"](x[:5]), rtol=0, atol=1e-6)
+
+
+def test_programs_that_cannot_be_read_safely_or_run_are_refused(tmp_path, task_name):
+    import zipfile
+
+    root = str(tmp_path / "root")
+    d = tmp_path / "fixed"
+    d.mkdir()
+    _export(MyGRU(), d / "a.pt2", dynamic=False)
+    (d / "architecture.json").write_text(json.dumps({"hidden": ["gru"], "readout": "fc"}))
+    _refused(tmp_path, r"a.pt2: exported with a fixed batch size 4.*dynamic_shapes",
+             lambda: user_models.add_model_dir(root, str(d), task_name, cfg=_cfg(root)))
+    _export(MyGRU(), d / "a.pt2")
+    (d / "architecture.json").write_text(json.dumps({"readout": "fc"}))
+    _refused(tmp_path, r"architecture.json: torch.export programs need it, naming the submodules",
+             lambda: user_models.add_model_dir(root, str(d), task_name, cfg=_cfg(root)))
+    (d / "architecture.json").write_text(json.dumps({"hidden": ["gru"]}))
+    _refused(tmp_path, r"program .*a.pt2: readout: MyGRU.forward returns|program .*a.pt2: .*name the readout",
+             lambda: user_models.add_model_dir(root, str(d), task_name, cfg=_cfg(root)))
+    # a weight marked as pickled: torch.export.load would unpickle it; refused before
+    with zipfile.ZipFile(d / "a.pt2") as z:
+        items = {n: z.read(n) for n in z.namelist()}
+    cfg_name = next(n for n in items if n.endswith("_weights_config.json"))
+    config = json.loads(items[cfg_name])
+    next(iter(config["config"].values()))["use_pickle"] = True
+    items[cfg_name] = json.dumps(config).encode()
+    with zipfile.ZipFile(d / "a.pt2", "w") as z:
+        for n, b in items.items():
+            z.writestr(n, b)
+    (d / "architecture.json").write_text(json.dumps({"hidden": ["gru"], "readout": "fc"}))
+    _refused(tmp_path, r"a.pt2: \['gru.weight_ih_l0'\] would be unpickled to load this program",
+             lambda: user_models.add_model_dir(root, str(d), task_name, cfg=_cfg(root)))
+    (d / "a.pt2").write_bytes(b"not a zip")
+    _refused(tmp_path, r"a.pt2 is not a torch.export program written by torch.export.save",
+             lambda: user_models.add_model_dir(root, str(d), task_name, cfg=_cfg(root)))

@@ -35,6 +35,7 @@ def add_models(root: str, models: dict[str, torch.nn.Module], task: str, cfg: Po
     outputs when forward returns only the last step (default: the last fitting nn.Linear);
     ``factory`` (``"package.module:function"``, called with ``factory_kwargs``) is recorded so
     that the stored weights can be rebuilt later (without it they are recorded all the same).
+    A ``torch.export.ExportedProgram`` is taken too (``hidden`` required; ``adapters.from_program``).
     Every module is checked against ``task`` before anything is written; models already
     complete in the manifest are skipped, never overwritten. ``cfg`` gives the data and
     recording settings (default: the root's own spec, else ``PopulationConfig`` defaults).
@@ -87,7 +88,10 @@ def chance_bound(labels: torch.Tensor) -> tuple[float, float]:
 
 def add_model_dir(root: str, directory: str, task: str, cfg: PopulationConfig | None = None,
                   group: str | None = None, arch: dict | None = None, progress: bool = False) -> list[dict]:
-    """Add a directory of users' pre-trained models: ``<model_id>.safetensors`` files.
+    """Add a directory of users' pre-trained models: ``<model_id>.safetensors`` files, or ``<model_id>.pt2``
+    torch.export programs (``torch.export.save``; ``architecture.json`` then names the hidden submodules
+    and, for a forward that returns the last step only, the readout: ``{"hidden": ["gru"], "readout": "fc"}``;
+    read without unpickling, ``adapters.load_program``).
 
     A file written by dynamo_dist carries its architecture; other files (plain state dicts,
     e.g. ``safetensors.torch.save_file(model.state_dict(), ...)``) need an architecture
@@ -102,9 +106,13 @@ def add_model_dir(root: str, directory: str, task: str, cfg: PopulationConfig | 
     """
     base = Path(directory)
     files = sorted(base.glob("*.safetensors")) if base.is_dir() else []
-    _refuse_unreadable_formats(base, {f.stem for f in files})
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {base}")
+    programs = sorted(base.glob(f"*{adapters.EXPORT_SUFFIX}")) if base.is_dir() else []
+    _refuse_unreadable_formats(base, {f.stem for f in files + programs})
+    if files and programs:
+        raise ValueError(f"{base} holds both .safetensors files and torch.export programs (.pt2); put each kind in "
+                         "a directory of its own (they are described differently)")
+    if not files and not programs:
+        raise FileNotFoundError(f"no *.safetensors or *.pt2 files in {base}")
     desc_path = base / "architecture.json"
     if arch is None and desc_path.is_file():
         try:
@@ -113,6 +121,11 @@ def add_model_dir(root: str, directory: str, task: str, cfg: PopulationConfig | 
             raise ValueError(f"{desc_path} is not valid JSON: {err}") from None
     cfg = _record_cfg(root, cfg)
     data = task_for(cfg, task)
+    if programs:
+        hook = _program_description(arch, desc_path)
+        models = {store.check_model_id(f.stem): _load_program_file(f, data, hook) for f in programs}
+        labels = _read_labels(base / "labels.csv", set(models))
+        return add_models(root, models, task, cfg=cfg, labels=labels, group=group or base.name, progress=progress)
     hook = _factory_description(arch, desc_path) if arch and "factory" in arch else None
     models = {store.check_model_id(f.stem): _load_user_file(f, arch, data, desc_path, hook) for f in files}
     labels = _read_labels(base / "labels.csv", set(models))
@@ -124,22 +137,19 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 
 
 def _refuse_unreadable_formats(base: Path, safetensors_stems: set[str]) -> None:
-    """Refuse checkpoints dynamo_dist will not read (pickles; torch.export programs, not read yet)
-    that have no .safetensors beside them: they would be skipped without a word."""
+    """Refuse pickle checkpoints that have no .safetensors or .pt2 beside them: they would be skipped
+    without a word."""
     if not base.is_dir():
         return
-    odd = sorted(f for f in base.iterdir()
-                 if f.suffix in PICKLE_SUFFIXES + (".pt2",) and f.stem not in safetensors_stems)
-    if not odd:
-        return
-    pickles = [f.name for f in odd if f.suffix != ".pt2"]
+    pickles = sorted(f.name for f in base.iterdir() if f.suffix in PICKLE_SUFFIXES and f.stem not in safetensors_stems)
     if pickles:
         raise ValueError(f"{base}: {pickles[:5]} are pickle checkpoints (torch.save), which dynamo_dist never loads "
                          "(unpickling runs arbitrary code). Save each model's state dict as safetensors instead: "
                          "safetensors.torch.save_file(model.state_dict(), '<model_id>.safetensors'), with "
-                         "architecture.json naming the factory that builds the module")
-    raise ValueError(f"{base}: {[f.name for f in odd][:5]} are torch.export programs, not read yet; save the state "
-                     "dict as <model_id>.safetensors with architecture.json naming the factory that builds the module")
+                         "architecture.json naming the factory that builds the module; or save it as a torch.export "
+                         "program: torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: "
+                         "torch.export.Dim('batch')},)), '<model_id>.pt2'), with architecture.json naming its hidden "
+                         "submodules")
 
 
 _FACTORY_FIELDS = ("factory", "kwargs", "hidden", "readout")
@@ -160,6 +170,32 @@ def _factory_description(arch: dict, desc_path: Path) -> dict:
             "readout": arch.get("readout")}
 
 
+_PROGRAM_FIELDS = ("hidden", "readout")
+
+
+def _program_description(arch: dict | None, desc_path: Path) -> dict:
+    """``hidden``/``readout`` of a directory of torch.export programs; ValueError naming the file and field."""
+    if not isinstance(arch, dict) or "hidden" not in arch:
+        raise ValueError(f"{desc_path}: torch.export programs need it, naming the submodules whose outputs are the "
+                         'hidden states (a program does not say which are recurrent): {"hidden": ["gru"], '
+                         '"readout": "fc"} (readout only when forward returns the last step)')
+    unknown = sorted(set(arch) - set(_PROGRAM_FIELDS))
+    if unknown:
+        raise ValueError(f"{desc_path}: unknown field(s) {unknown} for torch.export programs (known: "
+                         f"{list(_PROGRAM_FIELDS)}; a program carries its own architecture)")
+    hidden = [arch["hidden"]] if isinstance(arch["hidden"], str) else arch["hidden"]
+    if not (isinstance(hidden, list) and hidden and all(isinstance(h, str) for h in hidden)):
+        raise ValueError(f"{desc_path}: field 'hidden' must be a list of submodule names, got {arch['hidden']!r}")
+    return {"hidden": hidden, "readout": arch.get("readout")}
+
+
+def _load_program_file(path: Path, task: TaskData, hook: dict) -> torch.nn.Module:
+    """A ``.pt2`` file as a checked ``HookedModel`` that remembers where its program is (to rebuild it)."""
+    module = adapters.from_program(adapters.load_program(path), f"program {path}")
+    return adapters.hooked(module, task, hidden=hook["hidden"], readout=hook["readout"], what=f"program {path}",
+                           program=str(path.resolve()))
+
+
 def _record_cfg(root: str, cfg: PopulationConfig | None) -> PopulationConfig:
     """``cfg`` with ``root``; else the spec the root was built with (so new trajectories match the
     stored inputs), else defaults."""
@@ -174,6 +210,11 @@ def _record_cfg(root: str, cfg: PopulationConfig | None) -> PopulationConfig:
 def _as_zoo_model(model_id: str, module: torch.nn.Module, task: TaskData, hook: dict | None = None) -> torch.nn.Module:
     """The module as a base model (``adapters``) whose spec fits ``task``; ValueError naming the model otherwise."""
     spec = getattr(module, "spec", None)
+    if isinstance(module, torch.export.ExportedProgram):  # from Python: not rebuildable later (no file)
+        if not (hook or {}).get("hidden"):
+            raise ValueError(f"model {model_id!r}: a torch.export program does not say which submodules are "
+                             "recurrent; name them: hidden=[...]")
+        module = adapters.from_program(module, f"model {model_id!r}")
     if isinstance(spec, zoo.ArchSpec):
         model = module
     elif task.input_kind != "image":
