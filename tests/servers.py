@@ -8,6 +8,7 @@ pyarrow, boto3 and every process the test starts read it through.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,20 +26,48 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "A
 
 _HANDED_OUT: set[int] = set()  # ports (and worker-port ranges) given out by this process
 
+# Test ports come from 20000-32767: below the kernel's ephemeral range (32768-60999 by default), so
+# no process's outgoing connection is given one while a server is starting on it, and above Ray's
+# default worker ports (10002-19999). Each pytest-xdist worker draws from its own slice of it: two
+# workers never pick the same port, and a released one is not given to another worker's bind.
+PORTS = range(20000, 32768)
+
+
+def _slice() -> range:
+    """This process's share of ``PORTS``: all of it without xdist, 1/n of it in worker gw<i> of n."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    i = int(worker[2:]) if worker.startswith("gw") else 0
+    size = len(PORTS) // max(n, 1)
+    return range(PORTS.start + i * size, PORTS.start + (i + 1) * size)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
 
 def free_port(span: int = 1) -> int:
-    """A free loopback port, never one this process handed out before; with ``span`` > 1, the first
-    of ``span`` consecutive ports none of which was (e.g. a Ray worker-port range). The OS may give
-    a released port to the next bind: a node's ports picked one by one once collided ("port 53163
-    that is used by other components"), failing the node's start."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        ports = set(range(port, port + span))
-        if not ports & _HANDED_OUT and port + span <= 65536:
-            _HANDED_OUT.update(ports)
-            return port
+    """A free loopback port of this process's slice (``_slice``), never one this process handed out
+    before; with ``span`` > 1, the first of ``span`` consecutive free ports none of which was (e.g. a
+    Ray worker-port range). The OS may give a released port to the next bind: a node's ports picked
+    one by one once collided ("port 53163 that is used by other components"), failing the node's
+    start. The scan starts at a random place, so that two test runs on one machine (other sessions')
+    seldom try the same port."""
+    ports = _slice()
+    start = random.randrange(len(ports))
+    for k in range(len(ports)):
+        port = ports[(start + k) % len(ports)]
+        block = range(port, port + span)
+        if block.stop > ports.stop or set(block) & _HANDED_OUT or not all(map(_bindable, block)):
+            continue
+        _HANDED_OUT.update(block)
+        return port
+    raise RuntimeError(f"no {span} free consecutive port(s) in {ports.start}-{ports.stop - 1}")
 
 
 def stop_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:

@@ -30,8 +30,8 @@ _CLUSTERS = itertools.count()
 
 
 def _ports() -> list[str]:
-    """Every port a node listens on, given explicitly (ephemeral range, outside Ray's default worker
-    ports 10002-19999), and a private worker-port range."""
+    """Every port a node listens on, given explicitly (``free_port``: below the ephemeral range, outside
+    Ray's default worker ports 10002-19999), and a private worker-port range."""
     base = free_port(span=41)
     return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
             f"--metrics-export-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
@@ -124,16 +124,13 @@ def tracking(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def small_population(tmp_path_factory) -> Path:
+def small_population(tmp_path_factory, tiny_population) -> Path:
     """4 tiny MNIST-1D GRUs on the local disk both nodes share (one machine)."""
-    from dynamo_dist.config import GroupSpec, PopulationConfig
-    from dynamo_dist.population.train import run_local
+    from dynamo_dist.config import GroupSpec
 
-    root = tmp_path_factory.mktemp("small") / "population"
-    run_local(PopulationConfig(root=str(root), num_examples=1000, num_probe=32, num_test=32,
-                               groups=(GroupSpec(name="a", task="mnist1d", arch="gru", hidden_size=8, num_seeds=4,
-                                                 epochs=1, batch_size=64),)), progress=False)
-    return root
+    return tiny_population(tmp_path_factory.mktemp("small") / "population",
+                           GroupSpec(name="a", task="mnist1d", arch="gru", hidden_size=8, num_seeds=4, epochs=1,
+                                     batch_size=64))
 
 
 @pytest.fixture
