@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,10 +13,12 @@ def local_ray():
     """A local Ray for one test module: 2 CPUs on 127.0.0.1, no dashboard; shut down after the module.
 
     Request it by name (or ``pytestmark = pytest.mark.usefixtures("local_ray")``); module
-    fixtures that need Ray list it before their other arguments so that Ray starts first."""
+    fixtures that need Ray list it before their other arguments so that Ray starts first. Always a
+    new instance of this process's own (``address="local"``): a bare ``ray.init()`` attaches to the
+    last ``ray start`` cluster on the machine, another test's or another user's."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()
 
@@ -29,19 +33,33 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session")
+def tiny_population():
+    """``tiny_population(root, *groups, num_examples=1000, num_probe=32, num_test=32, **kw)``: the
+    groups (``config.GroupSpec``) trained and recorded into ``root`` by the in-process loop (no Ray),
+    as the tests' tiny populations are made; returns ``root`` as a Path. Other ``PopulationConfig``
+    fields go in ``kw``. Session-scoped so that module fixtures can use it."""
+    from dynamo_dist import config
+    from dynamo_dist.population import train as population
+
+    def make(root, *groups, num_examples: int = 1000, num_probe: int = 32, num_test: int = 32, **kw) -> Path:
+        population.run_local(config.PopulationConfig(root=str(root), groups=groups, num_examples=num_examples,
+                                                     num_probe=num_probe, num_test=num_test, **kw), progress=False)
+        return Path(root)
+
+    return make
+
+
 @pytest.fixture(scope="module")
-def digit_parity_root(tmp_path_factory) -> str:
+def digit_parity_root(tmp_path_factory, tiny_population) -> str:
     """A tiny real population, two output groups: 2 MNIST-1D digit GRUs (hidden 8, 10 classes) and 2
     parity GRUs (hidden 12, 2 classes), one epoch each; 96 probe and 48 test sequences recorded."""
     from dynamo_dist import config
-    from dynamo_dist.population import train as population
 
     groups = (
         config.GroupSpec(name="digit", task="mnist1d", hidden_size=8, num_seeds=2, epochs=1, lr=1e-2, batch_size=64),
         config.GroupSpec(name="parity", task="mnist1d_parity", hidden_size=12, num_seeds=2, epochs=1, lr=1e-2,
                          batch_size=64),
     )
-    root = tmp_path_factory.mktemp("digit-parity")
-    population.run_local(config.PopulationConfig(root=str(root), groups=groups, num_examples=600, num_probe=96,
-                                                 num_test=48), progress=False)
-    return str(root)
+    return str(tiny_population(tmp_path_factory.mktemp("digit-parity"), *groups, num_examples=600, num_probe=96,
+                               num_test=48))

@@ -21,7 +21,7 @@ from torch import nn
 ray = pytest.importorskip("ray")
 
 from dynamo_dist import zoo  # noqa: E402
-from dynamo_dist.config import GroupSpec, MetaConfig, PopulationConfig  # noqa: E402
+from dynamo_dist.config import GroupSpec, MetaConfig  # noqa: E402
 from dynamo_dist.data import store  # noqa: E402
 from dynamo_dist.meta import checkpoint as checkpoint_format  # noqa: E402
 from dynamo_dist.meta import outputs  # noqa: E402
@@ -29,7 +29,6 @@ from dynamo_dist.meta import ray_train as meta_ray  # noqa: E402
 from dynamo_dist.meta.metrics import evaluate  # noqa: E402
 from dynamo_dist.meta.model import MetaResNet  # noqa: E402
 from dynamo_dist.meta.trainer import load_population  # noqa: E402
-from dynamo_dist.population.train import run_local  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -40,11 +39,9 @@ GROUPS = tuple(GroupSpec(name=name, task="digits", arch="resnet10", lr=lr, num_s
 
 
 @pytest.fixture(scope="module")
-def pop_root(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("cnn_ddp") / "population")
-    run_local(PopulationConfig(root=root, groups=GROUPS, num_examples=600, num_probe=64, num_test=48),
-              progress=False)
-    return root
+def pop_root(tmp_path_factory, tiny_population) -> str:
+    return str(tiny_population(tmp_path_factory.mktemp("cnn_ddp") / "population", *GROUPS, num_examples=600,
+                               num_probe=64, num_test=48))
 
 
 @pytest.fixture(scope="module")

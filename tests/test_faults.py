@@ -36,10 +36,8 @@ def _cfg(root, **kw) -> PopulationConfig:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trained") / "population"
-    population.run_local(_cfg(root), progress=False)
-    return root
+def trained(tmp_path_factory, tiny_population):
+    return tiny_population(tmp_path_factory.mktemp("trained") / "population", *GROUPS)
 
 
 @pytest.fixture
@@ -293,7 +291,7 @@ def ray_with_short_starts(monkeypatch):
     import ray
 
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "5")  # read by the Train controller actor
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
     yield ray
     ray.shutdown()
 

@@ -15,10 +15,9 @@ import pytest
 import torch
 
 from dynamo_dist.meta import posthoc
-from dynamo_dist.config import GroupSpec, MetaConfig, PopulationConfig
+from dynamo_dist.config import GroupSpec, MetaConfig
 from dynamo_dist.meta.local import run_meta_local
 from dynamo_dist.meta.outputs import load_meta_run
-from dynamo_dist.population.train import run_local
 
 GROUPS = (
     GroupSpec(name="gru", task="mnist1d", arch="gru", hidden_size=16, num_seeds=4, epochs=2, lr=1e-2, batch_size=16),
@@ -28,14 +27,13 @@ REEMBED = ["gru-s000", "gru-s003", "rnn-s001", "rnn-s002"]
 
 
 @pytest.fixture(scope="module")
-def meta_dir(tmp_path_factory) -> Path:
+def meta_dir(tmp_path_factory, tiny_population) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2-core machines shared with other test runs: 1 thread is faster
     try:
         base = tmp_path_factory.mktemp("posthoc")
         root = str(base / "population")
-        run_local(PopulationConfig(root=root, groups=GROUPS, num_examples=1000, num_probe=128, num_test=64),
-                  progress=False)
+        tiny_population(root, *GROUPS, num_probe=128, num_test=64)
         cfg = MetaConfig(output_dir=str(base / "meta"), hidden_size=24, embedding_dim=2,
                          steps=400, batch_size=16, models_per_step=4, lr=1e-2, eval_every=400,
                          checkpoint_every=400)
@@ -99,7 +97,7 @@ def test_unknown_model_id_is_a_clear_error(meta_dir):
         posthoc.embed_new_models(meta_dir, run.population_root, ["no-such-model"], steps=1)
 
 
-def test_embed_cli_writes_new_models_with_their_nearest_trained_model(meta_dir, tmp_path, capsys):
+def test_embed_cli_writes_new_models_with_their_nearest_trained_model(meta_dir, tmp_path, capsys, tiny_population):
     """New models (trained like the run's rnn group, other seeds) land nearest to rnn models; results accumulate."""
     from dynamo_dist import cli
     from dynamo_dist.data import store
@@ -110,8 +108,7 @@ def test_embed_cli_writes_new_models_with_their_nearest_trained_model(meta_dir, 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_local(PopulationConfig(root=root, groups=(new,), num_examples=1000, num_probe=128, num_test=64),
-                  progress=False)
+        tiny_population(root, new, num_probe=128, num_test=64)
         before = _digest(meta_dir / "checkpoint"), _digest(meta_dir / "embeddings.parquet")
         assert cli.main(["embed", "--meta-dir", str(meta_dir), "--root", root, "--models", "new-rnn-s010",
                          "--steps", "200"]) == 0

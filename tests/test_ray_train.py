@@ -25,8 +25,7 @@ from dynamo_dist import tracking  # noqa: E402
 from dynamo_dist.meta import checkpoint as checkpoint_format  # noqa: E402
 from dynamo_dist.meta import ray_train as meta_ray  # noqa: E402
 from dynamo_dist.data import store
-from dynamo_dist.config import GroupSpec, MetaConfig, PopulationConfig  # noqa: E402
-from dynamo_dist.population.train import run_local  # noqa: E402
+from dynamo_dist.config import GroupSpec, MetaConfig  # noqa: E402
 from dynamo_dist.meta.trainer import DynamoTrainer, load_population  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -46,11 +45,9 @@ GROUPS = (
 
 
 @pytest.fixture(scope="module")
-def pop_root(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("meta_ray") / "population")
-    run_local(PopulationConfig(root=root, groups=GROUPS, num_examples=1000, num_probe=64, num_test=64),
-              progress=False)
-    return root
+def pop_root(tmp_path_factory, tiny_population) -> str:
+    return str(tiny_population(tmp_path_factory.mktemp("meta_ray") / "population", *GROUPS, num_probe=64,
+                               num_test=64))
 
 
 def meta_cfg(pop_root: str, out: Path, **kw) -> MetaConfig:

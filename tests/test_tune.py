@@ -19,7 +19,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from dynamo_dist.config import GroupSpec, MetaConfig, PopulationConfig, SweepConfig, TrackingConfig
+from dynamo_dist.config import GroupSpec, MetaConfig, SweepConfig, TrackingConfig
 from dynamo_dist.meta.tune import markdown_table, rank_trials, run_sweep, silhouette_by, trial_dirname
 import servers
 from scripts_util import load_script
@@ -65,15 +65,10 @@ def test_rank_trials_and_names():
 
 
 @pytest.fixture(scope="module")
-def population(tmp_path_factory) -> str:
-    from dynamo_dist.population.train import run_local
-
-    root = tmp_path_factory.mktemp("sweep") / "population"
+def population(tmp_path_factory, tiny_population) -> str:
     groups = tuple(GroupSpec(name=n, task="mnist1d", arch="gru", hidden_size=8, train_fraction=f, num_seeds=2,
                              epochs=1) for n, f in (("full", 1.0), ("quarter", 0.25)))
-    run_local(PopulationConfig(root=str(root), groups=groups, num_examples=1000, num_probe=64, num_test=64),
-              progress=False)
-    return str(root)
+    return str(tiny_population(tmp_path_factory.mktemp("sweep") / "population", *groups, num_probe=64, num_test=64))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from dynamo_dist.meta import signature
 from dynamo_dist.meta.model import MetaRNN, ModelEmbeddings
 from dynamo_dist.meta.objective import Chunk, dynamo_loss, ridge_map, solve_maps
 from dynamo_dist.meta.trainer import DynamoTrainer, load_population
-from dynamo_dist.population import train as population
 from dynamo_dist.zoo import ArchSpec
 
 SEQ = ArchSpec(arch="gru", input_kind="sequence", input_shape=(7, 3), hidden_size=6, num_classes=4)
@@ -165,11 +164,8 @@ GROUPS = (config.GroupSpec(name="a", task="mnist1d", hidden_size=8, num_seeds=2,
 
 
 @pytest.fixture(scope="module")
-def pop_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pop")
-    cfg = config.PopulationConfig(root=str(root), groups=GROUPS, num_examples=600, num_probe=96, num_test=48)
-    population.run_local(cfg, progress=False)
-    return str(root)
+def pop_root(tmp_path_factory, tiny_population):
+    return str(tiny_population(tmp_path_factory.mktemp("pop"), *GROUPS, num_examples=600, num_probe=96, num_test=48))
 
 
 def _cfg(tmp, **kw):
