@@ -47,7 +47,7 @@ def ray_head(tmp_path_factory):
             client.list_jobs()
             break
         except Exception:  # the dashboard is not up yet
-            time.sleep(2)
+            time.sleep(0.5)
     else:
         proc.kill()
         raise RuntimeError("ray head dashboard did not come up in 120 s")
@@ -69,7 +69,7 @@ def _submit(client, **kwargs) -> str:
         except RuntimeError as err:
             if "No available agent" not in str(err) or time.time() > deadline:
                 raise
-            time.sleep(2)
+            time.sleep(0.5)
 
 
 def _wait(client, job_id: str, timeout: float = 900) -> str:
@@ -80,7 +80,7 @@ def _wait(client, job_id: str, timeout: float = 900) -> str:
         status = client.get_job_status(job_id)
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             return status
-        time.sleep(3)
+        time.sleep(1)
     client.stop_job(job_id)
     raise TimeoutError(f"job {job_id} still running after {timeout} s:\n{client.get_job_logs(job_id)[-3000:]}")
 

@@ -124,7 +124,10 @@ def test_stage_runs_log_system_metrics_until_they_end_and_nothing_after(tmp_path
     stage = st.for_stage("a stage").start_run("stage")
     trial = st.start_run("trial", parent_run_id=stage.run_id)  # nested explicitly (sweep trials): no monitor
     assert len(_monitors()) == 1
-    time.sleep(1.5)
+    deadline = time.monotonic() + 30
+    while len(_system_points(client, stage.run_id).get("system/cpu_utilization_percentage", [])) < 2:
+        assert time.monotonic() < deadline, "the stage run's monitor logged fewer than 2 samples in 30 s"
+        time.sleep(0.1)
     trial.end()
     stage.end()
     assert not _monitors()  # stopped by the end, not by its next look at the run
