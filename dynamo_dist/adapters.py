@@ -72,8 +72,8 @@ class HookedModel(nn.Module):
         self.kwargs = dict(kwargs or {})
         self.program = program
 
-    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(h_BTH, outputs at every step y_BTC, forward's own result) of the module on ``x``."""
+    def _hooked_forward(self, x: torch.Tensor) -> tuple[dict[str, list], object]:
+        """(per hidden name, the (args, output) of each call; forward's result) of the module on ``x``."""
         captured: dict[str, list] = {name: [] for name in self.hidden}
         handles = [self.module.get_submodule(name).register_forward_hook(
             lambda mod, args, out, name=name: captured[name].append((args, out))) for name in self.hidden]
@@ -86,6 +86,33 @@ class HookedModel(nn.Module):
         if missing:
             raise ValueError(f"hidden: hooks on {missing} captured nothing: {type(self.module).__name__}.forward "
                              "never calls them; name submodules that forward runs")
+        return captured, result
+
+    def run_cnn(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(feature maps h_BCHW of every hidden submodule, in order; logits (B, C)) of an image model on ``x``."""
+        captured, result = self._hooked_forward(x)
+        taps = []
+        for name in self.hidden:
+            calls = captured[name]
+            if len(calls) != 1:
+                raise ValueError(f"hidden: {name!r} is called {len(calls)} times per forward; a CNN's hidden "
+                                 "state is the output of submodules called once (its stages)")
+            out = calls[0][1]
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            if not torch.is_tensor(out) or out.dim() != 4 or out.shape[0] != x.shape[0]:
+                got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+                raise ValueError(f"hidden: submodule {name!r} gave {got}, not feature maps (B, C, H, W) for input "
+                                 f"{tuple(x.shape)}")
+            taps.append(out)
+        result = result[0] if isinstance(result, (tuple, list)) else result
+        if not torch.is_tensor(result) or result.dim() != 2:
+            got = tuple(result.shape) if torch.is_tensor(result) else type(result).__name__
+            raise ValueError(f"{type(self.module).__name__}.forward returns {got}, not logits (B, C)")
+        return taps, result
+
+    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(h_BTH, outputs at every step y_BTC, forward's own result) of a sequence model on ``x``."""
+        captured, result = self._hooked_forward(x)
         parts, top = [], None
         for name in self.hidden:
             sub, calls = self.module.get_submodule(name), captured[name]
@@ -122,6 +149,9 @@ class HookedModel(nn.Module):
         return h_BTH, self.module.get_submodule(self.readout)(top), result
 
     def trajectories(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if self.spec.family == "cnn":  # as zoo's ResNets: one tap per stage, the logits as one "step"
+            taps, logits = self.run_cnn(x)
+            return taps, logits[:, None, :]
         h_BTH, y_BTC, _ = self.run(x)
         return [h_BTH], y_BTC
 
@@ -146,8 +176,7 @@ def hooked(module: nn.Module, task, hidden: list[str] | None = None, readout: st
     ValueError naming ``what`` and the field on anything that does not fit (``check``).
     """
     if task.input_kind == "image":
-        raise ValueError(f"{what}: {type(module).__name__} is neither a dynamo_dist zoo model nor a torchvision "
-                         "ResNet; users' own modules are taken for sequence and token tasks")
+        return _hooked_cnn(module, task, hidden, readout, factory, kwargs, what, program)
     names = dict(module.named_modules())
     if hidden is None:
         hidden = [n for n, m in names.items() if isinstance(m, nn.RNNBase)]
@@ -182,6 +211,49 @@ def hooked(module: nn.Module, task, hidden: list[str] | None = None, readout: st
     return model
 
 
+def cnn_stages(module: nn.Module) -> list[str] | None:
+    """Default taps of an image model: ``layer1..layer4`` of a ResNet-like layout (torchvision's ResNets,
+    wide ResNets and ResNeXts, timm's ResNets), else the modules of timm's ``feature_info`` (the maps
+    ``features_only=True`` returns); None when neither is there."""
+    names = dict(module.named_modules())
+    stages = [f"layer{i}" for i in range(1, 5)]
+    if all(s in names for s in stages):
+        return stages
+    info = getattr(module, "feature_info", None)
+    try:
+        mods = [f["module"] for f in info] if info is not None else []
+    except (TypeError, KeyError):
+        return None
+    return mods if mods and all(m in names for m in mods) else None
+
+
+def _hooked_cnn(module: nn.Module, task, hidden, readout, factory, kwargs, what: str, program) -> HookedModel:
+    """An image model as a ``HookedModel``: its taps the outputs of ``hidden`` (default ``cnn_stages``), its
+    outputs ``forward``'s logits (B, C); checked on the task's images like any user's module."""
+    names = dict(module.named_modules())
+    if readout is not None:
+        raise ValueError(f"{what}: readout {readout!r} is for sequence models; an image model's forward gives "
+                         "its logits (B, C)")
+    if hidden is None:
+        hidden = cnn_stages(module)
+        if hidden is None:
+            raise ValueError(f"{what}: {type(module).__name__} is neither a ResNet-like CNN (layer1..layer4) nor a "
+                             "timm model with feature_info; name the submodules whose outputs (B, C, H, W) are its "
+                             f"hidden states, e.g. its stages (hidden: [...]; its submodules: "
+                             f"{sorted(n for n in names if n and '.' not in n)[:20]})")
+    if isinstance(hidden, str):
+        hidden = [hidden]
+    unknown = [n for n in hidden if n not in names or n == ""]
+    if unknown:
+        raise ValueError(f"{what}: hidden names {unknown}, not submodules of {type(module).__name__}")
+    spec = zoo.ArchSpec(arch=zoo.CUSTOM_CNN_ARCH, input_kind="image", input_shape=tuple(task.input_shape),
+                        num_classes=task.num_classes)
+    model = HookedModel(module, spec, hidden, None, factory, kwargs, program).eval()
+    width = check(model, task.probe.x[:CHECK_EXAMPLES], task.num_classes, what)
+    model.spec = dataclasses.replace(spec, hidden_size=width)  # the last stage's channels
+    return model
+
+
 @torch.no_grad()
 def check(model: HookedModel, x: torch.Tensor, num_classes: int, what: str) -> int:
     """Run ``model`` once on ``x`` and refuse what would record wrong trajectories: a forward that
@@ -193,12 +265,21 @@ def check(model: HookedModel, x: torch.Tensor, num_classes: int, what: str) -> i
     param = next(model.module.parameters(), None)
     x = x.to(param.device) if param is not None else x
     try:
-        h_BTH, y_BTC, result = model.run(x)
+        if model.spec.family == "cnn":
+            taps, logits = model.run_cnn(x)
+            h_BTH, y_BTC, result = taps[-1].flatten(1)[:, None], logits[:, None], logits  # checked as one step
+            finite = all(bool(torch.isfinite(t).all()) for t in taps)
+        else:
+            h_BTH, y_BTC, result = model.run(x)
+            finite = True
     except ValueError as err:
         raise ValueError(f"{what}: {err}") from None
     except Exception as err:  # noqa: BLE001 -- the user's forward may raise anything
         raise ValueError(f"{what}: {type(model.module).__name__}.forward fails on the task's inputs "
                          f"{tuple(x.shape)} {x.dtype}: {type(err).__name__}: {err}") from None
+    if model.spec.family == "cnn" and result.shape[-1] != num_classes:
+        raise ValueError(f"{what}: logits of shape {tuple(result.shape)}: the task has {num_classes} classes, so "
+                         f"forward must return (B, {num_classes})")
     if y_BTC.dim() != 3 or y_BTC.shape[-1] != num_classes:
         raise ValueError(f"{what}: outputs of shape {tuple(y_BTC.shape)}: the task has {num_classes} classes, so "
                          f"outputs must be (B, T, {num_classes}) (readout {model.readout!r})")
@@ -208,8 +289,10 @@ def check(model: HookedModel, x: torch.Tensor, num_classes: int, what: str) -> i
             raise ValueError(f"{what}: readout {model.readout!r} applied to {model.hidden[-1]!r}'s last step does "
                              f"not give what forward returns (max difference {gap:.3g}); name the readout "
                              "submodule, or let forward return outputs at every step (B, T, C)")
-    if not (torch.isfinite(h_BTH).all() and torch.isfinite(y_BTC).all()):
+    if not (finite and torch.isfinite(h_BTH).all() and torch.isfinite(y_BTC).all()):
         raise ValueError(f"{what}: hidden states or outputs contain NaN/Inf on the task's inputs")
+    if model.spec.family == "cnn":
+        return int(taps[-1].shape[1])
     return int(h_BTH.shape[-1])
 
 
@@ -372,6 +455,8 @@ def manifest_labels(model: nn.Module) -> dict:
         labels["factory"] = model.factory
     if isinstance(model, HookedModel) and model.program:
         labels["program"] = Path(model.program).name
+    if isinstance(model, HookedModel) and spec.arch == zoo.CUSTOM_CNN_ARCH:  # what the "custom_cnn" is
+        labels["module_class"] = f"{type(model.module).__module__}.{type(model.module).__qualname__}"
     return labels
 
 

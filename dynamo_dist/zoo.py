@@ -29,11 +29,12 @@ from .data import fsio
 
 FORMAT_VERSION = 1
 CUSTOM_ARCH = "custom"  # a user's module whose hidden tap is not an nn.GRU/LSTM/RNN (adapters.HookedModel)
+CUSTOM_CNN_ARCH = "custom_cnn"  # a user's image model read through hooks on its stages (adapters.HookedModel)
 
 
 def family_of(arch: str) -> str:
-    """The one place that says rnn | cnn: ResNets are "cnn", every recurrent arch is "rnn"."""
-    return "cnn" if arch in RESNET_ARCHS else "rnn"
+    """The one place that says rnn | cnn: ResNets and users' CNNs are "cnn", every recurrent arch is "rnn"."""
+    return "cnn" if arch in RESNET_ARCHS + (CUSTOM_CNN_ARCH,) else "rnn"
 
 
 def output_kind_of(row: dict) -> str:
@@ -46,7 +47,7 @@ def output_kind_of(row: dict) -> str:
 class ArchSpec:
     """Everything needed to rebuild a base model (stored beside its weights)."""
 
-    arch: str                      # gru | rnn | lstm | resnet10/18/34/50 | custom (users' modules only)
+    arch: str                      # gru | rnn | lstm | resnet10/18/34/50 | custom | custom_cnn (users' modules)
     input_kind: str                # sequence | tokens | image
     input_shape: tuple[int, ...]   # per-example input shape: (T, D), (T,), (C, H, W)
     num_classes: int
@@ -57,17 +58,17 @@ class ArchSpec:
     bidirectional: bool = False    # RNNs: a backward direction beside the forward one
 
     def __post_init__(self):
-        if self.arch not in SEQUENCE_ARCHS + RESNET_ARCHS + (CUSTOM_ARCH,):
+        if self.arch not in SEQUENCE_ARCHS + RESNET_ARCHS + (CUSTOM_ARCH, CUSTOM_CNN_ARCH):
             raise ValueError(f"arch: unknown architecture {self.arch!r}; known: {SEQUENCE_ARCHS + RESNET_ARCHS}")
         if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 1:
             raise ValueError(f"num_layers: must be an int >= 1, got {self.num_layers!r}")
         if not isinstance(self.bidirectional, bool):
             raise ValueError(f"bidirectional: must be true or false, got {self.bidirectional!r}")
-        if self.arch in RESNET_ARCHS and (self.num_layers != 1 or self.bidirectional):
+        if self.family == "cnn" and (self.num_layers != 1 or self.bidirectional):
             raise ValueError(f"num_layers/bidirectional: recurrent options, not for {self.arch}")
-        if self.arch in RESNET_ARCHS and self.input_kind != "image":
+        if self.arch in RESNET_ARCHS + (CUSTOM_CNN_ARCH,) and self.input_kind != "image":
             raise ValueError(f"arch: {self.arch} needs image inputs, task gives {self.input_kind!r}")
-        if self.arch in SEQUENCE_ARCHS and self.input_kind == "image":
+        if self.arch in SEQUENCE_ARCHS + (CUSTOM_ARCH,) and self.input_kind == "image":
             raise ValueError(f"arch: {self.arch} needs sequence or token inputs, task gives images")
         if self.input_kind == "tokens" and not self.vocab_size:
             raise ValueError("vocab_size: token inputs need a vocabulary size")

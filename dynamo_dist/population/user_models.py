@@ -28,9 +28,10 @@ def add_models(root: str, models: dict[str, torch.nn.Module], task: str, cfg: Po
     """Enter at the record step with users' own pre-trained models (``model_id -> module``).
 
     Modules are zoo models (GRU/RNN/LSTM classifiers, small-image ResNets), plain torchvision
-    ResNets in the small-image layout (3x3 stride-1 ``conv1``, no max-pool), or, for sequence
-    and token tasks, any module holding recurrent layers, read through forward hooks
-    (``adapters.HookedModel``): ``hidden`` names the submodules whose states are the hidden
+    ResNets in the small-image layout (3x3 stride-1 ``conv1``, no max-pool: adopted as zoo models),
+    any other image model (ImageNet-stem torchvision ResNets of any depth, timm CNNs, users' own:
+    taps = stage outputs, ``adapters.cnn_stages``, or ``hidden``), or, for sequence and token tasks,
+    any module holding recurrent layers, all read through forward hooks (``adapters.HookedModel``): ``hidden`` names the submodules whose states are the hidden
     state (default: every nn.GRU/LSTM/RNN), ``readout`` the one mapping the last of them to
     outputs when forward returns only the last step (default: the last fitting nn.Linear);
     ``factory`` (``"package.module:function"``, called with ``factory_kwargs``) is recorded so
@@ -112,7 +113,7 @@ def add_model_dir(root: str, directory: str, task: str, cfg: PopulationConfig | 
         raise ValueError(f"{base} holds both .safetensors files and torch.export programs (.pt2); put each kind in "
                          "a directory of its own (they are described differently)")
     if not files and not programs:
-        raise FileNotFoundError(f"no *.safetensors or *.pt2 files in {base}")
+        raise FileNotFoundError(f"no *.safetensors files (or *.pt2 torch.export programs) in {base}")
     desc_path = base / "architecture.json"
     if arch is None and desc_path.is_file():
         try:
@@ -217,20 +218,13 @@ def _as_zoo_model(model_id: str, module: torch.nn.Module, task: TaskData, hook: 
         module = adapters.from_program(module, f"model {model_id!r}")
     if isinstance(spec, zoo.ArchSpec):
         model = module
-    elif task.input_kind != "image":
+    elif task.input_kind != "image" or not _zoo_resnet(module) or (hook or {}).get("hidden"):
+        # users' modules, and image models other than the zoo's own ResNet layout: read through hooks
         hook = hook or {}
         return adapters.hooked(module, task, hidden=hook.get("hidden"), readout=hook.get("readout"),
                                factory=hook.get("factory"), kwargs=hook.get("kwargs"), what=f"model {model_id!r}")
     else:
-        from torchvision.models import ResNet  # noqa: PLC0415 -- only for users' ResNets
-
-        if not isinstance(module, ResNet):
-            raise ValueError(f"model {model_id!r}: {type(module).__name__} is neither a dynamo_dist zoo model nor a "
-                             "torchvision ResNet; build it with dynamo_dist.zoo.build(ArchSpec(...)) and load its weights")
-        try:
-            arch = zoo.resnet_arch_of(module)
-        except ValueError as err:
-            raise ValueError(f"model {model_id!r}: {err}") from None
+        arch = zoo.resnet_arch_of(module)
         spec = zoo.ArchSpec(arch=arch, input_kind="image", input_shape=tuple(task.input_shape),
                             num_classes=module.fc.out_features)
         try:
@@ -249,6 +243,20 @@ def _as_zoo_model(model_id: str, module: torch.nn.Module, task: TaskData, hook: 
     if isinstance(model, adapters.HookedModel):  # rebuilt from a dynamo_dist weights file: checked as when added
         adapters.check(model, task.probe.x[:adapters.CHECK_EXAMPLES], task.num_classes, f"model {model_id!r}")
     return model.eval()
+
+
+def _zoo_resnet(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a torchvision ResNet in the zoo's small-image layout (then it is adopted as a
+    zoo model, rebuildable without a factory); other image models are read through hooks."""
+    from torchvision.models import ResNet  # noqa: PLC0415 -- only for users' image models
+
+    if not isinstance(module, ResNet):
+        return False
+    try:
+        zoo.resnet_arch_of(module)
+    except ValueError:
+        return False
+    return True
 
 
 def _load_user_file(path: Path, arch: dict | None, task: TaskData, desc_path: Path,
