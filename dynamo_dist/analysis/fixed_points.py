@@ -7,8 +7,8 @@ below ``q_tol`` are kept, near-duplicates are merged, and the Jacobian dF/dh is
 linearised at each one.
 
 Works for the DYNAMO meta-model at any theta (:func:`meta_dynamics`) and for any zoo
-sequence model -- GRU, tanh-RNN, LSTM -- (:func:`base_dynamics`; the LSTM state is
-``[h; c]``).
+sequence model -- GRU, tanh-RNN, LSTM, any number of layers -- or user's module hooked on one
+such unidirectional submodule (:func:`base_dynamics`; the LSTM state is ``[h; c]``).
 
 x* = 0 by default: the zero feature vector (for standardised MNIST-1D the mean input),
 and for token inputs the embedding of ``<pad>`` (id 0), which ``nn.Embedding(padding_idx=0)``
@@ -77,26 +77,56 @@ def meta_dynamics(meta: nn.Module, theta_E: torch.Tensor, x_star_D: torch.Tensor
     return Dynamics(step=step, readout=readout, state_dim=meta.hidden_size)
 
 
+def _recurrence(model: nn.Module) -> tuple[nn.RNNBase, Callable | None, nn.Module | None]:
+    """(the nn.GRU/RNN/LSTM, the readout of its top layer, the input embedding) of a zoo sequence model or
+    of a user's module read through hooks on one unidirectional recurrent submodule (adapters.HookedModel)."""
+    if isinstance(getattr(model, "rnn", None), nn.RNNBase):  # the zoo's SequenceClassifier
+        return model.rnn, model.readout, model.embed
+    hidden, inner = getattr(model, "hidden", None), getattr(model, "module", None)
+    rnn = inner.get_submodule(hidden[0]) if inner is not None and hidden and len(hidden) == 1 else None
+    if not isinstance(rnn, nn.RNNBase) or rnn.bidirectional or getattr(rnn, "proj_size", 0):
+        raise ValueError(f"{type(model).__name__}: fixed points need one unidirectional nn.GRU/nn.RNN/nn.LSTM "
+                         "(a zoo model, or a user's module hooked on one)")
+    readout = inner.get_submodule(model.readout) if model.readout else None
+    return rnn, readout, None
+
+
 def base_dynamics(model: nn.Module, x_star_D: torch.Tensor | None = None) -> Dynamics:
-    """h -> F(x*, h) of a zoo SequenceClassifier (GRU / RNN: state h; LSTM: state [h; c])."""
-    rnn = model.rnn
-    hidden = rnn.hidden_size
-    x_star = pad_input(model, rnn.input_size) if x_star_D is None else torch.as_tensor(x_star_D, dtype=torch.float32)
+    """h -> F(x*, h) of a sequence model's recurrence (``_recurrence``): GRU / RNN state h, LSTM [h; c];
+    with L layers every layer's h (then c) side by side, layer 1 first, as ``zoo.layer_states`` records them;
+    the readout reads the top layer."""
+    rnn, readout_fn, embed = _recurrence(model)
+    hidden, layers = rnn.hidden_size, rnn.num_layers
+    width = hidden * layers
+    in_dim = rnn.input_size
+    if x_star_D is None:
+        x_star = pad_input(model, in_dim) if embed is not None else torch.zeros(in_dim)
+    else:
+        x_star = torch.as_tensor(x_star_D, dtype=torch.float32)
+
+    def stacked(s_BS: torch.Tensor) -> torch.Tensor:  # (B, L*H) -> (L, B, H)
+        return s_BS.reshape(s_BS.shape[0], layers, hidden).transpose(0, 1).contiguous()
+
+    def flat(h_LBH: torch.Tensor) -> torch.Tensor:
+        return h_LBH.transpose(0, 1).reshape(h_LBH.shape[1], -1)
+
+    def run(x, hx):
+        return rnn(x if rnn.batch_first else x.transpose(0, 1), hx)
+
+    top = (lambda s: readout_fn(s[:, width - hidden:width])) if readout_fn is not None else None
     if isinstance(rnn, nn.LSTM):
         def step(s_BS: torch.Tensor) -> torch.Tensor:
-            h, c = s_BS[:, :hidden], s_BS[:, hidden:]
             x = x_star[None, None].expand(s_BS.shape[0], 1, -1)
-            _, (h1, c1) = rnn(x, (h[None].contiguous(), c[None].contiguous()))
-            return torch.cat([h1[0], c1[0]], dim=-1)
+            _, (h1, c1) = run(x, (stacked(s_BS[:, :width]), stacked(s_BS[:, width:])))
+            return torch.cat([flat(h1), flat(c1)], dim=-1)
 
-        return Dynamics(step=step, readout=lambda s: model.readout(s[:, :hidden]), state_dim=2 * hidden)
+        return Dynamics(step=step, readout=top, state_dim=2 * width)
 
     def step(h_BS: torch.Tensor) -> torch.Tensor:
         x = x_star[None, None].expand(h_BS.shape[0], 1, -1)
-        out, _ = rnn(x, h_BS[None].contiguous())
-        return out[:, 0]
+        return flat(run(x, stacked(h_BS))[1])
 
-    return Dynamics(step=step, readout=model.readout, state_dim=hidden)
+    return Dynamics(step=step, readout=top, state_dim=width)
 
 
 @torch.no_grad()
@@ -110,20 +140,18 @@ def meta_visited_states(meta: nn.Module, theta_E: torch.Tensor, x: torch.Tensor,
 
 @torch.no_grad()
 def base_visited_states(model: nn.Module, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """A zoo sequence model's states on real inputs, valid steps only -> (K,S) (LSTM: [h; c])."""
-    rnn = model.rnn
-    u = model.embed(x) if model.embed is not None else x
-    if isinstance(rnn, nn.LSTM):
-        b = u.shape[0]
-        h = u.new_zeros(1, b, rnn.hidden_size)
-        c = u.new_zeros(1, b, rnn.hidden_size)
-        states = []
-        for t in range(u.shape[1]):
-            _, (h, c) = rnn(u[:, t:t + 1], (h, c))
-            states.append(torch.cat([h[0], c[0]], dim=-1))
-        s_BTS = torch.stack(states, dim=1)
-    else:
-        s_BTS, _ = rnn(u)
+    """A sequence model's states on real inputs in ``base_dynamics``' layout, valid steps only -> (K,S)."""
+    rnn, _, embed = _recurrence(model)
+    u = embed(x) if embed is not None else x
+    b, layers = u.shape[0], rnn.num_layers
+    h = u.new_zeros(layers, b, rnn.hidden_size)
+    hx = (h, h.clone()) if isinstance(rnn, nn.LSTM) else h
+    states = []
+    for t in range(u.shape[1]):  # one step at a time: every layer's state (and an LSTM's cell) at every step
+        _, hx = rnn(u[:, t:t + 1] if rnn.batch_first else u[:, t:t + 1].transpose(0, 1), hx)
+        parts = hx if isinstance(hx, tuple) else (hx,)
+        states.append(torch.cat([p.transpose(0, 1).reshape(b, -1) for p in parts], dim=-1))
+    s_BTS = torch.stack(states, dim=1)
     return s_BTS[step_mask(lengths, s_BTS.shape[1])]
 
 
