@@ -194,7 +194,7 @@ def _dispatch(args) -> int:
         result = repair(args.root or cfg.population.root)
         return 0 if not result["unrecoverable"] else 1
     if args.cmd == "population" and args.dry_run:
-        from .population.train import plan
+        from .population.spec import plan
 
         rows = plan(cfg.population)
         print(f"population root {cfg.population.root}")
@@ -258,13 +258,13 @@ def _add_models(args, cfg: config_mod.PipelineConfig) -> int:
 
 def _seeds(args, cfg: config_mod.PipelineConfig) -> int:
     from .analysis import seeds
-    from .pipeline import tracking_store
+    from .pipeline import check_seeds, parse_seeds, seeds_stage, tracking_store
 
     if args.meta_dirs:
         dirs = args.meta_dirs
     else:
-        chosen = seeds.parse_seeds(args.seeds) if args.seeds else seeds.check_seeds(cfg.meta.seeds)
-        dirs = seeds.train_seeds(cfg, chosen, address=args.address)
+        chosen = parse_seeds(args.seeds) if args.seeds else check_seeds(cfg.meta.seeds)
+        dirs = seeds_stage(cfg, chosen, address=args.address)
     started = time.time()
     r = seeds.run_seed_stability(dirs, args.out, color_by=cfg.analyze.color_by, random_state=cfg.analyze.seed)
     if not args.no_log:

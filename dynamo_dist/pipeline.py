@@ -7,16 +7,21 @@ store (``tracking_store``): the config's tracking server, else SQLite under ``ru
 A pipeline is one MLflow run, ``pipeline``, with each stage's run nested under it (the sweep's
 trials under the sweep's run); a stage run alone (``dynamo-dist meta``) is a top-level run.
 Each stage's run starts when the stage does (``tracking.Store.for_stage``).
+``seeds_stage`` trains the meta stage once per meta seed, for ``analysis.seeds`` to compare.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from .config import PipelineConfig
 from .data import fsio, store
 from .meta import outputs
+
+SEEDS_DIR = "meta-seeds"  # <run_dir>/meta-seeds/seed-<s>: one meta run per seed (seeds_stage)
 
 
 def tracking_store(cfg: PipelineConfig):
@@ -78,6 +83,87 @@ def meta_stage(cfg: PipelineConfig, address: str | None = None, progress: bool =
                     register_model=register_model)
 
 
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``"0,1,2"`` -> (0, 1, 2); ValueError naming --seeds for anything else, or fewer than 2 distinct seeds."""
+    try:
+        seeds = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise ValueError(f"--seeds: expected comma-separated integers such as 0,1,2, got {text!r}") from None
+    return check_seeds(seeds, "--seeds")
+
+
+def check_seeds(seeds: Sequence[int] | None, field: str = "meta.seeds") -> tuple[int, ...]:
+    if seeds is None:
+        raise ValueError("no seeds: give --seeds 0,1,2 (or meta.seeds in the config), or --meta-dirs of finished runs")
+    seeds = tuple(int(s) for s in seeds)
+    if len(set(seeds)) < 2 or len(set(seeds)) < len(seeds) or min(seeds) < 0:
+        raise ValueError(f"{field}={list(seeds)}: need at least 2 distinct non-negative seeds to compare")
+    return seeds
+
+
+def seed_run_dir(cfg: PipelineConfig, seed: int) -> str:
+    """Where seed ``seed``'s meta run of the pipeline ``cfg`` goes: ``<run_dir>/meta-seeds/seed-<s>``."""
+    return str(fsio.as_path(cfg.run_dir) / SEEDS_DIR / f"seed-{seed}")
+
+
+def seed_config(cfg: PipelineConfig, seed: int) -> PipelineConfig:
+    """The pipeline ``cfg`` whose meta stage trains seed ``seed`` into :func:`seed_run_dir`."""
+    return cfg.replace(meta=cfg.meta.replace(seed=seed, output_dir=seed_run_dir(cfg, seed)))
+
+
+def seeds_stage(cfg: PipelineConfig, seeds: Sequence[int], address: str | None = None,
+                progress: bool = True) -> list[str]:
+    """One meta run per seed (``meta_stage`` of :func:`seed_config`); returns their directories.
+
+    Checked for every seed before any training: the seeds, the population (``validate_population``),
+    a finished run's config, population and models (it is reused, not retrained), an unfinished
+    run's checkpoint (it is resumed). ValueError/FileNotFoundError name the field or directory.
+    """
+    from .meta.ray_train import check_resumable, validate_population
+
+    seeds = check_seeds(seeds)
+    root = store.absolute(cfg.population.root)
+    manifest_ids = [r["model_id"] for r in validate_population(cfg.meta, root)]
+    ids = sorted(manifest_ids)
+    todo = []
+    for s in seeds:
+        c = seed_config(cfg, s)
+        meta = c.meta.for_population(len(ids))
+        if outputs.has_finished(meta.output_dir):
+            _check_finished_seed(meta, root, ids)
+        else:
+            check_resumable(meta, manifest_ids)
+            todo.append(c)
+    for c in todo:
+        meta_stage(c, address=address, progress=progress)
+    return [seed_run_dir(cfg, s) for s in seeds]
+
+
+def _check_finished_seed(meta, root: str, ids: list[str]) -> None:
+    """A finished seed run may be reused: the same meta config but for ``analysis.seeds.RUNTIME_FIELDS``,
+    the same population and models; ValueError saying what differs otherwise."""
+    from . import config as config_mod
+    from .analysis.seeds import config_differences
+
+    out = fsio.as_path(meta.output_dir)
+    trained = config_mod.load(out / outputs.CONFIG_FILE, type(meta))
+    diff = config_differences(trained, meta)
+    if diff:
+        raise ValueError(f"{out} holds a finished meta run with other settings ("
+                         + ", ".join(f"meta.{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+                         + "): remove it to retrain that seed, or give another run_dir")
+    context = json.loads((out / outputs.CONTEXT_FILE).read_text())
+    there = outputs.population_root_of(out, context)
+    if store.absolute(there) != root:
+        raise ValueError(f"{out} holds a finished meta run of the population {there}, not {root} (population.root): "
+                         "remove it to retrain that seed, or give another run_dir")
+    trained_ids = sorted(outputs.read_embeddings(out).column("model_id").to_pylist())
+    if trained_ids != ids:
+        extra, missing = sorted(set(trained_ids) - set(ids)), sorted(set(ids) - set(trained_ids))
+        raise ValueError(f"{out} holds a finished meta run of other models than {root} has now (missing there: "
+                         f"{missing[:5]}, no longer in the population: {extra[:5]}): remove it to retrain that seed")
+
+
 def sweep_stage(cfg: PipelineConfig, address: str | None = None, *, parent_run_id: str | None = None) -> list[dict]:
     from .config import SweepConfig
     from .meta.tune import run_sweep
@@ -94,7 +180,7 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, progress: bool
     fails); returns a summary with the paths of the results (also ``pipeline_summary.json``,
     logged to that run). ``register_model``: register the meta run's MLflow Model under this name."""
     from . import tracking
-    from .population.train import check_spec
+    from .population.spec import check_spec
 
     check_spec(cfg.population)  # bad input fails before the pipeline's run is recorded
     if register_model is not None:
@@ -169,7 +255,7 @@ def population_stage(cfg: PipelineConfig, address: str | None = None, progress: 
     A tracking server that does not answer fails here, before any model is trained.
     """
     from .population.actors import run_population
-    from .population.train import check_spec
+    from .population.spec import check_spec
 
     started = time.time()
     check_spec(cfg.population)  # bad input fails before run_dir (the store's home) or a failed run is made

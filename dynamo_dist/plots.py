@@ -24,6 +24,8 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 from matplotlib.colors import to_rgba  # noqa: E402
 
+from .pca import ThetaPCA  # noqa: E402
+
 DPI = 110
 MANY_POINTS = 300       # past this many points a scatter switches to small translucent markers
 MAX_LEGEND = 20         # groups named in a legend; more are summarised in its title
@@ -135,15 +137,13 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
-def pca_plane(theta_NE: np.ndarray):
-    """The analysis' PCA of theta (``analysis.geometry.EmbeddingGeometry``, signs fixed by
-    ``principal_axes``), fitted to ``theta_NE``: every PCA picture of theta is drawn in it, so the
-    meta run's, the post-hoc and the report's plots of the same models agree, mirror images included.
+def pca_plane(theta_NE: np.ndarray) -> ThetaPCA | None:
+    """The analysis' PCA of theta (``pca.ThetaPCA``, which ``analysis.geometry.EmbeddingGeometry``
+    extends), fitted to ``theta_NE``: every PCA picture of theta is drawn in it, so the meta run's,
+    the post-hoc and the report's plots of the same models agree, mirror images included.
     None for fewer than two models (no plane)."""
-    from .analysis.geometry import EmbeddingGeometry  # here: the analysis package imports this module
-
     theta = np.asarray(theta_NE, dtype=np.float64)
-    return EmbeddingGeometry().fit(theta) if theta.ndim == 2 and len(theta) >= 2 else None
+    return ThetaPCA().fit(theta) if theta.ndim == 2 and len(theta) >= 2 else None
 
 
 def pca_2d(theta_NE: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

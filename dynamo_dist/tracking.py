@@ -1,6 +1,7 @@
-"""MLflow tracking: the module that talks to MLflow (``meta/pyfunc.py`` imports it only to define the
-MLflow Model's class), and the one that decides what each stage logs (``meta_params``,
-``log_meta_results``; population, sweep and analysis runs are logged through ``Store.run``).
+"""MLflow tracking: the module that talks to MLflow (``meta/pyfunc.py`` imports it only to define and
+save the MLflow Model, which it logs through a ``Run`` of this module), and the one that decides what
+each stage logs (``meta_params``, ``log_meta_results``; population, sweep and analysis runs are logged
+through ``Store.run``). It imports nothing above ``config`` and ``data``: the stages call it.
 
 Every run carries where it came from (``source_tags``: the entry point, the git commit of the
 working directory, the user) and a note saying what it is. A stage's run spans the stage:
@@ -419,19 +420,6 @@ def log_population_input(run: Run, population_root: str) -> Dataset:
     context = InputTag(MLFLOW_DATASET_CONTEXT, "training")
     run.client.log_inputs(run.run_id, datasets=[DatasetInput(dataset, tags=[context])])
     return dataset
-
-
-def log_meta_model(run: Run, output_dir: str | os.PathLike, manifest: list[dict]) -> str:
-    """Log the meta run in ``output_dir`` as an MLflow Model (``meta/pyfunc.py``) at artifact path
-    ``meta_model``; returns its URI (``runs:/<run id>/meta_model``) for ``mlflow.pyfunc.load_model``."""
-    import tempfile
-
-    from .meta import pyfunc
-
-    with tempfile.TemporaryDirectory(prefix="dynamo-model-") as tmp:
-        path = pyfunc.save(output_dir, manifest, Path(tmp) / pyfunc.MODEL_DIR)
-        run.log_artifact(path, pyfunc.MODEL_DIR)
-    return f"runs:/{run.run_id}/{pyfunc.MODEL_DIR}"
 
 
 def check_model_name(name: str) -> str:

@@ -1,4 +1,4 @@
-"""θ-space stability over meta seeds (analysis/seeds.py, ``dynamo-dist seeds``).
+"""θ-space stability over meta seeds (analysis/seeds.py; seed training: pipeline.seeds_stage; ``dynamo-dist seeds``).
 
 Known answers of the alignment and the consensus on synthetic θ (each with a control where the
 property must not hold), then one integration run: a 6-model population of two training
@@ -19,7 +19,7 @@ import torch
 import yaml
 from scipy.stats import ortho_group
 
-from dynamo_dist import cli
+from dynamo_dist import cli, pipeline
 from dynamo_dist.analysis import seeds
 from dynamo_dist.analysis.comparison import adjusted_rand
 from dynamo_dist.config import GroupSpec, MetaConfig, PopulationConfig
@@ -112,12 +112,12 @@ def test_consensus_outvotes_each_seeds_mistake():
 
 
 def test_seed_lists_are_checked():
-    assert seeds.parse_seeds("0, 1,2") == (0, 1, 2)
+    assert pipeline.parse_seeds("0, 1,2") == (0, 1, 2)
     for bad, match in (("0", "at least 2"), ("0,0", "at least 2"), ("0,x", "comma-separated"), ("1,-2", "non-negative")):
         with pytest.raises(ValueError, match=match):
-            seeds.parse_seeds(bad)
+            pipeline.parse_seeds(bad)
     with pytest.raises(ValueError, match="--meta-dirs"):
-        seeds.check_seeds(None)
+        pipeline.check_seeds(None)
     assert MetaConfig(seeds=[3, 1]).seeds == (3, 1) and MetaConfig().seeds is None
     for bad in ([1], [1, 1], [0, -1]):
         with pytest.raises(ValueError, match="meta.seeds"):
@@ -157,7 +157,7 @@ def seeded(tmp_path_factory):
     config.write_text(yaml.safe_dump({"recipe": "smoke", "run_dir": str(tmp / "run"),
                                       "population": pop.model_dump(mode="json"), "meta": META}))
     cfg = cli.load_pipeline(cli.build_parser().parse_args(["seeds", "--config", str(config)]))
-    run_meta_local(seeds.seed_config(cfg, 0).meta, pop.root, progress=False)
+    run_meta_local(pipeline.seed_config(cfg, 0).meta, pop.root, progress=False)
     yield config, cfg
     torch.set_num_threads(before)
 
@@ -165,7 +165,6 @@ def seeded(tmp_path_factory):
 @pytest.fixture
 def local_meta_stage(monkeypatch):
     """The meta stage in this process (``run_meta_local``) instead of Ray Train; records the seeds it trains."""
-    from dynamo_dist import pipeline
     from dynamo_dist.meta.local import run_meta_local
 
     trained = []
@@ -184,7 +183,7 @@ def test_seeds_cli_trains_missing_seeds_and_scores_them(seeded, local_meta_stage
     config, cfg = seeded
     assert cli.main(["seeds", "--config", str(config), "--seeds", "0,1,2"]) == 0
     assert local_meta_stage == [1, 2]  # seed 0 had finished: not retrained
-    out = Path(cfg.run_dir) / seeds.SEEDS_DIR / seeds.OUT_DIR
+    out = Path(cfg.run_dir) / pipeline.SEEDS_DIR / seeds.OUT_DIR
     result = json.loads((out / seeds.JSON_FILE).read_text())
     assert (out / seeds.FIGURE_FILE).stat().st_size > 0
     table = (out / seeds.TABLE_FILE).read_text()
@@ -217,9 +216,7 @@ def test_seeds_cli_trains_missing_seeds_and_scores_them(seeded, local_meta_stage
     # the comparison is an MLflow run of the run's store: headline metrics, per-seed steps, files
     from mlflow import MlflowClient
 
-    from dynamo_dist.pipeline import tracking_store
-
-    store_ = tracking_store(cfg)
+    store_ = pipeline.tracking_store(cfg)
     client = MlflowClient(store_.uri)
     (logged,) = client.search_runs([client.get_experiment_by_name(store_.experiment).experiment_id],
                                    "tags.mlflow.runName = 'seed-stability'")
@@ -250,7 +247,7 @@ def test_seeds_cli_trains_missing_seeds_and_scores_them(seeded, local_meta_stage
 
 def test_seeds_cli_refuses_bad_input_before_training(seeded, local_meta_stage, tmp_path, capsys):
     config, cfg = seeded
-    seed0 = seeds.seed_run_dir(cfg, 0)
+    seed0 = pipeline.seed_run_dir(cfg, 0)
     copy = str(shutil.copytree(seed0, tmp_path / "copy"))  # a finished run that is not seed0's directory
     cases = [
         (["--seeds", "0"], "--seeds=[0]: need at least 2"),
@@ -270,4 +267,4 @@ def test_seeds_cli_refuses_bad_input_before_training(seeded, local_meta_stage, t
         assert cli.main(["seeds", "--config", str(config), *extra]) == 2, extra
         assert message in capsys.readouterr().err, extra
     assert local_meta_stage == []
-    assert not Path(seeds.seed_run_dir(cfg, 7)).exists()
+    assert not Path(pipeline.seed_run_dir(cfg, 7)).exists()

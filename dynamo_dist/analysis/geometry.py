@@ -15,21 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-
-def principal_axes(theta_NE: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The PCA of embeddings that every picture of theta uses (the analysis, the meta run's and the
-    post-hoc plots): mean (E,), principal axes (R,E) of the non-zero variances (R = rank), their
-    variances (R,). An axis' sign is its own choice of the SVD solver, so it is fixed here: each
-    axis' largest-|loading| coordinate is positive; no solver, platform or model order mirrors a plot."""
-    theta = np.asarray(theta_NE, dtype=np.float64)
-    mean = theta.mean(axis=0)
-    _, sv, vt = np.linalg.svd(theta - mean, full_matrices=False)
-    var = sv ** 2 / max(theta.shape[0] - 1, 1)
-    total = var.sum()
-    rank = int((var > 1e-12 * max(total, 1e-300)).sum()) if total > 0 else 0
-    axes = vt[:rank]
-    signs = np.sign(axes[np.arange(rank), np.abs(axes).argmax(axis=1)])
-    return mean, axes * signs[:, None], var[:rank]
+from ..pca import ThetaPCA
 
 
 def num_components_for(explained_variance_ratio: np.ndarray, threshold: float = 0.95) -> int:
@@ -143,7 +129,7 @@ def clustering_scores(labels: Sequence, points: np.ndarray | None = None, distan
     return out
 
 
-class EmbeddingGeometry:
+class EmbeddingGeometry(ThetaPCA):
     """PCA, eigen-spectrum and cluster structure of model embeddings.
 
     Parameters
@@ -155,7 +141,7 @@ class EmbeddingGeometry:
 
     Attributes (after ``fit``)
     --------------------------
-    mean_ (E,), components_ (R,E) principal axes (R = rank; signs as :func:`principal_axes` fixes
+    mean_ (E,), components_ (R,E) principal axes (R = rank; signs as ``pca.principal_axes`` fixes
     them), explained_variance_ (R,),
     explained_variance_ratio_ (R,), num_components_ (components for ``variance_threshold``),
     coords_ (N,2) coordinates in the plane of the first two components (zeros where the
@@ -167,30 +153,10 @@ class EmbeddingGeometry:
         self.random_state = random_state
 
     def fit(self, theta_NE: np.ndarray, labels: Sequence | None = None) -> "EmbeddingGeometry":
-        theta = np.asarray(theta_NE, dtype=np.float64)
-        if theta.ndim != 2 or theta.shape[0] < 2:
-            raise ValueError(f"theta: need an (N, E) array with N >= 2 models, got shape {theta.shape}")
+        super().fit(theta_NE)  # theta's shape is checked first
         if not (0.0 < self.variance_threshold <= 1.0):
             raise ValueError(f"variance_threshold: must be in (0, 1], got {self.variance_threshold}")
-        self.mean_, self.components_, self.explained_variance_ = principal_axes(theta)
-        total = float(np.sum((theta - self.mean_) ** 2)) / (theta.shape[0] - 1)
-        self.explained_variance_ratio_ = self.explained_variance_ / total if total > 0 else np.zeros(0)
+        theta = np.asarray(theta_NE, dtype=np.float64)
         self.num_components_ = num_components_for(self.explained_variance_ratio_, self.variance_threshold)
-        self.coords_ = self.transform(theta)
         self.scores_ = clustering_scores(labels, points=theta, random_state=self.random_state) if labels is not None else {}
         return self
-
-    @property
-    def plane_(self) -> np.ndarray:
-        """(2,E) the first two principal axes (a zero row where the rank is < 2)."""
-        plane = np.zeros((2, self.mean_.shape[0]))
-        plane[: min(2, len(self.components_))] = self.components_[:2]
-        return plane
-
-    def transform(self, theta_KE: np.ndarray) -> np.ndarray:
-        """Coordinates (K,2) of points in the plane of the first two components."""
-        return (np.asarray(theta_KE, dtype=np.float64) - self.mean_) @ self.plane_.T
-
-    def inverse_transform(self, coords_K2: np.ndarray) -> np.ndarray:
-        """Points (K,E) of the PCA plane at the given coordinates."""
-        return self.mean_ + np.asarray(coords_K2, dtype=np.float64) @ self.plane_

@@ -18,12 +18,9 @@ the groups on θ's Euclidean distances, as the analysis report scores one run
 * ``consensus``: the co-association matrix (how often two models share a k-means cluster over
   the seeds) clustered by average linkage into k clusters, with its ARI against the groups.
 
-Seeds are trained by :func:`train_seeds` (the meta stage, ``pipeline.meta_stage``, once per seed)
-into ``<run_dir>/meta-seeds/seed-<s>/``; a seed whose run there finished is not retrained, after
-checking that it was trained with the same meta config (every field but the seed and the
-runtime-only ones, ``RUNTIME_FIELDS``) on the same population and models. ``meta.seeds`` lists
-the seeds when ``dynamo-dist seeds`` gets no ``--seeds``; nothing else reads it (``run`` trains
-one meta run). :func:`run_seed_stability` writes, into ``<parent of the first run>/seed-stability/``
+The seeds' runs are trained by the pipeline (``pipeline.seeds_stage``: the meta stage once per
+seed, into ``<run_dir>/meta-seeds/seed-<s>/``); this module only reads finished runs.
+:func:`run_seed_stability` writes, into ``<parent of the first run>/seed-stability/``
 by default::
 
     seed_stability.json   every number above (strict JSON), per seed and pairwise
@@ -35,7 +32,6 @@ Shape legend: S seeds, N models, E embedding dimension.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -45,7 +41,6 @@ from ..meta import outputs
 from .comparison import kmeans, adjusted_rand, euclidean_distances, silhouette
 from .geometry import EmbeddingGeometry, encode_labels
 
-SEEDS_DIR = "meta-seeds"
 OUT_DIR = "seed-stability"
 JSON_FILE = "seed_stability.json"
 TABLE_FILE = "seed_stability.md"
@@ -181,35 +176,7 @@ class SeedStability:
         return self
 
 
-# ---------------------------------------------------------------- meta runs: training and checks
-
-
-def parse_seeds(text: str) -> tuple[int, ...]:
-    """``"0,1,2"`` -> (0, 1, 2); ValueError naming --seeds for anything else, or fewer than 2 distinct seeds."""
-    try:
-        seeds = tuple(int(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise ValueError(f"--seeds: expected comma-separated integers such as 0,1,2, got {text!r}") from None
-    return check_seeds(seeds, "--seeds")
-
-
-def check_seeds(seeds: Sequence[int] | None, field: str = "meta.seeds") -> tuple[int, ...]:
-    if seeds is None:
-        raise ValueError("no seeds: give --seeds 0,1,2 (or meta.seeds in the config), or --meta-dirs of finished runs")
-    seeds = tuple(int(s) for s in seeds)
-    if len(set(seeds)) < 2 or len(set(seeds)) < len(seeds) or min(seeds) < 0:
-        raise ValueError(f"{field}={list(seeds)}: need at least 2 distinct non-negative seeds to compare")
-    return seeds
-
-
-def seed_run_dir(cfg, seed: int) -> str:
-    """Where seed ``seed``'s meta run of the pipeline ``cfg`` goes: ``<run_dir>/meta-seeds/seed-<s>``."""
-    return str(fsio.as_path(cfg.run_dir) / SEEDS_DIR / f"seed-{seed}")
-
-
-def seed_config(cfg, seed: int):
-    """The pipeline ``cfg`` whose meta stage trains seed ``seed`` into :func:`seed_run_dir`."""
-    return cfg.replace(meta=cfg.meta.replace(seed=seed, output_dir=seed_run_dir(cfg, seed)))
+# ---------------------------------------------------------------- meta runs: checks
 
 
 def config_differences(a, b) -> dict[str, tuple]:
@@ -217,56 +184,6 @@ def config_differences(a, b) -> dict[str, tuple]:
     da, db = a.model_dump(mode="json"), b.model_dump(mode="json")
     return {k: (da.get(k), db.get(k)) for k in sorted(set(da) | set(db))
             if k not in RUNTIME_FIELDS and da.get(k) != db.get(k)}
-
-
-def train_seeds(cfg, seeds: Sequence[int], address: str | None = None, progress: bool = True) -> list[str]:
-    """One meta run per seed (``pipeline.meta_stage`` of :func:`seed_config`); returns their directories.
-
-    Checked for every seed before any training: the seeds, the population (``validate_population``),
-    a finished run's config, population and models (it is reused, not retrained), an unfinished
-    run's checkpoint (it is resumed). ValueError/FileNotFoundError name the field or directory.
-    """
-    from .. import pipeline
-    from ..meta.ray_train import check_resumable, validate_population
-
-    seeds = check_seeds(seeds)
-    root = store.absolute(cfg.population.root)
-    manifest_ids = [r["model_id"] for r in validate_population(cfg.meta, root)]
-    ids = sorted(manifest_ids)
-    todo = []
-    for s in seeds:
-        c = seed_config(cfg, s)
-        meta = c.meta.for_population(len(ids))
-        if outputs.has_finished(meta.output_dir):
-            _check_finished(meta, root, ids)
-        else:
-            check_resumable(meta, manifest_ids)
-            todo.append(c)
-    for c in todo:
-        pipeline.meta_stage(c, address=address, progress=progress)
-    return [seed_run_dir(cfg, s) for s in seeds]
-
-
-def _check_finished(meta, root: str, ids: list[str]) -> None:
-    from .. import config as config_mod
-
-    out = fsio.as_path(meta.output_dir)
-    trained = config_mod.load(out / outputs.CONFIG_FILE, type(meta))
-    diff = config_differences(trained, meta)
-    if diff:
-        raise ValueError(f"{out} holds a finished meta run with other settings ("
-                         + ", ".join(f"meta.{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-                         + "): remove it to retrain that seed, or give another run_dir")
-    context = json.loads((out / outputs.CONTEXT_FILE).read_text())
-    there = outputs.population_root_of(out, context)
-    if store.absolute(there) != root:
-        raise ValueError(f"{out} holds a finished meta run of the population {there}, not {root} (population.root): "
-                         "remove it to retrain that seed, or give another run_dir")
-    trained_ids = sorted(outputs.read_embeddings(out).column("model_id").to_pylist())
-    if trained_ids != ids:
-        extra, missing = sorted(set(trained_ids) - set(ids)), sorted(set(ids) - set(trained_ids))
-        raise ValueError(f"{out} holds a finished meta run of other models than {root} has now (missing there: "
-                         f"{missing[:5]}, no longer in the population: {extra[:5]}): remove it to retrain that seed")
 
 
 def check_finished_runs(meta_dirs: Sequence[str]) -> list:

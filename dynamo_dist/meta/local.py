@@ -66,12 +66,13 @@ def _train_and_write(cfg: MetaConfig, root: str, data, device, t0: float, progre
     fit_with_reports(trainer, report, progress=progress)
     if tracking_store is not None:
         from .. import tracking
+        from . import pyfunc
 
         # MLflow logs local files: a bucket output_dir is read back into a temporary copy
         with fsio.local_copy(fsio.as_path(cfg.output_dir)) as local, tracking_store.run("meta") as run:
             run.log_params(tracking.meta_params(cfg, root, len(data.rows)))
             tracking.log_meta_results(run, summary, per_model, trainer.history, artifacts(local))
-            summary["mlflow_model_uri"] = tracking.log_meta_model(run, local, data.rows)
+            summary["mlflow_model_uri"] = pyfunc.log(run, local, data.rows)
         summary["mlflow_run_id"] = run.run_id
         write_summary(cfg.output_dir, summary)
     return summary

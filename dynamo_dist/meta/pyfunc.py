@@ -129,6 +129,16 @@ def save(output_dir: str | Path, manifest: list[dict], dest: str | Path) -> Path
     return dest
 
 
+def log(run, output_dir: str | Path, manifest: list[dict]) -> str:
+    """Log the meta run in ``output_dir`` as this MLflow Model at artifact path ``MODEL_DIR`` of
+    ``run`` (a ``tracking.Run``); returns its URI (``runs:/<run id>/meta_model``) for
+    ``mlflow.pyfunc.load_model``."""
+    with tempfile.TemporaryDirectory(prefix="dynamo-model-") as tmp:
+        path = save(output_dir, manifest, Path(tmp) / MODEL_DIR)
+        run.log_artifact(path, MODEL_DIR)
+    return f"runs:/{run.run_id}/{MODEL_DIR}"
+
+
 @contextlib.contextmanager
 def _quiet_mlflow():
     """Saving a model is part of a stage, not news: MLflow's advice about cloudpickle,
@@ -153,4 +163,4 @@ def _quiet_mlflow():
             os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
 
 
-__all__ = ["DynamoMetaModel", "save", "MODEL_DIR"]
+__all__ = ["DynamoMetaModel", "save", "log", "MODEL_DIR"]

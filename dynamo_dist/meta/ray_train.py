@@ -581,6 +581,7 @@ def _finalize_from(cfg: MetaConfig, root: str, d: Path, ckpt_path: str, manifest
                                         else tracking_store.location().as_dict(), into=out)
         if tracking_store is not None:
             from .. import tracking
+            from . import pyfunc
 
             run_id = shared.get("mlflow_run_id")
             if run_id:  # rank 0's run: params and the history are logged already
@@ -591,7 +592,7 @@ def _finalize_from(cfg: MetaConfig, root: str, d: Path, ckpt_path: str, manifest
                 logged = history
             with tracking.ending(run):
                 tracking.log_meta_results(run, summary, test_metrics, logged, outputs.artifacts(out))
-                summary["mlflow_model_uri"] = tracking.log_meta_model(run, out, manifest)
+                summary["mlflow_model_uri"] = pyfunc.log(run, out, manifest)
                 if register_model is not None:  # part of the stage: inside its run's span
                     summary["registered_model"] = tracking.register_meta_model(tracking_store, summary, register_model)
             summary["mlflow_run_id"] = run.run_id

@@ -1,6 +1,6 @@
 """A population root's manifest checked against its files, and rebuilt from them when lost.
 
-Every weights file carries its model's manifest row (metadata ``train.ROW_KEY``, written
+Every weights file carries its model's manifest row (metadata ``spec.ROW_KEY``, written
 with the sizes of the model's trajectory files), so the manifest is an index that can be
 rebuilt, never the only record of what was trained. ``repair`` (``dynamo-dist repair``):
 
@@ -20,10 +20,10 @@ import json
 
 from ..config import PopulationConfig
 from ..data import lock, store
-from . import train
+from .spec import ROW_KEY, ModelJob, accuracy, completed_ids, expand, task_for
 
 
-def _weights_row(root: str, model_id: str, spec_jobs: dict[str, tuple[train.ModelJob, int]],
+def _weights_row(root: str, model_id: str, spec_jobs: dict[str, tuple[ModelJob, int]],
                  cfg: PopulationConfig | None) -> tuple[dict | None, str | None]:
     """(manifest row, None) of one weights file, or (None, why not)."""
     layout = store.Layout.at(root)
@@ -32,20 +32,20 @@ def _weights_row(root: str, model_id: str, spec_jobs: dict[str, tuple[train.Mode
         meta = store.safetensors_header(path).get("__metadata__") or {}
     except Exception as err:  # noqa: BLE001 -- Arrow, JSON and the header checks raise their own types
         return None, f"weights file {path} is unreadable ({str(err).splitlines()[0][:200]})"
-    if train.ROW_KEY in meta:
-        row = json.loads(meta[train.ROW_KEY])
+    if ROW_KEY in meta:
+        row = json.loads(meta[ROW_KEY])
     elif model_id in spec_jobs and cfg is not None:  # written before rows were recorded in weights files
         from .. import zoo  # noqa: PLC0415
 
         job, epoch = spec_jobs[model_id]
         g = job.group
-        task = train.task_for(cfg, g.task)
+        task = task_for(cfg, g.task)
         model = zoo.load(path)
         spec = model.spec
         row = {"model_id": model_id, "group": g.name, "task": g.task, "arch": spec.arch,
                "hidden_size": spec.hidden_size, "train_fraction": g.train_fraction, "seed": job.seed, "epoch": epoch,
                "num_classes": spec.num_classes, "input_kind": spec.input_kind, "input_shape": list(spec.input_shape),
-               "vocab_size": spec.vocab_size, "test_accuracy": train.accuracy(model, task.test.x, task.test.y)}
+               "vocab_size": spec.vocab_size, "test_accuracy": accuracy(model, task.test.x, task.test.y)}
     else:
         return None, f"weights file {path} records no manifest row and its id is not in the root's spec"
     row.update(model_id=model_id, weights_path=layout.weights_rel(model_id), status="complete", error=None,
@@ -55,14 +55,14 @@ def _weights_row(root: str, model_id: str, spec_jobs: dict[str, tuple[train.Mode
     return (None, problem) if problem else (row, None)
 
 
-def _spec_jobs(root: str) -> tuple[dict[str, tuple[train.ModelJob, int]], PopulationConfig | None]:
+def _spec_jobs(root: str) -> tuple[dict[str, tuple[ModelJob, int]], PopulationConfig | None]:
     spec = store.read_spec(root)
     try:
         cfg = PopulationConfig.model_validate({**spec, "root": root})
     except ValueError:
         return {}, None
     out = {}
-    for job in train.expand(cfg):
+    for job in expand(cfg):
         for e, mid in enumerate(job.member_ids(), start=job.group.first_recorded_epoch):
             out[mid] = (job, e if job.group.every_epoch else job.group.epochs)
     return out, cfg
@@ -87,7 +87,7 @@ def _repair(root: str, layout: store.Layout, progress: bool) -> dict:
     rebuilt = not layout.manifest.is_file()
     rows = {} if rebuilt else {r["model_id"]: r for r in store.manifest_rows(root, status=None)}
     damaged: dict[str, str] = {}
-    complete = train.completed_ids(root, damaged) if not rebuilt else set()
+    complete = completed_ids(root, damaged) if not rebuilt else set()
     spec_jobs, cfg = _spec_jobs(root)
     restored, unrecoverable = [], {}
     weights = sorted(p.stem for p in (layout.root / "weights").glob("*.safetensors")) \

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .. import zoo
 from ..config import GroupSpec
 from ..data.tasks import TaskData, fraction_indices
+from .spec import arch_spec
 
 STACKABLE = ("gru", "rnn", "lstm")
 GATES = {"gru": 3, "rnn": 1, "lstm": 4}
@@ -222,8 +223,6 @@ def train_stack(groups: list[GroupSpec], task: TaskData, seeds: list[int], devic
     if len(keys) != 1 or None in keys:
         raise ValueError(f"groups {sorted({g.name for g in groups})} do not stack: they differ in task, arch, "
                          "hidden_size, embed_dim, batch_size, epochs or every_epoch (or their arch does not stack)")
-    from .train import arch_spec  # noqa: PLC0415 -- train imports this module
-
     g0 = groups[0]
     spec = arch_spec(g0, task)  # as train_model's (a regression task is refused there)
     members, models = [], []
