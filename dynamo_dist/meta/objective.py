@@ -113,16 +113,29 @@ def ridge_map(h_NM: torch.Tensor, y_NH: torch.Tensor, rho: float, prior_W: torch
     earlier batches taught. Products in h's precision, the solve in float64; returns ``W`` (H,M),
     ``b`` (H,), detached, in h's dtype.
     """
-    # the products in the states' precision (the cost is here: N rows), the small solve in float64
+    gram, rhs = map_moments(h_NM, y_NH)
+    n = max(h_NM.shape[0], 1)
+    w, b = ridge_solve(gram / n, rhs / n, rho, prior_W, prior_b)
+    return w.to(h_NM.dtype), b.to(h_NM.dtype)
+
+
+def map_moments(h_NM: torch.Tensor, y_NH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sums a ridge map is solved from: ``[h 1]^T [h 1]`` (M+1, M+1) and ``[h 1]^T y`` (M+1, H), float64.
+    Sums, not means: moments of several batches add up."""
+    # the products in the states' precision (the cost is here: N rows), the sums in float64
     x = torch.cat([h_NM.detach(), h_NM.new_ones(h_NM.shape[0], 1)], dim=1)
-    n, m1 = x.shape
-    gram = (x.T @ x).double() / max(n, 1)
+    return (x.T @ x).double(), (x.T @ y_NH.detach().to(x.dtype)).double()
+
+
+def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, rho: float, prior_W: torch.Tensor | None = None,
+                prior_b: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ridge_map`` from mean moments (``map_moments`` / rows): ``W`` (H,M), ``b`` (H,), float64."""
+    m1 = gram.shape[0]
     r = rho * float(torch.diagonal(gram).sum()) / m1 + 1e-12
-    rhs = (x.T @ y_NH.detach().to(x.dtype)).double() / max(n, 1)
     if prior_W is not None:
         rhs = rhs + r * torch.cat([prior_W.detach().double().T, prior_b.detach().double()[None]], dim=0)
-    sol = torch.linalg.solve(gram + r * torch.eye(m1, dtype=torch.float64, device=x.device), rhs)  # (M+1, H)
-    return sol[:-1].T.to(h_NM.dtype), sol[-1].to(h_NM.dtype)
+    sol = torch.linalg.solve(gram + r * torch.eye(m1, dtype=torch.float64, device=gram.device), rhs)  # (M+1, H)
+    return sol[:-1].T, sol[-1]
 
 
 def solve_maps(embeddings, row: int, hiddens: list[torch.Tensor], targets: list[torch.Tensor],
@@ -148,6 +161,35 @@ def solve_maps(embeddings, row: int, hiddens: list[torch.Tensor], targets: list[
                 b.copy_(b_new)
     embeddings.mark_maps_solved(row)
     return mapped
+
+
+REFIT_RIDGE = 1e-3  # relative ridge of a solve of V_n on a model's whole training split: conditioning only
+
+
+@torch.no_grad()
+def refit_maps(meta, embeddings, row: int, x: torch.Tensor, lengths: torch.Tensor, hiddens: list[torch.Tensor],
+               rho: float = REFIT_RIDGE, batch_size: int = 256) -> None:
+    """V_n of model ``row`` solved in closed form on all of ``x`` (its training sequences, on the host) and
+    its recorded ``hiddens`` there, with the meta-model as it is: one no-grad forward in batches, the
+    moments summed (``map_moments``), one ridge solve per tap, written into the table and counted. No prior:
+    the whole split is the data, ``rho`` only keeps the solve well posed."""
+    theta = embeddings.theta[row].detach()
+    family, device = embeddings.family, theta.device
+    moments = None
+    for s in range(0, x.shape[0], batch_size):
+        xb, lb = x[s:s + batch_size].to(device), lengths[s:s + batch_size].to(device)
+        states, _ = meta(xb, theta[None].expand(xb.shape[0], -1))
+        mask = step_mask(lb, states[0].shape[1]) if family == "rnn" else None
+        sums = [map_moments(state_rows(h.float(), family, mask),
+                            state_rows(y[s:s + batch_size].float().to(device), family, mask))
+                for h, y in zip(states, hiddens)]
+        moments = sums if moments is None else [(g + g2, r + r2) for (g, r), (g2, r2) in zip(moments, sums)]
+    for (w, b), (gram, rhs) in zip(embeddings.maps_of(row), moments):
+        n = float(gram[-1, -1])  # the ones column's sum: the rows seen
+        w_new, b_new = ridge_solve(gram / n, rhs / n, rho)
+        w.copy_(w_new.reshape(w.shape))
+        b.copy_(b_new)
+    embeddings.mark_maps_solved(row)
 
 
 def dynamo_loss(meta, embeddings, chunks: list[Chunk], output_weight: float, hidden_distance: str = "l2",

@@ -23,7 +23,7 @@ from . import outputs
 from .metrics import emulation_metrics
 from .model import ModelEmbeddings, tap_widths
 from .outputs import load_meta_run
-from .objective import Chunk, dynamo_loss
+from .objective import Chunk, dynamo_loss, refit_maps
 from .trainer import VAL_FRACTION, cosine_factor, load_population
 
 
@@ -107,6 +107,9 @@ def embed_new_models(meta_output_dir: str | Path, population_root: str, model_id
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        if varpro:  # V from the whole training split at the theta found, as the trained models' V are
+            sel = torch.from_numpy(pool)
+            refit_maps(meta, emb, i, inputs.x[sel], inputs.lengths[sel], [h[sel] for h in traj.hiddens])
         seconds = time.perf_counter() - t0
         test, test_in = data.test[mid], data.test_inputs[task]
         sel = torch.arange(test.num_examples)

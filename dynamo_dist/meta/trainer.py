@@ -26,7 +26,7 @@ from ..data.tasks import Split
 from ..zoo import family_of, output_kind_of
 from . import checkpoint, model, signature
 from .metrics import evaluate, summarize
-from .objective import Chunk, distance_for, dynamo_loss, embedding_penalty
+from .objective import REFIT_RIDGE, Chunk, distance_for, dynamo_loss, embedding_penalty, refit_maps
 
 MAX_SIGNATURE = 1024  # outputs a task contributes to a model's signature (a 1024^2 float64 moment: 8 MB)
 VAL_FRACTION = 0.1  # tail of the probe split held out for validation metrics (never trained on)
@@ -74,7 +74,10 @@ class PopulationData:
 
 
 def check_population(rows: list[dict], root: str) -> None:
-    """Reject populations DYNAMO cannot embed together: mixed families or input sizes."""
+    """Reject populations DYNAMO cannot embed together: mixed families or input sizes, users' CNNs whose
+    taps are not the meta-ResNet's four stage maps."""
+    from ..zoo import CUSTOM_CNN_ARCH  # noqa: PLC0415 -- here: this function is edited alone (shared module)
+
     if not rows:
         raise ValueError(f"population {root} has no complete models in its manifest")
     kinds = {(r["input_kind"], tuple(r["input_shape"]), r.get("vocab_size")) for r in rows}
@@ -87,6 +90,28 @@ def check_population(rows: list[dict], root: str) -> None:
     fams = {family_of(r["arch"]) for r in rows}
     if len(fams) > 1:
         raise ValueError("base models mix RNNs and ResNets; embed each family in its own meta run")
+    # users' CNNs (read through hooks) may have any number of taps at any resolution, but the meta-ResNet has
+    # four stage maps and V_n is a 1x1 conv: each tap must have its stage's size (footers only, no values read)
+    custom = [r for r in rows if r["arch"] == CUSTOM_CNN_ARCH]
+    if custom:
+        want = model.MetaResNet.stage_sizes(*rows[0]["input_shape"][1:])
+        misfit = {}
+        for r in custom:
+            got = [tuple(s[1:]) for s in store.trajectory_info(root, r["model_id"], "probe").hidden_shapes]
+            if got != want:
+                misfit.setdefault(str(got), []).append(r["model_id"])
+        if misfit:
+            detail = "; ".join(f"{ids[:5]}{'...' if len(ids) > 5 else ''} ({len(ids)} models): (H, W) per tap {got}"
+                               for got, ids in misfit.items())
+            raise ValueError(
+                f"the CNN meta-model cannot emulate these models' hidden states: {detail}. The meta-model is a "
+                f"small-image ResNet with 4 stage maps of (H, W) {want} for inputs {list(rows[0]['input_shape'])}, "
+                "and it maps its stages to a model's taps channel by channel (1x1 conv), so a model needs 4 taps of "
+                "exactly those sizes (an ImageNet stem's stride-2 conv1 and max-pool make every map 4 times "
+                "smaller; timm's feature_info often gives 5 taps). They stay recorded in the population root. To embed "
+                "a CNN: use the small-image layout (conv1 = Conv2d(C, 64, 3, 1, 1), maxpool = Identity: adopted as a "
+                "zoo ResNet), or name 4 submodules whose outputs have those sizes (architecture.json: \"hidden\": "
+                "[...]); embed the other models from a population root without these")
 
 
 def load_population(root: str, model_ids: list[str] | None = None, with_test: bool = True,
@@ -306,6 +331,24 @@ class DynamoTrainer:
             self.train_step()
         return self.history
 
+    @property
+    def solves_maps(self) -> bool:
+        """Whether V_n is fitted by variable projection (varpro, L2), not stepped by AdamW."""
+        return self._maps_ridge is not None
+
+    def refit_maps(self, rho: float = REFIT_RIDGE) -> None:
+        """Variable projection's last word: every V_n of this shard solved in closed form on all of its
+        model's training probe sequences at once, with the meta-model as it now is (``objective.refit_maps``),
+        instead of the last visit's proximal solve on one batch of them."""
+        self.meta.eval()
+        for i, (mid, row) in enumerate(zip(self._ids, self.data.rows)):
+            traj = self.data.probe[mid]
+            idx = self._train_idx[row["task"]]
+            idx = torch.from_numpy(idx[idx < traj.num_examples])
+            inputs = self.data.probe_inputs[row["task"]]
+            refit_maps(self.meta, self.embeddings, i, inputs.x[idx], inputs.lengths[idx],
+                       [h[idx] for h in traj.hiddens], rho)
+
     # ---------------------------------------------------------------- state
 
     def state_dict(self) -> dict:
@@ -394,6 +437,8 @@ def fit_with_reports(trainer: DynamoTrainer, report, *, also_every: int | None =
             if trainer.step % 10 == 0:
                 bar.set_postfix(loss=f"{pending[-1]['loss']:.4f}")
         s = trainer.step
+        if s == cfg.steps and trainer.solves_maps:
+            trainer.refit_maps()  # before the last report: its checkpoint, outputs and metrics have them
         if s == cfg.steps or s % cfg.eval_every == 0 or (also_every and s % also_every == 0):
             report(pending, s == cfg.steps)
             pending = []
