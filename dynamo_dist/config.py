@@ -304,8 +304,9 @@ class SweepConfig(_Config):
                                                               "choices)")
     num_samples: int = Field(1, ge=1, description="grid: repeats of the grid; random/optuna: number of trials")
     max_concurrent_trials: int = Field(2, ge=1, description="trials running at once")
-    scheduler: Literal["fifo", "asha"] = Field("fifo", description="ASHA stops weak trials early on val_agreement")
-    metric: str = Field("val_agreement", description="validation metric trials are ranked by")
+    scheduler: Literal["fifo", "asha"] = Field("fifo", description="ASHA stops weak trials early on sweep.metric")
+    metric: str | None = Field(None, description="validation metric trials are ranked by (None: by the population's "
+                               "outputs, val_agreement with classifiers in it, else val_output_r2)")
     workers_per_trial: int = Field(1, ge=1, description="Ray Train workers per trial")
 
     @field_validator("output_weight")

@@ -171,3 +171,45 @@ def test_a_meta_run_writes_the_regression_measures(population, tmp_path):
     assert all(np.isfinite([r["output_r2"], r["output_mse"], r["hidden_r2"]]).all() for r in metrics)
     history = pq.read_table(out / "history.parquet").to_pylist()
     assert any(r.get("val_output_r2") is not None for r in history)
+
+
+# ------------------------------------------------------------------ under Tune
+
+
+def test_a_sweep_ranks_a_regression_population_by_output_r2(population, tmp_path):
+    """sweep.metric unset follows the population's outputs; a metric its models never report is refused."""
+    from dynamo_dist import tracking
+    from dynamo_dist.config import SweepConfig
+    from dynamo_dist.meta.tune import ranking_metric, validate
+
+    rows = store.manifest_rows(population["root"])
+    classifier = {**rows[0], "output_kind": None}  # a row written before regression existed: a classifier
+    assert ranking_metric(None, rows, "pop") == "val_output_r2"
+    assert ranking_metric(None, rows + [classifier], "pop") == "val_agreement"  # mixed: both are reported
+    assert ranking_metric("val_hidden_r2", rows, "pop") == "val_hidden_r2"
+    with pytest.raises(ValueError, match=r"sweep.metric: 'val_output_r2' is reported for regression models only.*"
+                                         r"use 'val_agreement'"):
+        ranking_metric("val_output_r2", [classifier], "pop")
+    store_ = tracking.Store.at(str(tmp_path / "run"))
+    sweep_cfg, _ = validate(MetaConfig(), SweepConfig(), population["root"], store_)
+    assert sweep_cfg.metric == "val_output_r2"
+    with pytest.raises(ValueError, match=r"sweep.metric: 'val_agreement' is reported for classification models only, "
+                                         r"and the models of population .* are regression; use 'val_output_r2'"):
+        validate(MetaConfig(), SweepConfig(metric="val_agreement"), population["root"], store_)
+
+
+@pytest.mark.integration
+def test_a_regression_sweep_under_tune(local_ray, population, tmp_path):
+    from dynamo_dist import tracking
+    from dynamo_dist.config import SweepConfig, TrackingConfig
+    from dynamo_dist.meta.tune import run_sweep
+
+    meta = MetaConfig(steps=10, eval_every=5, hidden_size=8, embedding_dim=2, batch_size=16, models_per_step=2,
+                      checkpoint_every=10)
+    run_dir = str(tmp_path / "run")
+    table = run_sweep(meta, SweepConfig(output_weight=(0.0, 1.0), embedding_dim=(2,), max_concurrent_trials=2),
+                      run_dir, population["root"], tracking_store=tracking.Store.at(run_dir, TrackingConfig()))
+    assert [r["status"] for r in table] == ["TERMINATED"] * 2
+    assert all(np.isfinite(r["val_output_r2"]) and np.isfinite(r["test_output_r2"]) for r in table)
+    assert table[0]["val_output_r2"] >= table[1]["val_output_r2"]  # ranked by it
+    assert all(r.get("val_agreement") is None for r in table)

@@ -155,3 +155,61 @@ def test_image_models_that_do_not_fit_are_refused(tmp_path, task_name):
     flat = Flat()
     user_models.add_models(root, {"flat": flat}, task_name, cfg=_cfg(root), hidden=["conv"])
     _assert_recorded(root, task_name, "flat", flat, ["conv"])
+
+
+# ------------------------------------------------------------------ into the meta stage
+
+
+class FourStages(nn.Module):
+    """A user's CNN whose four stages have the meta-ResNet's map sizes (S, S/2, S/4, S/8)."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.s1 = nn.Sequential(nn.Conv2d(C, width, 3, 1, 1), nn.ReLU())
+        self.s2 = nn.Sequential(nn.Conv2d(width, width, 3, 2, 1), nn.ReLU())
+        self.s3 = nn.Sequential(nn.Conv2d(width, 2 * width, 3, 2, 1), nn.ReLU())
+        self.s4 = nn.Sequential(nn.Conv2d(2 * width, 2 * width, 3, 2, 1), nn.ReLU())
+        self.fc = nn.Linear(2 * width, K)
+
+    def forward(self, x):
+        return self.fc(self.s4(self.s3(self.s2(self.s1(x)))).mean((2, 3)))
+
+
+def _meta_cfg(out: Path):
+    from dynamo_dist.config import MetaConfig
+
+    return MetaConfig(output_dir=str(out), steps=2, embedding_dim=2, batch_size=4, models_per_step=2, eval_every=2)
+
+
+def test_the_meta_stage_refuses_cnns_whose_taps_are_not_its_stage_maps(tmp_path, task_name):
+    """ImageNet-stem ResNets (maps S/4..S/32) and a 1-tap CNN: refused before training, naming the models and the
+    sizes the meta-ResNet needs, nothing written; a user's CNN with four taps of those sizes is embedded."""
+    from dynamo_dist.meta.local import run_meta_local
+    from dynamo_dist.meta.trainer import load_population
+
+    torch.manual_seed(0)
+    root = str(tmp_path / "root")
+    nets = {"tv18-a": torchvision.models.resnet18(num_classes=K), "tv18-b": torchvision.models.resnet18(num_classes=K)}
+    user_models.add_models(root, nets, task_name, cfg=_cfg(root))
+    out = tmp_path / "meta"
+    with pytest.raises(ValueError, match=r"the CNN meta-model cannot emulate .*\['tv18-a', 'tv18-b'\] \(2 models\): "
+                                         r"\(H, W\) per tap \[\(8, 8\), \(4, 4\), \(2, 2\), \(1, 1\)\].* 4 stage "
+                                         r"maps of \(H, W\) \[\(32, 32\), \(16, 16\), \(8, 8\), \(4, 4\)\]"):
+        run_meta_local(_meta_cfg(out), root, progress=False)
+    assert not out.exists()
+
+    one_tap = str(tmp_path / "one-tap")
+    user_models.add_models(one_tap, {"flat": FourStages()}, task_name, cfg=_cfg(one_tap), hidden=["s1"])
+    with pytest.raises(ValueError, match=r"\['flat'\] \(1 models\): \(H, W\) per tap \[\(32, 32\)\]"):
+        load_population(one_tap)
+
+    fits = str(tmp_path / "fits")
+    stages = {f"cnn{i}": FourStages(width=8 * (i + 1)) for i in range(2)}  # different widths: V_n per model
+    rows = user_models.add_models(fits, stages, task_name, cfg=_cfg(fits), hidden=["s1", "s2", "s3", "s4"])
+    assert {r["arch"] for r in rows} == {"custom_cnn"}
+    summary = run_meta_local(_meta_cfg(out), fits, progress=False)
+    import pyarrow.parquet as pq
+
+    metrics = pq.read_table(out / "model_metrics.parquet").to_pylist()
+    assert sorted(r["model_id"] for r in metrics) == ["cnn0", "cnn1"] and summary["num_models"] == 2
+    assert all(np.isfinite(r["hidden_r2"]) for r in metrics)

@@ -207,6 +207,17 @@ class MetaResNet(nn.Module):
     def tap_dims(self) -> list[int]:
         return list(_WIDTHS)
 
+    @staticmethod
+    def stage_sizes(height: int, width: int) -> list[tuple[int, int]]:
+        """(H, W) of the four stage maps for (height, width) images: the stem keeps the size, each later
+        stage's first 3x3 conv (stride 2, padding 1) maps n to (n - 1) // 2 + 1. A base model's V_n is a
+        1x1 conv, so its stage maps must have these sizes (its channels may be any)."""
+        sizes = [(height, width)]
+        for _ in _WIDTHS[1:]:
+            h, w = sizes[-1]
+            sizes.append(((h - 1) // 2 + 1, (w - 1) // 2 + 1))
+        return sizes
+
     def forward(self, x: torch.Tensor, theta_BE: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         """x: (B,C,H,W); theta_BE: (B,E) -> ([stage1..stage4 maps], {group: logits (B,1,C)})."""
         z = self.stem(x)

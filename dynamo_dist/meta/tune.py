@@ -21,9 +21,10 @@ Trials:
   it; the Train workers' reports reach Tune through the callback.
 
 Every report carries ``step``, ``loss`` (mean training loss since the previous report),
-``val_agreement`` and ``val_hidden_r2``: emulation metrics on held-out probe sequences
-(the tail of the probe split, never trained on), comparable across lambda, unlike the loss.
-ASHA (``sweep.scheduler: asha``) ranks trials on ``sweep.metric`` with ``step`` as time.
+``val_agreement`` (classifiers), ``val_output_r2`` (regression models) and ``val_hidden_r2``:
+emulation metrics on held-out probe sequences (the tail of the probe split, never trained on),
+comparable across lambda, unlike the loss. ASHA (``sweep.scheduler: asha``) ranks trials on
+``sweep.metric`` with ``step`` as time; unset, it follows the population (``ranking_metric``).
 With ASHA a single-worker trial rewrites its outputs before each report, so a trial
 stopped early still leaves the outputs of its last report; a Ray Train trial stopped
 early gets its outputs from its latest checkpoint (``ray_train.finalize`` in the driver,
@@ -45,7 +46,7 @@ the store between machines or users). Per run:
 * one child run per trial (tag ``mlflow.parentRunId``), created when the trial starts,
   with the meta config as params (``lambda``, ``embedding_dim``, ``hidden_distance``,
   ``population_root``, ``population_size``, ...). Each Tune report is logged as it
-  arrives (``val_agreement``, ``val_hidden_r2`` at ``step``: one entry per report); when
+  arrives (``val_agreement`` or ``val_output_r2``, ``val_hidden_r2`` at ``step``: one entry per report); when
   the trial ends, the per-step training history (``loss``, ``loss_hidden``,
   ``loss_output``) is logged with one ``log_batch`` per 1000 metrics, then the test
   metrics (``test_*``), ``silhouette_group`` and the artifacts (embeddings.parquet,
@@ -76,15 +77,18 @@ from ..data import fsio, lock, store
 from . import outputs
 
 TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes of Ray logical memory a multi-worker trial's driver reserves
-METRIC_MODES = {"val_agreement": "max", "val_hidden_r2": "max", "loss": "min"}
+METRIC_MODES = {"val_agreement": "max", "val_output_r2": "max", "val_hidden_r2": "max", "loss": "min"}
+# the metric only one output kind reports: classifiers agreement, regression models output R^2 (meta.metrics)
+METRIC_OUTPUT_KIND = {"val_agreement": "classification", "val_output_r2": "regression"}
 SEARCH_KEYS = ("output_weight", "embedding_dim", "hidden_distance")
 SWEEP_FILE = "sweep.json"   # <sweep_dir>/sweep.json: the configs and MLflow parent run of a sweep (resume)
 FINISHED_DIR = "finished"   # <sweep_dir>/finished/<trial id>.json: the table row of each finished trial
 TABLE_COLUMNS = ("rank", "trial", "output_weight", "embedding_dim", "hidden_distance", "status", "steps",
-                 "num_reports", "val_agreement", "val_hidden_r2", "test_agreement", "test_hidden_r2",
-                 "test_meta_accuracy", "silhouette_group", "wall_seconds")
-BEST_KEYS = ("output_weight", "embedding_dim", "val_agreement", "val_hidden_r2", "test_agreement", "test_hidden_r2",
-             "test_meta_accuracy", "silhouette_group")
+                 "num_reports", "val_agreement", "val_output_r2", "val_hidden_r2", "test_agreement",
+                 "test_output_r2", "test_hidden_r2", "test_meta_accuracy", "silhouette_group", "wall_seconds")
+BEST_KEYS = ("output_weight", "embedding_dim", "val_agreement", "val_output_r2", "val_hidden_r2", "test_agreement",
+             "test_output_r2", "test_hidden_r2", "test_meta_accuracy", "silhouette_group")
+VAL_KEYS = ("val_agreement", "val_output_r2", "val_hidden_r2")  # what a report carries that a trial logs
 
 
 # ---------------------------------------------------------------- plain helpers (no Ray)
@@ -188,6 +192,23 @@ def search_algorithm(sweep_cfg: SweepConfig, seed: int):
     return None
 
 
+def ranking_metric(metric: str | None, rows: list[dict], population_root: str) -> str:
+    """``sweep.metric``, or by the population's output kinds when None: ``val_agreement`` when it holds
+    classifiers, else (regression models only) ``val_output_r2``. A metric that no model of the
+    population reports (agreement of regression models, output R^2 of classifiers) is a ValueError."""
+    from ..zoo import output_kind_of
+
+    kinds = {output_kind_of(r) for r in rows}
+    if metric is None:
+        return "val_agreement" if "classification" in kinds else "val_output_r2"
+    if METRIC_OUTPUT_KIND.get(metric, next(iter(kinds))) not in kinds:
+        other = next(m for m, k in METRIC_OUTPUT_KIND.items() if k in kinds)
+        raise ValueError(f"sweep.metric: {metric!r} is reported for {METRIC_OUTPUT_KIND[metric]} models only, and "
+                         f"the models of population {population_root} are {' and '.join(sorted(kinds))}; use "
+                         f"{other!r} (or leave sweep.metric unset: it follows the population)")
+    return metric
+
+
 def validate(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, population_root: str,
              tracking_store) -> tuple[SweepConfig, list[dict]]:
     """Everything that can be checked before a trial starts; returns (sweep config, manifest rows).
@@ -198,7 +219,7 @@ def validate(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, population_root: str,
 
     # Re-validate: a config built with model_construct() or mutated skips pydantic's checks.
     sweep_cfg = config_mod.parse(SweepConfig, sweep_cfg.model_dump(), source="sweep")
-    if sweep_cfg.metric not in METRIC_MODES:
+    if sweep_cfg.metric is not None and sweep_cfg.metric not in METRIC_MODES:
         raise ValueError(f"sweep.metric: {sweep_cfg.metric!r} is not reported by trials; "
                          f"choose one of {sorted(METRIC_MODES)}")
     for name in SEARCH_KEYS:  # the grid must produce valid MetaConfigs too
@@ -211,6 +232,7 @@ def validate(meta_cfg: MetaConfig, sweep_cfg: SweepConfig, population_root: str,
     tracking_store.check_reachable()
     rows = store.manifest_rows(population_root)
     check_population(rows, population_root)
+    sweep_cfg = sweep_cfg.model_copy(update={"metric": ranking_metric(sweep_cfg.metric, rows, population_root)})
     infos = store.trajectory_infos(population_root, rows)  # footers only: every trial would train on them
     store.check_same_recording(population_root, list(infos.values()), {r["model_id"]: r["task"] for r in rows})
     return sweep_cfg, rows
@@ -367,7 +389,7 @@ class _MlflowTrials:
 
     def on_trial_result(self, trial, result: dict) -> None:
         row = self.rows[trial.trial_id]
-        metrics = {k: result[k] for k in ("val_agreement", "val_hidden_r2") if result.get(k) is not None}
+        metrics = {k: result[k] for k in VAL_KEYS if result.get(k) is not None}
         step = int(result.get("step", result.get("training_iteration", 0)))
         self._runs[trial.trial_id].log_metrics(metrics, step=step)
         row.update(metrics, steps=step, loss=result.get("loss"))
@@ -399,6 +421,8 @@ class _MlflowTrials:
                 row["silhouette_group"] = silhouette_by(emb, "group")
                 row.update(test_agreement=summary.get("mean_agreement"), test_hidden_r2=summary.get("mean_hidden_r2"),
                            test_meta_accuracy=summary.get("mean_meta_accuracy"))
+                if summary.get("mean_output_r2") is not None:  # regression models in the population
+                    row["test_output_r2"] = summary["mean_output_r2"]
                 extra = {"silhouette_group": row["silhouette_group"], "num_reports": row["num_reports"]}
                 # val_* were logged per report as they arrived; the history adds the per-step losses.
                 train_history = [{k: v for k, v in h.items() if not k.startswith("val_")} for h in history]
