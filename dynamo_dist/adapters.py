@@ -8,7 +8,11 @@ A base model, whatever built it, is an ``nn.Module`` with
   tap ``[h_BTH]`` and ``y_BTC``);
 * ``forward(x)``: the outputs at the final step (accuracy);
 * optionally ``save_metadata() -> dict[str, str]``: what ``zoo.save`` stores beside the
-  weights so that ``zoo.load`` can rebuild it (``rebuild`` here).
+  weights so that ``load`` can rebuild it (``rebuild``).
+
+``load(path)`` rebuilds any base model from the weights file ``zoo.save`` wrote: a zoo model
+by its ``ArchSpec`` (``zoo.from_weights``), a user's module by its factory or program. It lives
+here, not in ``zoo``, so that the zoo knows nothing of the adapters built on it.
 
 Zoo models (``zoo.SequenceClassifier``, ``zoo.SmallImageResNet``) are one adapter;
 ``HookedModel`` is the other: a user's module, whose hidden states are taken by forward hooks
@@ -344,6 +348,15 @@ def load_state_into(module: nn.Module, state: dict[str, torch.Tensor], path: str
     return module.eval()
 
 
+def load(path: str | Path) -> nn.Module:
+    """Rebuild the base model of a weights file ``zoo.save`` wrote, whatever its adapter (eval mode): a zoo
+    model, or a user's module (``rebuild``). Errors name the file."""
+    state, meta = zoo.read_weights(path)
+    if "adapter" in meta and "arch_spec" in meta:
+        return rebuild(path, state, meta)
+    return zoo.from_weights(path, state, meta)
+
+
 def rebuild(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, str]) -> HookedModel:
     """A ``HookedModel`` from the weights file ``zoo.save`` wrote for it (its factory is imported, or its
     ``.pt2`` program read again; the recorded weights are loaded into either)."""
@@ -460,5 +473,5 @@ def manifest_labels(model: nn.Module) -> dict:
     return labels
 
 
-__all__ = ["HookedModel", "hooked", "check", "import_factory", "build_from_factory", "rebuild", "manifest_labels",
-           "load_program", "from_program"]
+__all__ = ["HookedModel", "hooked", "check", "import_factory", "build_from_factory", "load", "rebuild",
+           "manifest_labels", "load_program", "from_program"]

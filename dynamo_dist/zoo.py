@@ -287,14 +287,19 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
 
 
 def load(path: str | Path) -> nn.Module:
-    """Rebuild a zoo model from its safetensors file (eval mode)."""
+    """Rebuild a zoo model from its safetensors file (eval mode). Any base model, a user's module
+    included, is rebuilt by ``adapters.load``."""
     state, meta = read_weights(path)
+    return from_weights(path, state, meta)
+
+
+def from_weights(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, str]) -> nn.Module:
+    """The zoo model of a weights file's (state dict, metadata), as ``read_weights`` gives them (eval mode)."""
     if "arch_spec" not in meta:
         raise ValueError(f"weights file {path} has no 'arch_spec' metadata; it was not written by dynamo_dist")
-    if "adapter" in meta:  # a user's module: rebuilt by its own factory
-        from . import adapters  # noqa: PLC0415 -- adapters imports this module
-
-        return adapters.rebuild(path, state, meta)
+    if "adapter" in meta:
+        raise ValueError(f"weights file {path} holds a user's module, rebuilt by its factory or program: load it "
+                         "with dynamo_dist.adapters.load")
     model = build(ArchSpec.from_json(meta["arch_spec"]))
     model.load_state_dict(state)
     return model.eval()

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dynamo_dist import zoo
+from dynamo_dist import adapters
 from dynamo_dist.analysis.fixed_points import FixedPointFinder, base_dynamics, base_visited_states
 from dynamo_dist.config import MetaConfig, PopulationConfig
 from dynamo_dist.data import store
@@ -79,7 +79,7 @@ def _stable_corners(model, task) -> tuple[int, int]:
 def test_fixed_points_of_the_recorded_models_are_the_tasks_attractors(population):
     """Through the stored weights (rebuilt by the user's factory) and their hooks."""
     layout = store.Layout.at(population["root"])
-    found = {mid: _stable_corners(zoo.load(layout.path(layout.weights_rel(mid))), population["task"])
+    found = {mid: _stable_corners(adapters.load(layout.path(layout.weights_rel(mid))), population["task"])
              for mid in MEMBERS}
     assert found["lstm-1"] == (8, 8), found  # 8 stable points, one per sign pattern of the 3 bits
     # measured, not the known answer: 6 of the 8 corners stable for this GRU (seed 0, 600 steps): a search or

@@ -18,7 +18,7 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
-from dynamo_dist import adapters, zoo
+from dynamo_dist import adapters
 from dynamo_dist.config import PopulationConfig
 from dynamo_dist.data import store
 from dynamo_dist.data.tasks import load_task
@@ -90,7 +90,7 @@ def test_an_imagenet_stem_torchvision_resnet18_by_its_stages(tmp_path, task_name
         _assert_recorded(root, task_name, mid, net, stages)
     # the stem and max-pool by hand: layer1 sees S/4 x S/4 maps
     assert store.read_trajectory(root, "tv18-a").hiddens[0].shape[-2:] == (S // 4, S // 4)
-    again = zoo.load(store.Layout.at(root).path("weights/tv18-b.safetensors"))  # rebuilt by its factory
+    again = adapters.load(store.Layout.at(root).path("weights/tv18-b.safetensors"))  # rebuilt by its factory
     x = load_task(task_name).test.x[:4]
     with torch.no_grad():
         torch.testing.assert_close(again(x), nets["tv18-b"].eval()(x), rtol=1e-5, atol=1e-5)

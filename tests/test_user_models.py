@@ -278,10 +278,12 @@ def test_stored_weights_rebuild_the_users_module_through_its_factory(population)
     layout = store.Layout.at(root)
     x = population["task"].probe.x[:8]
     for mid, m in population["models"].items():
-        again = zoo.load(layout.path(layout.weights_rel(mid)))
+        again = adapters.load(layout.path(layout.weights_rel(mid)))
         assert isinstance(again, adapters.HookedModel) and type(again.module) is type(m)
         with torch.no_grad():
             torch.testing.assert_close(again(x), last_step(m, x), rtol=0, atol=1e-6)
+        with pytest.raises(ValueError, match=r"holds a user's module, .* load it with dynamo_dist.adapters.load"):
+            zoo.load(layout.path(layout.weights_rel(mid)))  # the zoo knows only its own models
 
 
 def test_adding_again_skips_complete_models(population):
@@ -344,7 +346,7 @@ def test_architecture_json_with_num_layers_and_bidirectional(tmp_path):
     np.testing.assert_allclose(hidden, hs[0].numpy(), atol=1e-6, rtol=0)
     np.testing.assert_allclose(hidden[..., 8:], top.numpy(), atol=1e-6, rtol=0)  # the top layer is rnn(x)
     np.testing.assert_allclose(output, ys.numpy(), atol=1e-6, rtol=0)
-    assert zoo.load(store.Layout.at(root).path("weights/deep.safetensors")).spec == spec
+    assert adapters.load(store.Layout.at(root).path("weights/deep.safetensors")).spec == spec
 
 
 class BiGRU(nn.Module):
@@ -571,7 +573,7 @@ def test_torch_export_programs_are_hooked_by_submodule_name(tmp_path, task_name)
         np.testing.assert_allclose(hidden, h.numpy(), atol=1e-5, rtol=0)
         np.testing.assert_allclose(output, y.numpy(), atol=1e-5, rtol=0)
     # the stored weights rebuild the program's module from its file
-    again = zoo.load(store.Layout.at(root).path("weights/p1.safetensors"))
+    again = adapters.load(store.Layout.at(root).path("weights/p1.safetensors"))
     with torch.no_grad():
         torch.testing.assert_close(again(x[:5]), grus["p1"](x[:5]), rtol=0, atol=1e-6)
 

@@ -35,12 +35,12 @@ def _weights_row(root: str, model_id: str, spec_jobs: dict[str, tuple[ModelJob, 
     if ROW_KEY in meta:
         row = json.loads(meta[ROW_KEY])
     elif model_id in spec_jobs and cfg is not None:  # written before rows were recorded in weights files
-        from .. import zoo  # noqa: PLC0415
+        from .. import adapters  # noqa: PLC0415
 
         job, epoch = spec_jobs[model_id]
         g = job.group
         task = task_for(cfg, g.task)
-        model = zoo.load(path)
+        model = adapters.load(path)
         spec = model.spec
         row = {"model_id": model_id, "group": g.name, "task": g.task, "arch": spec.arch,
                "hidden_size": spec.hidden_size, "train_fraction": g.train_fraction, "seed": job.seed, "epoch": epoch,

@@ -269,7 +269,7 @@ def _load_user_file(path: Path, arch: dict | None, task: TaskData, desc_path: Pa
     except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
         raise ValueError(f"weights file {path} is not a readable safetensors file: {err}") from None
     if "arch_spec" in meta:
-        return zoo.load(path)
+        return adapters.load(path)
     if hook:  # the user's own module: their factory, their key names
         module = adapters.build_from_factory(hook["factory"], hook["factory_kwargs"], f"{desc_path}: field 'factory'")
         return adapters.load_state_into(module, zoo.read_weights(path)[0], path)

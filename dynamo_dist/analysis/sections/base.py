@@ -129,11 +129,11 @@ def sample_text(ctx: Context) -> str:
 
 def base_model(ctx: Context, row: dict):
     """A base model of the run rebuilt from its weights file; a damaged file's error says what to do."""
-    from ... import zoo
+    from ... import adapters
 
     root = ctx.run.population_root
     try:
-        return zoo.load(store.Layout.at(root).path(row["weights_path"]))
+        return adapters.load(store.Layout.at(root).path(row["weights_path"]))
     except ValueError as err:
         raise ValueError(f"{err}; {store.repair_remedy(root)}") from None
 
