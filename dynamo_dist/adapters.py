@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import io
 import json
 import os
@@ -325,6 +326,22 @@ def import_factory(path: str, field: str = "factory"):
     return obj
 
 
+def factory_search_path(path: str) -> str | None:
+    """The directory on ``sys.path`` from which this process imports the module of factory ``path``
+    (``"package.module:function"``), for other processes (Ray actors) to import it the same way; None
+    when it cannot be found. A process on another machine needs the same directory (a shared
+    filesystem), or the package installed there, or Ray's ``runtime_env`` (``py_modules``)."""
+    top = str(path).partition(":")[0].split(".")[0]
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or (spec.origin is None and not spec.submodule_search_locations):
+        return None
+    where = Path(next(iter(spec.submodule_search_locations))) if spec.submodule_search_locations else Path(spec.origin)
+    return str(where.resolve().parent)
+
+
 def build_from_factory(factory: str, kwargs: dict | None, field: str = "factory") -> nn.Module:
     """``factory(**kwargs)``, which must return an ``nn.Module``; errors name ``field``."""
     fn = import_factory(factory, field)
@@ -473,5 +490,6 @@ def manifest_labels(model: nn.Module) -> dict:
     return labels
 
 
-__all__ = ["HookedModel", "hooked", "check", "import_factory", "build_from_factory", "load", "rebuild",
+__all__ = ["HookedModel", "hooked", "check", "import_factory", "factory_search_path", "build_from_factory", "load",
+           "rebuild",
            "manifest_labels", "load_program", "from_program"]

@@ -23,6 +23,7 @@ SEQUENCE_ARCHS = ("gru", "rnn", "lstm")
 RESNET_ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50")
 ARCHS = SEQUENCE_ARCHS + RESNET_ARCHS
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")  # package.module:function
 
 
 def check_location(v: str) -> str:
@@ -84,7 +85,13 @@ class GroupSpec(_Config):
 
     name: str = Field("gru", description="group label; prefix of every model_id in the group")
     task: str = Field("mnist1d", description="task name from dynamo_dist.data.TASKS, or csv:/parquet: path")
-    arch: Literal[ARCHS] = Field("gru", description="base architecture: gru | rnn | lstm | resnet10/18/34/50")
+    arch: str = Field("gru", description="base architecture: gru | rnn | lstm | resnet10/18/34/50, or the import "
+                      "path 'package.module:function' of your own model's factory (called with kwargs)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="factory arch: its keyword arguments")
+    hidden: tuple[str, ...] | None = Field(None, description="factory arch: submodules whose states are the hidden "
+                                           "state (None: every nn.GRU/LSTM/RNN, or a CNN's stages)")
+    readout: str | None = Field(None, description="factory arch: the submodule mapping the last hidden states to "
+                                "outputs when forward returns the last step only (None: the last fitting nn.Linear)")
     hidden_size: int = Field(64, ge=1, description="RNN hidden units (ignored by ResNets)")
     embed_dim: int = Field(64, ge=1, description="token embedding width for token inputs")
     train_fraction: float = Field(1.0, gt=0.0, le=1.0, description="fraction of the base-training pool this group sees")
@@ -108,6 +115,22 @@ class GroupSpec(_Config):
                              "parquet:/path/file.parquet")
         return v
 
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        if v not in ARCHS and not _FACTORY_RE.match(v):
+            raise ValueError(f"arch {v!r} is neither a zoo architecture ({' | '.join(ARCHS)}) nor an import path "
+                             "'package.module:function' of a model factory")
+        return v
+
+    def __hash__(self) -> int:  # frozen, but kwargs is a dict: hash the values as JSON
+        return hash(self.model_dump_json())
+
+    @property
+    def factory(self) -> str | None:
+        """The import path of the user's model factory, when ``arch`` is one (else None: a zoo architecture)."""
+        return None if self.arch in ARCHS else self.arch
+
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
@@ -117,6 +140,11 @@ class GroupSpec(_Config):
 
     @model_validator(mode="after")
     def _recorded_epochs(self):
+        if self.factory is None:
+            given = [f for f in ("kwargs", "hidden", "readout") if getattr(self, f)]
+            if given:
+                raise ValueError(f"group {self.name!r}: {given} describe a factory arch ('package.module:function'); "
+                                 f"arch {self.arch!r} is a zoo architecture")
         if self.first_recorded_epoch > 1 and not self.every_epoch:
             raise ValueError(f"first_recorded_epoch={self.first_recorded_epoch} needs every_epoch: true (without it "
                              "only the last epoch is recorded)")

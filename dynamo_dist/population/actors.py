@@ -19,6 +19,7 @@ re-run with the same spec trains only ``train.pending_jobs``.
 from __future__ import annotations
 
 import collections
+import sys
 import time
 from typing import Callable
 
@@ -27,6 +28,7 @@ import torch
 from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
 
 from . import train
+from .. import adapters
 from ..data import lock, store
 from ..config import PopulationConfig
 from .train import ModelJob
@@ -44,11 +46,13 @@ ProgressHook = Callable[[list[dict], list["ray.actor.ActorHandle"]], None]
 class PopulationWorker:
     """Trains and records base models, one job per call, in its own process."""
 
-    def __init__(self, cfg: PopulationConfig, num_threads: int):
+    def __init__(self, cfg: PopulationConfig, num_threads: int, search_paths: tuple[str, ...] = ()):
         # One intra-op thread per held CPU: on CPU, several 1-thread models beat one
         # multi-threaded model (tiny RNN steps do not parallelise inside an op).
         torch.set_num_threads(num_threads)
         self._cfg = cfg
+        # where the driver imports users' model factories from (appended: what is installed here wins)
+        sys.path.extend(p for p in search_paths if p not in sys.path)
 
     def ready(self) -> bool:
         """Answers once the actor is placed and constructed (the scheduler gives it jobs from then on)."""
@@ -91,6 +95,7 @@ def run_population(cfg: PopulationConfig, address: str | None = None, progress: 
                          "set gpus_per_actor (e.g. 0.25 for four actors per GPU)")
     root = store.absolute(cfg.root)
     cfg = cfg.replace(root=root)
+    train.check_factories(cfg)  # users' model factories build and fit their tasks, before the root is touched
     with lock.hold(root, "population", what="population root"):
         train.init_population(cfg)  # validates ids, root and schema version before Ray starts
         jobs = train.pending_jobs(root, cfg, report=progress)
@@ -134,6 +139,8 @@ class _Scheduler:
         self.finished: list[dict] = []  # rows not yet in the manifest
         self.failed: dict[str, str] = {}  # model_id -> error, of models that failed on their own data/numbers
         self.last_flush = time.monotonic()
+        found = (adapters.factory_search_path(g.factory) for g in cfg.groups if g.factory is not None)
+        self.search_paths = tuple(dict.fromkeys(p for p in found if p))
 
     def run(self) -> dict[str, str]:
         """Run every job; returns the failed models (model_id -> error)."""
@@ -175,7 +182,8 @@ class _Scheduler:
     def _start_actor(self, slot: int) -> None:
         """A fresh actor in ``slot``; it takes jobs once placed (``_placed``)."""
         opts = {"num_cpus": self.cfg.cpus_per_actor, "num_gpus": self.cfg.gpus_per_actor}
-        actor = PopulationWorker.options(**opts).remote(self.cfg, max(1, int(self.cfg.cpus_per_actor)))
+        actor = PopulationWorker.options(**opts).remote(self.cfg, max(1, int(self.cfg.cpus_per_actor)),
+                                                        self.search_paths)
         self.actors[slot] = actor
         self.starting[actor.ready.remote()] = slot
         self.started_at[slot] = time.monotonic()

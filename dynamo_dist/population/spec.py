@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import zoo
+from .. import adapters, zoo
 from ..config import GroupSpec, PopulationConfig
 from ..data import store
 from ..data.tasks import TaskData, load_task
@@ -59,10 +59,40 @@ def arch_spec(group: GroupSpec, task: TaskData) -> zoo.ArchSpec:
     if task.output_kind != "classification":  # the zoo's models are trained by cross-entropy
         raise ValueError(f"group {group.name!r}: task {task.name!r} has {task.output_kind} targets; the population "
                          "stage trains classifiers only: train regression models in your own code and bring them "
-                         "in with add-models")
+                         "in with add-models, or give the group your model's factory as arch "
+                         "('package.module:function')")
     return zoo.ArchSpec(arch=group.arch, input_kind=task.input_kind, input_shape=tuple(task.input_shape),
                         num_classes=task.num_classes, hidden_size=group.hidden_size, embed_dim=group.embed_dim,
                         vocab_size=task.vocab_size)
+
+
+def build_member(group: GroupSpec, task: TaskData) -> torch.nn.Module:
+    """A fresh, untrained model of ``group``: the zoo's for a zoo arch, else what the user's factory returns
+    (``group.arch`` an import path, called with ``group.kwargs``), to be trained with its own ``forward``."""
+    if group.factory is None:
+        return zoo.build(arch_spec(group, task))
+    return adapters.build_from_factory(group.factory, group.kwargs, field=f"group {group.name!r}: arch")
+
+
+def as_member(group: GroupSpec, task: TaskData, model: torch.nn.Module, what: str) -> torch.nn.Module:
+    """A trained model of ``group`` as a base model to record: a zoo model as it is; a user's module read
+    through hooks (``adapters.hooked``: ``group.hidden``/``readout``, checked on the task), its factory stored
+    with it so that ``adapters.load`` rebuilds it. ValueError naming ``what`` (the model) when it does not fit."""
+    if group.factory is None:
+        return model
+    return adapters.hooked(model, task, hidden=list(group.hidden) if group.hidden else None, readout=group.readout,
+                           factory=group.factory, kwargs=group.kwargs, what=what)
+
+
+def check_factories(cfg: PopulationConfig) -> None:
+    """Every factory group's model, built once and run through its hooks on the task's first probe examples
+    (``as_member``) before any work: a factory that cannot be imported or fails, hooks that capture nothing,
+    outputs of the wrong width are ValueErrors naming the group; nothing is written."""
+    for g in cfg.groups:
+        if g.factory is not None:
+            task = task_for(cfg, g.task)
+            torch.manual_seed(0)
+            as_member(g, task, build_member(g, task), f"group {g.name!r} (its factory's untrained model)")
 
 
 @torch.no_grad()
@@ -125,6 +155,7 @@ def plan(cfg: PopulationConfig) -> list[dict]:
 
 def check_spec(cfg: PopulationConfig) -> None:
     """What can be checked about ``cfg`` against its root before any work, writing nothing:
-    unique ids, the root's schema version and recording settings."""
+    unique ids, the root's schema version and recording settings, users' factories."""
     expand(cfg)
+    check_factories(cfg)
     store.check_recording(cfg.root, cfg.model_dump(mode="json"))

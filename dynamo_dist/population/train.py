@@ -15,15 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-from .. import zoo
+from .. import adapters, zoo
 from . import stacked
 from ..data import lock, store
 from ..config import GroupSpec, PopulationConfig
 from ..data.tasks import TaskData, fraction_subset, load_task  # noqa: F401 -- load_task: population.load_task in tests
 from .repair import recover_lost_manifest
 # the spec's meaning, named here too for this module's callers (train.expand, train.pending_jobs, ...)
-from .spec import (ROW_KEY, ModelJob, accuracy, arch_spec, check_spec, completed_ids, epoch_model_id,  # noqa: F401
-                   expand, pending_jobs, plan, task_for)
+from .spec import (ROW_KEY, ModelJob, accuracy, arch_spec, as_member, build_member,  # noqa: F401
+                   check_factories, check_spec, completed_ids, epoch_model_id, expand, pending_jobs, plan, task_for)
 
 
 @torch.no_grad()
@@ -55,13 +55,14 @@ def train_model(group: GroupSpec, task: TaskData, seed: int, on_epoch=None,
                 device: torch.device | str = "cpu") -> torch.nn.Module:
     """Train one base model on ``group.train_fraction`` of the base-training split.
 
-    AdamW + cosine (freq 7/32) as the paper's Table 1. ``on_epoch(epoch, model)`` is called
-    after every epoch (used for training-trajectory populations).
+    AdamW + cosine (freq 7/32) as the paper's Table 1, on ``member_loss``. ``on_epoch(epoch, model)``
+    is called after every epoch (used for training-trajectory populations). A factory group's model
+    is the user's module as its factory built it (``spec.as_member`` makes it a base model).
     """
     torch.manual_seed(seed)
     data = fraction_subset(task.base_train, group.train_fraction, seed=seed)
     x, y = data.x.to(device), data.y.to(device)  # the (small) training set moves once, not per batch
-    model = zoo.build(arch_spec(group, task)).to(device)
+    model = build_member(group, task).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=group.lr, weight_decay=group.weight_decay)
     steps_per_epoch = math.ceil(len(data) / group.batch_size)
     total = steps_per_epoch * group.epochs
@@ -72,7 +73,7 @@ def train_model(group: GroupSpec, task: TaskData, seed: int, on_epoch=None,
         perm = torch.randperm(len(data), generator=gen)
         for s in range(0, len(data), group.batch_size):
             idx = perm[s:s + group.batch_size].to(device)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss = member_loss(model(x[idx]), y[idx], task.output_kind, group.name)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -80,6 +81,19 @@ def train_model(group: GroupSpec, task: TaskData, seed: int, on_epoch=None,
         if on_epoch is not None:
             on_epoch(epoch, model)
     return model.eval()
+
+
+def member_loss(out, y: torch.Tensor, output_kind: str, group: str) -> torch.Tensor:
+    """The training loss of a model's ``forward`` output against the targets: cross-entropy of the last
+    step's logits for classes; MSE for regression targets, (B, T, K) against every step, (B, K) against the
+    last. ``out``: (B, C), (B, T, C), or a tuple whose first element is one of those (a user's forward)."""
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    if output_kind == "classification":
+        return F.cross_entropy(out[:, -1] if out.dim() == 3 else out, y)
+    if y.dim() == 3 and out.dim() != 3:
+        raise ValueError(f"group {group!r}: the task's targets are per step {tuple(y.shape)}, but forward returns "
+                         f"{tuple(out.shape)}: return outputs at every step (B, T, K)")
+    return F.mse_loss(out[:, -1] if out.dim() == 3 and y.dim() == 2 else out, y.float())
 
 
 @torch.no_grad()
@@ -159,14 +173,18 @@ def train_and_record(root: str, cfg: PopulationConfig, job: ModelJob) -> list[di
     rows: list[dict] = []
     t0 = time.perf_counter()
 
+    def record_as(model_id: str, model, epoch: int) -> None:
+        member = as_member(g, task, model, f"model {model_id!r}")
+        rows.append(record_member(root, cfg, model_id, member, g.task,
+                                  {**labels, "epoch": epoch, **adapters.manifest_labels(member)}, t0))
+
     def on_epoch(epoch, model):
         if g.every_epoch and epoch >= g.first_recorded_epoch:
-            rows.append(record_member(root, cfg, epoch_model_id(g.name, job.seed, epoch), model, g.task,
-                                      {**labels, "epoch": epoch}, t0))
+            record_as(epoch_model_id(g.name, job.seed, epoch), model, epoch)
 
     model = train_model(g, task, job.seed, on_epoch=on_epoch, device=resolve_device(cfg.device))
     if not g.every_epoch:
-        rows.append(record_member(root, cfg, job.model_id, model, g.task, {**labels, "epoch": g.epochs}, t0))
+        record_as(job.model_id, model, g.epochs)
     return rows
 
 
@@ -304,6 +322,7 @@ def init_population(cfg: PopulationConfig, progress: bool = True, with_groups: b
 def run_local(cfg: PopulationConfig, progress: bool = True) -> list[dict]:
     """Train and record the whole population sequentially in this process (resumable)."""
     resolve_device(cfg.device)  # a GPU asked for but absent fails before any work
+    check_factories(cfg)  # users' model factories build and fit their tasks, before the root is touched
     with lock.hold(cfg.root, "population", what="population root"):
         init_population(cfg)
         jobs = pending_jobs(cfg.root, cfg, report=progress)
