@@ -62,7 +62,7 @@ def _run(args: tuple) -> dict:
 
     cfg_path, root, method, seed, updates, extra, label_key = args
     torch.set_num_threads(1)
-    over = {**extra, "meta.method": method, "meta.seed": seed, "meta.num_workers": 1,
+    over = {**extra, "meta.method": method.split("@")[0], "meta.seed": seed, "meta.num_workers": 1,
             "meta.updates_per_model": max(updates)}
     data = load_population(root)
     cfg = config.load(cfg_path, overrides=over).meta.for_population(len(data.rows))
@@ -75,6 +75,8 @@ def _run(args: tuple) -> dict:
         t0 = time.perf_counter()
         trainer.train_step()
         train_s += time.perf_counter() - t0
+        if trainer.step == cfg.steps and trainer.solves_maps:
+            trainer.refit_maps()  # as the stage does before its last report (``fit_with_reports``)
         if trainer.step in at_steps or trainer.step == cfg.steps:
             means = summarize(evaluate(trainer, "test"))
             theta = trainer.embeddings.theta_matrix().cpu().double().numpy()
@@ -174,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--population", help="a recorded population root")
     ap.add_argument("--config", help="pipeline YAML whose meta section is used")
-    ap.add_argument("--methods", nargs="+", default=["varpro", "paper"])
+    ap.add_argument("--methods", nargs="+", default=["varpro", "paper"],
+                    help="meta.method values; METHOD@NAME is a variant of METHOD (its own --set-for METHOD@NAME:...)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--updates", type=int, nargs="+", default=[50, 100, 200, 400])
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",

@@ -361,7 +361,7 @@ def ending(run: Run) -> Iterator[Run]:
 def meta_params(cfg: MetaConfig, population_root: str, num_models: int) -> dict:
     """The params of a meta run (the stage, a Ray Train run and a sweep trial log the same)."""
     return {**cfg.model_dump(mode="json"), "population_root": population_root, "population_size": num_models,
-            "lambda": cfg.output_weight}
+            "lambda": cfg.output_weight, "output_temperature": cfg.temperature}
 
 
 def meta_metrics(summary: dict) -> dict[str, float]:

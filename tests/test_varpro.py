@@ -325,3 +325,43 @@ def test_the_last_report_has_v_solved_on_each_models_whole_training_split(pop_ro
         assert sse(w, b) < sse(*last_visit[i])
     paper = DynamoTrainer(_cfg(tmp_path, method="paper", steps=3), data)
     assert not paper.solves_maps  # the published recipe's V are AdamW's to the end
+
+
+def test_output_temperature_is_the_kl_of_sharpened_distributions():
+    g = torch.Generator().manual_seed(3)
+    pred, target = torch.randn(5, 4, 6, generator=g), torch.randn(5, 4, 6, generator=g) * 3
+    from dynamo_dist.meta.objective import output_loss
+
+    for t in (1.0, 0.25):
+        p, q = F.softmax(target / t, -1), F.log_softmax(pred / t, -1)
+        by_hand = (p * (p.log() - q)).sum(-1).mean(1)
+        torch.testing.assert_close(output_loss(pred, target, "kl", None, t), by_hand)
+    # sharper distributions: a decision the meta output gets wrong costs more than at T = 1
+    assert float(output_loss(pred, target, "kl", None, 0.25).mean()) > float(output_loss(pred, target).mean())
+    assert config.MetaConfig().temperature == 0.25 and config.MetaConfig(method="paper").temperature == 1.0
+    assert config.MetaConfig(method="paper", output_temperature=0.5).temperature == 0.5
+    with pytest.raises(ValueError):
+        config.parse(config.MetaConfig, {"output_temperature": 0})
+
+
+def test_a_run_records_its_temperature_and_runs_from_before_load_as_trained(pop_root, tmp_path):
+    import yaml
+
+    from dynamo_dist.meta.local import run_meta_local
+    from dynamo_dist.meta.outputs import load_meta_run
+
+    out = tmp_path / "run"
+    run_meta_local(_cfg(out, steps=4, eval_every=4), pop_root, progress=False)
+    written = yaml.safe_load((out / "meta_config.yaml").read_text())
+    assert (written["method"], written["output_temperature"]) == ("varpro", 0.25)
+    assert load_meta_run(out).cfg.temperature == 0.25
+    del written["output_temperature"]  # a varpro run from before the temperature existed trained at T = 1
+    (out / "meta_config.yaml").write_text(yaml.safe_dump(written))
+    assert (load_meta_run(out).cfg.method, load_meta_run(out).cfg.temperature) == ("varpro", 1.0)
+    # a run written before meta.method and meta.output_temperature existed: Algorithm 1 at T = 1 trained it
+    run_meta_local(_cfg(out, steps=4, eval_every=4, method="paper"), pop_root, progress=False)
+    written = yaml.safe_load((out / "meta_config.yaml").read_text())
+    del written["method"], written["output_temperature"]
+    (out / "meta_config.yaml").write_text(yaml.safe_dump(written))
+    old = load_meta_run(out).cfg
+    assert (old.method, old.temperature) == ("paper", 1.0)

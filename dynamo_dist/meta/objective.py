@@ -45,15 +45,16 @@ def hidden_loss(pred: list[torch.Tensor], target: list[torch.Tensor], family: st
 
 
 def output_loss(pred_BTC: torch.Tensor, target_BTC: torch.Tensor, distance: str = "kl",
-                mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+                mask_BT: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
     """Per-example L_output (eq. 1/5), (B,).
 
-    ``kl``: KL(softmax(base) || softmax(meta)) per step; ``mse``: mean squared difference
-    of the raw outputs per step. Averaged over valid steps.
+    ``kl``: KL(softmax(base / T) || softmax(meta / T)) per step, T = ``temperature`` (1: eq. 1 as
+    written; below 1 both distributions sharpen, so the top classes, the decision, weigh more than
+    the tails); ``mse``: mean squared difference of the raw outputs per step. Averaged over valid steps.
     """
     if distance == "kl":
-        logp_base = F.log_softmax(target_BTC, dim=-1)
-        logp_meta = F.log_softmax(pred_BTC, dim=-1)
+        logp_base = F.log_softmax(target_BTC / temperature, dim=-1)
+        logp_meta = F.log_softmax(pred_BTC / temperature, dim=-1)
         per_step = (logp_base.exp() * (logp_base - logp_meta)).sum(dim=-1)
     elif distance == "mse":
         per_step = (pred_BTC - target_BTC).pow(2).mean(dim=-1)
@@ -194,7 +195,7 @@ def refit_maps(meta, embeddings, row: int, x: torch.Tensor, lengths: torch.Tenso
 
 def dynamo_loss(meta, embeddings, chunks: list[Chunk], output_weight: float, hidden_distance: str = "l2",
                 output_distance: str = "kl", *, maps_ridge: float | None = None,
-                normalize_hidden: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+                normalize_hidden: bool = False, output_temperature: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     """Eq. 4/7 on a step's sampled models: mean over models of L_hidden + lambda * L_output.
 
     ``meta`` is the shared meta-model (possibly DDP-wrapped); one forward over all chunks,
@@ -205,6 +206,7 @@ def dynamo_loss(meta, embeddings, chunks: list[Chunk], output_weight: float, hid
     L_hidden divided by the variance of its batch's target states (summed over units, per step or
     position, as L_hidden sums), so that it reads as 1 - R^2 and a model with small hidden
     states weighs as much as one with large ones; ``loss_hidden`` in the stats is then that ratio.
+    ``output_temperature``: T of the KL output distance (``output_loss``).
     """
     if output_weight < 0:
         raise ValueError(f"output_weight (lambda) must be >= 0, got {output_weight}")
@@ -231,7 +233,8 @@ def dynamo_loss(meta, embeddings, chunks: list[Chunk], output_weight: float, hid
         lh = hidden_loss(mapped, c.hiddens, family, hidden_distance, mask).mean()
         if normalize_hidden:
             lh = lh / target_scale(c.hiddens, family, hidden_distance, mask)
-        lo = output_loss(outputs[c.group][sl], c.outputs, distance_for(c.output_kind, output_distance), mask).mean()
+        lo = output_loss(outputs[c.group][sl], c.outputs, distance_for(c.output_kind, output_distance), mask,
+                         output_temperature).mean()
         total = total + lh + output_weight * lo
         sum_h += float(lh.detach())
         sum_o += float(lo.detach())

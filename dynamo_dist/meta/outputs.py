@@ -122,7 +122,7 @@ def write_outputs(cfg: MetaConfig, population_root: str, state: dict | Path, the
                                  extra_summary, tracking_store, into=staging, files=files)
     out = fsio.as_path(into or cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config_mod.dump(cfg, out / CONFIG_FILE)
+    config_mod.dump(cfg.replace(output_temperature=cfg.temperature), out / CONFIG_FILE)  # the T it trained at
     where = store.absolute(cfg.output_dir)
     store.write_json_atomic({"population_root": population_root, "output_dir": where,
                              "population_root_relative": fsio.relative(population_root, where),
@@ -285,8 +285,11 @@ def load_meta_run(output_dir: str | Path) -> MetaRun:
     out = check_meta_run(output_dir)
     # the directory as it is now (it may have been moved or copied), not where it was written
     cfg = config_mod.load(out / CONFIG_FILE, MetaConfig).replace(output_dir=store.absolute(out))
-    if "method" not in (yaml.safe_load((out / CONFIG_FILE).read_text()) or {}):
+    written = yaml.safe_load((out / CONFIG_FILE).read_text()) or {}
+    if "method" not in written:
         cfg = cfg.replace(method="paper")  # written before meta.method existed: Algorithm 1 trained it
+    if "output_temperature" not in written:
+        cfg = cfg.replace(output_temperature=1.0)  # written before it existed: eq. 1 at T = 1 trained it
     context = json.loads((out / CONTEXT_FILE).read_text())
     meta_state, per_model = checkpoint.read_model_state(run_checkpoint(out))
     root = population_root_of(out, context)

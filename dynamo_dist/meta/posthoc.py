@@ -75,6 +75,7 @@ def embed_new_models(meta_output_dir: str | Path, population_root: str, model_id
     # the run's recipe: varpro solves V_n (L2) and starts theta from the trained thetas
     varpro = cfg.method == "varpro" and cfg.hidden_distance == "l2"
     loss_kw = {"maps_ridge": cfg.maps_ridge, "normalize_hidden": True} if varpro else {}
+    loss_kw["output_temperature"] = cfg.temperature
     candidates = _candidate_thetas(run, seed) if varpro else None
     out: dict[str, dict] = {}
     from tqdm.auto import tqdm
@@ -140,7 +141,7 @@ def start_at_best(meta, emb: ModelEmbeddings, row: int, chunk: Chunk, candidates
         emb.theta_table[row].copy_(theta)
         emb.steps[row, 1:] = 0  # every candidate's V from a plain solve, not the previous candidate's
         loss, _ = dynamo_loss(meta, emb, [chunk], cfg.output_weight, cfg.hidden_distance, cfg.output_distance,
-                              maps_ridge=cfg.maps_ridge, normalize_hidden=True)
+                              maps_ridge=cfg.maps_ridge, normalize_hidden=True, output_temperature=cfg.temperature)
         if float(loss) < best_loss:
             best, best_loss = theta, float(loss)
             best_maps = [p.detach().clone() for p in emb.parameters_of(row)[1:]]

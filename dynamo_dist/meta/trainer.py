@@ -308,7 +308,8 @@ class DynamoTrainer:
         with self.autocast():
             loss, stats = dynamo_loss(self.forward_module, self.embeddings, chunks, self.cfg.output_weight,
                                       self.cfg.hidden_distance, self.cfg.output_distance,
-                                      maps_ridge=self._maps_ridge, normalize_hidden=self.cfg.method == "varpro")
+                                      maps_ridge=self._maps_ridge, normalize_hidden=self.cfg.method == "varpro",
+                                      output_temperature=self.cfg.temperature)
         if self.cfg.embedding_penalty:
             penalty = embedding_penalty(self.meta, self.embeddings.theta_rows([c.row for c in chunks]),
                                         self.cfg.embedding_penalty, self.num_models)
