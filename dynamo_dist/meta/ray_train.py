@@ -677,10 +677,13 @@ def _show_progress(cfg: MetaConfig, queue, done) -> None:
                 if not training and waited - said >= WAIT_NOTICE_S:  # no worker training yet: say what it waits for
                     said = waited
                     free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+                    held = "" if free.get("CPU", 0) else (
+                        "; every CPU is held: by this stage's workers while they start and read the population "
+                        "before their first step (minutes on a loaded machine or at large N), or by other work")
                     bar.write(f"meta: no report after {waited:.0f} s; waiting for {cfg.num_workers} Ray Train "
-                              f"worker(s) of {worker_resources_text(cfg)} each to start (free now: {free}; the "
-                              f"stage fails after meta.placement_timeout_s={cfg.placement_timeout_s:.0f} s "
-                              "without them)")
+                              f"worker(s) of {worker_resources_text(cfg)} each to start (free now: {free}{held}; "
+                              f"the stage fails after meta.placement_timeout_s={cfg.placement_timeout_s:.0f} s "
+                              "if they cannot be placed)")
                 continue
             except Exception:  # noqa: BLE001 -- the queue's actor is gone: the run is over
                 break
