@@ -23,11 +23,17 @@ demo: setup
 smoke: setup
 	$(BIN)/dynamo-dist run --config configs/smoke.yaml
 
+# Test files run in parallel workers, one file to a worker (its module fixtures, a Ray or a server, start
+# once): most of the suite's wall time is waiting on Ray start-up, servers and subprocesses, which
+# overlaps well even on 2 cores. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 3
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not integration" tests
+	$(PYTEST) -m "not integration" tests
 
 bench: setup
 	$(BIN)/python benchmarks/bench_population.py

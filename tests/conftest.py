@@ -2,10 +2,41 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+
+# `make test` hands test files to parallel workers (pytest-xdist, --dist loadfile) in collection order.
+# The files that took longest go first, so that none of them starts last and runs on alone; measured
+# with `--durations` (benchmarks/RESULTS.md, the make-test rows). A file not named keeps its place
+# after these. Order only: which tests run, and each file's own order, do not change.
+SLOWEST_FIRST = ("test_multinode.py", "test_faults_silent.py", "test_tune.py", "test_object_store.py",
+                 "test_ray_train.py", "test_console.py", "test_trainer.py", "test_faults.py",
+                 "test_population_ray.py", "test_cnn_ddp.py", "test_jobs.py", "test_population.py",
+                 "test_analysis_report.py", "test_posthoc.py", "test_ray_embedded.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker's collection, which the scheduler follows
+        rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_ray_left_behind():
+    """A stage called in-process without ``local_ray`` starts Ray through ``init_ray`` and leaves it
+    running (as it would in the CLI's process until that exits): it is shut down with the module, so
+    which modules share a process (pytest-xdist hands files to workers in any order) changes nothing."""
+    yield
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 @pytest.fixture(scope="module")

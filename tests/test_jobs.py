@@ -24,7 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 def ray_head(tmp_path_factory):
     """A Ray head in the foreground (--block) so the test stops exactly what it started."""
     ray_bin = Path(sys.executable).with_name("ray")
-    gcs, dash = servers.free_port(), servers.free_port()
+    # every port given: the Ray client server's default (10001) is shared with any other `ray start` on the
+    # machine (a parallel test worker's, another user's)
+    gcs, dash, client_port = servers.free_port(), servers.free_port(), servers.free_port()
     tmp = Path("/tmp") / f"rayjobs-{os.getpid()}"  # short: Ray's unix socket paths have a length limit
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
@@ -32,7 +34,7 @@ def ray_head(tmp_path_factory):
     proc = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
-         f"--temp-dir={tmp}", "--disable-usage-stats"],
+         f"--ray-client-server-port={client_port}", f"--temp-dir={tmp}", "--disable-usage-stats"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     from ray.job_submission import JobSubmissionClient
 
