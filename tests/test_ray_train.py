@@ -214,7 +214,9 @@ def test_killed_worker_resumes_exactly(clean_w2, pop_root, tmp_path):
 
 def test_resume_with_other_worker_count(clean_w2, pop_root, tmp_path):
     """W=2 -> W=1, the resumed worker's V tables in files on disk (meta.table_bytes=0): every model a
-    later step did not sample keeps its theta and V exactly, through the file-to-file shard write."""
+    later step did not sample keeps its theta exactly, through the file-to-file shard write, and its V
+    is the final solve on its whole training split (varpro's last word, ``refit_maps``) at that theta
+    with the resumed run's meta-model."""
     more = 2
     cfg = meta_cfg(pop_root, tmp_path / "w1-resumed", num_workers=1, steps=STEPS + more, table_bytes=0)
     result = meta_ray.build_trainer(cfg, pop_root, progress=False,
@@ -233,9 +235,20 @@ def test_resume_with_other_worker_count(clean_w2, pop_root, tmp_path):
     assert len(untouched) >= len(ids) - more * cfg.models_per_step > 0
     _, resumed_maps = checkpoint_format.read_model_state(Path(cfg.output_dir) / "checkpoint")
     _, clean_maps = checkpoint_format.read_model_state(Path(clean_w2["out"]) / "checkpoint")
+    from dynamo_dist.meta.objective import refit_maps
+    from dynamo_dist.meta.outputs import load_meta_run
+
+    run, data = load_meta_run(cfg.output_dir), load_population(pop_root, with_test=False)
     for m in untouched:
         assert np.array_equal(resumed[m], clean_theta[m]), m
-        assert all(torch.equal(resumed_maps[m]["maps"][k], v) for k, v in clean_maps[m]["maps"].items()), m
+        row, task = run.embeddings.index[m], data.row(m)["task"]
+        stored = [p.detach().clone() for p in run.embeddings.parameters_of(row)[1:]]
+        idx = torch.arange(int(len(data.probe_inputs[task]) * 0.9))
+        idx = idx[idx < data.probe[m].num_examples]
+        refit_maps(run.meta, run.embeddings, row, data.probe_inputs[task].x[idx], data.probe_inputs[task].lengths[idx],
+                   [h[idx] for h in data.probe[m].hiddens])
+        for a, b in zip(stored, run.embeddings.parameters_of(row)[1:]):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-5)
     assert any(not np.array_equal(resumed[m], clean_theta[m]) for m in sampled)  # the control: they trained on
     assert any(not torch.equal(resumed_maps[m]["maps"][k], v) for m in sampled for k, v in clean_maps[m]["maps"].items())
     hist = history_of(result.checkpoint)
