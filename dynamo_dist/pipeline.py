@@ -142,12 +142,11 @@ def seeds_stage(cfg: PipelineConfig, seeds: Sequence[int], address: str | None =
 def _check_finished_seed(meta, root: str, ids: list[str]) -> None:
     """A finished seed run may be reused: the same meta config but for ``analysis.seeds.RUNTIME_FIELDS``,
     the same population and models; ValueError saying what differs otherwise."""
-    from . import config as config_mod
     from .analysis.seeds import config_differences
 
     out = fsio.as_path(meta.output_dir)
-    trained = config_mod.load(out / outputs.CONFIG_FILE, type(meta))
-    diff = config_differences(trained, meta)
+    # as written (the output temperature resolved) against what this config resolves to
+    diff = config_differences(outputs.run_config(out), meta.replace(output_temperature=meta.temperature))
     if diff:
         raise ValueError(f"{out} holds a finished meta run with other settings ("
                          + ", ".join(f"meta.{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())

@@ -280,16 +280,22 @@ def check_meta_run(output_dir: str | Path) -> AnyPath:
     return out
 
 
-def load_meta_run(output_dir: str | Path) -> MetaRun:
-    """Load a meta run's checkpoint (eval mode). FileNotFoundError names a missing file."""
-    out = check_meta_run(output_dir)
-    # the directory as it is now (it may have been moved or copied), not where it was written
-    cfg = config_mod.load(out / CONFIG_FILE, MetaConfig).replace(output_dir=store.absolute(out))
+def run_config(out: Path) -> MetaConfig:
+    """The MetaConfig a finished run in ``out`` trained with, fields it predates at what trained it then."""
+    cfg = config_mod.load(out / CONFIG_FILE, MetaConfig)
     written = yaml.safe_load((out / CONFIG_FILE).read_text()) or {}
     if "method" not in written:
         cfg = cfg.replace(method="paper")  # written before meta.method existed: Algorithm 1 trained it
     if "output_temperature" not in written:
         cfg = cfg.replace(output_temperature=1.0)  # written before it existed: eq. 1 at T = 1 trained it
+    return cfg
+
+
+def load_meta_run(output_dir: str | Path) -> MetaRun:
+    """Load a meta run's checkpoint (eval mode). FileNotFoundError names a missing file."""
+    out = check_meta_run(output_dir)
+    # the directory as it is now (it may have been moved or copied), not where it was written
+    cfg = run_config(out).replace(output_dir=store.absolute(out))
     context = json.loads((out / CONTEXT_FILE).read_text())
     meta_state, per_model = checkpoint.read_model_state(run_checkpoint(out))
     root = population_root_of(out, context)
