@@ -23,7 +23,7 @@ from ..config import MetaConfig
 from ..data import store
 from ..data.cache import TrajectoryCache
 from ..data.tasks import Split
-from ..zoo import family_of, output_kind_of
+from ..zoo import CUSTOM_CNN_ARCH, family_of, output_kind_of
 from . import checkpoint, model, signature
 from .metrics import evaluate, summarize
 from .objective import REFIT_RIDGE, Chunk, distance_for, dynamo_loss, embedding_penalty, refit_maps
@@ -76,8 +76,6 @@ class PopulationData:
 def check_population(rows: list[dict], root: str) -> None:
     """Reject populations DYNAMO cannot embed together: mixed families or input sizes, users' CNNs whose
     taps are not the meta-ResNet's four stage maps."""
-    from ..zoo import CUSTOM_CNN_ARCH  # noqa: PLC0415 -- here: this function is edited alone (shared module)
-
     if not rows:
         raise ValueError(f"population {root} has no complete models in its manifest")
     kinds = {(r["input_kind"], tuple(r["input_shape"]), r.get("vocab_size")) for r in rows}
