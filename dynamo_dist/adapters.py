@@ -154,7 +154,7 @@ class HookedModel(nn.Module):
         return h_BTH, self.module.get_submodule(self.readout)(top), result
 
     def trajectories(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        if self.spec.family == "cnn":  # as zoo's ResNets: one tap per stage, the logits as one "step"
+        if not self.spec.recurrent:  # as zoo's ResNets: one tap per stage, the logits as one "step"
             taps, logits = self.run_cnn(x)
             return taps, logits[:, None, :]
         h_BTH, y_BTC, _ = self.run(x)
@@ -270,7 +270,7 @@ def check(model: HookedModel, x: torch.Tensor, num_classes: int, what: str) -> i
     param = next(model.module.parameters(), None)
     x = x.to(param.device) if param is not None else x
     try:
-        if model.spec.family == "cnn":
+        if not model.spec.recurrent:
             taps, logits = model.run_cnn(x)
             h_BTH, y_BTC, result = taps[-1].flatten(1)[:, None], logits[:, None], logits  # checked as one step
             finite = all(bool(torch.isfinite(t).all()) for t in taps)
@@ -282,7 +282,7 @@ def check(model: HookedModel, x: torch.Tensor, num_classes: int, what: str) -> i
     except Exception as err:  # noqa: BLE001 -- the user's forward may raise anything
         raise ValueError(f"{what}: {type(model.module).__name__}.forward fails on the task's inputs "
                          f"{tuple(x.shape)} {x.dtype}: {type(err).__name__}: {err}") from None
-    if model.spec.family == "cnn" and result.shape[-1] != num_classes:
+    if not model.spec.recurrent and result.shape[-1] != num_classes:
         raise ValueError(f"{what}: logits of shape {tuple(result.shape)}: the task has {num_classes} classes, so "
                          f"forward must return (B, {num_classes})")
     if y_BTC.dim() != 3 or y_BTC.shape[-1] != num_classes:
@@ -296,7 +296,7 @@ def check(model: HookedModel, x: torch.Tensor, num_classes: int, what: str) -> i
                              "submodule, or let forward return outputs at every step (B, T, C)")
     if not (finite and torch.isfinite(h_BTH).all() and torch.isfinite(y_BTC).all()):
         raise ValueError(f"{what}: hidden states or outputs contain NaN/Inf on the task's inputs")
-    if model.spec.family == "cnn":
+    if not model.spec.recurrent:
         return int(taps[-1].shape[1])
     return int(h_BTH.shape[-1])
 
@@ -479,7 +479,7 @@ def manifest_labels(model: nn.Module) -> dict:
     """The manifest columns a user's RNN adds beyond the zoo's (read back by ``ArchSpec.from_row``):
     ``num_layers``/``bidirectional`` of a multi-layer or bidirectional one, ``factory`` when known."""
     spec, labels = model.spec, {}
-    if spec.family == "rnn" and spec.arch != zoo.CUSTOM_ARCH and (spec.num_layers > 1 or spec.bidirectional):
+    if spec.recurrent and spec.arch != zoo.CUSTOM_ARCH and (spec.num_layers > 1 or spec.bidirectional):
         labels.update(num_layers=spec.num_layers, bidirectional=spec.bidirectional)
     if isinstance(model, HookedModel) and model.factory:
         labels["factory"] = model.factory

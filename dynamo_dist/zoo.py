@@ -24,7 +24,8 @@ import torch
 from safetensors.torch import load as safetensors_load, save as safetensors_save
 from torch import nn
 
-from .config import RESNET_ARCHS, SEQUENCE_ARCHS
+from . import family as families
+from .config import SEQUENCE_ARCHS
 from .data import fsio
 
 FORMAT_VERSION = 1
@@ -33,8 +34,10 @@ CUSTOM_CNN_ARCH = "custom_cnn"  # a user's image model read through hooks on its
 
 
 def family_of(arch: str) -> str:
-    """The one place that says rnn | cnn: ResNets and users' CNNs are "cnn", every recurrent arch is "rnn"."""
-    return "cnn" if arch in RESNET_ARCHS + (CUSTOM_CNN_ARCH,) else "rnn"
+    """The name of ``arch``'s family (``dynamo_dist.family``: ResNets and users' CNNs are "cnn", recurrent
+    archs "rnn"); an arch no family knows is taken as recurrent, as manifests before families had it."""
+    fam = families.of_arch(arch)
+    return fam.name if fam is not None else "rnn"
 
 
 def output_kind_of(row: dict) -> str:
@@ -47,7 +50,8 @@ def output_kind_of(row: dict) -> str:
 class ArchSpec:
     """Everything needed to rebuild a base model (stored beside its weights)."""
 
-    arch: str                      # gru | rnn | lstm | resnet10/18/34/50 | custom | custom_cnn (users' modules)
+    arch: str                      # gru | rnn | lstm | resnet10/18/34/50 | custom | custom_cnn (users' modules),
+    #                                or an arch of a registered family (``family.register``)
     input_kind: str                # sequence | tokens | image
     input_shape: tuple[int, ...]   # per-example input shape: (T, D), (T,), (C, H, W)
     num_classes: int
@@ -58,24 +62,25 @@ class ArchSpec:
     bidirectional: bool = False    # RNNs: a backward direction beside the forward one
 
     def __post_init__(self):
-        if self.arch not in SEQUENCE_ARCHS + RESNET_ARCHS + (CUSTOM_ARCH, CUSTOM_CNN_ARCH):
-            raise ValueError(f"arch: unknown architecture {self.arch!r}; known: {SEQUENCE_ARCHS + RESNET_ARCHS}")
+        fam = families.of_arch(self.arch)
+        if fam is None:
+            raise ValueError(f"arch: unknown architecture {self.arch!r}; known: {families.known_archs()}")
         if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 1:
             raise ValueError(f"num_layers: must be an int >= 1, got {self.num_layers!r}")
         if not isinstance(self.bidirectional, bool):
             raise ValueError(f"bidirectional: must be true or false, got {self.bidirectional!r}")
-        if self.family == "cnn" and (self.num_layers != 1 or self.bidirectional):
-            raise ValueError(f"num_layers/bidirectional: recurrent options, not for {self.arch}")
-        if self.arch in RESNET_ARCHS + (CUSTOM_CNN_ARCH,) and self.input_kind != "image":
-            raise ValueError(f"arch: {self.arch} needs image inputs, task gives {self.input_kind!r}")
-        if self.arch in SEQUENCE_ARCHS + (CUSTOM_ARCH,) and self.input_kind == "image":
-            raise ValueError(f"arch: {self.arch} needs sequence or token inputs, task gives images")
+        fam.check_spec(self)
         if self.input_kind == "tokens" and not self.vocab_size:
             raise ValueError("vocab_size: token inputs need a vocabulary size")
 
     @property
     def family(self) -> str:
         return family_of(self.arch)
+
+    @property
+    def recurrent(self) -> bool:
+        """Whether this model's states evolve over input steps (``Family.recurrent``)."""
+        return families.get(self.family).recurrent
 
     @property
     def num_directions(self) -> int:
@@ -202,7 +207,8 @@ def build_torchvision_resnet(arch: str, num_classes: int) -> nn.Module:
 
 
 def build(spec: ArchSpec) -> nn.Module:
-    return SmallImageResNet(spec) if spec.family == "cnn" else SequenceClassifier(spec)
+    """A fresh base model of ``spec``, built by its family (``Family.build``)."""
+    return families.get(spec.family).build(spec)
 
 
 def wrap_module(module: nn.Module, spec: ArchSpec) -> nn.Module:
@@ -251,7 +257,7 @@ def load_state(path: str | Path, spec: ArchSpec) -> nn.Module:
     """
     state, _ = read_weights(path)
     model = build(spec)
-    target = model.net if spec.family == "cnn" and not any(k.startswith("net.") for k in state) else model
+    target = families.get(spec.family).state_target(model, state)
     try:
         target.load_state_dict(state)
     except RuntimeError as err:  # missing/unexpected keys, size mismatches
@@ -314,6 +320,4 @@ def hidden_shapes(spec: ArchSpec) -> list[tuple[int, ...]]:
         x = torch.zeros((1,) + tuple(spec.input_shape))
     with torch.no_grad():
         hs, _ = model.trajectories(x)
-    if spec.family == "rnn":
-        return [tuple(hs[0].shape[2:])]
-    return [tuple(h.shape[1:]) for h in hs]
+    return families.get(spec.family).hidden_shapes(hs)

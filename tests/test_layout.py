@@ -16,10 +16,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dynamo_dist"
 # wing (a module or a package of dynamo_dist) -> layer; a module imports only its layer and those below
 LAYERS = {
     "config": 0, "data": 0, "ray_utils": 0,      # configuration, the on-disk contracts, Ray helpers
+    "family": 0,                                  # the architecture-family interface and registry
     "pca": 1, "plots": 1, "tracking": 1,          # shared tools the stages call (never the reverse)
     "zoo": 2, "adapters": 2,                      # base models
     "population": 3,                              # train and record base models
     "meta": 4,                                    # the meta-model and its training
+    "families": 4,                                # the built-in families (their models and meta-models)
     "analysis": 5,                                # analyses of a finished meta run
     "pipeline": 6,                                # the stages in order, seed training
     "cli": 7, "__init__": 7,                      # entry points

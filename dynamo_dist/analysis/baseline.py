@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..meta.objective import step_mask
+from .. import family as families
 from .geometry import clustering_scores
 
 METHODS = ("svcca", "cka")
@@ -48,14 +48,9 @@ def activation_taps(hiddens: Sequence[torch.Tensor], family: str, lengths: torch
     """One model's hidden taps as activation matrices, one (R,H) per tap.
 
     RNN: rows are the valid (example, step) pairs of its single tap (left padding masked);
-    CNN: each stage's feature map averaged over positions, rows = examples.
+    CNN: each stage's feature map averaged over positions, rows = examples (``Family.activation_taps``).
     """
-    if family == "rnn":
-        (h_NTH,) = hiddens
-        if lengths is None:
-            return [h_NTH.reshape(-1, h_NTH.shape[-1]).double().numpy()]
-        return [h_NTH[step_mask(lengths[: h_NTH.shape[0]], h_NTH.shape[1])].double().numpy()]
-    return [h.mean(dim=(2, 3)).double().numpy() for h in hiddens]
+    return families.get(family).activation_taps(hiddens, lengths)
 
 
 def subsample_rows(taps_by_model: list[list[np.ndarray]], max_rows: int | None, random_state: int | None) -> list[list[np.ndarray]]:

@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from .. import family as families
 from . import fsio
 from .fsio import AnyPath
 from .tasks import Split
@@ -340,6 +341,11 @@ class Trajectory:
         return self.outputs.shape[0]
 
 
+def _step_rows(family: str) -> bool:
+    """Whether ``family``'s trajectories take a row per (example, step) (one tap), not per (example, tap)."""
+    return families.get(family).trajectory_rows == families.STEP_ROWS
+
+
 def write_trajectory(root: str | os.PathLike, model_id: str, split: str, hiddens: list[torch.Tensor],
                      outputs: torch.Tensor, family: str, dtype: str = "float32") -> str:
     """Write one model's trajectories (layout above); returns the relative path."""
@@ -347,14 +353,15 @@ def write_trajectory(root: str | os.PathLike, model_id: str, split: str, hiddens
     rel = layout.trajectory_rel(model_id, split)
     np_type = _DTYPES[dtype]
     n = outputs.shape[0]
-    if family == "rnn":
+    steps = _step_rows(family)
+    if steps:  # one tap, a row per (example, step)
         h = hiddens[0].detach().cpu().numpy().astype(np_type, copy=False)  # (N, T, H)
         t_len = h.shape[1]
         hidden_rows = h.reshape(n * t_len, -1)
         out_rows = outputs.detach().cpu().numpy().astype(np_type, copy=False).reshape(n * t_len, -1)
         shapes = [list(h.shape[2:])]
         hidden_col = _list_column(hidden_rows.reshape(-1), np.full(n * t_len, hidden_rows.shape[1]))
-    else:
+    else:  # a row per (example, tap); the one output repeated on each
         t_len = len(hiddens)
         per_tap = [hh.detach().cpu().numpy().astype(np_type).reshape(n, -1) for hh in hiddens]
         shapes = [list(hh.shape[1:]) for hh in hiddens]
@@ -364,7 +371,7 @@ def write_trajectory(root: str | os.PathLike, model_id: str, split: str, hiddens
         hidden_col = _list_column(flat, sizes)
         logits = outputs.detach().cpu().numpy().astype(np_type).reshape(n, -1)
         out_rows = np.repeat(logits, t_len, axis=0)
-    if not np.isfinite(hidden_rows if family == "rnn" else flat).all() or not np.isfinite(out_rows).all():
+    if not np.isfinite(hidden_rows if steps else flat).all() or not np.isfinite(out_rows).all():
         raise ValueError(f"trajectory of model {model_id!r} ({split}) contains NaN/Inf; not written")
     table = pa.table({
         "sample": pa.array(np.repeat(np.arange(n, dtype=np.int32), t_len)),
@@ -412,10 +419,10 @@ class TrajectoryInfo:
     @property
     def decoded_bytes(self) -> int:
         """Memory of the decoded trajectory in its storage precision (hidden + output values)."""
-        per_row = sum(math.prod(s) for s in self.hidden_shapes) if self.family == "cnn" else math.prod(
-            self.hidden_shapes[0])
-        rows = self.num_examples * (1 if self.family == "cnn" else self.num_steps)
-        outs = self.num_examples * (1 if self.family == "cnn" else self.num_steps) * self.num_outputs
+        steps = _step_rows(self.family)
+        per_row = math.prod(self.hidden_shapes[0]) if steps else sum(math.prod(s) for s in self.hidden_shapes)
+        rows = self.num_examples * (self.num_steps if steps else 1)
+        outs = self.num_examples * (self.num_steps if steps else 1) * self.num_outputs
         return (rows * per_row + outs) * np.dtype(self.dtype).itemsize
 
 
@@ -443,7 +450,7 @@ def trajectory_info(root: str | os.PathLike, model_id: str, split: str = "probe"
     except KeyError as err:
         raise ValueError(f"trajectory file {path} lacks metadata {err}; not written by dynamo_dist") from None
     num_steps = int(meta[b"dynamo.num_steps"]) if b"dynamo.num_steps" in meta else (
-        len(shapes) if family == "cnn" else step_max)
+        step_max if _step_rows(family) else len(shapes))
     num_examples = int(meta[b"dynamo.num_examples"]) if b"dynamo.num_examples" in meta else (
         md.num_rows // max(num_steps, 1))
     value_type = schema.field("hidden").type.value_type
@@ -551,7 +558,7 @@ def read_trajectory(root: str | os.PathLike, model_id: str, split: str = "probe"
     output = output.astype(dtype or output.dtype, copy=not output.flags.writeable or dtype not in (None, output.dtype))
     if not (np.isfinite(hidden).all() and np.isfinite(output).all()):
         raise ValueError(f"trajectory file {path} contains NaN/Inf values (model {model_id!r}); {repair_remedy(root)}")
-    if family == "rnn":
+    if _step_rows(family):
         hiddens = [torch.from_numpy(hidden.reshape((n, t_len) + shapes[0]))]
         outputs = torch.from_numpy(output.reshape(n, t_len, -1))
     else:

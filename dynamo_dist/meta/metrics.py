@@ -21,8 +21,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import family as families
 from ..zoo import output_kind_of
-from .objective import state_rows, step_mask
+from .objective import sequence_rows
 
 
 @torch.no_grad()
@@ -46,6 +47,7 @@ def emulation_metrics(meta, embeddings, row: int, group: str, family: str, x: to
     regression = output_kind == "regression"
     theta = embeddings.theta[row].detach()
     device = theta.device
+    fam = families.get(family)
     for s in range(0, n, batch_size):
         sl = slice(s, min(s + batch_size, n))
         xb, lb = x[sl].to(device), lengths[sl].to(device)
@@ -53,16 +55,16 @@ def emulation_metrics(meta, embeddings, row: int, group: str, family: str, x: to
         mapped = embeddings.apply_maps(row, hs)
         for t, (p, b) in enumerate(zip(mapped, base_hiddens)):
             b = b[sl].to(device)
-            m = step_mask(lb, b.shape[1]) if family == "rnn" else None
-            p, b = state_rows(p, family, m), state_rows(b, family, m)  # (valid steps or positions, H)
+            m = fam.step_mask(lb, b.shape[1])
+            p, b = fam.state_rows(p, m), fam.state_rows(b, m)  # (valid steps or positions, H)
             sse[t] += float((p - b).pow(2).sum())
             sums[t] = b.sum(0) if sums[t] is None else sums[t] + b.sum(0)
             sumsq[t] += float(b.pow(2).sum())
             counts[t] += b.shape[0]
         if regression:
-            m = step_mask(lb, base_outputs.shape[1]) if family == "rnn" else None
-            p = state_rows(outs[group].float(), "rnn", m)  # (valid steps, C)
-            b = state_rows(base_outputs[sl].to(device), "rnn", m)
+            m = fam.step_mask(lb, base_outputs.shape[1])
+            p = sequence_rows(outs[group].float(), m)  # (valid steps, C)
+            b = sequence_rows(base_outputs[sl].to(device), m)
             out_sse += float((p - b).pow(2).sum())
             out_sum = out_sum + b.sum(0)
             out_sumsq += float(b.pow(2).sum())

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.adamw import adamw
 
+from .. import family as families
 from ..zoo import ArchSpec, family_of
 
 
@@ -70,8 +71,6 @@ class MetaRNN(nn.Module):
     decisions differ by their readout more than by their dynamics (low-confidence classifiers)
     are then matched by theta directly, not only through the recurrence (``meta.method`` varpro).
     """
-
-    family = "rnn"
 
     def __init__(self, input_spec: ArchSpec, hidden_size: int, embedding_dim: int,
                  output_sizes: Mapping[str, int], embed_dim: int = 64, theta_readout: bool = False):
@@ -184,8 +183,6 @@ class MetaResNet(nn.Module):
     the base ResNets being emulated keep their BatchNorm.
     """
 
-    family = "cnn"
-
     def __init__(self, input_spec: ArchSpec, arch: str, embedding_dim: int, output_sizes: Mapping[str, int]):
         super().__init__()
         self.embedding_dim = embedding_dim
@@ -263,7 +260,8 @@ def output_sizes(rows: Sequence[Mapping]) -> dict[str, int]:
 
 def tap_widths(family: str, hidden_shapes: Sequence[Sequence[int]]) -> list[int]:
     """A base model's hidden width per tap from its per-example state shapes: (H,) RNN, (C,H,W) CNN."""
-    return [s[-1] if family == "rnn" else s[0] for s in hidden_shapes]
+    fam = families.get(family)
+    return [fam.tap_width(s) for s in hidden_shapes]
 
 
 def build(rows: Sequence[Mapping], cfg, model_ids: Sequence[str], base_dims: Sequence[Sequence[int]], *,
@@ -292,12 +290,10 @@ def build(rows: Sequence[Mapping], cfg, model_ids: Sequence[str], base_dims: Seq
 def build_meta_model(family: str, input_spec: ArchSpec, output_sizes: Mapping[str, int], *, embedding_dim: int,
                      hidden_size: int = 128, embed_dim: int = 64, resnet_arch: str = "resnet10",
                      theta_readout: bool = False) -> nn.Module:
-    if family == "rnn":
-        return MetaRNN(input_spec, hidden_size, embedding_dim, output_sizes, embed_dim=embed_dim,
-                       theta_readout=theta_readout)
-    if family == "cnn":
-        return MetaResNet(input_spec, resnet_arch, embedding_dim, output_sizes)
-    raise ValueError(f"family: unknown model family {family!r} (rnn | cnn)")
+    """The meta-model of ``family`` (``Family.meta_model``: each family reads the shape fields it needs)."""
+    return families.get(family).meta_model(input_spec, output_sizes, embedding_dim=embedding_dim,
+                                           hidden_size=hidden_size, embed_dim=embed_dim, resnet_arch=resnet_arch,
+                                           theta_readout=theta_readout)
 
 
 _MOMENT_TABLES = ("theta_m", "theta_v", "maps_m", "maps_v", "steps")
@@ -309,9 +305,8 @@ class TableLayout:
     per tap lie one after the other in a flat table from ``offsets[i]``."""
 
     def __init__(self, family: str, meta_dims: Sequence[int], base_dims: Sequence[Sequence[int]]):
-        if family not in ("rnn", "cnn"):
-            raise ValueError(f"family: unknown model family {family!r} (rnn | cnn)")
         self.family = family
+        self.family_ops = families.get(family)  # ValueError for an unknown one
         self.meta_dims = [int(m) for m in meta_dims]
         self.base_dims = [[int(b) for b in dims] for dims in base_dims]
         if any(len(dims) != len(self.meta_dims) for dims in self.base_dims):
@@ -331,7 +326,7 @@ class TableLayout:
         """Views of model ``row``'s V parameters in a maps-layout ``table``: weight, bias per tap."""
         views, at = [], self.offsets[row]
         for m, b in zip(self.meta_dims, self.base_dims[row]):
-            shape = (b, m) if self.family == "rnn" else (b, m, 1, 1)
+            shape = self.family_ops.map_shape(b, m)
             views += [table[at:at + b * m].view(shape), table[at + b * m:at + b * m + b]]
             at += b * m + b
         return views
@@ -585,8 +580,7 @@ class ModelEmbeddings(nn.Module):
         if mods is None or mods[0].weight is not params[1]:
             mods = nn.ModuleList()
             for w, b in zip(params[1::2], params[2::2]):
-                mod = (nn.Linear(w.shape[1], w.shape[0], device="meta") if self.family == "rnn"
-                       else nn.Conv2d(w.shape[1], w.shape[0], 1, device="meta"))
+                mod = self.layout.family_ops.map_module(w.shape[1], w.shape[0])
                 mod.weight, mod.bias = w, b
                 mods.append(mod)
             self._live_modules[row] = mods
@@ -620,8 +614,8 @@ class ModelEmbeddings(nn.Module):
     def apply_maps(self, row: int, hiddens: list[torch.Tensor]) -> list[torch.Tensor]:
         """V_{n,t}(h_{theta_n,t}) for every tap t."""
         params = self.live(row)
-        op = F.linear if self.family == "rnn" else F.conv2d
-        return [op(h, w, b) for h, w, b in zip(hiddens, params[1::2], params[2::2])]
+        fam = self.layout.family_ops
+        return [fam.apply_map(h, w, b) for h, w, b in zip(hiddens, params[1::2], params[2::2])]
 
     # ---------------------------------------------------------------- the row-sparse AdamW
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from .. import family as families
+
 
 def step_mask(lengths_B: torch.Tensor, num_steps: int) -> torch.Tensor:
     """Valid-step mask for LEFT-padded sequences: the last ``length`` steps are real. (B,T) bool."""
@@ -18,7 +20,7 @@ def step_mask(lengths_B: torch.Tensor, num_steps: int) -> torch.Tensor:
     return t[None, :] >= (num_steps - lengths_B)[:, None]
 
 
-def _masked_time_mean(v_BT: torch.Tensor, mask_BT: torch.Tensor | None) -> torch.Tensor:
+def masked_time_mean(v_BT: torch.Tensor, mask_BT: torch.Tensor | None) -> torch.Tensor:
     if mask_BT is None:
         return v_BT.mean(dim=1)
     m = mask_BT.to(v_BT.dtype)
@@ -36,12 +38,7 @@ def hidden_loss(pred: list[torch.Tensor], target: list[torch.Tensor], family: st
     if distance not in ("l2", "l1"):
         raise ValueError(f"hidden_distance: expected 'l2' or 'l1', got {distance!r}")
     elementwise = (lambda d: d.pow(2)) if distance == "l2" else (lambda d: d.abs())
-    if family == "rnn":
-        (p,), (t,) = pred, target
-        per_step = elementwise(p - t).sum(dim=-1)  # (B,T)
-        return _masked_time_mean(per_step, mask_BT)
-    per_tap = [elementwise(p - t).flatten(1).mean(dim=1) for p, t in zip(pred, target)]
-    return torch.stack(per_tap, dim=1).mean(dim=1)
+    return families.get(family).hidden_loss([elementwise(p - t) for p, t in zip(pred, target)], mask_BT)
 
 
 def output_loss(pred_BTC: torch.Tensor, target_BTC: torch.Tensor, distance: str = "kl",
@@ -60,7 +57,7 @@ def output_loss(pred_BTC: torch.Tensor, target_BTC: torch.Tensor, distance: str 
         per_step = (pred_BTC - target_BTC).pow(2).mean(dim=-1)
     else:
         raise ValueError(f"output_distance: expected 'kl' or 'mse', got {distance!r}")
-    return _masked_time_mean(per_step, mask_BT)
+    return masked_time_mean(per_step, mask_BT)
 
 
 def distance_for(output_kind: str, output_distance: str) -> str:
@@ -97,11 +94,14 @@ class Chunk:
 
 def state_rows(h: torch.Tensor, family: str, mask_BT: torch.Tensor | None) -> torch.Tensor:
     """States as rows of features: RNN (B,T,H) -> (valid steps, H); CNN (B,C,H,W) -> (B*H*W, C)."""
-    if family == "rnn":
-        if mask_BT is None or bool(mask_BT.all()):  # no padding: a view, no copy
-            return h.reshape(-1, h.shape[-1])
-        return h[mask_BT]
-    return h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+    return families.get(family).state_rows(h, mask_BT)
+
+
+def sequence_rows(h_BTH: torch.Tensor, mask_BT: torch.Tensor | None) -> torch.Tensor:
+    """(B,T,H) per-step vectors (an RNN's states, any model's outputs) as (valid steps, H) rows."""
+    if mask_BT is None or bool(mask_BT.all()):  # no padding: a view, no copy
+        return h_BTH.reshape(-1, h_BTH.shape[-1])
+    return h_BTH[mask_BT]
 
 
 def ridge_map(h_NM: torch.Tensor, y_NH: torch.Tensor, rho: float, prior_W: torch.Tensor | None = None,
@@ -146,17 +146,17 @@ def solve_maps(embeddings, row: int, hiddens: list[torch.Tensor], targets: list[
     embedding table, and the states mapped by it are returned -- detached from V, so the meta-model's
     and theta's gradients are those of the projected loss (at the optimum of V the derivative
     through the solve vanishes: the gradient of min_V L is dL/dh at V*)."""
-    family = embeddings.family
+    fam = families.get(embeddings.family)
     maps = embeddings.maps_of(row)
     seen = embeddings.maps_solved(row)
     mapped = []
     with torch.autocast(hiddens[0].device.type, enabled=False):
         for (w, b), h, y in zip(maps, hiddens, targets):
             h = h.float()
-            w_new, b_new = ridge_map(state_rows(h, family, mask_BT), state_rows(y.float(), family, mask_BT), rho,
+            w_new, b_new = ridge_map(fam.state_rows(h, mask_BT), fam.state_rows(y.float(), mask_BT), rho,
                                      w.reshape(w.shape[0], -1) if seen else None, b if seen else None)
             w_new = w_new.reshape(w.shape)
-            mapped.append(F.linear(h, w_new, b_new) if family == "rnn" else F.conv2d(h, w_new, b_new))
+            mapped.append(fam.apply_map(h, w_new, b_new))
             with torch.no_grad():
                 w.copy_(w_new)
                 b.copy_(b_new)
@@ -175,14 +175,14 @@ def refit_maps(meta, embeddings, row: int, x: torch.Tensor, lengths: torch.Tenso
     moments summed (``map_moments``), one ridge solve per tap, written into the table and counted. No prior:
     the whole split is the data, ``rho`` only keeps the solve well posed."""
     theta = embeddings.theta[row].detach()
-    family, device = embeddings.family, theta.device
+    fam, device = families.get(embeddings.family), theta.device
     moments = None
     for s in range(0, x.shape[0], batch_size):
         xb, lb = x[s:s + batch_size].to(device), lengths[s:s + batch_size].to(device)
         states, _ = meta(xb, theta[None].expand(xb.shape[0], -1))
-        mask = step_mask(lb, states[0].shape[1]) if family == "rnn" else None
-        sums = [map_moments(state_rows(h.float(), family, mask),
-                            state_rows(y[s:s + batch_size].float().to(device), family, mask))
+        mask = fam.step_mask(lb, states[0].shape[1])
+        sums = [map_moments(fam.state_rows(h.float(), mask),
+                            fam.state_rows(y[s:s + batch_size].float().to(device), mask))
                 for h, y in zip(states, hiddens)]
         moments = sums if moments is None else [(g + g2, r + r2) for (g, r), (g2, r2) in zip(moments, sums)]
     for (w, b), (gram, rhs) in zip(embeddings.maps_of(row), moments):
@@ -218,13 +218,14 @@ def dynamo_loss(meta, embeddings, chunks: list[Chunk], output_weight: float, hid
     theta = embeddings.theta_rows([c.row for c in chunks for _ in range(c.x.shape[0])])
     hiddens, outputs = meta(x, theta)
     family = embeddings.family
+    fam = families.get(family)
     total = x.new_zeros(())
     sum_h = sum_o = 0.0
     start = 0
     for c, n in zip(chunks, sizes):
         sl = slice(start, start + n)
         start += n
-        mask = step_mask(c.lengths, c.outputs.shape[1]) if family == "rnn" else None
+        mask = fam.step_mask(c.lengths, c.outputs.shape[1])
         states = [h[sl] for h in hiddens]
         if maps_ridge is None:
             mapped = embeddings.apply_maps(c.row, states)
@@ -248,12 +249,12 @@ def target_scale(targets: list[torch.Tensor], family: str, distance: str = "l2",
     """What ``hidden_loss`` of the best constant prediction (each unit's batch mean) would be: the
     targets' variance in the loss's own units (L1: mean absolute deviation from the median), a
     detached scalar, floored so that a model with constant states does not divide by zero."""
+    fam = families.get(family)
     rows = []
     for t in targets:
-        r = state_rows(t.float(), family, mask_BT)
+        r = fam.state_rows(t.float(), mask_BT)
         dev = (r - r.mean(0)).pow(2) if distance == "l2" else (r - r.median(0).values).abs()
-        # RNN: summed over units per step; CNN: averaged over channels (and positions), then over taps
-        rows.append(dev.sum(1).mean() if family == "rnn" else dev.mean())
+        rows.append(fam.spread(dev))  # then averaged over taps
     return torch.stack(rows).mean().clamp_min(1e-8)
 
 

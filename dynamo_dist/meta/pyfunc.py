@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 from .. import config as config_mod
+from .. import family as families
 from ..config import MetaConfig
 from ..zoo import ArchSpec
 from . import checkpoint, outputs
@@ -81,9 +82,9 @@ class DynamoMetaModel(mlflow.pyfunc.PythonModel):
                         theta[j] = torch.as_tensor(np.asarray(v, dtype=np.float32))
             hs, outs = self.meta(x, theta)
             logits = outs[self.rows[mid]["task"]][:, -1]
-            # the base model's last hidden state: a CNN's last tap; an RNN's one tap at its last step
-            maps = self.emb.maps[row]  # V_n only where it is read: a CNN's last tap, an RNN's one tap
-            last = maps[-1](hs[-1]) if self.emb.family == "cnn" else maps[0](hs[0])[:, -1]
+            # the base model's last hidden state (a CNN's last tap; an RNN's one tap at its last step),
+            # V_n applied only where it is read
+            last = families.get(self.emb.family).last_state(self.emb.maps[row], hs)
             for j, k in enumerate(idx):
                 out[k] = {"model_id": mid, "prediction": int(logits[j].argmax()),
                           "logits": logits[j].tolist(), "hidden": last[j].reshape(-1).tolist()}

@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ... import family as families
 from ...data import store
-from ...meta.objective import step_mask
-from ..baseline import RepresentationBaseline, activation_taps
+from ..baseline import RepresentationBaseline
 from ..html import Section
 from .base import Context, Result, Results, base_model, sample_text, write_table
 
@@ -77,7 +77,7 @@ def _activations(ctx: Context) -> tuple[list[list[np.ndarray]], str]:
     models are re-run from their weights on the first task's probe inputs (DYNAMO requires
     a common input structure, so every model accepts them).
     """
-    family = ctx.run.family
+    fam = families.get(ctx.run.family)
     ids = [ctx.ids[i] for i in ctx.sample]
     tasks = sorted({ctx.tasks[i] for i in ctx.sample})
     rng = np.random.default_rng(ctx.cfg.seed)
@@ -97,13 +97,14 @@ def _activations(ctx: Context) -> tuple[list[list[np.ndarray]], str]:
         source = (f"every model re-run from its weights on the probe inputs of task {tasks[0]!r} "
                   f"({n} examples; the models span tasks {tasks})")
     n = min(h[0].shape[0] for h in hiddens.values())
-    if family == "rnn":
-        t_len = next(iter(hiddens.values()))[0].shape[1]
-        mask = step_mask(inputs.lengths[:n], t_len)
-        num_rows = int(mask.sum())
-        keep = num_rows if ctx.cfg.baseline_rows is None else min(num_rows, ctx.cfg.baseline_rows)
-        select = np.sort(rng.choice(num_rows, size=keep, replace=False))
-        taps = [[h[0][:n][mask][select].float().numpy()] for h in (hiddens[m] for m in ids)]
-    else:
-        taps = [activation_taps([x[:n] for x in hiddens[m]], family) for m in ids]
+    taps, select = [], None
+    for m in ids:
+        model_taps = fam.activation_taps([x[:n] for x in hiddens[m]], inputs.lengths[:n])
+        if fam.recurrent:  # rows are (example, step) pairs, many: the same random subset for every model
+            if select is None:
+                num_rows = model_taps[0].shape[0]
+                keep = num_rows if ctx.cfg.baseline_rows is None else min(num_rows, ctx.cfg.baseline_rows)
+                select = np.sort(rng.choice(num_rows, size=keep, replace=False))
+            model_taps = [t[select] for t in model_taps]
+        taps.append(model_taps)
     return taps, source

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ... import family as families
 from ...data import store
 from ..fixed_points import FixedPointFinder, base_dynamics, base_visited_states, meta_dynamics, meta_visited_states
 from ..html import Section
@@ -32,7 +33,7 @@ class FixedPointsResult(Result):
 def run(ctx: Context, sec: Section, earlier: Results) -> FixedPointsResult:
     from .. import figures
 
-    if ctx.run.family != "rnn":
+    if not families.get(ctx.run.family).recurrent:
         sec.skip("Fixed points are defined for recurrent dynamics; this is a ResNet (CNN) population.")
         return FixedPointsResult.skipped("CNN population")
     if not ctx.cfg.fixed_points:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ... import family as families
 from ...data.tasks import UNK_ID, token_id
 from ...plots import group_colours
 from ..evaluate import accuracies
@@ -101,7 +102,7 @@ def run(ctx: Context, sec: Section, earlier: Results) -> Result:
 
 
 def _inapplicable(ctx: Context) -> str | None:
-    if ctx.run.family != "rnn":
+    if not families.get(ctx.run.family).recurrent:
         return "Word valence needs a recurrent model reading tokens; this is a ResNet (CNN) population."
     kinds = {r["input_kind"] for r in ctx.run.rows}
     if kinds != {"tokens"}:
