@@ -17,6 +17,7 @@ Shape legend: B batch, T steps, H hidden units (a tap's width), M meta hidden un
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -117,7 +118,8 @@ class Family:
 
 
 _FAMILIES: dict[str, Family] = {}
-_builtins_loaded = False
+_builtins = {"loaded": False, "loading": False}
+_builtins_lock = threading.RLock()  # the store reads footers in threads: none may look before the built-ins are in
 
 
 def register(family: Family) -> Family:
@@ -145,11 +147,18 @@ def _archs(family: Family) -> tuple[str, ...]:
 
 
 def _load_builtins() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        for module in BUILTIN:
-            importlib.import_module(module)  # each calls ``register`` (the flag is set: no recursion)
+    if _builtins["loaded"]:
+        return
+    with _builtins_lock:
+        if _builtins["loaded"] or _builtins["loading"]:  # loading: a built-in module's own ``register``
+            return
+        _builtins["loading"] = True
+        try:
+            for module in BUILTIN:  # in this order, whichever module asked first
+                importlib.import_module(module)
+            _builtins["loaded"] = True
+        finally:
+            _builtins["loading"] = False
 
 
 def names() -> list[str]:
