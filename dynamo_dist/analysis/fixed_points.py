@@ -80,8 +80,8 @@ def meta_dynamics(meta: nn.Module, theta_E: torch.Tensor, x_star_D: torch.Tensor
 def _recurrence(model: nn.Module) -> tuple[nn.RNNBase, Callable | None, nn.Module | None]:
     """(the nn.GRU/RNN/LSTM, the readout of its top layer, the input embedding) of a zoo sequence model or
     of a user's module read through hooks on one unidirectional recurrent submodule (adapters.HookedModel)."""
-    if isinstance(getattr(model, "rnn", None), nn.RNNBase):  # the zoo's SequenceClassifier
-        return model.rnn, model.readout, model.embed
+    if isinstance(getattr(model, "rnn", None), nn.RNNBase):  # the zoo's SequenceClassifier, or a module shaped like it
+        return model.rnn, model.readout, getattr(model, "embed", None)
     hidden, inner = getattr(model, "hidden", None), getattr(model, "module", None)
     rnn = inner.get_submodule(hidden[0]) if inner is not None and hidden and len(hidden) == 1 else None
     if not isinstance(rnn, nn.RNNBase) or rnn.bidirectional or getattr(rnn, "proj_size", 0):

@@ -17,8 +17,14 @@ from torch import nn
 BITS = 3
 
 
-def make_data(num: int, steps: int = 40, p_pulse: float = 0.05, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(x (N, T, 3) float32 pulses in {-1, 0, 1}, y (N, T, 3) float32 the last pulse per channel)."""
+def make_data(num: int, steps: int = 40, p_pulse: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(x (N, T, 3) float32 pulses in {-1, 0, 1}, y (N, T, 3) float32 the last pulse per channel).
+
+    ``p_pulse``: chance of a pulse per channel and step. Frequent pulses make a network answer each pulse
+    the same way whenever it comes, so between pulses its state must return to one point per memory: an
+    attractor. With rare ones (0.05) a 24-unit GRU held the bits by slow drift instead (eigenvalues
+    0.98-0.999, the drifting memories merging after ~1,000 steps): docs/user-models.md.
+    """
     rng = np.random.default_rng(seed)
     pulses = rng.random((num, steps, BITS)) < p_pulse
     x = np.where(pulses, rng.choice([-1.0, 1.0], size=(num, steps, BITS)), 0.0).astype(np.float32)
@@ -28,6 +34,22 @@ def make_data(num: int, steps: int = 40, p_pulse: float = 0.05, seed: int = 0) -
         state = np.where(x[:, t] != 0, x[:, t], state)
         y[:, t] = state
     return x, y
+
+
+def sign_patterns() -> np.ndarray:
+    """The 8 memories the task stores, (8, 3) in {-1, 1}: one per sign pattern of the 3 bits."""
+    return np.array([[1.0 if (k >> (BITS - 1 - b)) & 1 else -1.0 for b in range(BITS)] for k in range(2 ** BITS)],
+                    np.float32)
+
+
+def pulse_patterns(hold: int = 40, gap: int = 5) -> np.ndarray:
+    """(8, 2 * gap + 1 + hold, 3): each sign pattern set channel by channel (a pulse on channel k at step
+    k * gap, as the task's data set them), then ``hold`` steps of no input. A network that solves the task
+    ends each sequence next to the attractor that stores that pattern."""
+    x = np.zeros((2 ** BITS, (BITS - 1) * gap + 1 + hold, BITS), np.float32)
+    for k in range(BITS):
+        x[:, k * gap, k] = sign_patterns()[:, k]
+    return x
 
 
 class FlipFlopRNN(nn.Module):
@@ -60,4 +82,4 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 600, 
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    return float(loss)
+    return float(loss.detach())
