@@ -37,19 +37,19 @@ from dynamo_dist.analysis.fixed_points import (FixedPointFinder, base_dynamics, 
 # model_id -> (cell, layers, seed)
 MEMBERS = {"gru-1-s0": ("gru", 1, 0), "gru-1-s1": ("gru", 1, 1),
            "lstm-1-s0": ("lstm", 1, 0), "lstm-1-s1": ("lstm", 1, 1)}
-HIDDEN = 16            # units of every member (24-unit GRUs hold the bits by slow drift: docs/user-models.md)
+HIDDEN = 16            # units of every member (measured choices, GRU and LSTM: docs/user-models.md)
 NUM_SEARCH = 128       # fixed-point searches per dynamics: 16 pulse-and-hold states, then visited states
 HOLD = 40              # steps of no input after each pattern's pulse: the task's sequence length
 SETTLE = 400           # ... and ten times as long, where slow drift has ended
-# the meta recipe (MetaConfig fields). A small meta GRU: with 64 units it emulated as well and held the bits by
-# slow drift, with no attractors at the members' θ (docs/user-models.md)
+# the meta recipe (MetaConfig fields). A small meta GRU: one of 64 units emulated as well but held some bits by
+# slow drift, with 8, 7, 4 and 4 stable points at the four members' θ (docs/user-models.md)
 META = {"hidden_size": 16, "embedding_dim": 2, "steps": 600, "batch_size": 32, "models_per_step": 2, "lr": 2e-2,
         "eval_every": 600}
 
 
 def finder(random_state: int = 0) -> FixedPointFinder:
-    """The search used for base models and the meta-model alike: q <= 1e-8 (well inside float32 of a
-    state of norm ~1), points closer than 0.05 merged (the 8 corners are ~1 apart)."""
+    """The search used for base models and the meta-model alike: q <= 1e-8 (||F(h) - h|| <= 1.4e-4; float32
+    rounding of a state of norm ~1 is ~1e-7), points closer than 0.05 merged (the 8 corners are ~1 apart)."""
     return FixedPointFinder(num_initial=NUM_SEARCH, q_tol=1e-8, dedup_tol=0.05, random_state=random_state)
 
 
@@ -65,7 +65,7 @@ def train_members(members: dict[str, tuple[str, int, int]], x_NTK: torch.Tensor,
 
 
 def search_starts(visited, probe_x_NTK: torch.Tensor, num: int, seed: int = 0) -> torch.Tensor:
-    """(num, S) starts: the states ``HOLD`` and ``SETTLE`` steps after each sign pattern's pulse
+    """(num, S) starts: the states ``HOLD`` and ``SETTLE`` steps after each sign pattern is set
     (``flipflop.pulse_patterns``), then states visited on probe sequences. ``visited(x_NTK) -> (N*T, S)``
     in time order per example.
 
