@@ -313,6 +313,27 @@ def _population_means(per_model: dict[str, dict], keys: tuple[str, ...], prefix:
     return {f"{prefix}_{k}": tot[i] / tot[len(keys) + i] for i, k in enumerate(keys) if tot[len(keys) + i]}
 
 
+def _open_run(mlcfg: dict, run_id: str | None, cfg: MetaConfig, root: str, num_models: int):
+    """A future of rank 0's MLflow run (attached to ``run_id``, or started with the stage's params),
+    opened in a thread; its errors are raised where the run is first used."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def open_run():
+        from .. import tracking
+
+        tracking_store = tracking.Store(**mlcfg["store"])
+        if run_id:
+            return tracking_store.attach(run_id)
+        run = tracking_store.start_run(mlcfg["run_name"], mlcfg["parent_run_id"])
+        run.log_params(tracking.meta_params(cfg, root, num_models))
+        return run
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="meta-mlflow")
+    future = pool.submit(open_run)
+    pool.shutdown(wait=False)  # the thread runs to its end; the caller waits on the future
+    return future
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: one shard of (theta_n, V_n), the shared meta-model under DDP.
 
@@ -367,19 +388,21 @@ def train_loop_per_worker(config: dict) -> None:
     trainer.forward_module = _wrap_ddp(trainer)
 
     mlcfg = config["mlflow"]
-    run = None
     # a restart continues its own MLflow run; a run seeded from another run's checkpoint starts one
     run_id = mlcfg["run_id"] or (shared["mlflow_run_id"] if own_ckpt is not None else None)
-    if rank == 0 and mlcfg["store"] is not None:
-        from .. import tracking
+    # rank 0 opens its MLflow run beside the first steps: importing mlflow and opening its store take
+    # seconds that every worker would otherwise wait out at the first all-reduce
+    opening = _open_run(mlcfg, run_id, cfg, root, len(ids)) if rank == 0 and mlcfg["store"] is not None else None
+    run = None
 
-        tracking_store = tracking.Store(**mlcfg["store"])
-        if run_id:
-            run = tracking_store.attach(run_id)
-        else:
-            run = tracking_store.start_run(mlcfg["run_name"], mlcfg["parent_run_id"])
-            run.log_params(tracking.meta_params(cfg, root, len(ids)))
-        run_id = run.run_id
+    def tracked():
+        """Rank 0's MLflow run once open (None without a store); its id goes into every checkpoint."""
+        nonlocal run, run_id, opening
+        if opening is not None:
+            run, opening = opening.result(), None
+            run_id = run.run_id
+        return run
+
     token = uuid.uuid4().hex[:8]  # distinct checkpoint dir names per attempt (rank 0's is used)
     t_steps, cpu_steps = time.perf_counter(), time.process_time()
     steps_done = 0
@@ -422,7 +445,7 @@ def train_loop_per_worker(config: dict) -> None:
         if final:
             test = evaluate(trainer, "test")
             metrics.update(_population_means(test, ("agreement", "output_r2", "hidden_r2", "meta_accuracy"), "test"))
-        if run is not None and recs:
+        if tracked() is not None and recs:
             run.log_history(recs)
         checkpoint_due = final or trainer.step % cfg.checkpoint_every == 0
         if rank == 0 and config["progress"]:
