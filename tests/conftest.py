@@ -14,10 +14,16 @@ import torch
 # The files that took longest go first, so that none of them starts last and runs on alone; measured
 # with `--durations` (benchmarks/RESULTS.md, the make-test rows). A file not named keeps its place
 # after these. Order only: which tests run, and each file's own order, do not change.
-SLOWEST_FIRST = ("test_multinode.py", "test_faults_silent.py", "test_tune.py", "test_object_store.py",
+SLOWEST_FIRST = ("test_multinode.py", "test_multinode_sweeps.py", "test_faults_silent.py", "test_tune.py", "test_object_store.py",
                  "test_ray_train.py", "test_console.py", "test_trainer.py", "test_faults.py",
                  "test_population_ray.py", "test_cnn_ddp.py", "test_jobs.py", "test_population.py",
                  "test_analysis_report.py", "test_posthoc.py", "test_ray_embedded.py")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "serial: a test of Ray's timing that `make test` runs after the parallel "
+                            "files, with nothing of the suite beside it (Makefile); integration tests only, as "
+                            "`make test-fast` runs none of them")
 
 
 def pytest_collection_modifyitems(config, items):

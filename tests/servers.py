@@ -20,6 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+# The dashboard's subprocess modules must report ready within 30 s by default, or `ray start --head` fails
+# ("Module MetricsHead failed to start"): seen at load 20+ on 2 cores with parallel test files. Given
+# to every `ray start --head` the tests run.
+SLOW_MACHINE_RAY_ENV = {"RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "300"}
+
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
           "AWS_EC2_METADATA_DISABLED": "true"}
 

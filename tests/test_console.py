@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from recipes import small_analysis_args
 
 pytestmark = pytest.mark.integration
 BAR = re.compile(r"^(population|meta|analyze|record|embed):\s+\d+%\|")
@@ -19,7 +20,7 @@ NOISE = ("(pid=", "State API", "core_worker", "PlacementGroupCleaner", "Preempti
 def test_smoke_pipeline_console_is_the_projects_own(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DYNAMO_VERBOSE")}
     res = subprocess.run([sys.executable, "-m", "dynamo_dist.cli", "run", "--recipe", "smoke", "--set",
-                          f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env, timeout=900)
+                          f"run_dir={tmp_path / 'run'}", *small_analysis_args()], capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     lines = [ln.rstrip() for ln in re.split(r"[\r\n]+", res.stdout + res.stderr) if ln.strip()]
     text = [ln for ln in lines if not BAR.match(ln)]

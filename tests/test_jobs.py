@@ -15,8 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import servers
+from recipes import small_analysis_args
 
-pytestmark = pytest.mark.integration
+# serial (Makefile): a loaded machine with other test files beside it left the head's job agent not up in time
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -28,7 +30,7 @@ def ray_head(tmp_path_factory):
     # machine (a parallel test worker's, another user's)
     gcs, dash, client_port = servers.free_port(), servers.free_port(), servers.free_port()
     tmp = Path("/tmp") / f"rayjobs-{os.getpid()}"  # short: Ray's unix socket paths have a length limit
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **servers.SLOW_MACHINE_RAY_ENV, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
     proc = subprocess.Popen(
@@ -97,7 +99,8 @@ def test_smoke_pipeline_job_succeeds_and_writes_outputs(ray_head, tmp_path):
     run_dir = tmp_path / "run"
     job = _submit(
         ray_head,
-        entrypoint=f"{sys.executable} jobs/pipeline.py --config configs/smoke.yaml --set run_dir={run_dir}",
+        entrypoint=(f"{sys.executable} jobs/pipeline.py --config configs/smoke.yaml --set run_dir={run_dir} "
+                    + " ".join(small_analysis_args())),  # tests/recipes.py: for time
         runtime_env=_runtime_env())
     status = _wait(ray_head, job)
     logs = ray_head.get_job_logs(job)

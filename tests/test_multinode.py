@@ -1,7 +1,9 @@
 """A real 2-node Ray cluster on this machine (head + worker, each its own temp dir, loopback, token
-auth), shared by the tests of this module: the worker node is killed during a population stage, during
-elastic meta training and during a sweep, and each finishes on the surviving node (a new worker node
-joins before the next test)."""
+auth), shared by the tests of this module: the worker node is killed during a population stage and
+during elastic meta training, and each finishes on the surviving node (a new worker node joins before
+the next test); the smoke pipeline runs on both nodes with its outputs on a bucket.
+test_multinode_sweeps.py starts a cluster of its own (this module's fixtures) for the sweeps, so that
+`make test`'s parallel workers run the two halves at once."""
 
 from __future__ import annotations
 
@@ -15,18 +17,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
 import yaml
 
 from dynamo_dist.data import store
-from dynamo_dist.data.lock import LOCK_FILE
-from servers import free_port, mlflow_server, s3_server
+from recipes import small_analysis_args
+from servers import SLOW_MACHINE_RAY_ENV, free_port, mlflow_server, s3_server
 
 pytestmark = pytest.mark.integration
 RAY = Path(sys.executable).with_name("ray")
 _CLUSTERS = itertools.count()
+START_ATTEMPTS = 3  # `ray start` of one node (Cluster._start_up)
 
 
 def _ports() -> list[str]:
@@ -62,25 +66,27 @@ class Cluster:
 
     def __init__(self, tmp: Path, extra_env: dict | None = None):
         self.tmp, self.count = tmp, itertools.count()
-        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+        self.env = {**os.environ, **SLOW_MACHINE_RAY_ENV, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
                     "RAY_AUTH_TOKEN": secrets.token_hex(32), **(extra_env or {})}
         for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
             self.env.pop(k, None)
-        self.gcs = free_port()
-        self.address = f"127.0.0.1:{self.gcs}"
-        # the nodes' processes (Ray Train's PlacementGroupCleaner among them) find the State API through
-        # RAY_ADDRESS: without it they search the machine and fail when another Ray runs on it
-        self.env["RAY_ADDRESS"] = self.address
         self.short = Path("/tmp") / f"mn-{os.getpid()}-{next(_CLUSTERS)}"  # Ray's socket paths have a length limit
         self.nodes: list[Node] = []
-        # the dashboard answers Ray's State API, which Ray Train needs to free the workers of a trial
-        # that ASHA stops (meta.tune._check_state_api)
-        self.head = self._start(["--head", f"--port={self.gcs}", "--include-dashboard=true",
-                                 "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}",
-                                 f"--ray-client-server-port={free_port()}"], "h")
         self.worker: Node | None = None
-        # a worker started before the head's GCS answers gives up at once
-        _wait_for_nodes(self.env, self.gcs, 1, self.head)
+
+        def head_args() -> list[str]:
+            self.gcs = free_port()
+            self.address = f"127.0.0.1:{self.gcs}"
+            # the nodes' processes (Ray Train's PlacementGroupCleaner among them) find the State API through
+            # RAY_ADDRESS: without it they search the machine and fail when another Ray runs on it
+            self.env["RAY_ADDRESS"] = self.address
+            # the dashboard answers Ray's State API, which Ray Train needs to free the workers of a trial
+            # that ASHA stops (meta.tune._check_state_api)
+            return ["--head", f"--port={self.gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}"]
+
+        # a worker started before the head's GCS answers gives up at once: wait for it
+        self.head = self._start_up(head_args, "h", 1)
 
     def _start(self, args: list[str], name: str) -> Node:
         node = Node([*args, "--num-cpus=1", f"--temp-dir={self.short}-{name}", *_ports()], self.env,
@@ -88,11 +94,26 @@ class Cluster:
         self.nodes.append(node)
         return node
 
+    def _start_up(self, args: Callable[[], list[str]], name: str, live: int) -> Node:
+        """A node started and seen by the cluster (``live`` nodes in all). On a loaded 2-core machine
+        `ray start` itself sometimes gives up (its raylet not registered within Ray's fixed 30 s: "The
+        current node timed out during startup"); such a node is started again, up to
+        ``START_ATTEMPTS`` times. A node that starts but is not seen in time is an error at once."""
+        for attempt in range(START_ATTEMPTS):
+            node = self._start(args(), name if attempt == 0 else f"{name}-again{attempt}")
+            try:
+                _wait_for_nodes(self.env, self.gcs, live, node)
+                return node
+            except RuntimeError:
+                if node.proc.poll() is None or attempt == START_ATTEMPTS - 1:
+                    raise
+                node.kill()
+        raise AssertionError("unreachable")
+
     def two_nodes(self) -> None:
         """A live worker node besides the head (a new one when the last was killed)."""
         if self.worker is None or self.worker.proc.poll() is not None:
-            self.worker = self._start([f"--address={self.address}"], f"w{next(self.count)}")
-            _wait_for_nodes(self.env, self.gcs, 2, self.worker)
+            self.worker = self._start_up(lambda: [f"--address={self.address}"], f"w{next(self.count)}", 2)
 
     def close(self) -> None:
         for n in reversed(self.nodes):
@@ -139,37 +160,53 @@ def two_nodes(cluster):
     return {"address": cluster.address, "env": cluster.env, "head": cluster.head, "worker": cluster.worker}
 
 
-def _wait_for_nodes(env: dict, gcs: int, n: int, node: Node, timeout: float = 180) -> None:
-    """Until the cluster has ``n`` live nodes; RuntimeError with ``node``'s log if it exits first."""
-    probe = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-             "print(sum(1 for x in ray.nodes() if x['Alive']))")
+def _probe(env: dict, code: str, args: list[str], node: Node | None, timeout: float) -> bool:
+    """Run ``code`` (a Python program that connects to the cluster and waits for a condition, then
+    prints "ok") in a subprocess: one connection for the whole wait, not one a poll (each costs an
+    interpreter start and an import of Ray, seconds on a loaded machine). False if it did not print
+    "ok" within ``timeout``; RuntimeError with ``node``'s log if that node exits meanwhile."""
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env=env, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if node is not None and node.proc.poll() is not None:
+                node.log.flush()
+                raise RuntimeError(f"`ray start` exited rc={node.proc.returncode}:\n"
+                                   f"{Path(node.log.name).read_text()[-3000:]}")
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        out = proc.communicate()[0]
+    return proc.returncode == 0 and out.strip().splitlines()[-1:] == ["ok"]
+
+
+# connects (retrying while the GCS is not up yet), then polls in-process until the condition holds
+_PROBE = ("import ray, sys, time; ray.init(address=sys.argv[1], logging_level='ERROR'); n = int(sys.argv[2])\n"
+          "while {condition} != n: time.sleep(0.2)\n"
+          "print('ok')")
+_LIVE_NODES = _PROBE.format(condition="sum(1 for x in ray.nodes() if x['Alive'])")
+_FREE_CPUS = _PROBE.format(condition="int(ray.available_resources().get('CPU', 0))")
+
+
+def _wait_for(env: dict, code: str, args: list[str], node: Node | None, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if node.proc.poll() is not None:
-            node.log.flush()
-            raise RuntimeError(f"`ray start` exited rc={node.proc.returncode}:\n{Path(node.log.name).read_text()[-3000:]}")
-        try:  # a probe started before the GCS listens can hang: give up on it, look at the node again
-            res = subprocess.run([sys.executable, "-c", probe, f"127.0.0.1:{gcs}"], capture_output=True, text=True,
-                                 env=env, timeout=60)
-        except subprocess.TimeoutExpired:
-            continue
-        if res.returncode == 0 and res.stdout.strip().splitlines()[-1:] == [str(n)]:
+        # a probe started before the GCS listens can hang: give up on it after 60 s and start another
+        if _probe(env, code, args, node, min(60.0, deadline - time.monotonic())):
             return
-        time.sleep(2)
-    raise RuntimeError(f"the cluster did not reach {n} live nodes in {timeout} s")
+        time.sleep(1)
+    raise RuntimeError(f"the cluster did not have {what} within {timeout} s")
+
+
+def _wait_for_nodes(env: dict, gcs: int, n: int, node: Node, timeout: float = 180) -> None:
+    """Until the cluster has ``n`` live nodes; RuntimeError with ``node``'s log if it exits first."""
+    _wait_for(env, _LIVE_NODES, [f"127.0.0.1:{gcs}", str(n)], node, timeout, f"{n} live nodes")
 
 
 def _wait_for_free_cpus(env: dict, address: str, n: int, timeout: float = 120) -> None:
-    probe = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-             "print(int(ray.available_resources().get('CPU', 0)))")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        res = subprocess.run([sys.executable, "-c", probe, address], capture_output=True, text=True, env=env,
-                             timeout=120)
-        if res.returncode == 0 and res.stdout.strip().splitlines()[-1:] == [str(n)]:
-            return
-        time.sleep(1)
-    raise RuntimeError(f"the cluster did not have {n} free CPUs within {timeout} s")
+    _wait_for(env, _FREE_CPUS, [address, str(n)], None, timeout, f"{n} free CPUs")
 
 
 def test_worker_node_killed_during_a_population_every_model_completes_once(two_nodes, tracking, tmp_path):
@@ -276,74 +313,6 @@ def test_worker_node_killed_during_meta_training_continues_with_fewer_workers(tw
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)  # up to the checkpoint it resumed from or later
 
 
-def test_a_sweep_whose_worker_node_dies_finishes_every_trial(two_nodes, tracking, small_population, tmp_path):
-    """Two trials at once, one per node; the worker node dies mid-trial: its trial runs again on the
-    head (sweep trials retry up to meta.max_failures) and the sweep ends with both trials finished."""
-    import json
-
-    run_dir = tmp_path / "run"
-    cfg = {"run_dir": str(run_dir), "population": {"root": str(small_population)},
-           "meta": {"hidden_size": 16, "embedding_dim": 2, "steps": 400, "batch_size": 8, "models_per_step": 2,
-                    "checkpoint_every": 400, "eval_every": 100, "max_failures": 2, "seed": 0},
-           "sweep": {"output_weight": [0.0, 1.0], "embedding_dim": [2], "max_concurrent_trials": 2}}
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    env = two_nodes["env"]
-    driver = subprocess.Popen([sys.executable, "-m", "dynamo_dist.cli", "sweep", "--config", str(path),
-                               "--address", two_nodes["address"], "--tracking-uri", tracking],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.monotonic() + 300
-    while len(list(run_dir.glob(f"sweep/*/trial-*/{LOCK_FILE}"))) < 2 and time.monotonic() < deadline:
-        assert driver.poll() is None, driver.stdout.read()
-        time.sleep(0.1)
-    assert time.monotonic() < deadline, "the two trials never ran at once"
-    two_nodes["worker"].kill()  # with the trial running there
-    out, _ = driver.communicate(timeout=600)
-    assert driver.returncode == 0, out[-4000:]
-    (table,) = run_dir.glob("sweep/*/trials.json")
-    trials = json.loads(table.read_text())
-    assert sorted(t["output_weight"] for t in trials) == [0.0, 1.0]
-    assert all(t["status"] == "TERMINATED" and t["steps"] == 400 for t in trials), trials
-    for t in trials:
-        assert json.loads((Path(t["output_dir"]) / "summary.json").read_text())["num_models"] == 4
-
-
-def test_an_asha_sweep_of_two_worker_train_trials_frees_the_workers_of_stopped_trials(two_nodes, tracking,
-                                                                                     small_population, tmp_path):
-    """ASHA over Ray Train trials of 2 workers, one per node (the cluster holds one trial at a time),
-    ranked on the training loss, which lambda=1's output term makes larger than lambda=0's by
-    construction: the lambda=1 trial after a lambda=0 one is stopped at the first rung, its workers
-    are freed (the next trial trains on both nodes) and the sweep finishes with every trial."""
-    import json
-
-    run_dir = tmp_path / "run"
-    cfg = {"run_dir": str(run_dir), "population": {"root": str(small_population)},
-           # steps enough that a stopped trial's workers cannot finish before Tune's stop reaches them (the
-           # first rung is at step 100, reported at 120)
-           "meta": {"hidden_size": 16, "embedding_dim": 2, "steps": 400, "batch_size": 8, "models_per_step": 2,
-                    "checkpoint_every": 40, "eval_every": 40, "max_failures": 1, "seed": 0},
-           "sweep": {"output_weight": [0.0, 1.0, 0.0], "embedding_dim": [2], "scheduler": "asha", "metric": "loss",
-                     "workers_per_trial": 2, "max_concurrent_trials": 2}}
-    path = tmp_path / "asha.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    res = subprocess.run([sys.executable, "-m", "dynamo_dist.cli", "sweep", "--config", str(path),
-                          "--address", two_nodes["address"], "--tracking-uri", tracking],
-                         capture_output=True, text=True, env=two_nodes["env"], timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    (table,) = run_dir.glob("sweep/*/trials.json")
-    trials = sorted(json.loads(table.read_text()), key=lambda t: t["trial"])
-    assert [t["output_weight"] for t in trials] == [0.0, 1.0, 0.0]
-    first, stopped, last = trials
-    seen = f"{[(t['output_weight'], t['status'], t['steps'], t['num_reports']) for t in trials]}\n{res.stdout[-4000:]}"
-    assert first["status"] == "TERMINATED" and first["steps"] == 400, seen
-    assert stopped["status"] == "STOPPED_EARLY" and stopped["steps"] < 400, seen
-    # the stopped trial's 2 workers were freed: the last trial trained on both nodes past the first rung
-    assert last["status"] in ("TERMINATED", "STOPPED_EARLY") and last["steps"] >= 120
-    for t in trials:  # every trial has outputs: a stopped one from its latest checkpoint
-        summary = json.loads((Path(t["output_dir"]) / "summary.json").read_text())
-        assert summary["num_models"] == 4 and summary["num_workers"] == 2
-
-
 def test_the_smoke_pipeline_runs_on_two_nodes_with_every_output_on_a_bucket(two_nodes, tracking, s3):
     """What a user types for the demo on a cluster with a bucket (the smoke recipe, for time): population
     actors and the 2 Train workers on both nodes, every output in s3://, readable from the bucket."""
@@ -351,7 +320,7 @@ def test_the_smoke_pipeline_runs_on_two_nodes_with_every_output_on_a_bucket(two_
 
     run_dir = f"s3://dynamo-dist-runs/two-nodes-{os.getpid()}"
     command = [sys.executable, "-m", "dynamo_dist.cli", "run", "--recipe", "smoke", "--set", f"run_dir={run_dir}",
-               "--set", "population.num_actors=2", "--set", "meta.num_workers=2",
+               "--set", "population.num_actors=2", "--set", "meta.num_workers=2", *small_analysis_args(),
                "--address", two_nodes["address"], "--tracking-uri", tracking]
     t0 = time.monotonic()
     res = subprocess.run(command, capture_output=True, text=True, env=two_nodes["env"], timeout=900)

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pyarrow.fs as pafs
 import pytest
 import yaml
 
+from recipes import small_analysis_args
 from servers import mlflow_server, s3_server
 
 pytestmark = pytest.mark.integration
@@ -78,7 +80,8 @@ def test_smoke_pipeline_with_a_sweep_on_a_bucket_is_readable_from_the_bucket(s3,
     import duckdb
 
     res = _cli(["run", "--recipe", "smoke", "--set", "run_dir=s3://bucket/runs/smoke", "--tracking-uri", tracking,
-                "--set", "sweep={output_weight: [0.0, 1.0], embedding_dim: [2], max_concurrent_trials: 1}"], _env(s3))
+                "--set", "sweep={output_weight: [0.0, 1.0], embedding_dim: [2], max_concurrent_trials: 1}",
+                *small_analysis_args()], _env(s3))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "s3://bucket/runs/smoke/meta/analysis/report.html" in res.stdout
     fs = _fs(s3)
@@ -172,15 +175,28 @@ def test_an_interrupted_population_on_a_bucket_resumes_without_retraining(s3, tm
     fs = _fs(s3)
     weights = "bucket/interrupted/population/weights"
     driver = subprocess.Popen(CLI + ["population", "--config", str(path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=_env(s3), start_new_session=True)
+                              stderr=subprocess.STDOUT, env=_env(s3), start_new_session=True)
+    # the first model's completion read from the driver's progress bar as it is printed: polling the
+    # bucket's listing for it once noticed it only after all five models were done (load 20+, 2 cores)
+    output, first_done = bytearray(), threading.Event()
+
+    def read() -> None:
+        for chunk in iter(lambda: os.read(driver.stdout.fileno(), 4096), b""):
+            output.extend(chunk)
+            if b"| 1/5 [" in output:
+                first_done.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     deadline = time.monotonic() + 300
-    while not _keys(fs, weights) and time.monotonic() < deadline:
-        assert driver.poll() is None, driver.stdout.read()
-        time.sleep(0.2)
+    while not first_done.wait(0.2) and time.monotonic() < deadline:
+        assert driver.poll() is None, output.decode(errors="replace")[-3000:]
     # Ctrl-C: the stage stops, releasing its lease. 40 epochs: ~2.6 s a model after the first, so the others
     # are not all done when it lands (with 3 epochs all five were, once, on a quiet machine)
     os.killpg(driver.pid, signal.SIGINT)
-    out, _ = driver.communicate(timeout=120)
+    driver.wait(timeout=120)
+    reader.join(timeout=30)
+    out = output.decode(errors="replace")
     assert driver.returncode == 130, out[-3000:]
     before = _keys(fs, weights)
     assert 1 <= len(before) < 5, out[-3000:]

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import servers
+from recipes import small_analysis_args
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -67,7 +68,7 @@ COVERAGE: dict[str, tuple[str, str]] = {
     "dynamo-dist embed": (f"{HERE}::test_your_own_models_add_meta_embed", "a third user model into that meta run"),
     "dynamo-dist seeds": (f"{HERE}::test_seeds_trains_two_seeds_and_meta_dirs_gives_the_same_scores",
                           "--seeds 0,1 on the smoke population, then --meta-dirs on the two runs"),
-    "dynamo-dist sweep": ("tests/test_multinode.py::test_a_sweep_whose_worker_node_dies_finishes_every_trial",
+    "dynamo-dist sweep": ("tests/test_multinode_sweeps.py::test_a_sweep_whose_worker_node_dies_finishes_every_trial",
                           "`dynamo-dist sweep --config` as a subprocess on a 2-node cluster; "
                           "configs/sweep-demo.yaml is validated here (test_readme_configs_validate)"),
     "python jobs/pipeline.py": ("tests/test_jobs.py::test_smoke_pipeline_job_succeeds_and_writes_outputs",
@@ -198,7 +199,10 @@ def test_readme_configs_validate():
 def test_make_test_is_what_ci_runs():
     assert (REPO / ".ci" / "run").read_text().strip().splitlines()[-1] == "make test"
     test = _make_n("test")
-    assert re.search(r"python -m pytest .* tests$", test, re.M), test  # TEST_WORKERS picks -n (0: one process)
+    # two passes that together are the whole suite: the parallel files (TEST_WORKERS picks -n, 0: one
+    # process), then the tests marked serial in one process
+    assert re.search(r"python -m pytest .*-m \"?not serial\"? tests$", test, re.M), test
+    assert re.search(r"python -m pytest (?!.*-n ).*-m \"?serial\"? tests$", test, re.M), test
     fast = _make_n("test-fast")
     assert re.search(r"python -m pytest .*-m \"?not integration\"? tests$", fast, re.M), fast
     assert "python3 -m venv .venv" in subprocess.run(["make", "-n", "-B", "setup"], cwd=REPO, capture_output=True,
@@ -239,7 +243,7 @@ def smoke_run(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("readme")
     run_dir = work / "runs" / "demo"
     argv = as_argv(line, {".venv/bin/dynamo-dist": "dynamo-dist", "configs/demo.yaml": str(SMOKE)},
-                   "--set", f"run_dir={run_dir}")
+                   "--set", f"run_dir={run_dir}", *small_analysis_args())  # tests/recipes.py: for time
     start = time.monotonic()
     out = _run(argv, cwd=work, timeout=900)
     return {"work": work, "run_dir": run_dir, "stdout": out, "seconds": time.monotonic() - start}
