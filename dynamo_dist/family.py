@@ -55,6 +55,10 @@ class Family:
         """The base model of ``spec`` (one of ``archs``), freshly initialised."""
         raise NotImplementedError
 
+    def check_population(self, rows: Sequence[Mapping], root: str) -> None:
+        """ValueError, saying why, for manifest rows (of this family, files in the population root ``root``)
+        that this family's meta-model cannot embed together; footers only, no values read (default: none)."""
+
     def state_target(self, model: nn.Module, state: Mapping) -> nn.Module:
         """The module of ``build(spec)`` a plain state dict of this family loads into (default: the model)."""
         return model

@@ -12,6 +12,7 @@ from torch import nn
 
 from .. import family, zoo
 from ..config import RESNET_ARCHS
+from ..data import store
 from ..meta.model import MetaResNet
 
 
@@ -30,6 +31,29 @@ class ConvolutionalFamily(family.Family):
 
     def build(self, spec) -> nn.Module:
         return zoo.SmallImageResNet(spec)
+
+    def check_population(self, rows, root):
+        # users' CNNs (read through hooks) may have any number of taps at any resolution, but the meta-ResNet has
+        # four stage maps and V_n is a 1x1 conv: each tap must have its stage's size (footers only, no values read)
+        custom = [r for r in rows if r["arch"] == self.hooked_arch]
+        want = MetaResNet.stage_sizes(*rows[0]["input_shape"][1:])
+        misfit = {}
+        for r in custom:
+            got = [tuple(s[1:]) for s in store.trajectory_info(root, r["model_id"], "probe").hidden_shapes]
+            if got != want:
+                misfit.setdefault(str(got), []).append(r["model_id"])
+        if misfit:
+            detail = "; ".join(f"{ids[:5]}{'...' if len(ids) > 5 else ''} ({len(ids)} models): (H, W) per tap {got}"
+                               for got, ids in misfit.items())
+            raise ValueError(
+                f"the CNN meta-model cannot emulate these models' hidden states: {detail}. The meta-model is a "
+                f"small-image ResNet with 4 stage maps of (H, W) {want} for inputs {list(rows[0]['input_shape'])}, "
+                "and it maps its stages to a model's taps channel by channel (1x1 conv), so a model needs 4 taps of "
+                "exactly those sizes (an ImageNet stem's stride-2 conv1 and max-pool make every map 4 times "
+                "smaller; timm's feature_info often gives 5 taps). They stay recorded in the population root. To embed "
+                "a CNN: use the small-image layout (conv1 = Conv2d(C, 64, 3, 1, 1), maxpool = Identity: adopted as a "
+                "zoo ResNet), or name 4 submodules whose outputs have those sizes (architecture.json: \"hidden\": "
+                "[...]); embed the other models from a population root without these")
 
     def state_target(self, model, state):
         # a bare torchvision ResNet's state dict (no ``net.`` prefix) loads into the wrapped network

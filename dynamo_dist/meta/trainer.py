@@ -19,11 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import family as families
 from ..config import MetaConfig
 from ..data import store
 from ..data.cache import TrajectoryCache
 from ..data.tasks import Split
-from ..zoo import CUSTOM_CNN_ARCH, family_of, output_kind_of
+from ..zoo import family_of, output_kind_of
 from . import checkpoint, model, signature
 from .metrics import evaluate, summarize
 from .objective import REFIT_RIDGE, Chunk, distance_for, dynamo_loss, embedding_penalty, refit_maps
@@ -65,8 +66,7 @@ class PopulationData:
         info = getattr(self.probe, "info", None)
         if info is not None:
             return info(model_id).hidden_shapes
-        hs = self.probe[model_id].hiddens
-        return [tuple(h.shape[2:]) if self.family == "rnn" else tuple(h.shape[1:]) for h in hs]
+        return families.get(self.family).hidden_shapes(self.probe[model_id].hiddens)
 
     def num_examples(self, model_id: str) -> int:
         info = getattr(self.probe, "info", None)
@@ -74,8 +74,8 @@ class PopulationData:
 
 
 def check_population(rows: list[dict], root: str) -> None:
-    """Reject populations DYNAMO cannot embed together: mixed families or input sizes, users' CNNs whose
-    taps are not the meta-ResNet's four stage maps."""
+    """Reject populations DYNAMO cannot embed together: mixed families or input sizes, models the family's
+    meta-model cannot emulate (``Family.check_population``)."""
     if not rows:
         raise ValueError(f"population {root} has no complete models in its manifest")
     kinds = {(r["input_kind"], tuple(r["input_shape"]), r.get("vocab_size")) for r in rows}
@@ -88,28 +88,7 @@ def check_population(rows: list[dict], root: str) -> None:
     fams = {family_of(r["arch"]) for r in rows}
     if len(fams) > 1:
         raise ValueError("base models mix RNNs and ResNets; embed each family in its own meta run")
-    # users' CNNs (read through hooks) may have any number of taps at any resolution, but the meta-ResNet has
-    # four stage maps and V_n is a 1x1 conv: each tap must have its stage's size (footers only, no values read)
-    custom = [r for r in rows if r["arch"] == CUSTOM_CNN_ARCH]
-    if custom:
-        want = model.MetaResNet.stage_sizes(*rows[0]["input_shape"][1:])
-        misfit = {}
-        for r in custom:
-            got = [tuple(s[1:]) for s in store.trajectory_info(root, r["model_id"], "probe").hidden_shapes]
-            if got != want:
-                misfit.setdefault(str(got), []).append(r["model_id"])
-        if misfit:
-            detail = "; ".join(f"{ids[:5]}{'...' if len(ids) > 5 else ''} ({len(ids)} models): (H, W) per tap {got}"
-                               for got, ids in misfit.items())
-            raise ValueError(
-                f"the CNN meta-model cannot emulate these models' hidden states: {detail}. The meta-model is a "
-                f"small-image ResNet with 4 stage maps of (H, W) {want} for inputs {list(rows[0]['input_shape'])}, "
-                "and it maps its stages to a model's taps channel by channel (1x1 conv), so a model needs 4 taps of "
-                "exactly those sizes (an ImageNet stem's stride-2 conv1 and max-pool make every map 4 times "
-                "smaller; timm's feature_info often gives 5 taps). They stay recorded in the population root. To embed "
-                "a CNN: use the small-image layout (conv1 = Conv2d(C, 64, 3, 1, 1), maxpool = Identity: adopted as a "
-                "zoo ResNet), or name 4 submodules whose outputs have those sizes (architecture.json: \"hidden\": "
-                "[...]); embed the other models from a population root without these")
+    families.get(fams.pop()).check_population(rows, root)
 
 
 def load_population(root: str, model_ids: list[str] | None = None, with_test: bool = True,
