@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 
 import pytest
 from recipes import small_analysis_args
@@ -54,12 +55,29 @@ def test_ctrl_c_is_one_line_and_a_rerun_resumes(tmp_path):
         except (FileNotFoundError, ValueError, OSError):  # not written yet
             return []
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    # the first completed model read from the progress bar as it is printed: polling the manifest for
+    # it once noticed it only after all four models were done (parallel test files, load 20+, 2 cores)
+    out, err_bytes, first_done = bytearray(), bytearray(), threading.Event()
+
+    def read(stream, into: bytearray, watch: bool) -> None:
+        for chunk in iter(lambda: os.read(stream.fileno(), 4096), b""):
+            into.extend(chunk)
+            if watch and b"| 1/4 [" in into:
+                first_done.set()
+
+    readers = [threading.Thread(target=read, args=(proc.stdout, out, False), daemon=True),
+               threading.Thread(target=read, args=(proc.stderr, err_bytes, True), daemon=True)]
+    for r in readers:
+        r.start()
     deadline = time.monotonic() + 300
-    while not complete() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+    while not first_done.wait(0.2) and time.monotonic() < deadline and proc.poll() is None:
+        pass
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    for r in readers:
+        r.join(timeout=30)
+    err = err_bytes.decode(errors="replace")
     assert proc.returncode == 130, err[-3000:]
     lines = [ln for ln in err.splitlines() if "interrupted" in ln]
     assert lines == ["dynamo-dist population: interrupted; completed work is kept (every file is written whole), "
