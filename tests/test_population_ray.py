@@ -202,6 +202,12 @@ def test_jobs_with_no_placeable_actor_fail_after_the_bound_naming_the_resources(
             ray.kill(actors[0], no_restart=True)
             holders.append(_CpuHolder.remote())
             ray.get(holders[0].ready.remote(), timeout=120)
+            # until this process's view of the cluster has the killed actor's other CPU free (the stage
+            # reads the same view for its message): on a loaded machine it lagged, and the message said
+            # "{} free" (serial make test pass, load 6)
+            deadline = time.monotonic() + 60
+            while ray.available_resources().get("CPU") != 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
 
     t = time.monotonic()
     try:
