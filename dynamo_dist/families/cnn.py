@@ -92,7 +92,7 @@ class ConvolutionalFamily(family.Family):
         return [h.mean(dim=(2, 3)).double().numpy() for h in hiddens]
 
     def meta_model(self, input_spec, output_sizes, *, embedding_dim, hidden_size, embed_dim, resnet_arch,
-                   theta_readout):
+                   theta_readout, theta_gain=False):
         return MetaResNet(input_spec, resnet_arch, embedding_dim, output_sizes)
 
 

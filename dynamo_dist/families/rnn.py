@@ -61,9 +61,9 @@ class RecurrentFamily(family.Family):
         return [h_NTH[step_mask(lengths[: h_NTH.shape[0]], h_NTH.shape[1])].double().numpy()]
 
     def meta_model(self, input_spec, output_sizes, *, embedding_dim, hidden_size, embed_dim, resnet_arch,
-                   theta_readout):
+                   theta_readout, theta_gain=False):
         return MetaRNN(input_spec, hidden_size, embedding_dim, output_sizes, embed_dim=embed_dim,
-                       theta_readout=theta_readout)
+                       theta_readout=theta_readout, theta_gain=theta_gain)
 
 
 RNN = family.register(RecurrentFamily())

@@ -25,6 +25,7 @@ from torch.optim.adamw import adamw
 
 from .. import family as families
 from ..zoo import ArchSpec, family_of
+from .gru import gru_sequence, gru_step
 
 
 def _escape(group: str) -> str:
@@ -73,7 +74,8 @@ class MetaRNN(nn.Module):
     """
 
     def __init__(self, input_spec: ArchSpec, hidden_size: int, embedding_dim: int,
-                 output_sizes: Mapping[str, int], embed_dim: int = 64, theta_readout: bool = False):
+                 output_sizes: Mapping[str, int], embed_dim: int = 64, theta_readout: bool = False,
+                 theta_gain: bool = False):
         super().__init__()
         self.embedding_dim = embedding_dim
         self.hidden_size = hidden_size
@@ -87,6 +89,8 @@ class MetaRNN(nn.Module):
         self.heads = GroupHeads({g: nn.Linear(hidden_size, c) for g, c in sorted(output_sizes.items())})
         # zeros, drawn from no generator: the other weights are those of the same seed without it
         self.readout_film = (nn.Parameter(torch.zeros(2 * hidden_size, embedding_dim)) if theta_readout else None)
+        # theta_gain: theta also scales the recurrence, (W_hh h + b_hh) * (1 + U theta), U (3M, E) from 0
+        self.recurrence_gain = (nn.Parameter(torch.zeros(3 * hidden_size, embedding_dim)) if theta_gain else None)
 
     @property
     def tap_dims(self) -> list[int]:
@@ -101,9 +105,7 @@ class MetaRNN(nn.Module):
         Every head is evaluated so that data-parallel training sees every shared
         parameter used at every step (heads are tiny next to the recurrence).
         """
-        u = self.encode(x)
-        th = theta_BE[:, None, :].expand(-1, u.shape[1], -1)
-        h_BTM, _ = self.cell(torch.cat([u, th], dim=-1))
+        h_BTM = gru_sequence(self.cell, self.encode(x), theta_BE, self.recurrence_gain)
         z = self._film(h_BTM, theta_BE[:, None, :])
         return [h_BTM], {g: head(z) for g, head in self.heads.items()}
 
@@ -121,15 +123,14 @@ class MetaRNN(nn.Module):
         return lambda h: head(self._film(h, theta_E))
 
     def theta_weights(self) -> list[torch.Tensor]:
-        """The weights that multiply theta: the GRU's input weights of the theta columns, (3M, E), and the
-        readout's FiLM (2M, E) when there is one."""
-        film = [] if self.readout_film is None else [self.readout_film]
-        return [self.cell.weight_ih_l0[:, -self.embedding_dim:], *film]
+        """The weights that multiply theta: the GRU's input weights of the theta columns, (3M, E), the
+        readout's FiLM (2M, E) and the recurrence's gain (3M, E) when there are."""
+        extra = [w for w in (self.readout_film, self.recurrence_gain) if w is not None]
+        return [self.cell.weight_ih_l0[:, -self.embedding_dim:], *extra]
 
     def step(self, x_BD: torch.Tensor, theta_BE: torch.Tensor, h_BM: torch.Tensor) -> torch.Tensor:
         """One application of F~(theta, x, h) -> next h (for fixed-point analysis); x_BD already encoded."""
-        out, _ = self.cell(torch.cat([x_BD, theta_BE], dim=-1)[:, None, :], h_BM[None])
-        return out[:, 0]
+        return gru_step(self.cell, x_BD, theta_BE, h_BM, self.recurrence_gain)
 
 
 NORM_GROUPS = 32  # GroupNorm groups in the meta-ResNet (Wu & He 2018's default; every width is a multiple)
@@ -280,7 +281,7 @@ def build(rows: Sequence[Mapping], cfg, model_ids: Sequence[str], base_dims: Seq
         torch.manual_seed(meta_seed)
     meta = build_meta_model(family, ArchSpec.from_row(rows[0]), output_sizes(rows), embedding_dim=cfg.embedding_dim,
                             hidden_size=cfg.hidden_size, embed_dim=cfg.embed_dim, resnet_arch=cfg.resnet_arch,
-                            theta_readout=cfg.method == "varpro")
+                            theta_readout=cfg.method == "varpro", theta_gain=cfg.recurrence_gain)
     if embeddings_seed is not None:
         torch.manual_seed(embeddings_seed)
     return meta, ModelEmbeddings(model_ids, cfg.embedding_dim, meta.tap_dims, base_dims, family,
@@ -289,11 +290,11 @@ def build(rows: Sequence[Mapping], cfg, model_ids: Sequence[str], base_dims: Seq
 
 def build_meta_model(family: str, input_spec: ArchSpec, output_sizes: Mapping[str, int], *, embedding_dim: int,
                      hidden_size: int = 128, embed_dim: int = 64, resnet_arch: str = "resnet10",
-                     theta_readout: bool = False) -> nn.Module:
+                     theta_readout: bool = False, theta_gain: bool = False) -> nn.Module:
     """The meta-model of ``family`` (``Family.meta_model``: each family reads the shape fields it needs)."""
     return families.get(family).meta_model(input_spec, output_sizes, embedding_dim=embedding_dim,
                                            hidden_size=hidden_size, embed_dim=embed_dim, resnet_arch=resnet_arch,
-                                           theta_readout=theta_readout)
+                                           theta_readout=theta_readout, theta_gain=theta_gain)
 
 
 _MOMENT_TABLES = ("theta_m", "theta_v", "maps_m", "maps_v", "steps")

@@ -29,9 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import config as config_mod
 from .. import family as families
-from ..config import MetaConfig
 from ..zoo import ArchSpec
 from . import checkpoint, outputs
 
@@ -48,7 +46,7 @@ class DynamoMetaModel(mlflow.pyfunc.PythonModel):
         self.load(Path(context.artifacts["meta_run"]))
 
     def load(self, directory: Path) -> "DynamoMetaModel":
-        cfg = config_mod.load(directory / outputs.CONFIG_FILE, MetaConfig)
+        cfg = outputs.run_config(directory)  # fields a run predates at what trained it
         rows = json.loads((directory / ROWS_FILE).read_text())
         meta_state, per_model = checkpoint.read_model_state(outputs.run_checkpoint(directory))
         ids = sorted(per_model)
