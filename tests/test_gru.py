@@ -21,10 +21,11 @@ def _grads(fn, cell, u, theta, weight):
     return out, torch.autograd.grad((out * weight).sum(), leaves)
 
 
+@pytest.mark.parametrize("D", [1, 3])  # 1: one input feature (MNIST-1D), its own product
 @pytest.mark.parametrize("u_grad", [False, True])  # True: token embeddings, whose gradient flows through u
-def test_states_and_every_gradient_equal_nn_gru(u_grad):
+def test_states_and_every_gradient_equal_nn_gru(u_grad, D):
     torch.manual_seed(0)
-    B, T, D, E, H = 6, 9, 3, 4, 7
+    B, T, E, H = 6, 9, 4, 7
     cell = nn.GRU(D + E, H, batch_first=True).double()
     with torch.no_grad():  # biases away from 0, so that a dropped bias term shows
         for p in cell.parameters():
@@ -133,7 +134,7 @@ def test_a_checkpoint_resumes_only_with_the_same_recurrence_gain(tmp_path):
     from dynamo_dist.meta import checkpoint
 
     cfg = config.recipe("demo").meta.replace(output_dir=str(tmp_path))
-    assert cfg.recurrence_gain  # varpro's default
+    assert cfg.theta_gain  # the demo recipe's
     shared = {"config": {k: getattr(cfg, k) for k in checkpoint.SHAPE_FIELDS}, "model_ids": ["a", "b"],
               "meta": {"cell.weight_hh_l0": torch.zeros(3, 1)}}
     with pytest.raises(ValueError, match="without theta's recurrence gain.*meta.theta_gain"):
@@ -157,6 +158,6 @@ def test_runs_written_before_theta_gain_load_without_it(tmp_path):
     cfg = config.recipe("demo").meta
     written = cfg.model_dump(mode="json", exclude={"theta_gain"})
     (tmp_path / outputs.CONFIG_FILE).write_text(yaml.safe_dump(written))
-    assert outputs.run_config(tmp_path).recurrence_gain is False
+    assert outputs.run_config(tmp_path).theta_gain is False
     (tmp_path / outputs.CONFIG_FILE).write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    assert outputs.run_config(tmp_path).recurrence_gain is True
+    assert outputs.run_config(tmp_path).theta_gain is True

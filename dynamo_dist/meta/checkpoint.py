@@ -337,10 +337,10 @@ def check_compatible(shared: dict, cfg, model_ids: list[str], where: str) -> Non
     if bad:
         raise ValueError(f"cannot resume from {where}: " + "; ".join(bad))
     meta_keys = shared.get("meta", {})
-    if any(k.startswith("cell.") for k in meta_keys) and ("recurrence_gain" in meta_keys) != cfg.recurrence_gain:
+    if any(k.startswith("cell.") for k in meta_keys) and ("recurrence_gain" in meta_keys) != cfg.theta_gain:
         raise ValueError(f"cannot resume from {where}: its meta GRU was trained "
                          + ("with" if "recurrence_gain" in meta_keys else "without")
-                         + f" theta's recurrence gain, this config has meta.theta_gain={cfg.recurrence_gain} "
+                         + f" theta's recurrence gain, this config has meta.theta_gain={cfg.theta_gain} "
                          "(set meta.theta_gain to match to resume it)")
     if sorted(shared["model_ids"]) != sorted(model_ids):
         extra = sorted(set(model_ids) - set(shared["model_ids"]))

@@ -44,7 +44,9 @@ class _GRUSequence(torch.autograd.Function):
         H = w_hh.shape[1]
         u_flat = u_BTD.transpose(0, 1).reshape(T * B, D)
         # input side (T, B, 3H): u's product at every step, theta's (with b_ih) once a sequence
-        gi = (u_flat @ w_ih[:, :D].t()).view(T, B, 3 * H).add_(torch.addmm(b_ih, theta_BE, w_ih[:, D:].t()))
+        # (one input feature, as MNIST-1D: a broadcast product, ~6x faster here than a K = 1 matrix product)
+        gi = u_flat * w_ih[:, 0] if D == 1 else u_flat @ w_ih[:, :D].t()
+        gi = gi.view(T, B, 3 * H).add_(torch.addmm(b_ih, theta_BE, w_ih[:, D:].t()))
         w_hh_t = w_hh.t()
         gain = None if w_gain is None else 1 + theta_BE @ w_gain.t()  # (B, 3H), once a sequence
         states = u_BTD.new_zeros(T + 1, B, H)  # states[t] = h_t

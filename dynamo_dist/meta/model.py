@@ -281,7 +281,7 @@ def build(rows: Sequence[Mapping], cfg, model_ids: Sequence[str], base_dims: Seq
         torch.manual_seed(meta_seed)
     meta = build_meta_model(family, ArchSpec.from_row(rows[0]), output_sizes(rows), embedding_dim=cfg.embedding_dim,
                             hidden_size=cfg.hidden_size, embed_dim=cfg.embed_dim, resnet_arch=cfg.resnet_arch,
-                            theta_readout=cfg.method == "varpro", theta_gain=cfg.recurrence_gain)
+                            theta_readout=cfg.method == "varpro", theta_gain=cfg.theta_gain)
     if embeddings_seed is not None:
         torch.manual_seed(embeddings_seed)
     return meta, ModelEmbeddings(model_ids, cfg.embedding_dim, meta.tap_dims, base_dims, family,
