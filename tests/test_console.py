@@ -56,7 +56,10 @@ def test_ctrl_c_is_one_line_and_a_rerun_resumes(tmp_path):
         except (FileNotFoundError, ValueError, OSError):  # not written yet
             return []
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    # SIGINT as a terminal gives it: a suite started in the background (`make test &` in a non-interactive
+    # shell) runs with SIGINT ignored, which children inherit, and the interrupt would never land
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # the first completed model read from the progress bar as it is printed: polling the manifest for
     # it once noticed it only after all four models were done (parallel test files, load 20+, 2 cores)
     out, err_bytes, first_done = bytearray(), bytearray(), threading.Event()

@@ -175,8 +175,10 @@ def test_an_interrupted_population_on_a_bucket_resumes_without_retraining(s3, tm
     path.write_text(yaml.safe_dump(cfg))
     fs = _fs(s3)
     weights = "bucket/interrupted/population/weights"
+    # SIGINT as a terminal gives it (a suite started in the background runs with SIGINT ignored, inherited)
     driver = subprocess.Popen(CLI + ["population", "--config", str(path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, env=_env(s3), start_new_session=True)
+                              stderr=subprocess.STDOUT, env=_env(s3), start_new_session=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # the first model's completion read from the driver's progress bar as it is printed: polling the
     # bucket's listing for it once noticed it only after all five models were done (load 20+, 2 cores)
     output, first_done = bytearray(), threading.Event()
