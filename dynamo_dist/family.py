@@ -117,8 +117,8 @@ class Family:
     def meta_model(self, input_spec, output_sizes: Mapping[str, int], *, embedding_dim: int, hidden_size: int,
                    embed_dim: int, resnet_arch: str, theta_readout: bool, theta_gain: bool = False) -> nn.Module:
         """The meta-model emulating this family's models (``meta.model.build_meta_model``'s shape fields;
-        a family reads those it needs). ``theta_readout`` / ``theta_gain``: the method's ways for theta to
-        act beyond the input (``MetaRNN``'s FiLM readout and recurrence gain); a family may ignore them."""
+        a family reads those it needs). ``theta_readout`` / ``theta_gain``: ways for theta to act beyond the
+        input (``MetaRNN``'s FiLM readout and recurrence gain); a family may ignore them."""
         raise NotImplementedError
 
 

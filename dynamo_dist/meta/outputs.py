@@ -286,8 +286,6 @@ def run_config(out: Path) -> MetaConfig:
     written = yaml.safe_load((out / CONFIG_FILE).read_text()) or {}
     if "method" not in written:
         cfg = cfg.replace(method="paper")  # written before meta.method existed: Algorithm 1 trained it
-    if "theta_gain" not in written:
-        cfg = cfg.replace(theta_gain=False)  # written before it existed: theta entered the GRU as an input only
     if "output_temperature" not in written:
         cfg = cfg.replace(output_temperature=1.0)  # written before it existed: eq. 1 at T = 1 trained it
     return cfg
