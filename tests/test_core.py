@@ -628,7 +628,8 @@ def test_updates_per_model_sets_the_steps_and_conflicts_with_steps(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("recipe: demo\nmeta:\n  updates_per_model: 50\n")
     assert config.load(p).meta.updates_per_model == 50
-    assert config.load(tmp_path / "c.yaml", overrides={}).meta.for_population(12).steps == 75
+    # the demo samples 6 models a worker: at W=2 each of 12 models is updated every step
+    assert config.load(tmp_path / "c.yaml", overrides={}).meta.for_population(12).steps == 50
     data = config.apply_overrides(config.recipe_data("smoke"), {"meta.updates_per_model": 5})
     assert config.parse(config.PipelineConfig, data).meta.updates_per_model == 5
 

@@ -3,7 +3,7 @@
 Shape legend: B batch, T time, D input features, M meta hidden units, E embedding dim d,
 K output groups. The shared meta-model (F~, G~ heads) is what data-parallel training
 all-reduces; ``ModelEmbeddings`` (theta_n and V_n) is a separate module that is never
-wrapped in DDP, like a sharded embedding table beside dense layers.
+all-reduced, like a sharded embedding table beside dense layers.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.adamw import adamw
 
 from .. import family as families
 from ..zoo import ArchSpec, family_of
+from .adamw import adamw_update
 from .gru import gru_sequence, gru_step
 
 
@@ -143,7 +143,7 @@ def _norm(channels: int) -> nn.GroupNorm:
     BatchNorm normalises over the batch, and a DYNAMO batch mixes the examples of several
     base models, each conditioned on its own theta: in training, model n's hidden states then
     depend on which models were sampled beside it (and, under Ray Train, on the worker's
-    shard), while evaluation uses running statistics that only rank 0's batches feed (DDP
+    shard), while evaluation uses running statistics that only rank 0's batches feed (DistributedDataParallel
     broadcasts rank 0's buffers every forward) -- so another worker's own test metrics and a
     reloaded run's differ. GroupNorm normalises each example alone: the same output for the
     same (x, theta) in training and evaluation, whatever shares the batch and whatever W; the
@@ -622,9 +622,9 @@ class ModelEmbeddings(nn.Module):
 
     def adam_step(self, rows: Sequence[int], lr: float, betas: tuple[float, float] = (0.9, 0.999),
                   eps: float = 1e-8, weight_decay: float = 0.0) -> None:
-        """One AdamW step (``torch.optim.adamw``'s update) of the given models' parameters that have a
-        gradient, with their moments from the tables; the gradients are cleared. Other models, and
-        their moments, stay exactly as they were (a sparse update of the embedding table)."""
+        """One AdamW step (``torch.optim.AdamW``'s update: ``adamw.adamw_update``) of the given models'
+        parameters that have a gradient, with their moments from the tables; the gradients are cleared.
+        Other models, and their moments, stay exactly as they were (a sparse update of the embedding table)."""
         params, grads, avgs, avg_sqs, steps = [], [], [], [], []
         for r in dict.fromkeys(rows):
             m_views = self.layout.param_views(r, self.theta_exp_avg, self.maps_exp_avg)
@@ -638,9 +638,7 @@ class ModelEmbeddings(nn.Module):
                 avg_sqs.append(v_views[k])
                 steps.append(self.steps[r, k])
         if params:
-            with torch.no_grad():
-                adamw(params, grads, avgs, avg_sqs, [], steps, amsgrad=False, beta1=betas[0], beta2=betas[1],
-                      lr=lr, weight_decay=weight_decay, eps=eps, maximize=False)
+            adamw_update(params, grads, avgs, avg_sqs, steps, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         for p in params:
             p.grad = None
         self.release(rows)

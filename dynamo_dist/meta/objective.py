@@ -198,7 +198,7 @@ def dynamo_loss(meta, embeddings, chunks: list[Chunk], output_weight: float, hid
                 normalize_hidden: bool = False, output_temperature: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     """Eq. 4/7 on a step's sampled models: mean over models of L_hidden + lambda * L_output.
 
-    ``meta`` is the shared meta-model (possibly DDP-wrapped); one forward over all chunks,
+    ``meta`` is the shared meta-model (or a wrapper of it); one forward over all chunks,
     each example conditioned on its own model's theta.
 
     ``maps_ridge``: V_n by variable projection (``solve_maps``, L2 only) with this relative ridge,

@@ -26,6 +26,7 @@ from ..data.cache import TrajectoryCache
 from ..data.tasks import Split
 from ..zoo import family_of, output_kind_of
 from . import checkpoint, model, signature
+from .adamw import AdamW
 from .metrics import evaluate, summarize
 from .objective import REFIT_RIDGE, Chunk, distance_for, dynamo_loss, embedding_penalty, refit_maps
 
@@ -170,8 +171,9 @@ class DynamoTrainer:
         self.meta, self.embeddings = meta.to(self.device), embeddings.to(self.device)
         self._emb_lr = cfg.embedding_lr or cfg.lr
         self._ids = data.model_ids  # the shard's model ids, in row order (sampled from every step)
-        self.forward_module: nn.Module = self.meta  # the Ray job swaps in the DDP wrapper
-        self.opt_meta = torch.optim.AdamW(self.meta.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.forward_module: nn.Module = self.meta  # what the loss calls (a wrapper may stand in)
+        # torch.optim.AdamW's update and state format, without its ~2 s import of torch._dynamo (adamw.py)
+        self.opt_meta = AdamW(self.meta.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         # theta (and V under paper): AdamW without weight decay (theta is the quantity under study),
         # stepped row-sparse by the embeddings themselves (``ModelEmbeddings.adam_step``)
         self._emb_lr_now = self._emb_lr
