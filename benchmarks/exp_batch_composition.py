@@ -12,15 +12,12 @@ hidden R^2 on every model. JSON in ``benchmarks/results/``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from exp_theta_gain import fit_and_test, write_results
+
 # the demo recipe before this experiment: 8 models a step in one process (4 a worker at W=2), 32 sequences each
 BASE = {"models_per_step": 8, "batch_size": 32, "lr": 2e-2, "embedding_lr": 1e-2}
 ALL = {"models_per_step": 12, "batch_size": 21}  # every model of a worker's shard each step, ~the same sequences
@@ -38,12 +35,10 @@ VARIANTS = {  # name: (meta overrides, learning-rate schedule)
 
 
 def _run(args: tuple) -> dict:
-    import numpy as np
     import torch
 
     from dynamo_dist import config
     from dynamo_dist.meta import trainer as trainer_mod
-    from dynamo_dist.meta.metrics import evaluate
 
     name, steps, seed, population = args
     overrides, schedule = VARIANTS[name]
@@ -54,16 +49,7 @@ def _run(args: tuple) -> dict:
                                              eval_every=steps, theta_gain=True, hidden_size=128, output_weight=10.0,
                                              **overrides)
     tr = trainer_mod.DynamoTrainer(cfg, trainer_mod.load_population(population))
-    t = time.perf_counter()
-    tr.fit(steps)
-    sec = time.perf_counter() - t
-    tr.refit_maps()
-    m = evaluate(tr, "test")
-    out = {"variant": name, "steps": steps, "seed": seed, "train_seconds": sec,
-           "agreement": float(np.mean([v["agreement"] for v in m.values()])),
-           "hidden_r2": float(np.mean([v["hidden_r2"] for v in m.values()]))}
-    print(json.dumps(out), flush=True)
-    return out
+    return fit_and_test(tr, {"variant": name, "steps": steps, "seed": seed})
 
 
 def main() -> None:
@@ -88,11 +74,8 @@ def main() -> None:
            "command": f"python benchmarks/exp_batch_composition.py --steps {a.steps} --variants "
                       f"{' '.join(a.variants)} --seeds {' '.join(map(str, a.seeds))} --jobs {a.jobs}",
            "variants": {v: {"meta": VARIANTS[v][0], "schedule": VARIANTS[v][1]} for v in a.variants},
-           "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-           "wall_seconds": time.perf_counter() - t0, "summary": summary, "runs": runs}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / a.out).write_text(json.dumps(doc, indent=1))
-    print(json.dumps(summary, indent=1))
+           "summary": summary, "runs": runs}
+    write_results(doc, a.out, t0)
 
 
 if __name__ == "__main__":

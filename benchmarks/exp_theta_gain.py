@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -23,11 +24,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _run(args: tuple) -> dict:
-    import numpy as np
     import torch
 
     from dynamo_dist import config
-    from dynamo_dist.meta.metrics import evaluate
     from dynamo_dist.meta.trainer import DynamoTrainer, load_population
 
     variant, steps, seed, population, overrides = args
@@ -36,13 +35,22 @@ def _run(args: tuple) -> dict:
                                              eval_every=steps, theta_gain=variant == "gain", **overrides)
     tr = DynamoTrainer(cfg, load_population(population))
     assert (tr.meta.recurrence_gain is not None) == (variant == "gain")
+    return fit_and_test(tr, {"variant": variant, "steps": steps, "seed": seed})
+
+
+def fit_and_test(tr, record: dict) -> dict:
+    """Train ``tr`` to its steps, solve V once more, and add the training seconds and the test means
+    (agreement, hidden R^2 over every model) to ``record``; printed as one JSON line and returned."""
+    import numpy as np
+
+    from dynamo_dist.meta.metrics import evaluate
+
     t = time.perf_counter()
-    tr.fit(steps)
+    tr.fit()
     sec = time.perf_counter() - t
     tr.refit_maps()
     m = evaluate(tr, "test")
-    out = {"variant": variant, "steps": steps, "seed": seed, "train_seconds": sec,
-           "agreement": float(np.mean([v["agreement"] for v in m.values()])),
+    out = {**record, "train_seconds": sec, "agreement": float(np.mean([v["agreement"] for v in m.values()])),
            "hidden_r2": float(np.mean([v["hidden_r2"] for v in m.values()]))}
     print(json.dumps(out), flush=True)
     return out
@@ -74,11 +82,17 @@ def main() -> None:
            "command": "python benchmarks/exp_theta_gain.py " + " ".join(
                [f"--steps {' '.join(map(str, a.steps))}", f"--seeds {' '.join(map(str, a.seeds))}",
                 f"--jobs {a.jobs}", *([f"--set {' '.join(a.set)}"] if a.set else [])]),
-           "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
-           "wall_seconds": time.perf_counter() - t0, "summary": summary, "runs": runs}
+           "summary": summary, "runs": runs}
+    write_results(doc, a.out, t0)
+
+
+def write_results(doc: dict, out: str, t0: float) -> None:
+    """``doc`` with the machine and the wall seconds since ``t0``, as ``benchmarks/results/<out>``; its summary printed."""
+    doc = {**doc, "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+           "wall_seconds": time.perf_counter() - t0}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / a.out).write_text(json.dumps(doc, indent=1))
-    print(json.dumps(summary, indent=1))
+    (RESULTS / out).write_text(json.dumps(doc, indent=1))
+    print(json.dumps(doc["summary"], indent=1))
 
 
 if __name__ == "__main__":
