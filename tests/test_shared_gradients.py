@@ -3,16 +3,10 @@ processes: gradients averaged as DistributedDataParallel averages them, a parame
 left without a gradient, one used on some workers averaged with zeros, rank 0's weights broadcast."""
 
 import json
-import socket
 
 import torch
 import torch.multiprocessing as mp
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from servers import free_port
 
 
 class _Heads(torch.nn.Module):
@@ -53,7 +47,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 
 def test_gradients_averaged_unused_left_alone_rank0_weights(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     got = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
     assert got[0] == got[1]  # the same weights and gradients on both workers
 

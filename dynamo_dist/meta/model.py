@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import family as families
 from ..zoo import ArchSpec, family_of
-from .adamw import adamw_update
+from .adamw import BETAS, EPS, adamw_update
 from .gru import gru_sequence, gru_step
 
 
@@ -620,8 +620,8 @@ class ModelEmbeddings(nn.Module):
 
     # ---------------------------------------------------------------- the row-sparse AdamW
 
-    def adam_step(self, rows: Sequence[int], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                  eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+    def adam_step(self, rows: Sequence[int], lr: float, betas: tuple[float, float] = BETAS,
+                  eps: float = EPS, weight_decay: float = 0.0) -> None:
         """One AdamW step (``torch.optim.AdamW``'s update: ``adamw.adamw_update``) of the given models'
         parameters that have a gradient, with their moments from the tables; the gradients are cleared.
         Other models, and their moments, stay exactly as they were (a sparse update of the embedding table)."""
