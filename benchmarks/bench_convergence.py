@@ -13,8 +13,12 @@ one intra-op thread, ``--jobs`` side by side) on a recorded population with the 
   (k = number of groups) against them.
 
 Once per population: the CKA+MDS baseline's silhouette and ARI on the same models (probe
-activations); per method with several seeds: the ARI between the seeds' k-means labelings at the
-last point. JSON in ``benchmarks/results/``, a plot of the curves and a markdown table beside it
+activations), and the base models' own behaviour on the test split (``function``: the groups'
+silhouette on decision disagreement and on Jensen-Shannon distance, and how many MDS axes hold 95% of
+each); per run, the Spearman correlation of theta's pairwise distances with those behaviour distances
+(``theta_vs_function``); per method with several seeds: the ARI between the seeds' k-means labelings
+at the last point. ``--updates-for METHOD:U1,U2`` gives one method its own schedule (the old recipe
+at more updates than the new in the same command). JSON in ``benchmarks/results/``, a plot of the curves and a markdown table beside it
 (``--table`` JSON...: only the tables of earlier results).
 
     python benchmarks/bench_convergence.py --population runs/demo/population --config configs/demo.yaml \\
@@ -86,7 +90,8 @@ def _run(args: tuple) -> dict:
                            "kmeans": _kmeans_labels(theta, len(set(labels)), seed)})
             print(json.dumps({"method": method, "seed": seed, **{k: v for k, v in points[-1].items()
                                                                   if k != "kmeans"}}), flush=True)
-    return {"method": method, "seed": seed, "set": extra, "steps": cfg.steps, "points": points}
+    return {"method": method, "seed": seed, "set": extra, "steps": cfg.steps, "points": points,
+            "model_ids": data.model_ids, "theta": theta.tolist()}
 
 
 def cka_baseline(root: str, label_key: str, seed: int, max_rows: int = 4096) -> dict:
@@ -103,6 +108,77 @@ def cka_baseline(root: str, label_key: str, seed: int, max_rows: int = 4096) -> 
     labels = [str(r[label_key]) for r in data.rows]
     fit = RepresentationBaseline("cka", max_rows=max_rows, random_state=seed).fit(taps, labels)
     return {"silhouette": fit.scores_["silhouette"], "ari": fit.scores_["adjusted_rand"]}
+
+
+def _last_outputs(outputs) -> "np.ndarray":
+    """A model's class scores at the decision (the last step of an RNN's outputs), float64 (E, C)."""
+    out = outputs.double().numpy()
+    return out[:, -1] if out.ndim == 3 else out
+
+
+def functional_baseline(root: str, label_key: str) -> dict | None:
+    """How separated the groups are in what the base models themselves do, on the test split.
+
+    Two distances between every pair of models: the fraction of test inputs on which their decisions
+    differ (1 - agreement, the quantity the meta-model's agreement measures), and the mean
+    Jensen-Shannon divergence of their output distributions. The groups' silhouette on each is the
+    structure a theta-space that emulates behaviour faithfully can show; ``distances`` are kept for
+    ``theta_vs_function``. None when the models do not share one task (no common inputs).
+    """
+    from dynamo_dist.analysis.geometry import clustering_scores
+    from dynamo_dist.meta.trainer import load_population
+
+    data = load_population(root, with_test=True)
+    if len({r["task"] for r in data.rows}) != 1:
+        return None
+    logits = np.stack([_last_outputs(data.test[mid].outputs) for mid in data.model_ids])   # (N, E, C)
+    decisions = logits.argmax(-1)
+    z = logits - logits.max(-1, keepdims=True)
+    probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    logp = np.log(np.clip(probs, 1e-12, None))
+    n = len(probs)
+    disagree, js = np.zeros((n, n)), np.zeros((n, n))
+    for i in range(n):
+        disagree[i] = (decisions[i] != decisions).mean(-1)
+        mix = 0.5 * (probs[i] + probs)
+        logm = np.log(np.clip(mix, 1e-12, None))
+        js[i] = 0.5 * ((probs[i] * (logp[i] - logm)).sum(-1) + (probs * (logp - logm)).sum(-1)).mean(-1)
+    labels = [str(r[label_key]) for r in data.rows]
+    js_distance = np.sqrt(np.clip(js, 0, None))
+    return {"model_ids": data.model_ids,
+            "silhouette_disagreement": clustering_scores(labels, distances=disagree)["silhouette"],
+            "silhouette_js": clustering_scores(labels, distances=js_distance)["silhouette"],
+            "components_95_disagreement": mds_components(disagree),
+            "components_95_js": mds_components(js_distance),
+            "distances": {"disagreement": disagree, "js": js}}
+
+
+def mds_components(distances: np.ndarray, threshold: float = 0.95) -> int:
+    """Classical MDS of a distance matrix: how many axes hold ``threshold`` of its (positive) variance,
+    the counterpart of theta's ``components_95`` for points known only by their distances."""
+    from dynamo_dist.analysis.geometry import num_components_for
+
+    n = len(distances)
+    centre = np.eye(n) - 1.0 / n
+    eig = np.sort(np.linalg.eigvalsh(-0.5 * centre @ (distances ** 2) @ centre))[::-1]
+    eig = eig[eig > 1e-12 * max(eig[0], 1e-300)]
+    return num_components_for(eig / eig.sum(), threshold)
+
+
+def theta_vs_function(runs: list[dict], functional: dict | None) -> None:
+    """Per run, the Spearman correlation of theta's pairwise distances with the base models' functional
+    distances (upper triangle): does a pair that is near in theta also behave alike? In place."""
+    from scipy.spatial.distance import pdist, squareform
+    from scipy.stats import spearmanr
+
+    if functional is None:
+        return
+    for run in runs:
+        order = [run["model_ids"].index(m) for m in functional["model_ids"]]
+        d_theta = squareform(pdist(np.asarray(run["theta"])[order]))
+        upper = np.triu_indices(len(order), 1)
+        run["theta_vs_function"] = {name: float(spearmanr(d_theta[upper], d[upper]).statistic)
+                                    for name, d in functional["distances"].items()}
 
 
 def between_seed_ari(runs: list[dict]) -> dict[str, float]:
@@ -169,6 +245,16 @@ def markdown(doc: dict) -> str:
                          f"{cell([q['ari'] for q in pts], '{:.2f}')} |")
     for method, v in doc["between_seed_ari"].items():
         lines.append(f"\nbetween-seed ARI of k-means ({method}): mean {v['mean']:.2f}, min {v['min']:.2f}")
+    if doc.get("function"):
+        f = doc["function"]
+        lines.append(f"\nthe base models' own behaviour (test split): groups' silhouette on decision disagreement "
+                     f"{f['silhouette_disagreement']:.3f}, on Jensen-Shannon distance {f['silhouette_js']:.3f}; "
+                     f"MDS components for 95% {f.get('components_95_disagreement', '-')} / {f.get('components_95_js', '-')}")
+        for method in dict.fromkeys(r["method"] for r in doc["runs"]):
+            rs = [r["theta_vs_function"] for r in doc["runs"] if r["method"] == method and "theta_vs_function" in r]
+            if rs:
+                lines.append(f"{method}: Spearman of theta distances with disagreement "
+                             f"{cell([r['disagreement'] for r in rs], '{:.2f}')}, with JS {cell([r['js'] for r in rs], '{:.2f}')}")
     return "\n".join(lines) + "\n"
 
 
@@ -184,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="a meta field for every run (e.g. maps_ridge=0.3); repeatable")
     ap.add_argument("--set-for", action="append", default=[], metavar="METHOD:FIELD=VALUE",
                     help="a meta field for one method's runs (e.g. paper:lr=0.003, the old recipe's value); repeatable")
+    ap.add_argument("--updates-for", action="append", default=[], metavar="METHOD:U1,U2,...",
+                    help="one method's own --updates (its schedule ends at the largest); repeatable")
     ap.add_argument("--label", default="group", help="manifest column whose values are the groups")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS / "convergence.json"))
@@ -205,24 +293,34 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--set-for {item}: method {method!r} is not in --methods {args.methods}")
         k, v = kv.split("=", 1)
         per_method[method][f"meta.{k}"] = yaml.safe_load(v)
-    points = [(args.config, args.population, m, s, sorted(args.updates), per_method[m], args.label)
+    updates = {m: sorted(args.updates) for m in args.methods}
+    for item in args.updates_for:
+        method, values = item.split(":", 1)
+        if method not in updates:
+            raise SystemExit(f"--updates-for {item}: method {method!r} is not in --methods {args.methods}")
+        updates[method] = sorted(int(v) for v in values.split(","))
+    points = [(args.config, args.population, m, s, updates[m], per_method[m], args.label)
               for m in args.methods for s in args.seeds]
     with ProcessPoolExecutor(args.jobs) as pool:
         runs = list(pool.map(_run, points))
     from dynamo_dist.data import store
 
+    functional = functional_baseline(args.population, args.label)
+    theta_vs_function(runs, functional)
     doc = {"what": "test agreement, hidden R2 and theta structure against updates per model, per meta method",
            "command": "python benchmarks/bench_convergence.py " + " ".join(argv or sys.argv[1:]),
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
            "population": args.population, "num_models": len(store.manifest_rows(args.population)),
            "cka_mds": cka_baseline(args.population, args.label, args.seeds[0]),
+           "function": None if functional is None else {k: v for k, v in functional.items()
+                                                        if k.startswith(("silhouette", "components"))},
            "between_seed_ari": between_seed_ari(runs), "runs": runs, "wall_seconds": time.perf_counter() - t0}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     plot(doc, out.with_suffix(".png"))
     out.with_suffix(".md").write_text(markdown(doc))
-    print(json.dumps({k: doc[k] for k in ("cka_mds", "between_seed_ari", "wall_seconds")}))
+    print(json.dumps({k: doc[k] for k in ("cka_mds", "function", "between_seed_ari", "wall_seconds")}))
     return 0
 
 
