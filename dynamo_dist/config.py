@@ -475,12 +475,14 @@ def _demo() -> dict:
         # at W=2 gave test agreement 0.907 (1,500: 0.915), where the paper's recipe (hidden 96, lr 3e-3) took
         # 6,000 steps for 0.900 (docs/meta-recipe.md, benchmarks/RESULTS.md rows 42 and 52). theta's gain on
         # the recurrence: +0.006-0.008 agreement in 6 of 6 seed pairs here (rows 58-59). Every model of a
-        # worker's shard each step with 21 sequences each (6 x 21, not 4 x 32) and theta's learning rate at
-        # lr: 0.9011 vs 0.8945 over 3 seeds of 600 single-process steps, 0.904 at 650 (row 63). The stage
-        # averages the shared gradients in one all-reduce (row 64): 700 steps gave 0.906 in a 78 s meta stage
-        # of a fresh `make demo` (row 66).
+        # worker's shard each step with 21 sequences each (6 x 21, not 4 x 32): 0.898 vs 0.8945 over 3 seeds of
+        # 600 single-process steps (row 63). The stage averages the shared gradients in one all-reduce (row 64).
+        # theta's learning rate 1e-2, not 2e-2: the same agreement (3 populations x 3 seeds: 0.898 / 0.888 /
+        # 0.886 vs 0.899 / 0.887 / 0.891) and a cleaner theta-space (silhouette 0.39 / 0.55 / 0.49 vs
+        # 0.34 / 0.47 / 0.45, rows 74-75); at W=2 seeds 0 / 1 / 2 gave 0.906 / 0.907 / 0.907 in 77-83 s
+        # meta stages (row 76).
         "meta": {"steps": 700, "theta_gain": True, "hidden_size": 128, "embedding_dim": 8, "models_per_step": 6,
-                 "batch_size": 21, "lr": 2e-2, "embedding_lr": 2e-2, "output_weight": 10.0, "num_workers": 2,
+                 "batch_size": 21, "lr": 2e-2, "embedding_lr": 1e-2, "output_weight": 10.0, "num_workers": 2,
                  "eval_every": 250, "checkpoint_every": 500},
         # the fixed-point search dominates analysis time (163 s of 256 s at 128 states x 200 iterations)
         "analyze": {"fixed_point_states": 48, "fixed_point_iters": 100},
