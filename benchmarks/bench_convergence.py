@@ -18,8 +18,8 @@ silhouette on decision disagreement and on Jensen-Shannon distance, and how many
 each); per run, the Spearman correlation of theta's pairwise distances with those behaviour distances
 (``theta_vs_function``); per method with several seeds: the ARI between the seeds' k-means labelings
 at the last point. ``--updates-for METHOD:U1,U2`` gives one method its own schedule (the old recipe
-at more updates than the new in the same command). JSON in ``benchmarks/results/``, a plot of the curves and a markdown table beside it
-(``--table`` JSON...: only the tables of earlier results).
+at more updates than the new in the same command). JSON in ``benchmarks/results/``, a plot of the
+curves and a markdown table beside it (``--table`` JSON...: only the tables of earlier results).
 
     python benchmarks/bench_convergence.py --population runs/demo/population --config configs/demo.yaml \\
         --methods varpro paper --updates 50 100 200 400 --seeds 0 1 2 --jobs 2
