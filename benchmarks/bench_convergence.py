@@ -156,13 +156,11 @@ def functional_baseline(root: str, label_key: str) -> dict | None:
 def mds_components(distances: np.ndarray, threshold: float = 0.95) -> int:
     """Classical MDS of a distance matrix: how many axes hold ``threshold`` of its (positive) variance,
     the counterpart of theta's ``components_95`` for points known only by their distances."""
+    from dynamo_dist.analysis.baseline import classical_mds
     from dynamo_dist.analysis.geometry import num_components_for
 
-    n = len(distances)
-    centre = np.eye(n) - 1.0 / n
-    eig = np.sort(np.linalg.eigvalsh(-0.5 * centre @ (distances ** 2) @ centre))[::-1]
-    eig = eig[eig > 1e-12 * max(eig[0], 1e-300)]
-    return num_components_for(eig / eig.sum(), threshold)
+    variance = (classical_mds(distances, len(distances)) ** 2).sum(axis=0)   # the positive eigenvalues, descending
+    return num_components_for(variance / variance.sum(), threshold)
 
 
 def theta_vs_function(runs: list[dict], functional: dict | None) -> None:
