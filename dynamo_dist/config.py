@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from .data.fsio import URI_SCHEMES  # the schemes a path field may have (fsio owns them)
 
@@ -316,14 +316,45 @@ class MetaConfig(_Config):
                              "both set: the schedule is one or the other")
         return self
 
-    def for_population(self, num_models: int) -> MetaConfig:
+    @model_serializer(mode="wrap")
+    def _dump_one_schedule(self, handler):
+        """A per-model schedule is dumped without the ``steps`` default it overrides, so a written
+        config (``dynamo-dist recipes``, a run's config file) loads back."""
+        data = handler(self)
+        if self.updates_per_model is not None:
+            data.pop("steps", None)
+        return data
+
+    def replace(self, **changes: Any) -> MetaConfig:
+        """``_Config.replace``, where a new schedule (``steps`` or ``updates_per_model``) replaces the
+        other one instead of conflicting with it."""
+        data = self.model_dump(exclude_unset=True)
+        if "steps" in changes and "updates_per_model" not in changes:
+            data.pop("updates_per_model", None)
+        elif changes.get("updates_per_model") is not None and "steps" not in changes:
+            data.pop("steps", None)
+        return type(self).model_validate({**data, **changes})
+
+    def for_population(self, num_models: int, resumed: dict | None = None) -> MetaConfig:
         """This config with ``steps`` derived from ``updates_per_model`` for ``num_models`` models
-        (itself when no per-model schedule is set)."""
+        (itself when no per-model schedule is set).
+
+        ``resumed``: the config of the checkpoint a re-run resumes (``steps`` resolved). When its step
+        count is this schedule's under that run's worker count and models a step, it is kept, so a
+        resume with another ``num_workers`` finishes the schedule it started (cosine decay included)
+        instead of stretching or cutting it."""
         if self.updates_per_model is None:
             return self
-        per_step = min(self.models_per_step, math.ceil(num_models / self.num_workers)) * self.num_workers
-        steps = math.ceil(self.updates_per_model * num_models / per_step)
+        steps = self._steps_for(num_models, self.num_workers, self.models_per_step)
+        if resumed and isinstance(resumed.get("num_workers"), int) and isinstance(resumed.get("models_per_step"), int) \
+                and resumed.get("steps") == self._steps_for(num_models, resumed["num_workers"],
+                                                              resumed["models_per_step"]):
+            steps = resumed["steps"]
         return self.replace(updates_per_model=None, steps=steps)
+
+    def _steps_for(self, num_models: int, num_workers: int, models_per_step: int) -> int:
+        per_step = min(models_per_step, math.ceil(num_models / num_workers)) * num_workers
+        return math.ceil(self.updates_per_model * num_models / per_step)
 
 
 class TrackingConfig(_Config):
@@ -483,7 +514,9 @@ def _demo() -> dict:
         # meta stages (row 76). theta's signature start at RMS norm 2 (default 1): demo silhouette 0.47 vs 0.39 at
         # the same agreement (0.898, 3 single-process seeds, row 77); at W=2 the demo's seeds 0 / 1 / 2 gave
         # 0.907 / 0.903 / 0.901, and lr-conditions at 700 updates a model met every structure goal (row 78).
-        "meta": {"steps": 700, "theta_gain": True, "hidden_size": 128, "embedding_dim": 8, "models_per_step": 6,
+        # The schedule counts updates a model, not steps: 700 steps of all 12 models here, and as many
+        # updates of each model for a population of any size (18 models: 1,050 steps, row 78).
+        "meta": {"updates_per_model": 700, "theta_gain": True, "hidden_size": 128, "embedding_dim": 8, "models_per_step": 6,
                  "batch_size": 21, "lr": 2e-2, "embedding_lr": 1e-2, "theta_init_scale": 2.0,
                  "output_weight": 10.0, "num_workers": 2,
                  "eval_every": 250, "checkpoint_every": 500},
@@ -578,11 +611,13 @@ def load(path: str | Path, cls: type[_Config] = PipelineConfig, overrides: dict[
 
 
 def _without_replaced_schedule(base: dict, meta_over: Any) -> dict:
-    """A later ``meta.updates_per_model`` replaces the schedule of what it overrides (a recipe's
-    ``steps``), in place; both set in one place stays an error."""
-    if isinstance(meta_over, dict) and "updates_per_model" in meta_over and "steps" not in meta_over:
-        if isinstance(base.get("meta"), dict):
-            base["meta"].pop("steps", None)
+    """A later ``meta.updates_per_model`` or ``meta.steps`` replaces the schedule of what it
+    overrides (a recipe's ``updates_per_model``, a file's ``steps``), in place; both set in one
+    place stays an error."""
+    if isinstance(meta_over, dict) and isinstance(base.get("meta"), dict):
+        for given, replaced in (("updates_per_model", "steps"), ("steps", "updates_per_model")):
+            if given in meta_over and replaced not in meta_over:
+                base["meta"].pop(replaced, None)
     return base
 
 

@@ -119,7 +119,7 @@ def seeds_stage(cfg: PipelineConfig, seeds: Sequence[int], address: str | None =
     a finished run's config, population and models (it is reused, not retrained), an unfinished
     run's checkpoint (it is resumed). ValueError/FileNotFoundError name the field or directory.
     """
-    from .meta.ray_train import check_resumable, validate_population
+    from .meta.ray_train import check_resumable, resolve_schedule, validate_population
 
     seeds = check_seeds(seeds)
     root = store.absolute(cfg.population.root)
@@ -128,7 +128,7 @@ def seeds_stage(cfg: PipelineConfig, seeds: Sequence[int], address: str | None =
     todo = []
     for s in seeds:
         c = seed_config(cfg, s)
-        meta = c.meta.for_population(len(ids))
+        meta = resolve_schedule(c.meta, len(ids))
         if outputs.has_finished(meta.output_dir):
             _check_finished_seed(meta, root, ids)
         else:

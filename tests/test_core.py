@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from dynamo_dist import config, zoo
@@ -632,6 +634,47 @@ def test_updates_per_model_sets_the_steps_and_conflicts_with_steps(tmp_path):
     assert config.load(tmp_path / "c.yaml", overrides={}).meta.for_population(12).steps == 50
     data = config.apply_overrides(config.recipe_data("smoke"), {"meta.updates_per_model": 5})
     assert config.parse(config.PipelineConfig, data).meta.updates_per_model == 5
+
+
+def test_the_demo_recipe_counts_updates_a_model_and_a_users_steps_replace_them(tmp_path):
+    demo = config.recipe("demo").meta
+    assert demo.updates_per_model == 700
+    assert demo.for_population(12).steps == 700 and demo.for_population(18).steps == 1050
+    assert demo.for_population(50).steps == math.ceil(700 * 50 / 12)
+    # a user's steps replace the recipe's per-model schedule: --set, a file, a file then --set
+    data = config.apply_overrides(config.recipe_data("demo"), {"meta.steps": 40})
+    meta = config.parse(config.PipelineConfig, data).meta
+    assert meta.updates_per_model is None and meta.for_population(50).steps == 40
+    p = tmp_path / "c.yaml"
+    p.write_text("recipe: demo\nmeta:\n  steps: 30\n")
+    assert config.load(p).meta.for_population(50).steps == 30
+    p.write_text("recipe: demo\nmeta:\n  updates_per_model: 100\n")
+    assert config.load(p, overrides={"meta.steps": 20}).meta.for_population(50).steps == 20
+    assert config.load(p).meta.for_population(12).steps == 100
+    with pytest.raises(ValueError, match="both set"):
+        config.load(p, overrides={"meta.steps": 20, "meta.updates_per_model": 5})
+    # the printed recipe loads back as a config file (its schedule is one field, not both)
+    from dynamo_dist import cli
+
+    out = tmp_path / "recipes.txt"
+    with open(out, "w") as f, contextlib.redirect_stdout(f):
+        assert cli.main(["recipes"]) == 0
+    demo_doc = yaml.safe_load(out.read_text().split("# --- demo\n")[1].split("# ---")[0])
+    assert "steps" not in demo_doc["meta"] and demo_doc["meta"]["updates_per_model"] == 700
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump(demo_doc))
+    assert config.load(tmp_path / "d.yaml").meta.for_population(12).steps == 700
+
+
+def test_a_resume_with_another_worker_count_keeps_the_schedule_it_started():
+    cfg = config.MetaConfig(updates_per_model=100, models_per_step=4, num_workers=1)
+    started = cfg.replace(num_workers=2).for_population(64)  # 100 x 64 / 8 = 800 steps at W=2
+    assert started.steps == 800 and cfg.for_population(64).steps == 1600
+    assert cfg.for_population(64, resumed=started.model_dump(mode="json")).steps == 800
+    # another schedule asked for (not just another W): the new one
+    more = cfg.replace(updates_per_model=200)
+    assert more.for_population(64, resumed=started.model_dump(mode="json")).steps == 3200
+    # a checkpoint of an explicit step count that is not this schedule's: the new one
+    assert cfg.for_population(64, resumed={"steps": 123, "num_workers": 2, "models_per_step": 4}).steps == 1600
 
 
 def test_cli_root_and_out_set_the_stage_paths():

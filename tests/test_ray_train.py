@@ -212,6 +212,16 @@ def test_killed_worker_resumes_exactly(clean_w2, pop_root, tmp_path):
         np.testing.assert_allclose(got[m], want[m], rtol=1e-5, atol=1e-6)
 
 
+def test_a_per_model_schedule_resumed_with_another_worker_count_keeps_its_steps(clean_w2):
+    """clean_w2's run is 10 updates a model (20 steps of 2 models a worker, W=2, 8 models): a re-run
+    of its output directory at W=1 and that schedule finishes those 20 steps, not a fresh run's 40."""
+    kw = {k: v for k, v in clean_w2["cfg"].model_dump(exclude_unset=True).items() if k != "steps"}
+    cfg = MetaConfig(**{**kw, "updates_per_model": 10, "num_workers": 1})
+    assert cfg.for_population(8).steps == 2 * STEPS
+    assert meta_ray.resolve_schedule(cfg, 8).steps == STEPS
+    assert meta_ray.resolve_schedule(cfg.replace(updates_per_model=20), 8).steps == 4 * STEPS
+
+
 def test_resume_with_other_worker_count(clean_w2, pop_root, tmp_path):
     """W=2 -> W=1, the resumed worker's V tables in files on disk (meta.table_bytes=0): every model a
     later step did not sample keeps its theta exactly, through the file-to-file shard write, and its V

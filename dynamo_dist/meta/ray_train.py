@@ -168,6 +168,17 @@ def start_attempts(cfg: MetaConfig) -> int:
     return max(1, math.ceil(cfg.placement_timeout_s / each))
 
 
+def resolve_schedule(cfg: MetaConfig, num_models: int) -> MetaConfig:
+    """``cfg.for_population``, given the config of the checkpoint a re-run of ``meta.output_dir``
+    resumes (so a resume with another worker count keeps the schedule it started)."""
+    if cfg.updates_per_model is None:
+        return cfg
+    listed, _ = _checkpoint_folders(cfg)
+    found = [p for p in listed if (p / checkpoint.SHARED_FILE).is_file()]
+    resumed = checkpoint.safe_load(found[-1] / checkpoint.SHARED_FILE).get("config") if found else None
+    return cfg.for_population(num_models, resumed=resumed)
+
+
 def check_resumable(cfg: MetaConfig, model_ids: list[str]) -> None:
     """The run's latest checkpoint in ``meta.output_dir`` (which a re-run resumes from) fits ``cfg``
     and the population: checked here, once, instead of in every Train worker after Ray started
@@ -645,7 +656,7 @@ def run_meta(cfg: MetaConfig, population_root: str, address: str | None = None, 
     root = store.absolute(population_root)
     with lock.hold(root, "meta", shared=True, what="population root"):
         manifest = validate_population(cfg, root)  # read once here, passed down
-        cfg = cfg.for_population(len(manifest))
+        cfg = resolve_schedule(cfg, len(manifest))
         check_resumable(cfg, [r["model_id"] for r in manifest])
         if tracking_store is not None:
             tracking_store.check_reachable()

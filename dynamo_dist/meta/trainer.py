@@ -157,11 +157,12 @@ class DynamoTrainer:
 
     def __init__(self, cfg: MetaConfig, data: PopulationData, all_rows: list[dict] | None = None, rank: int = 0,
                  device: torch.device | str | None = None):
+        all_rows = all_rows or data.rows
+        cfg = cfg.for_population(len(all_rows))  # a per-model schedule as steps (resolved already on Ray)
         self.cfg = cfg
         self.data = data
         self.rank = rank
         self.device = resolve_device(cfg) if device is None else torch.device(device)
-        all_rows = all_rows or data.rows
         self.num_models = len(all_rows)  # the whole population's (the embedding penalty's N)
         base_dims = [model.tap_widths(data.family, data.hidden_shapes(m)) for m in data.model_ids]
         # identical shared init on every worker; each worker's embeddings from its own stream
