@@ -352,6 +352,13 @@ class MetaConfig(_Config):
             steps = resumed["steps"]
         return self.replace(updates_per_model=None, steps=steps)
 
+    def updates_a_model(self, num_models: int) -> float:
+        """The average updates of each model's theta/V this schedule gives ``num_models`` models."""
+        if self.updates_per_model is not None:
+            return float(self.updates_per_model)
+        per_step = min(self.models_per_step, math.ceil(num_models / self.num_workers)) * self.num_workers
+        return self.steps * per_step / num_models
+
     def _steps_for(self, num_models: int, num_workers: int, models_per_step: int) -> int:
         per_step = min(models_per_step, math.ceil(num_models / num_workers)) * num_workers
         return math.ceil(self.updates_per_model * num_models / per_step)

@@ -361,7 +361,9 @@ def ending(run: Run) -> Iterator[Run]:
 def meta_params(cfg: MetaConfig, population_root: str, num_models: int) -> dict:
     """The params of a meta run (the stage, a Ray Train run and a sweep trial log the same)."""
     return {**cfg.model_dump(mode="json"), "population_root": population_root, "population_size": num_models,
-            "lambda": cfg.output_weight, "output_temperature": cfg.temperature}
+            "lambda": cfg.output_weight, "output_temperature": cfg.temperature,
+            "steps": cfg.for_population(num_models).steps,
+            "updates_per_model": round(cfg.updates_a_model(num_models), 1)}
 
 
 def meta_metrics(summary: dict) -> dict[str, float]:

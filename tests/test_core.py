@@ -624,6 +624,9 @@ def test_updates_per_model_sets_the_steps_and_conflicts_with_steps(tmp_path):
     # 3 models on 2 workers: each worker samples its 1-2 models, 4 per step in all
     assert cfg.for_population(3).steps == 8
     assert config.MetaConfig(steps=7).for_population(1000).steps == 7
+    # what a run's MLflow params say: the average updates a model, however the schedule was given
+    assert cfg.updates_a_model(1000) == 10 and cfg.for_population(1000).updates_a_model(1000) == 10
+    assert config.MetaConfig(steps=100, models_per_step=4).updates_a_model(8) == 50
     with pytest.raises(ValueError, match=r"meta.updates_per_model \(3\) and meta.steps \(4\) are both set"):
         config.parse(config.PipelineConfig, {"meta": {"updates_per_model": 3, "steps": 4}})
     # a recipe's steps give way to the user's updates_per_model (file or --set)
