@@ -345,10 +345,12 @@ class MetaConfig(_Config):
         instead of stretching or cutting it."""
         if self.updates_per_model is None:
             return self
-        steps = self._steps_for(num_models, self.num_workers, self.models_per_step)
-        if resumed and isinstance(resumed.get("num_workers"), int) and isinstance(resumed.get("models_per_step"), int) \
-                and resumed.get("steps") == self._steps_for(num_models, resumed["num_workers"],
-                                                              resumed["models_per_step"]):
+        def steps_at(workers: int, per_worker: int) -> int:
+            return math.ceil(self.updates_per_model * num_models / _models_a_step(num_models, workers, per_worker))
+
+        steps = steps_at(self.num_workers, self.models_per_step)
+        old_w, old_m = (resumed or {}).get("num_workers"), (resumed or {}).get("models_per_step")
+        if isinstance(old_w, int) and isinstance(old_m, int) and resumed.get("steps") == steps_at(old_w, old_m):
             steps = resumed["steps"]
         return self.replace(updates_per_model=None, steps=steps)
 
@@ -356,12 +358,12 @@ class MetaConfig(_Config):
         """The average updates of each model's theta/V this schedule gives ``num_models`` models."""
         if self.updates_per_model is not None:
             return float(self.updates_per_model)
-        per_step = min(self.models_per_step, math.ceil(num_models / self.num_workers)) * self.num_workers
-        return self.steps * per_step / num_models
+        return self.steps * _models_a_step(num_models, self.num_workers, self.models_per_step) / num_models
 
-    def _steps_for(self, num_models: int, num_workers: int, models_per_step: int) -> int:
-        per_step = min(models_per_step, math.ceil(num_models / num_workers)) * num_workers
-        return math.ceil(self.updates_per_model * num_models / per_step)
+
+def _models_a_step(num_models: int, num_workers: int, models_per_step: int) -> int:
+    """Models sampled a step across the workers (each samples from its own shard of the N)."""
+    return min(models_per_step, math.ceil(num_models / num_workers)) * num_workers
 
 
 class TrackingConfig(_Config):
