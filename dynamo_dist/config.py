@@ -328,11 +328,7 @@ class MetaConfig(_Config):
     def replace(self, **changes: Any) -> MetaConfig:
         """``_Config.replace``, where a new schedule (``steps`` or ``updates_per_model``) replaces the
         other one instead of conflicting with it."""
-        data = self.model_dump(exclude_unset=True)
-        if "steps" in changes and "updates_per_model" not in changes:
-            data.pop("updates_per_model", None)
-        elif changes.get("updates_per_model") is not None and "steps" not in changes:
-            data.pop("steps", None)
+        data = _drop_replaced_schedule(self.model_dump(exclude_unset=True), changes)
         return type(self).model_validate({**data, **changes})
 
     def for_population(self, num_models: int, resumed: dict | None = None) -> MetaConfig:
@@ -628,10 +624,17 @@ def _without_replaced_schedule(base: dict, meta_over: Any) -> dict:
     overrides (a recipe's ``updates_per_model``, a file's ``steps``), in place; both set in one
     place stays an error."""
     if isinstance(meta_over, dict) and isinstance(base.get("meta"), dict):
-        for given, replaced in (("updates_per_model", "steps"), ("steps", "updates_per_model")):
-            if given in meta_over and replaced not in meta_over:
-                base["meta"].pop(replaced, None)
+        _drop_replaced_schedule(base["meta"], meta_over)
     return base
+
+
+def _drop_replaced_schedule(meta: dict, over: dict) -> dict:
+    """Drop from ``meta`` the schedule field that ``over`` replaces: its ``steps`` when ``over`` sets
+    ``updates_per_model`` alone, and the reverse (in place; returns ``meta``)."""
+    for given, replaced in (("updates_per_model", "steps"), ("steps", "updates_per_model")):
+        if over.get(given) is not None and replaced not in over:
+            meta.pop(replaced, None)
+    return meta
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

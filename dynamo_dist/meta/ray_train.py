@@ -173,9 +173,8 @@ def resolve_schedule(cfg: MetaConfig, num_models: int) -> MetaConfig:
     resumes (so a resume with another worker count keeps the schedule it started)."""
     if cfg.updates_per_model is None:
         return cfg
-    listed, _ = _checkpoint_folders(cfg)
-    found = [p for p in listed if (p / checkpoint.SHARED_FILE).is_file()]
-    resumed = checkpoint.safe_load(found[-1] / checkpoint.SHARED_FILE).get("config") if found else None
+    latest = _latest_checkpoint(cfg)
+    resumed = checkpoint.safe_load(latest / checkpoint.SHARED_FILE).get("config") if latest else None
     return cfg.for_population(num_models, resumed=resumed)
 
 
@@ -183,16 +182,23 @@ def check_resumable(cfg: MetaConfig, model_ids: list[str]) -> None:
     """The run's latest checkpoint in ``meta.output_dir`` (which a re-run resumes from) fits ``cfg``
     and the population: checked here, once, instead of in every Train worker after Ray started
     (where Ray Train would retry the error ``max_failures`` times)."""
-    listed, _ = _checkpoint_folders(cfg)
-    found = [p for p in listed if (p / checkpoint.SHARED_FILE).is_file()]
-    if not found:
+    latest = _latest_checkpoint(cfg)
+    if latest is None:
         return
-    shared = checkpoint.safe_load(found[-1] / checkpoint.SHARED_FILE)
+    shared = checkpoint.safe_load(latest / checkpoint.SHARED_FILE)
     try:
-        checkpoint.check_compatible(shared, cfg, model_ids, str(found[-1]))
+        checkpoint.check_compatible(shared, cfg, model_ids, str(latest))
     except ValueError as err:
         raise ValueError(f"{err}. meta.output_dir {cfg.output_dir} holds that run and a re-run resumes it: give "
                          "another meta.output_dir to start a new one") from None
+
+
+def _latest_checkpoint(cfg: MetaConfig) -> fsio.AnyPath | None:
+    """The checkpoint folder a re-run of ``meta.output_dir`` resumes from (the latest listed one with
+    its shared file), or None."""
+    listed, _ = _checkpoint_folders(cfg)
+    found = [p for p in listed if (p / checkpoint.SHARED_FILE).is_file()]
+    return found[-1] if found else None
 
 
 def _checkpoint_folders(cfg: MetaConfig) -> tuple[list[fsio.AnyPath], list[fsio.AnyPath]]:
